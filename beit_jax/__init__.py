@@ -1,0 +1,1 @@
+"""beit-jax: BEiT pretraining (masked image modeling over visual tokens) in JAX/Flax."""

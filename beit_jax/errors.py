@@ -1,0 +1,9 @@
+"""User-facing errors: one line that names the field or file and what is accepted."""
+
+
+class ConfigError(ValueError):
+  """A config value, file or dataset a run depends on is wrong or missing.
+
+  `main` prints these as a single line (no traceback): the message must say
+  which field/file is at fault and what would be accepted.
+  """
