@@ -1,0 +1,86 @@
+"""Orbax checkpoints of a run: periodic async saves, keep-N, resume, and `init_from`.
+
+Layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
+temporary directory and renames it when complete, so a save cut short by a crash is
+never listed as a checkpoint. Works the same for local paths and gs://.
+"""
+import uuid
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from beit_jax.errors import ConfigError
+
+
+def check_writable(workdir: str, field: str = "workdir") -> None:
+  """Fails fast (before any compute) when the workdir cannot be written."""
+  probe = epath.Path(workdir) / f".write_probe_{uuid.uuid4().hex[:8]}"
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{field}={workdir} is not writable: {type(e).__name__}: {e}") from None
+
+
+def make_manager(workdir: str, *, every_steps: int, keep: int,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  if every_steps <= 0:
+    raise ConfigError(f"checkpoint.every_steps must be > 0, got {every_steps}")
+  if keep < 1:
+    raise ConfigError(f"checkpoint.keep must be >= 1, got {keep}")
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=every_steps, max_to_keep=keep,
+      enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                               item_names=("state", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         meta: dict | None = None, *, force: bool = False) -> bool:
+  """Saves `state` (a pytree of arrays) and JSON `meta` if this step is due."""
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave(dict(meta or {}, step=int(step)))), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Any, dict] | None:
+  """(state, meta) of the latest checkpoint, laid out like `abstract_state`; or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  return restored.state, dict(restored.meta)
+
+
+def _find_step_dir(path: str) -> epath.Path:
+  """A run's workdir, its checkpoints/ folder, or one step folder -> a step folder."""
+  p = epath.Path(path)
+  if (p / "state").exists():
+    return p
+  if (p / "checkpoints").exists():
+    p = p / "checkpoints"
+  steps = [c for c in p.iterdir() if c.name.isdigit() and (c / "state").exists()] \
+      if p.exists() else []
+  if not steps:
+    raise ConfigError(f"no beit-jax checkpoint found at {path} (expected a workdir with "
+                      "checkpoints/<step>/state, or a step folder)")
+  return max(steps, key=lambda c: int(c.name))
+
+
+def load_params(path: str) -> Any:
+  """The `params` of the latest checkpoint under `path` (host numpy arrays).
+
+  Used for `init_from` (e.g. the stage-1 tokenizer a MIM run starts from); the
+  optimizer state in that checkpoint is not needed and is dropped.
+  """
+  step_dir = _find_step_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(step_dir / "state")
+  if "params" not in state:
+    raise ConfigError(f"checkpoint {step_dir} holds no 'params' (keys: {list(state)})")
+  return jax.device_get(state["params"])

@@ -1,0 +1,171 @@
+"""The pieces every trainer's loop shares: workdir, writers, progress, the step loop.
+
+One loop shape for all trainers (big_vision style): the trainer builds data, model
+and a jitted step; `run` drives it with periodic metrics, checkpoints and hooks.
+"""
+import json
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from etils import epath
+
+from beit_jax import checkpoint
+from beit_jax import sharding
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks write access, then writes the full config (the run's recipe) to the workdir."""
+  checkpoint.check_writable(workdir)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with, from its workdir."""
+  path = epath.Path(workdir) / "config.json"
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard events + log lines on process 0; nothing elsewhere."""
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+class Progress:
+  """Step counter with ETA: a live bar on a terminal, periodic log lines otherwise."""
+
+  def __init__(self, start: int, total: int, desc: str, log_every_secs: float = 30.0):
+    self.total, self.desc = total, desc
+    self.start_step, self.start_time = start, time.time()
+    self.last_log = 0.0
+    self.log_every_secs = log_every_secs
+    self.bar = None
+    if sys.stderr.isatty() and jax.process_index() == 0:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm.tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+  def update(self, step: int, postfix: dict[str, float] | None = None) -> None:
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      if postfix:
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+      return
+    now = time.time()
+    if now - self.last_log < self.log_every_secs and step < self.total:
+      return
+    self.last_log = now
+    done = step - self.start_step
+    rate = done / max(now - self.start_time, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    extra = " ".join(f"{k}={v:.4g}" for k, v in (postfix or {}).items())
+    logging.info("%s: step %d/%d (%.1f%%), %.2f steps/s, ETA %s %s", self.desc, step,
+                 self.total, 100 * step / self.total, rate, _fmt_secs(eta), extra)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _fmt_secs(s: float) -> str:
+  if not np.isfinite(s):
+    return "?"
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means over the steps since the last report (one host transfer per report)."""
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def run(*, desc: str, state: Any, start_step: int, total_steps: int,
+        train_step: Callable[[Any, dict], tuple[Any, dict]],
+        batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+        writer: metric_writers.MetricWriter, manager, log_every_steps: int,
+        global_batch_size: int,
+        hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = (),
+        meta_fn: Callable[[], dict] = dict) -> tuple[Any, dict[str, float]]:
+  """Runs `train_step` from `start_step` to `total_steps`.
+
+  Returns:
+    The final state and the last reported metrics.
+
+  Args:
+    train_step: jitted (state, global batch) -> (state, metrics of scalars).
+    hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
+      run once at the end.
+    meta_fn: JSON-able extras saved with each checkpoint (e.g. skipped-image counts).
+  """
+  progress = Progress(start_step, total_steps, desc)
+  history: list[dict[str, jax.Array]] = []
+  summary: dict[str, float] = {}
+  t0, s0 = time.time(), start_step
+  for step in range(start_step + 1, total_steps + 1):
+    batch = sharding.host_to_global(next(batches), mesh)
+    state, metrics = train_step(state, batch)
+    history.append(metrics)
+    if step % log_every_steps == 0 or step == total_steps:
+      summary = mean_metrics(history)
+      dt = time.time() - t0
+      summary["images_per_sec"] = (step - s0) * global_batch_size / max(dt, 1e-9)
+      summary["steps_per_sec"] = (step - s0) / max(dt, 1e-9)
+      writer.write_scalars(step, summary)
+      progress.update(step, {k: summary[k] for k in ("loss",) if k in summary})
+      history, t0, s0 = [], time.time(), step
+    else:
+      progress.update(step)
+    checkpoint.save(manager, step, state, meta_fn(), force=step == total_steps)
+    for every, fn in hooks:
+      if step % every == 0 and step != total_steps:
+        fn(step, state)
+  for _, fn in hooks:
+    fn(total_steps, state)
+  progress.close()
+  manager.wait_until_finished()
+  writer.flush()
+  return state, summary
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def init_train_state(init_params: Callable[[jax.Array], Any], tx, rng: jax.Array,
+                     mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
+  """Initialises params and optimizer state directly in their shardings.
+
+  Returns the state and its shardings (for the jitted step's in/out shardings).
+  """
+  def init(rng):
+    params = init_params(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.param_shardings(abstract, mesh, rules)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def restore_or_keep(manager, state: TrainState, shardings) -> tuple[TrainState, int, dict]:
+  """Resumes from the workdir's latest checkpoint if there is one."""
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is None:
+    return state, 0, {}
+  state, meta = restored
+  logging.info("Resumed from step %d", int(meta["step"]))
+  return state, int(meta["step"]), meta

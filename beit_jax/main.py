@@ -1,0 +1,66 @@
+"""Entry point: `python -m beit_jax.main --config=configs/X.py --workdir=DIR`.
+
+Config overrides work as usual for ml_collections, e.g.
+`--config=configs/beit_base.py:variant=L/16 --config.input.batch_size=1024`.
+Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from beit_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, images and "
+                               "config.json go (local path or gs://).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0, for several processes without a TPU "
+    "pod's auto-detection (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
+                               "with auto-detection (TPU pod slices, SLURM).")
+
+TRAINERS = ("mim", "dvae")
+
+
+def run(config, workdir: str) -> dict:
+  """Dispatches to the trainer `config.trainer` names; returns its last metrics."""
+  # Imported here so that `--help` and flag errors do not pay for TF/JAX start-up.
+  from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  trainers = {"mim": mim.train_and_evaluate, "dvae": dvae.train_and_evaluate}
+  if config.trainer not in trainers:
+    raise ConfigError(f"trainer={config.trainer!r} is unknown; accepted: {TRAINERS}")
+  return trainers[config.trainer](config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    sys.exit("beit_jax: error: both --config and --workdir are required")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+  logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  try:
+    metrics = run(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    sys.exit(f"beit_jax: error: {e}")
+  if metrics:
+    logging.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)

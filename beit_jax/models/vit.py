@@ -1,0 +1,378 @@
+"""The BEiT vision transformer (SPEC §1) as a pure-functional Flax linen module.
+
+One module covers the pretraining model (MIM head `lm_head`, shared relative
+position bias, truncated init) and the fine-tuning model (mean-pooled `fc_norm`
++ `head`, per-block relative position bias, untruncated init); configs pick the
+flags. Parameter names mirror microsoft/unilm (`blocks_0/attn/qkv`, `gamma_1`,
+`rel_pos_bias/relative_position_bias_table`, ...) so checkpoint converters are
+plain renames and transposes.
+
+Precision: Dense/Conv compute in `dtype`; parameters, the residual stream,
+LayerNorm, attention softmax and all returned outputs are float32.
+"""
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beit_jax.errors import ConfigError
+
+Initializer = Callable[..., jax.Array]
+
+_SIZES = {
+    'Ti': dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    'S': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    'B': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    'H': dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+VARIANTS: dict[str, dict] = {
+    'Ti/16': dict(_SIZES['Ti'], patch_size=16),
+    'S/16': dict(_SIZES['S'], patch_size=16),
+    'B/16': dict(_SIZES['B'], patch_size=16),
+    'L/16': dict(_SIZES['L'], patch_size=16),
+    'H/14': dict(_SIZES['H'], patch_size=14),
+}
+_LN_EPS = 1e-6
+
+
+def variant_kwargs(variant: str, **overrides) -> dict:
+  """VisionTransformer kwargs of a 'Ti|S|B|L|H/<patch>' name, e.g. 'B/16'.
+
+  Args:
+    variant: size and patch size, e.g. 'L/16' or 'Ti/8'.
+    **overrides: fields to set on top; a value of None means "keep default",
+      so config fields left unset can be passed through blindly.
+
+  Returns:
+    dict with width, depth, num_heads, mlp_dim, patch_size (+ overrides).
+  """
+  m = re.fullmatch(r'(Ti|S|B|L|H)/([1-9][0-9]*)', str(variant))
+  if m is None:
+    raise ConfigError(
+        f'model.variant={variant!r} is not accepted; use <size>/<patch> with '
+        f'size in {"|".join(_SIZES)}, e.g. {", ".join(VARIANTS)}')
+  kwargs = dict(_SIZES[m.group(1)], patch_size=int(m.group(2)))
+  kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  return kwargs
+
+
+def num_patches(image_size: int, patch_size: int) -> int:
+  """Number of patches N of a square image; the grid is N**0.5 per side."""
+  if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
+    raise ConfigError(
+        f'model.image_size={image_size} must be a positive multiple of '
+        f'model.patch_size={patch_size}')
+  return (image_size // patch_size) ** 2
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+  """Row of the relative-position table for every (query, key) token pair.
+
+  Tokens are [CLS] followed by the patches in row-major order. Patch pairs use
+  (dh + h-1) * (2w-1) + (dw + w-1) with d = query coord - key coord; the last
+  three rows are cls-to-token, token-to-cls and cls-to-cls (unilm's layout).
+
+  Args:
+    grid: (h, w) patch grid.
+
+  Returns:
+    int32 [N+1, N+1] numpy array (a compile-time constant).
+  """
+  h, w = grid
+  num_rel = (2 * h - 1) * (2 * w - 1) + 3
+  coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'))
+  coords = coords.reshape(2, -1)  # [2, N]
+  rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
+  index = np.zeros((h * w + 1,) * 2, np.int32)
+  index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+  index[0, :] = num_rel - 3
+  index[:, 0] = num_rel - 2
+  index[0, 0] = num_rel - 1
+  return index
+
+
+def _num_relative_distance(grid: tuple[int, int]) -> int:
+  return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+def _gather_rel_pos_bias(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """[num_rel, H] table -> [H, N+1, N+1] additive attention bias."""
+  index = relative_position_index(grid)
+  return jnp.transpose(table[index], (2, 0, 1))
+
+
+def _weight_init(std: float, truncate: bool) -> Initializer:
+  """unilm's trunc_normal_: clipped at ±1 std when pretraining.
+
+  The fine-tuning model calls timm's trunc_normal_ with absolute bounds ±2,
+  i.e. ±100 std at std 0.02, so a plain normal is the same distribution.
+  """
+  if truncate:
+    return nn.initializers.truncated_normal(std, lower=-1.0, upper=1.0)
+  return nn.initializers.normal(std)
+
+
+class RelativePositionBias(nn.Module):
+  """A relative position bias table, gathered to a [H, N+1, N+1] bias."""
+  grid: tuple[int, int]
+  num_heads: int
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       (_num_relative_distance(self.grid), self.num_heads))
+    return _gather_rel_pos_bias(table, self.grid)  # [H, N+1, N+1]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with q/v biases (no k bias), as in BEiT."""
+  num_heads: int
+  rel_pos_grid: tuple[int, int] | None = None  # own bias table (fine-tuning)
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  proj_kernel_init: Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array,
+               rel_pos_bias: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    b, t, d = x.shape
+    if d % self.num_heads:
+      raise ConfigError(f'model.width={d} must be divisible by '
+                        f'model.num_heads={self.num_heads}')
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype,
+                   kernel_init=self.kernel_init, name='qkv')(x)  # [B, T, 3D]
+    q_bias = self.param('q_bias', nn.initializers.zeros, (d,))
+    v_bias = self.param('v_bias', nn.initializers.zeros, (d,))
+    qkv_bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv = qkv + qkv_bias.astype(qkv.dtype)
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
+    q = q * head_dim ** -0.5
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    if self.rel_pos_grid is not None:
+      table = self.param(
+          'relative_position_bias_table', nn.initializers.zeros,
+          (_num_relative_distance(self.rel_pos_grid), self.num_heads))
+      logits = logits + _gather_rel_pos_bias(table, self.rel_pos_grid)
+    if rel_pos_bias is not None:
+      logits = logits + rel_pos_bias
+    attn = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T] float32
+    out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(self.dtype), v)
+    out = nn.Dense(d, dtype=self.dtype, kernel_init=self.proj_kernel_init,
+                   name='proj')(out.reshape(b, t, d))
+    return out, attn
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2."""
+  mlp_dim: int
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  fc2_kernel_init: Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.kernel_init,
+                 name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=self.fc2_kernel_init,
+                    name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm block x + DropPath(gamma * f(LN(x))) for attention and MLP.
+
+  Standalone so v2's shallow decoder can stack more of them with layer_id and
+  drop_path_rate continuing the backbone's numbering.
+
+  Attributes:
+    layer_id: 1-based depth; attn/proj and mlp/fc2 kernels start at
+      init_std / sqrt(2 * layer_id).
+    rel_pos_grid: patch grid of a per-block relative position bias table;
+      None for no own table.
+    layer_scale_init: initial LayerScale gamma; 0 disables it.
+  """
+  width: int
+  num_heads: int
+  mlp_dim: int
+  layer_id: int
+  drop_path_rate: float = 0.0
+  layer_scale_init: float = 0.1
+  rel_pos_grid: tuple[int, int] | None = None
+  init_std: float = 0.02
+  truncate_init: bool = True
+  dtype: Any = jnp.float32
+
+  def _drop_path(self, x: jax.Array, train: bool) -> jax.Array:
+    # Same mask for all tokens and channels of a sample; kept samples / keep.
+    return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
+        x, deterministic=not train)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rel_pos_bias: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Returns the block output [B, T, D] and its attention [B, H, T, T]."""
+    init = _weight_init(self.init_std, self.truncate_init)
+    out_init = _weight_init(self.init_std / math.sqrt(2.0 * self.layer_id),
+                            self.truncate_init)
+    y = nn.LayerNorm(_LN_EPS, dtype=jnp.float32, name='norm1')(x)
+    y, attn = Attention(self.num_heads, self.rel_pos_grid, init, out_init,
+                        self.dtype, name='attn')(y, rel_pos_bias)
+    if self.layer_scale_init > 0:
+      y = y * self.param('gamma_1', nn.initializers.constant(
+          self.layer_scale_init), (self.width,))
+    x = x + self._drop_path(y.astype(x.dtype), train)
+    y = nn.LayerNorm(_LN_EPS, dtype=jnp.float32, name='norm2')(x)
+    y = Mlp(self.mlp_dim, init, out_init, self.dtype, name='mlp')(y)
+    if self.layer_scale_init > 0:
+      y = y * self.param('gamma_2', nn.initializers.constant(
+          self.layer_scale_init), (self.width,))
+    x = x + self._drop_path(y.astype(x.dtype), train)
+    return x, attn
+
+
+class VisionTransformer(nn.Module):
+  """BEiT ViT: patch embedding, [CLS], optional mask token, blocks, heads.
+
+  Defined with setup() so a wrapping module (v2's patch aggregation) can call
+  `norm`, `lm_head`, `rel_pos_bias` and `blocks` of an instance directly.
+  """
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  image_size: int = 224
+  vocab_size: int = 0
+  num_classes: int = 0
+  head_init_scale: float = 1.0
+  use_abs_pos_emb: bool = False
+  use_shared_rel_pos_bias: bool = True
+  use_rel_pos_bias: bool = False
+  layer_scale_init: float = 0.1
+  drop_path_rate: float = 0.0
+  init_std: float = 0.02
+  truncate_init: bool = True
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    side = math.isqrt(num_patches(self.image_size, self.patch_size))
+    return side, side
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ConfigError(f'model.width={self.width} must be divisible by '
+                        f'model.num_heads={self.num_heads}')
+    if self.depth < 1:
+      raise ConfigError(f'model.depth={self.depth} must be >= 1')
+    grid = self.grid
+    n = grid[0] * grid[1]
+    init = _weight_init(self.init_std, self.truncate_init)
+    self.patch_embed = nn.Conv(
+        self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+        padding='VALID', dtype=self.dtype, kernel_init=init)
+    self.cls_token = self.param('cls_token', init, (1, 1, self.width))
+    self.mask_token = self.param('mask_token', init, (1, 1, self.width))
+    if self.use_abs_pos_emb:
+      self.pos_embed = self.param('pos_embed', init, (1, n + 1, self.width))
+    if self.use_shared_rel_pos_bias:
+      self.rel_pos_bias = RelativePositionBias(grid, self.num_heads)
+    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    self.blocks = [
+        block_cls(self.width, self.num_heads, self.mlp_dim, layer_id=i + 1,
+                  drop_path_rate=float(rates[i]),
+                  layer_scale_init=self.layer_scale_init,
+                  rel_pos_grid=grid if self.use_rel_pos_bias else None,
+                  init_std=self.init_std, truncate_init=self.truncate_init,
+                  dtype=self.dtype)
+        for i in range(self.depth)]
+    # unilm's mean-pooling fine-tuning model: no final norm, fc_norm instead.
+    if self.num_classes > 0:
+      self.norm = lambda x: x
+      self.fc_norm = nn.LayerNorm(_LN_EPS, dtype=jnp.float32)
+      self.head = nn.Dense(
+          self.num_classes, dtype=self.dtype,
+          kernel_init=_weight_init(self.init_std * self.head_init_scale,
+                                   self.truncate_init))
+    else:
+      self.norm = nn.LayerNorm(_LN_EPS, dtype=jnp.float32)
+    if self.vocab_size > 0:
+      self.lm_head = nn.Dense(self.vocab_size, dtype=self.dtype,
+                              kernel_init=init)
+
+  def __call__(self, images: jax.Array,
+               bool_masked_pos: jax.Array | None = None, *,
+               train: bool = False,
+               mim_positions: jax.Array | None = None,
+               return_hidden: Sequence[int] = (),
+               return_attention: bool = False) -> dict[str, Any]:
+    """Runs the model.
+
+    Args:
+      images: [B, H, W, 3] float, H = W = image_size.
+      bool_masked_pos: [B, N] bool; True patches get `mask_token` in place of
+        their patch embedding (before position information).
+      train: enables drop path (needs the 'dropout' rng).
+      mim_positions: [B, K] int patch indices at which to compute MIM logits;
+        None computes them at all N patches.
+      return_hidden: 0-based block indices whose outputs (with [CLS], before
+        the final norm) to return.
+      return_attention: also return every block's softmax attention.
+
+    Returns:
+      dict with 'tokens' [B, N+1, D] (after the final norm), 'mim_logits'
+      [B, K or N, vocab] if vocab_size, 'logits' [B, classes] if num_classes,
+      'hidden' {i: [B, N+1, D]} if asked, 'attention' [[B, H, N+1, N+1]] if
+      asked.
+    """
+    if images.shape[1:3] != (self.image_size,) * 2:
+      raise ConfigError(f'images are {images.shape[1]}x{images.shape[2]} but '
+                        f'model.image_size={self.image_size}')
+    bad = [i for i in return_hidden if not 0 <= i < self.depth]
+    if bad:
+      raise ConfigError(f'return_hidden={tuple(return_hidden)} must index '
+                        f'blocks 0..{self.depth - 1}')
+    b = images.shape[0]
+    x = self.patch_embed(images)  # [B, h, w, D]
+    x = x.reshape(b, -1, self.width).astype(jnp.float32)  # [B, N, D]
+    if bool_masked_pos is not None:
+      x = jnp.where(bool_masked_pos[..., None], self.mask_token, x)
+    cls = jnp.broadcast_to(self.cls_token, (b, 1, self.width))
+    x = jnp.concatenate([cls, x], axis=1)  # [B, N+1, D]
+    if self.use_abs_pos_emb:
+      x = x + self.pos_embed
+    rel_pos_bias = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
+
+    hidden, attention = {}, []
+    for i, block in enumerate(self.blocks):
+      x, attn = block(x, rel_pos_bias, train)
+      if i in return_hidden:
+        hidden[i] = x
+      attention.append(attn)
+
+    x = self.norm(x)
+    out = {'tokens': x}
+    if self.vocab_size > 0:
+      patches = x[:, 1:]  # [B, N, D]
+      if mim_positions is not None:
+        patches = jnp.take_along_axis(patches, mim_positions[..., None], axis=1)
+      out['mim_logits'] = self.lm_head(patches).astype(jnp.float32)
+    if self.num_classes > 0:
+      pooled = self.fc_norm(jnp.mean(x[:, 1:], axis=1))  # [B, D]
+      out['logits'] = self.head(pooled).astype(jnp.float32)
+    if return_hidden:
+      out['hidden'] = hidden
+    if return_attention:
+      out['attention'] = attention
+    return out

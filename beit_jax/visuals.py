@@ -1,0 +1,123 @@
+"""Pictures of a run, as PNG files in `<workdir>/images/` and as TensorBoard images.
+
+dVAE reconstructions, the masked input, what the MIM head predicts for the masked
+patches, and the self-attention map of a reference patch (the paper's figure).
+"""
+import io
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers
+from etils import epath
+from PIL import Image
+
+from beit_jax import input_pipeline
+from beit_jax.models import dvae
+from beit_jax.models import vit
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  return (np.clip(np.asarray(x, np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Rows of [n, H, W, 3] images in [0, 1] -> one [R*(H+pad), n*(W+pad), 3] picture."""
+  h = max(r.shape[1] for r in rows)
+  w = max(r.shape[2] for r in rows)
+  out = np.ones((len(rows) * (h + pad), rows[0].shape[0] * (w + pad), 3), np.float32)
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      img = _resize_nearest(img, h, w)
+      out[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = img
+  return out
+
+
+def _resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
+  ys = np.arange(h) * img.shape[0] // h
+  xs = np.arange(w) * img.shape[1] // w
+  return img[ys][:, xs]
+
+
+def save(image_dir: epath.Path, writer: metric_writers.MetricWriter, step: int,
+         name: str, picture: np.ndarray) -> None:
+  """Writes `<image_dir>/<name>_<step>.png` and a TensorBoard image `name`."""
+  if jax.process_index() != 0:
+    return
+  image_dir.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()
+  Image.fromarray(to_uint8(picture)).save(buf, format="PNG")
+  (image_dir / f"{name}_{step:07d}.png").write_bytes(buf.getvalue())
+  writer.write_images(step, {name: to_uint8(picture)[None]})
+
+
+def unnormalize(images: np.ndarray) -> np.ndarray:
+  """ViT input (ImageNet mean/std normalised) -> [0, 1]."""
+  return images * np.asarray(input_pipeline.IMAGENET_STD) + np.asarray(
+      input_pipeline.IMAGENET_MEAN)
+
+
+def patch_mask_to_pixels(mask: np.ndarray, image_size: int) -> np.ndarray:
+  """[B, N] patch mask -> [B, S, S, 1] pixel mask."""
+  g = int(round(np.sqrt(mask.shape[1])))
+  m = mask.reshape(-1, g, g).astype(np.float32)
+  return np.repeat(np.repeat(m, image_size // g, 1), image_size // g, 2)[..., None]
+
+
+def attention_overlay(images: np.ndarray, attention: np.ndarray, ref: int) -> np.ndarray:
+  """Heat map of where patch `ref` attends, over the images.
+
+  Args:
+    images: [B, S, S, 3] in [0, 1].
+    attention: [B, heads, N+1, N+1] softmax maps of one layer.
+    ref: patch index (0-based, without [CLS]) of the reference patch.
+  """
+  att = attention[:, :, 1 + ref, 1:].mean(1)  # [B, N]
+  att = att / np.maximum(att.max(1, keepdims=True), 1e-12)
+  heat = patch_mask_to_pixels(att, images.shape[1])  # [B, S, S, 1]
+  red = np.concatenate([np.ones_like(heat), np.zeros_like(heat), np.zeros_like(heat)], -1)
+  out = 0.4 * images + 0.6 * heat * red
+  ref_mask = patch_mask_to_pixels(np.eye(att.shape[1])[ref][None].repeat(len(att), 0),
+                                  images.shape[1])
+  return np.where(ref_mask > 0, np.array([0.0, 1.0, 0.0]), out)  # reference in green
+
+
+def write_dvae_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
+                      model: dvae.DiscreteVAE, params: Any) -> None:
+  """Originals (top) and reconstructions from their hard tokens (bottom)."""
+  recon = _dvae_reconstruct(model, params, jnp.asarray(images))
+  save(image_dir, writer, step, "dvae_reconstructions",
+       image_grid([np.asarray(images), np.asarray(recon)]))
+
+
+def _dvae_reconstruct(model, params, images):
+  tokens = dvae.tokenize(params, images, model=model)
+  return model.apply({"params": params}, tokens, method=model.decode_tokens)
+
+
+def write_mim_images(image_dir: epath.Path, writer, step: int, batch: dict[str, np.ndarray],
+                     *, model: vit.VisionTransformer, params: Any, tok_model: dvae.DiscreteVAE,
+                     tok_params: Any) -> None:
+  """Rows: input, masked input, tokenizer reconstruction, MIM prediction, attention.
+
+  The MIM prediction decodes the tokens the model predicts at masked patches
+  (true tokens elsewhere) with the dVAE decoder; the attention row shows the last
+  layer's attention (mean over heads) of the centre patch.
+  """
+  images = jnp.asarray(batch["image"])
+  mask = jnp.asarray(batch["mask"])
+  out = model.apply({"params": params}, images, mask, return_attention=True)
+  tokens = dvae.tokenize(tok_params, jnp.asarray(batch["tokenizer_image"]), model=tok_model)
+  g = tokens.shape[1]
+  predicted = jnp.where(mask.reshape(tokens.shape), jnp.argmax(out["mim_logits"], -1).reshape(
+      tokens.shape), tokens)
+  decode = lambda t: tok_model.apply({"params": tok_params}, t, method=tok_model.decode_tokens)
+  original = np.clip(unnormalize(np.asarray(images)), 0, 1)
+  pixel_mask = patch_mask_to_pixels(np.asarray(mask), original.shape[1])
+  masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
+  ref = (g // 2) * g + g // 2
+  attention = np.asarray(out["attention"][-1], np.float32)
+  save(image_dir, writer, step, "mim", image_grid([
+      original, masked, np.asarray(decode(tokens)), np.asarray(decode(predicted)),
+      attention_overlay(original, attention, ref)]))

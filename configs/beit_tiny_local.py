@@ -1,0 +1,32 @@
+r"""Both BEiT stages on the photos that ship with scikit-image/scikit-learn, on a CPU.
+
+  python -m beit_jax.main --config=configs/beit_tiny_local.py --workdir=/tmp/beit_tiny
+
+Stage 1 trains a small dVAE (512 codes) on 64x64 crops, stage 2 a 4-block ViT with
+8x8 patches against its tokens, with 26 of 64 patches masked blockwise (the paper's
+40%). A few minutes on 2 cores; the point is to see every piece work, not accuracy.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, steps=600, tokenizer_steps=300, batch=32)
+  c = common.pretrain_config("Ti/8")
+  c.total_steps = arg.steps
+  c.log_every_steps = 50
+  c.images_every_steps = 300
+  c.model.update(dict(width=128, depth=4, num_heads=4, mlp_dim=512, dtype="float32"))
+  c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
+                      tokenizer_image_size=64, shuffle_buffer=1000,
+                      mask=common.mask_config(num_masking_patches=26, min_num_patches=4)))
+  c.optim.update(dict(warmup_steps=arg.steps // 10, lr=1.5e-3))
+  c.checkpoint = dict(every_steps=200, keep=2)
+
+  c.tokenizer = common.dvae_config(vocab_size=512, n_hid=16, n_blk_per_group=1, n_init=32)
+  t = c.tokenizer.train
+  t.update(dict(num_steps=arg.tokenizer_steps, batch_size=arg.batch, log_every_steps=50,
+                images_every_steps=arg.tokenizer_steps, temperature_anneal_steps=arg.tokenizer_steps,
+                kl_warmup_steps=arg.tokenizer_steps // 4))
+  t.optim.update(dict(lr=2e-3, warmup_steps=arg.tokenizer_steps // 10))
+  t.checkpoint.update(dict(every_steps=arg.tokenizer_steps, keep=1))
+  return c

@@ -1,0 +1,74 @@
+"""Pieces the configs share: `parse_arg` and the BEiT v1 pretraining recipe (SPEC §1-§4).
+
+A config file's `get_config(arg)` takes a comma-separated `key=value` string, e.g.
+`--config=configs/beit_base.py:variant=L/16,rel=True`.
+"""
+import ml_collections
+
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,b=x' -> ConfigDict, typed like `defaults`; unknown keys are an error."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; accepted: {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return out
+
+
+def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
+                kind: str = "blockwise") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      kind=kind, num_masking_patches=num_masking_patches, min_num_patches=min_num_patches,
+      max_num_patches=None, min_aspect=0.3, max_aspect=None, exact=False))
+
+
+def dvae_config(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
+                n_init: int = 128) -> ml_collections.ConfigDict:
+  """The DALL-E dVAE (SPEC §3) and its stage-1 training recipe (the DALL-E paper's)."""
+  return ml_collections.ConfigDict(dict(
+      kind="dvae", vocab_size=vocab_size, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
+      n_init=n_init,
+      # A beit-jax checkpoint (workdir or step folder) of a trained tokenizer. Empty:
+      # stage 1 trains one in <workdir>/tokenizer first.
+      init_from="",
+      train=dict(
+          num_steps=150_000, batch_size=512, log_every_steps=100,
+          images_every_steps=5000,
+          temperature_start=1.0, temperature_end=1 / 16, temperature_anneal_steps=150_000,
+          kl_weight=6.6, kl_warmup_steps=5000,
+          optim=dict(lr=4.5e-4, min_lr=1.25e-6, warmup_steps=5000, b1=0.9, b2=0.999,
+                     eps=1e-8, weight_decay=1e-4, grad_clip=0.0),
+          checkpoint=dict(every_steps=5000, keep=3)),
+  ))
+
+
+def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+  """BEiT v1 on ImageNet-1K: 800 epochs, batch 2048, lr 1.5e-3 (SPEC §4)."""
+  patch = int(variant.split("/")[1])
+  c = ml_collections.ConfigDict()
+  c.trainer = "mim"
+  c.seed = 0
+  c.num_epochs = 800
+  c.total_steps = 0  # > 0 overrides num_epochs
+  c.log_every_steps = 100
+  c.images_every_steps = 10_000
+
+  c.model = dict(variant=variant, width=None, depth=None, num_heads=None, mlp_dim=None,
+                 drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
+                 use_shared_rel_pos_bias=True, remat=False, dtype="bfloat16")
+  c.tokenizer = dvae_config()
+  c.input = dict(
+      dataset="tfds:imagenet2012", split="train", data_dir=None,
+      batch_size=2048, image_size=224, tokenizer_image_size=112, patch_size=patch,
+      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.4, flip=True,
+      shuffle_buffer=50_000, embedded_epoch_size=10_000,
+      mask=mask_config())
+  c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
+                 b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
+  c.mesh = dict(data=-1, fsdp=1)
+  c.checkpoint = dict(every_steps=5000, keep=3)
+  return c
