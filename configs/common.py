@@ -70,5 +70,8 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
                  b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
   c.mesh = dict(data=-1, fsdp=1)
+  # (regex on the parameter path, action): 'fsdp' shards over the fsdp mesh axis
+  # (a no-op when it has size 1), 'replicate' keeps a full copy on every device.
+  c.sharding_rules = ((".*", "fsdp"),)
   c.checkpoint = dict(every_steps=5000, keep=3)
   return c

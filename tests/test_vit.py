@@ -1,4 +1,4 @@
-"""Tests of the BEiT ViT (SPEC §1): shapes, parameter counts, init, masking, bias."""
+"""Tests of the BEiT ViT (SPEC §1): shapes, counts, init, masking, biases."""
 import itertools
 import math
 
@@ -19,27 +19,34 @@ VOCAB = 10
 
 
 def _images(seed=0, batch=2, size=32):
-  return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
-
-
-def _perturb(params, seed=1, scale=0.1):
-  """Makes every parameter (biases, tables, gammas too) generic."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
 
 
 def _flat(params):
   return flax.traverse_util.flatten_dict(params, sep='/')
 
 
+def _random_params(module, *args, seed=0, std=0.1):
+  """Generic parameters (nonzero biases, tables, gammas) without running init.
+
+  Only shapes come from `module.init` (via eval_shape): compiling the
+  initialisers costs seconds on CPU, and most tests need any values at all.
+  """
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)['params']
+  shapes = _flat(shapes)
+  rng = np.random.default_rng(seed)
+  return flax.traverse_util.unflatten_dict({
+      name: jnp.asarray(rng.normal(0.0, std, s.shape)
+                        + (1.0 if name.endswith('/scale') else 0.0), s.dtype)
+      for name, s in shapes.items()}, sep='/')
+
+
 @pytest.fixture(scope='module')
 def mim():
-  """Tiny pretraining model with generic (perturbed) parameters."""
+  """Tiny pretraining model with generic parameters."""
   model = vit.VisionTransformer(**TINY, vocab_size=VOCAB)
-  params = model.init(jax.random.key(0), _images())['params']
-  return model, _perturb(params)
+  return model, _random_params(model, _images())
 
 
 # ---------------------------------------------------------------- variants
@@ -158,16 +165,16 @@ def test_relative_position_index_brute_force(grid):
 # ------------------------------------------------------------------ outputs
 def test_mim_outputs(mim):
   model, params = mim
-  out = model.apply({'params': params}, _images(batch=3), return_hidden=(0, 1),
+  out = model.apply({'params': params}, _images(), return_hidden=(0, 1),
                     return_attention=True)
   assert set(out) == {'tokens', 'mim_logits', 'hidden', 'attention'}
-  assert out['tokens'].shape == (3, N + 1, 32)
-  assert out['mim_logits'].shape == (3, N, VOCAB)
+  assert out['tokens'].shape == (2, N + 1, 32)
+  assert out['mim_logits'].shape == (2, N, VOCAB)
   assert set(out['hidden']) == {0, 1}
-  assert all(h.shape == (3, N + 1, 32) for h in out['hidden'].values())
+  assert all(h.shape == (2, N + 1, 32) for h in out['hidden'].values())
   assert len(out['attention']) == 2
   for attn in out['attention']:
-    assert attn.shape == (3, 4, N + 1, N + 1)
+    assert attn.shape == (2, 4, N + 1, N + 1)
     assert jnp.all(attn >= 0)
     np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
   # Hidden outputs come before the final norm; tokens after it.
@@ -178,32 +185,30 @@ def test_classification_outputs():
   model = vit.VisionTransformer(**TINY, num_classes=7,
                                 use_shared_rel_pos_bias=False,
                                 use_rel_pos_bias=True)
-  variables = model.init(jax.random.key(0), _images())
+  variables = {'params': _random_params(model, _images())}
   names = set(_flat(variables['params']))
   assert 'norm/scale' not in names and 'fc_norm/scale' in names
   assert 'blocks_1/attn/relative_position_bias_table' in names
   assert not any(n.startswith('rel_pos_bias') for n in names)
-  out = model.apply(variables, _images(batch=3))
+  out = model.apply(variables, _images())
   assert set(out) == {'tokens', 'logits'}
-  assert out['logits'].shape == (3, 7)
+  assert out['logits'].shape == (2, 7)
   # logits = head(fc_norm(mean of patch tokens)); `norm` is the identity.
   p = variables['params']
-  pooled = out['tokens'][:, 1:].mean(1)
-  pooled = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(
-      pooled.var(-1, keepdims=True) + 1e-6)
+  pooled = _layer_norm(np.asarray(out['tokens'][:, 1:].mean(1)), p['fc_norm'])
   expected = pooled @ p['head']['kernel'] + p['head']['bias']
   np.testing.assert_allclose(out['logits'], expected, atol=1e-4)
 
 
 def test_mim_positions_gather(mim):
   model, params = mim
-  images = _images(batch=3)
+  images = _images()
   full = model.apply({'params': params}, images)['mim_logits']
-  pos = jax.random.randint(jax.random.key(3), (3, 5), 0, N)
+  pos = np.random.default_rng(3).integers(0, N, (2, 5), np.int32)
   part = model.apply({'params': params}, images, mim_positions=pos)
-  assert part['mim_logits'].shape == (3, 5, VOCAB)
+  assert part['mim_logits'].shape == (2, 5, VOCAB)
   np.testing.assert_allclose(part['mim_logits'],
-                             full[jnp.arange(3)[:, None], pos], atol=1e-5)
+                             full[np.arange(2)[:, None], pos], atol=1e-5)
 
 
 def _gelu(x):
@@ -258,70 +263,71 @@ def _reference_forward(p, images, mask, patch, num_heads):
 
 
 def test_matches_numpy_reference(mim):
-  model, params = mim
-  images = _images(batch=2)
-  mask = jax.random.bernoulli(jax.random.key(4), 0.4, (2, N))
+  model, _ = mim
+  images = _images()
+  # Large weights, so that details (e.g. erf vs tanh GELU) show in the output.
+  params = _random_params(model, images, std=0.5)
+  mask = np.random.default_rng(4).random((2, N)) < 0.4
   out = model.apply({'params': params}, images, mask)
   ref = _reference_forward(params, images, mask, 8, 4)
-  np.testing.assert_allclose(out['mim_logits'], ref[:, 1:], atol=2e-4)
+  np.testing.assert_allclose(out['mim_logits'], ref[:, 1:], atol=1e-4)
 
 
 def test_remat_and_bfloat16_match(mim):
   model, params = mim
   images = _images()
   ref = model.apply({'params': params}, images)['mim_logits']
+  # jit: one compilation is cheaper than op-by-op for remat's new primitives.
+  run = lambda m: jax.jit(m.apply)({'params': params}, images)['mim_logits']
   remat = vit.VisionTransformer(**TINY, vocab_size=VOCAB, remat=True)
-  np.testing.assert_allclose(
-      remat.apply({'params': params}, images)['mim_logits'], ref, atol=1e-5)
-  bf16 = vit.VisionTransformer(**TINY, vocab_size=VOCAB, dtype=jnp.bfloat16)
-  out = bf16.apply({'params': params}, images)
-  assert out['mim_logits'].dtype == jnp.float32
-  np.testing.assert_allclose(out['mim_logits'], ref, atol=0.1)
-  assert not np.array_equal(out['mim_logits'], ref)  # really computed in bf16
+  np.testing.assert_allclose(run(remat), ref, atol=1e-5)
+  out = run(vit.VisionTransformer(**TINY, vocab_size=VOCAB, dtype=jnp.bfloat16))
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.1)
+  assert not np.allclose(out, ref, atol=1e-4)  # really computed in bfloat16
 
 
 # --------------------------------------------------------------------- init
 def _trunc_std(std):
-  """Std of N(0, std^2) truncated at ±1 std (torch trunc_normal_(a=-std, b=std))."""
+  """Std of N(0, std^2) cut at ±std, as torch trunc_normal_(a=-std, b=std)."""
   phi1 = math.exp(-0.5) / math.sqrt(2 * math.pi)
   return std * math.sqrt(1 - 2 * phi1 / math.erf(1 / math.sqrt(2)))
 
 
-@pytest.mark.parametrize('truncate', [True, False])
-def test_init_rules(truncate):
+def _check_init(params, name, std, truncate, rtol=0.03):
+  w = np.asarray(params[name])
+  expected = _trunc_std(std) if truncate else std
+  np.testing.assert_allclose(w.std(), expected, rtol=rtol, err_msg=name)
+  assert abs(w.mean()) < 5 * expected / math.sqrt(w.size), name
+  if truncate:
+    assert np.abs(w).max() <= std * (1 + 1e-6), name
+  else:
+    assert np.abs(w).max() > 2 * std, name  # tails are not clipped
+
+
+def test_init_rules_pretraining():
+  # mlp_dim = vocab = width: fewer distinct shapes, so fewer compilations.
   depth = 3
   model = vit.VisionTransformer(patch_size=8, width=256, depth=depth,
-                                num_heads=4, mlp_dim=512, image_size=16,
-                                vocab_size=256, truncate_init=truncate)
+                                num_heads=4, mlp_dim=256, image_size=16,
+                                vocab_size=256)
   params = _flat(model.init(jax.random.key(0), _images(size=16))['params'])
   assert not any('k_bias' in n for n in params)
   assert 'blocks_0/attn/qkv/bias' not in params
   for name, value in params.items():
-    if name.endswith(('/bias', 'q_bias', 'v_bias', 'relative_position_bias_table')):
+    if name.endswith(('/bias', 'q_bias', 'v_bias',
+                      'relative_position_bias_table')):
       np.testing.assert_array_equal(value, 0, err_msg=name)
     if name.endswith('/scale'):
       np.testing.assert_array_equal(value, 1, err_msg=name)
     if 'gamma_' in name:
       np.testing.assert_allclose(value, 0.1, err_msg=name)
-
-  def check(name, std):
-    w = np.asarray(params[name])
-    expected = _trunc_std(std) if truncate else std
-    np.testing.assert_allclose(w.std(), expected, rtol=0.03, err_msg=name)
-    assert abs(w.mean()) < 0.05 * std, name
-    if truncate:
-      assert np.abs(w).max() <= std * (1 + 1e-6), name
-    else:
-      assert np.abs(w).max() > 2 * std, name  # tails are not clipped
-
-  for name in ['patch_embed/kernel', 'lm_head/kernel', 'cls_token',
-               'mask_token']:
-    if name in ('cls_token', 'mask_token'):
-      w = np.asarray(params[name])
-      assert np.abs(w).max() <= 0.02 or not truncate
-      assert 0 < np.abs(w).max() < 0.1
-      continue
-    check(name, 0.02)
+  check = lambda name, std, rtol=0.03: _check_init(
+      params, name, std, True, rtol)
+  check('patch_embed/kernel', 0.02)
+  check('lm_head/kernel', 0.02)
+  check('cls_token', 0.02, rtol=0.25)  # only 256 values each
+  check('mask_token', 0.02, rtol=0.25)
   for l in range(1, depth + 1):
     check(f'blocks_{l - 1}/attn/qkv/kernel', 0.02)
     check(f'blocks_{l - 1}/mlp/fc1/kernel', 0.02)
@@ -329,18 +335,23 @@ def test_init_rules(truncate):
     check(f'blocks_{l - 1}/mlp/fc2/kernel', 0.02 / math.sqrt(2 * l))
 
 
-def test_head_init_scale_and_no_layer_scale():
-  model = vit.VisionTransformer(patch_size=8, width=256, depth=1, num_heads=4,
+def test_init_rules_finetuning():
+  model = vit.VisionTransformer(patch_size=8, width=256, depth=2, num_heads=4,
                                 mlp_dim=256, image_size=16, num_classes=256,
                                 head_init_scale=0.001, layer_scale_init=0.0,
                                 use_abs_pos_emb=True, truncate_init=False)
   params = _flat(model.init(jax.random.key(0), _images(size=16))['params'])
   assert not any('gamma' in n for n in params)
-  np.testing.assert_allclose(params['head/kernel'].std(), 0.02 * 0.001,
-                             rtol=0.03)
   np.testing.assert_array_equal(params['head/bias'], 0)
-  np.testing.assert_allclose(params['pos_embed'].std(), 0.02, rtol=0.05)
+  np.testing.assert_array_equal(params['fc_norm/scale'], 1)
   assert params['pos_embed'].shape == (1, 5, 256)
+  check = lambda name, std: _check_init(params, name, std, False)
+  check('head/kernel', 0.02 * 0.001)
+  check('pos_embed', 0.02)
+  check('blocks_0/attn/qkv/kernel', 0.02)
+  check('blocks_1/mlp/fc1/kernel', 0.02)
+  check('blocks_1/attn/proj/kernel', 0.02 / 2)
+  check('blocks_1/mlp/fc2/kernel', 0.02 / 2)
 
 
 # ----------------------------------------------------------------- masking
@@ -350,7 +361,7 @@ def test_mask_token_replaces_masked_patches(abs_pos):
                                 use_abs_pos_emb=abs_pos,
                                 use_shared_rel_pos_bias=not abs_pos)
   images = _images()
-  params = _perturb(model.init(jax.random.key(0), images)['params'])
+  params = _random_params(model, images)
   apply = lambda p, im, m: model.apply({'params': p}, im, m)['mim_logits']
   mask = jnp.zeros((2, N), bool).at[0, 5].set(True)  # patch (1, 1) of image 0
   base = apply(params, images, mask)
@@ -364,7 +375,7 @@ def test_mask_token_replaces_masked_patches(abs_pos):
                          apply(params, images, jnp.zeros_like(mask)),
                          atol=1e-4)
   # The mask token matters exactly for the images that have masked patches.
-  other = dict(params, mask_token=params['mask_token'] + 1.0)
+  other = dict(params, mask_token=-params['mask_token'])
   changed = apply(other, images, mask)
   assert not np.allclose(changed[0], base[0], atol=1e-4)
   np.testing.assert_array_equal(changed[1], base[1])
@@ -377,8 +388,9 @@ def test_mask_token_replaces_masked_patches(abs_pos):
 def test_drop_path_is_per_sample_and_rescaled():
   block = vit.Block(width=32, num_heads=4, mlp_dim=64, layer_id=1,
                     drop_path_rate=0.5)
-  x = jax.random.normal(jax.random.key(0), (64, 5, 32))
-  params = block.init(jax.random.key(1), x)['params']
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 5, 32)),
+                  jnp.float32)
+  params = _random_params(block, x)
   # Silence the MLP branch so the output is x + DropPath(gamma_1 * attn).
   params = dict(params, gamma_2=jnp.zeros_like(params['gamma_2']))
   y_eval, _ = block.apply({'params': params}, x)
@@ -397,7 +409,7 @@ def test_drop_path_is_per_sample_and_rescaled():
 def test_drop_path_rates_follow_linspace(mim):
   _, params = mim
   model = vit.VisionTransformer(**TINY, vocab_size=VOCAB, drop_path_rate=0.5)
-  images = _images(batch=8)
+  images = _images()
   run = lambda train: model.apply(
       {'params': params}, images, train=train, return_hidden=(0, 1),
       rngs={'dropout': jax.random.key(5)})
@@ -417,8 +429,8 @@ def test_shared_rel_pos_bias_is_used(mim):
   table = params['rel_pos_bias']['relative_position_bias_table']
   num_rel = table.shape[0]
   base = model.apply({'params': params}, images)['tokens']
-  with_table = lambda t: flax.core.copy(
-      params, {'rel_pos_bias': {'relative_position_bias_table': t}})
+  with_table = lambda t: {
+      **params, 'rel_pos_bias': {'relative_position_bias_table': t}}
   changed = model.apply({'params': with_table(table + 0.5 * jnp.arange(
       num_rel)[:, None] / num_rel)}, images)['tokens']
   assert not np.allclose(changed, base, atol=1e-4)
@@ -438,13 +450,12 @@ def test_per_block_rel_pos_bias_is_used():
                                 use_shared_rel_pos_bias=False,
                                 use_rel_pos_bias=True)
   images = _images()
-  params = model.init(jax.random.key(0), images)['params']
+  params = _random_params(model, images)
   base = model.apply({'params': params}, images, return_attention=True)
   table = params['blocks_1']['attn']['relative_position_bias_table']
-  params = flax.core.copy(params, {'blocks_1': dict(
-      params['blocks_1'], attn=dict(
-          params['blocks_1']['attn'],
-          relative_position_bias_table=table.at[-1].set(100.)))})
+  attn = dict(params['blocks_1']['attn'],
+              relative_position_bias_table=table.at[-1].set(100.))
+  params = {**params, 'blocks_1': dict(params['blocks_1'], attn=attn)}
   out = model.apply({'params': params}, images, return_attention=True)
   np.testing.assert_array_equal(out['attention'][0], base['attention'][0])
   np.testing.assert_allclose(out['attention'][1][:, :, 0, 0], 1.0, atol=1e-5)

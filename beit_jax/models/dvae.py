@@ -273,7 +273,7 @@ class Decoder(nn.Module):
                     group_count=self.group_count)
     if z.ndim != 4 or z.shape[-1] != self.vocab_size:
       raise ConfigError(f"dvae decoder input shape {z.shape}: expected "
-                        f"[B, h, w, {self.vocab_size}]")
+                        f"[B, h, w, vocab_size={self.vocab_size}]")
     out = _Blocks(
         input_kw=1, n_input=self.n_init,
         group_widths=tuple(m * self.n_hid for m in (8, 4, 2, 1)),

@@ -1,4 +1,4 @@
-"""The BEiT vision transformer (SPEC §1) as a pure-functional Flax linen module.
+"""The BEiT vision transformer (SPEC §1) as a pure-functional linen module.
 
 One module covers the pretraining model (MIM head `lm_head`, shared relative
 position bias, truncated init) and the fine-tuning model (mean-pooled `fc_norm`

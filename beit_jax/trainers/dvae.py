@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   rng = jax.random.key(config.seed)
   state, state_shardings = loop.init_train_state(
-      init_params, tx, jax.random.fold_in(rng, 0), mesh, ((".*", "fsdp"),))
+      init_params, tx, jax.random.fold_in(rng, 0), mesh, config.sharding_rules)
   manager = checkpoint.make_manager(workdir, **train_cfg.checkpoint)
   state, start_step, _ = loop.restore_or_keep(manager, state, state_shardings)
   if start_step >= total_steps:

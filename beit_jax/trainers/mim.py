@@ -123,50 +123,52 @@ def steps_from_config(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return total, warmup
 
 
+def init(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenize
+         ) -> tuple[loop.TrainState, Any, Any]:
+  """Sharded initial state, its shardings, and the jitted `(state, batch, tok_params)` step."""
+  model = make_model(config)
+  total_steps, warmup_steps = steps_from_config(config)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
+                                      warmup_steps=warmup_steps)
+  size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
+
+  def init_params(rng):
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    return model.init({"params": rng}, dummy, jnp.zeros((1, grid * grid), bool))["params"]
+
+  rng = jax.random.key(config.seed)
+  state, state_shardings = loop.init_train_state(
+      init_params, tx, jax.random.fold_in(rng, 0), mesh, config.sharding_rules)
+  step_rng = jax.random.fold_in(rng, 1)
+  mask = config.input.mask
+  max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+  step = functools.partial(train_step, model=model, tokenize=tokenize, tx=tx,
+                           schedule=schedule, max_masked=max_masked)
+  jitted = jax.jit(
+      lambda s, b, t: step(s, b, jax.random.fold_in(step_rng, s.step), t),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  return state, state_shardings, jitted
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MIM pretraining in `workdir`; returns the last metrics."""
   validate(config)
   loop.prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.input.batch_size, mesh)
+  total_steps, warmup_steps = steps_from_config(config)  # also checks the data source
 
   tok_model, tok_params = tokenizers.load_or_train(config, workdir)
-  tokenize = tokenizers.tokenize_fn(tok_model)
   tok_params = jax.device_put(tok_params, sharding.replicated(mesh))
-
-  model = make_model(config)
-  total_steps, warmup_steps = steps_from_config(config)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
-                                      warmup_steps=warmup_steps)
-  image_size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
-
-  def init_params(rng):
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init({"params": rng}, dummy, jnp.zeros((1, grid * grid), bool))["params"]
-
-  rng = jax.random.key(config.seed)
-  state, state_shardings = loop.init_train_state(
-      init_params, tx, jax.random.fold_in(rng, 0), mesh, config.get("sharding_rules", ((".*", "fsdp"),)))
+  state, state_shardings, jitted = init(config, mesh, tokenizers.tokenize_fn(tok_model))
   manager = checkpoint.make_manager(workdir, **config.checkpoint)
   state, start_step, _ = loop.restore_or_keep(manager, state, state_shardings)
-
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("MIM model: %s, %.1fM parameters, %d steps (warmup %d), mesh %s",
                config.model.variant, n_params / 1e6, total_steps, warmup_steps,
                dict(mesh.shape))
-
-  step_rng = jax.random.fold_in(rng, 1)
-  max_masked = config.input.mask.num_masking_patches
-  if config.input.mask.get("max_num_patches"):
-    max_masked = max(max_masked, config.input.mask.max_num_patches)
-  step = functools.partial(train_step, model=model, tokenize=tokenize, tx=tx,
-                           schedule=schedule, max_masked=max_masked)
-  batch_shard = sharding.batch_sharding(mesh)
-  jitted = jax.jit(
-      lambda s, b, t: step(s, b, jax.random.fold_in(step_rng, s.step), t),
-      in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
 
   batches = input_pipeline.make_pretrain_iterator(
       config, seed=config.seed, start_step=start_step,
@@ -174,9 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = loop.make_writer(workdir)
   eval_batch = input_pipeline.make_eval_batch(config, n=8, seed=config.seed)
   image_dir = epath.Path(workdir) / "images"
+  eval_model = make_model(config, train=False)
 
   def write_images(step_no, st):
-    visuals.write_mim_images(image_dir, writer, step_no, eval_batch, model=make_model(config, train=False),
+    visuals.write_mim_images(image_dir, writer, step_no, eval_batch, model=eval_model,
                              params=st.params, tok_model=tok_model, tok_params=tok_params)
 
   _, summary = loop.run(
@@ -186,4 +189,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       global_batch_size=config.input.batch_size,
       hooks=((config.images_every_steps, write_images),),
       meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()})
+  manager.close()
   return summary

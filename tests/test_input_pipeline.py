@@ -1,0 +1,392 @@
+"""Input pipeline: views, determinism, resumption, sharding, the three sources, bad files."""
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import skimage.data
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from beit_jax import embedded_data
+from beit_jax import input_pipeline as ip
+from beit_jax.errors import ConfigError
+
+MEAN, STD = np.asarray(ip.IMAGENET_MEAN), np.asarray(ip.IMAGENET_STD)
+SOLID, CMYK_RGB = (200, 100, 50), (30, 160, 220)
+TFDS_NAME, TFDS_SIZE = "beit_test_tiny_images", 23
+
+
+def make_config(dataset="embedded", **overrides) -> ml_collections.ConfigDict:
+  """32px view 1, 16px view 2, a 4x4 patch grid, batch 4, 3 steps per embedded epoch."""
+  cfg = dict(
+      dataset=dataset, split="train", data_dir=None, batch_size=4, image_size=32,
+      tokenizer_image_size=16, patch_size=8, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+      color_jitter=0.4, flip=True, shuffle_buffer=8, embedded_epoch_size=12,
+      mask=dict(kind="blockwise", num_masking_patches=6, min_num_patches=2, max_num_patches=None,
+                min_aspect=0.3, max_aspect=None, exact=False))
+  cfg.update(overrides)
+  return ml_collections.ConfigDict({"input": cfg})
+
+
+def run(it, steps: int) -> tuple[list[dict], list[np.ndarray]]:
+  batches, ids = [], []
+  for _ in range(steps):
+    batches.append(next(it))
+    ids.append(it.last_ids)
+  return batches, ids
+
+
+def assert_same_batches(got: list[dict], want: list[dict]):
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in g:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def unnormalize(image: np.ndarray) -> np.ndarray:
+  return image * STD + MEAN
+
+
+def downsize(images: np.ndarray) -> np.ndarray:
+  """[B, 2S, 2S, 3] -> [B, S, S, 3] by 2x2 averaging."""
+  b, s, _, c = images.shape
+  return images.reshape(b, s // 2, 2, s // 2, 2, c).mean(axis=(2, 4))
+
+
+# --------------------------------------------------------------------------- embedded source
+
+
+@pytest.fixture(scope="module")
+def embedded_ref():
+  """8 steps = 2 2/3 epochs of 3 steps, seed 0, one process."""
+  return run(ip.make_pretrain_iterator(make_config(), seed=0), 8)
+
+
+def test_embedded_images_are_real_photos():
+  images = embedded_data.load_embedded_images()
+  assert len(images) == 20
+  for image in images:
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert min(image.shape[:2]) >= 150
+    assert image.std() > 10  # not blank
+  # Grayscale sources became RGB with equal channels; colour photos did not.
+  assert sum(np.array_equal(x[..., 0], x[..., 1]) for x in images) >= 5
+  np.testing.assert_array_equal(images[0], skimage.data.astronaut())
+
+
+def test_pretrain_batch_shapes_dtypes_ranges(embedded_ref):
+  batches, _ = embedded_ref
+  for batch in batches:
+    assert set(batch) == {"image", "tokenizer_image", "mask"}
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["tokenizer_image"].shape == (4, 16, 16, 3)
+    assert batch["tokenizer_image"].dtype == np.float32
+    assert batch["mask"].shape == (4, 16) and batch["mask"].dtype == bool
+    assert 0.0 <= batch["tokenizer_image"].min() and batch["tokenizer_image"].max() <= 1.0
+    pixels = unnormalize(batch["image"])
+    assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
+    counts = batch["mask"].sum(axis=1)
+    assert np.all((counts >= 2) & (counts <= 6))
+    assert batch["tokenizer_image"].std(axis=(1, 2, 3)).min() > 0.01  # photos, not blanks
+  masks = np.concatenate([b["mask"] for b in batches])
+  assert len({m.tobytes() for m in masks}) > len(masks) // 2  # masks differ per example
+
+
+def test_views_show_the_same_flipped_crop(embedded_ref):
+  batches, _ = embedded_ref
+  view1 = downsize(np.concatenate([unnormalize(b["image"]) for b in batches]))
+  view2 = np.concatenate([b["tokenizer_image"] for b in batches])
+  same = np.abs(view1 - view2).mean(axis=(1, 2, 3))
+  mirrored = np.abs(view1 - view2[:, :, ::-1]).mean(axis=(1, 2, 3))
+  shuffled = np.abs(view1 - np.roll(view2, 1, axis=0)).mean(axis=(1, 2, 3))
+  assert same.max() < 0.04
+  assert same.mean() < 0.3 * mirrored.mean() and same.mean() < 0.3 * shuffled.mean()
+
+
+def test_epochs_are_permutations_in_new_orders(embedded_ref):
+  _, ids = embedded_ref
+  epoch0, epoch1 = np.concatenate(ids[0:3]), np.concatenate(ids[3:6])
+  np.testing.assert_array_equal(np.sort(epoch0), np.arange(12))
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(12))
+  assert not np.array_equal(epoch0, epoch1)
+
+
+def test_same_seed_same_batches_other_seed_differs(embedded_ref):
+  batches, _ = embedded_ref
+  again, _ = run(ip.make_pretrain_iterator(make_config(), seed=0), 2)
+  assert_same_batches(again, batches[:2])
+  other, _ = run(ip.make_pretrain_iterator(make_config(), seed=1), 2)
+  for o, b in zip(other, batches):
+    assert not np.array_equal(o["image"], b["image"])
+    assert not np.array_equal(o["mask"], b["mask"])
+
+
+@pytest.mark.parametrize("start_step", [2, 3, 5])  # mid epoch 0, epoch 1 start, mid epoch 1
+def test_resume_yields_the_same_batches(embedded_ref, start_step):
+  batches, ids = embedded_ref
+  resumed, resumed_ids = run(
+      ip.make_pretrain_iterator(make_config(), seed=0, start_step=start_step), 3)
+  assert_same_batches(resumed, batches[start_step:start_step + 3])
+  np.testing.assert_array_equal(resumed_ids, ids[start_step:start_step + 3])
+
+
+def test_two_processes_split_the_global_batch(embedded_ref):
+  batches, ids = embedded_ref
+  parts = [run(ip.make_pretrain_iterator(make_config(), seed=0, process_index=p, process_count=2),
+               4) for p in (0, 1)]
+  for step in range(4):
+    (b0, i0), (b1, i1) = [(part[0][step], part[1][step]) for part in parts]
+    assert b0["image"].shape[0] == 2
+    assert not set(i0) & set(i1)
+    np.testing.assert_array_equal(np.concatenate([i0, i1]), ids[step])
+    for k in b0:
+      np.testing.assert_array_equal(np.concatenate([b0[k], b1[k]]), batches[step][k], err_msg=k)
+
+
+def test_eval_batch_is_fixed_centre_crops():
+  config = make_config()
+  batch = ip.make_eval_batch(config, n=3, seed=0)
+  assert batch["image"].shape == (3, 32, 32, 3) and batch["mask"].shape == (3, 16)
+  assert_same_batches([ip.make_eval_batch(config, n=3, seed=0)], [batch])
+  other = ip.make_eval_batch(config, n=3, seed=1)
+  np.testing.assert_array_equal(other["image"], batch["image"])  # only masks use the seed
+  assert not np.array_equal(other["mask"], batch["mask"])
+  # Photo 0 is the square astronaut: its centre crop is the whole picture, unflipped.
+  whole = tf.image.resize(skimage.data.astronaut()[None] / 255.0, [16, 16], "area").numpy()[0]
+  assert np.abs(batch["tokenizer_image"][0] - whole).mean() < 0.02
+  assert np.abs(batch["tokenizer_image"][0] - whole[:, ::-1]).mean() > 0.05
+
+
+# --------------------------------------------------------------------------- image folder
+
+# Sorted listing order = example ids.
+HALVES, SOLID_ID, CMYK_ID, GRAY_ID, PHOTO_ID, GARBAGE_ID, TRUNCATED_ID = range(7)
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """5 decodable 24x24 images (RGB/gray PNG, RGB/CMYK JPEG), a truncated and a garbage file."""
+  root = tmp_path_factory.mktemp("folder")
+  for sub in ("a", "b", "bad"):
+    (root / sub).mkdir()
+  halves = np.zeros((24, 24, 3), np.uint8)
+  halves[:, 12:] = 255
+  photo = Image.fromarray(skimage.data.chelsea())
+  files = {
+      "a/halves.png": _encode(Image.fromarray(halves), "PNG"),
+      "a/solid.png": _encode(Image.new("RGB", (24, 24), SOLID), "PNG"),
+      "b/cmyk.jpg": _encode(Image.new("RGB", (24, 24), CMYK_RGB).convert("CMYK"), "JPEG",
+                            quality=95),
+      "b/gray.png": _encode(Image.fromarray(
+          np.tile(np.linspace(0, 255, 24).astype(np.uint8), (24, 1)), "L"), "PNG"),
+      "b/photo.jpg": _encode(photo.resize((24, 24)), "JPEG"),
+      "bad/garbage.png": np.random.RandomState(0).bytes(600),
+      "bad/truncated.jpg": _encode(photo, "JPEG")[:6000],
+      "notes.txt": b"not an image",
+  }
+  for name, data in files.items():
+    (root / name).write_bytes(data)
+  return str(root)
+
+
+def folder_config(root, **overrides):
+  """The whole 24x24 image as the crop, no jitter: pixel values are predictable."""
+  return make_config(f"folder:{root}", **{
+      "batch_size": 7, "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "color_jitter": 0.0,
+      **overrides})
+
+
+def bright_side(images: np.ndarray) -> np.ndarray:
+  """+1 where the right half is brighter, -1 where the left is: [B, S, S, 3] -> [B]."""
+  half = images.shape[2] // 2
+  return np.sign(images[:, :, half:].mean(axis=(1, 2, 3)) - images[:, :, :half].mean(axis=(1, 2, 3)))
+
+
+def test_list_image_folder(image_folder):
+  paths, labels, classes = ip.list_image_folder(image_folder)
+  assert [p[len(image_folder) + 1:] for p in paths] == [
+      "a/halves.png", "a/solid.png", "b/cmyk.jpg", "b/gray.png", "b/photo.jpg",
+      "bad/garbage.png", "bad/truncated.jpg"]
+  assert classes == ("a", "b", "bad") and labels == (0, 0, 1, 1, 1, 2, 2)
+
+
+def test_folder_decodes_formats_and_skips_bad_files(image_folder):
+  before = ip.skipped_counts()["undecodable"]
+  it = ip.make_pretrain_iterator(folder_config(image_folder), seed=0)
+  batches, ids = run(it, 6)
+  # Every step's batch is the whole folder: the 2 bad files are skipped, their slots refilled.
+  assert ip.skipped_counts()["undecodable"] - before == 2 * 6
+  sides = []
+  for batch, batch_ids in zip(batches, ids):
+    assert set(batch_ids) == {HALVES, SOLID_ID, CMYK_ID, GRAY_ID, PHOTO_ID}
+    view1, view2 = unnormalize(batch["image"]), batch["tokenizer_image"]
+    for k, i in enumerate(batch_ids):
+      if i == SOLID_ID:  # exact normalisation with ImageNet mean/std
+        np.testing.assert_allclose(batch["image"][k], (np.asarray(SOLID) / 255 - MEAN) / STD,
+                                   atol=1e-4)
+        np.testing.assert_allclose(view2[k], np.broadcast_to(np.asarray(SOLID) / 255,
+                                                             (16, 16, 3)), atol=1e-4)
+      elif i == CMYK_ID:
+        np.testing.assert_allclose(view2[k].mean(axis=(0, 1)), np.asarray(CMYK_RGB) / 255,
+                                   atol=4 / 255)
+      elif i == GRAY_ID:
+        for view in (view1[k], view2[k]):
+          np.testing.assert_allclose(view[..., 0], view[..., 1], atol=1e-5)
+          np.testing.assert_allclose(view[..., 0], view[..., 2], atol=1e-5)
+      elif i == HALVES:
+        side = bright_side(view1[k:k + 1])[0]
+        assert bright_side(view2[k:k + 1])[0] == side
+        sides.append(side)
+  assert set(sides) == {-1.0, 1.0}  # flipped sometimes, both views together
+
+
+def test_tokenizer_iterator_without_flip(image_folder):
+  config = folder_config(image_folder, flip=False)
+  batches, ids = run(ip.make_tokenizer_iterator(config, seed=0), 2)
+  for batch, batch_ids in zip(batches, ids):
+    assert set(batch) == {"image"}
+    assert batch["image"].shape == (7, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    halves = batch["image"][batch_ids == HALVES]
+    assert len(halves) >= 1 and np.all(bright_side(halves) == 1)
+
+
+def test_folder_of_undecodable_files_fails_clearly(tmp_path):
+  for k in range(2):
+    (tmp_path / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff garbage" * k)
+  config = make_config(f"folder:{tmp_path}", batch_size=2)
+  with pytest.raises(ConfigError, match="could be decoded"):
+    next(ip.make_pretrain_iterator(config, seed=0))
+  with pytest.raises(ConfigError, match="decodable"):
+    ip.make_eval_batch(config, n=1)
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  """23 JPEGs of 20-42 x 30 pixels in 3 files; the builder is not registered, so the pipeline
+  reads the dataset back from its files only, like a user's prepared data."""
+  with tfds.core.registered.skip_registration():
+
+    class BeitTestTinyImages(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=3)}))
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+      def _generate_examples(self):
+        rng = np.random.RandomState(0)
+        for i in range(TFDS_SIZE):
+          image = rng.randint(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+          yield i, {"image": image, "label": i % 3}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  BeitTestTinyImages(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=3))
+  return data_dir
+
+
+@pytest.fixture(scope="module")
+def tfds_ref(tfds_dir):
+  """8 steps: epoch 0 = steps 0-4 (20 of 23 examples), epoch 1 = steps 5-9."""
+  config = make_config(f"tfds:{TFDS_NAME}", data_dir=tfds_dir)
+  return config, run(ip.make_pretrain_iterator(config, seed=0), 8)
+
+
+def test_tfds_batches_epochs_and_resume(tfds_ref):
+  config, (batches, ids) = tfds_ref
+  assert ip.num_train_examples(config) == TFDS_SIZE
+  assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["mask"].shape == (4, 16)
+  epoch0, epoch1 = np.concatenate(ids[:5]), np.concatenate(ids[5:])
+  assert len(set(epoch0)) == 20 and set(epoch0) <= set(range(TFDS_SIZE))
+  assert len(set(epoch1)) == 12 and not np.array_equal(epoch0[:12], epoch1)
+  resumed, resumed_ids = run(ip.make_pretrain_iterator(config, seed=0, start_step=3), 3)
+  assert_same_batches(resumed, batches[3:6])  # skips inside epoch 0, then crosses into epoch 1
+  np.testing.assert_array_equal(resumed_ids, ids[3:6])
+
+
+def test_tfds_two_processes_read_disjoint_halves(tfds_ref):
+  config, _ = tfds_ref
+  epochs = []
+  for p in (0, 1):
+    _, ids = run(ip.make_pretrain_iterator(config, seed=0, process_index=p, process_count=2), 5)
+    assert all(len(i) == 2 for i in ids)
+    epochs.append(np.concatenate(ids))
+  assert len(set(epochs[0])) == 10 and set(epochs[0]) <= set(range(11))
+  assert len(set(epochs[1])) == 10 and set(epochs[1]) <= set(range(11, 22))
+
+
+def test_tfds_missing_dataset_names_it_and_data_dir(tmp_path):
+  with pytest.raises(ConfigError, match=f"{TFDS_NAME}.*{tmp_path}"):
+    ip.num_train_examples(make_config(f"tfds:{TFDS_NAME}", data_dir=str(tmp_path)))
+  with pytest.raises(ConfigError) as err:
+    ip.make_pretrain_iterator(make_config("tfds:imagenet2012", data_dir=str(tmp_path)), seed=0)
+  message = str(err.value)
+  assert "imagenet2012" in message and "\n" not in message
+  assert f"{tmp_path}/downloads/manual" in message
+  assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
+
+
+# --------------------------------------------------------------------------- pieces and config
+
+
+def test_random_crop_window_follows_torchvision():
+  @tf.function
+  def windows(shape, scale):
+    seeds = tf.stack([tf.range(300, dtype=tf.int64), tf.zeros(300, tf.int64)], axis=1)
+    return tf.map_fn(lambda s: ip._random_crop_window(shape, s, scale, (3 / 4, 4 / 3)), seeds,
+                     fn_output_signature=tf.int32)
+
+  top, left, h, w = windows(tf.constant([300, 400]), (0.08, 1.0)).numpy().T
+  assert np.all((top >= 0) & (left >= 0) & (top + h <= 300) & (left + w <= 400))
+  area = h * w / (300 * 400)
+  assert area.min() >= 0.07 and area.max() <= 1.0 and area.min() < 0.15 and area.max() > 0.8
+  assert np.all((w / h > 3 / 4 - 0.05) & (w / h < 4 / 3 + 0.05))
+  assert len(set(zip(top, left))) > 250
+  # No crop of >= 90% of a 10x1000 strip has an aspect ratio <= 4/3: the centred fallback.
+  fallback = windows(tf.constant([10, 1000]), (0.9, 1.0)).numpy()
+  np.testing.assert_array_equal(fallback, np.tile([0, 493, 10, 13], (300, 1)))
+
+
+def test_color_jitter_ranges():
+  gray = tf.fill([8, 8, 3], 0.5)
+  colour = tf.constant(np.random.RandomState(0).rand(8, 8, 3), tf.float32)
+  for s in range(5):
+    seed = tf.constant([s, 7], tf.int64)
+    out = ip._color_jitter(gray, 0.4, seed).numpy()
+    assert np.ptp(out) < 1e-6 and 0.3 - 1e-6 <= out[0, 0, 0] <= 0.7 + 1e-6  # brightness only
+    jittered = ip._color_jitter(colour, 0.4, seed).numpy()
+    assert 0 <= jittered.min() and jittered.max() <= 1
+    assert np.abs(jittered - colour.numpy()).mean() > 1e-3
+    np.testing.assert_allclose(ip._color_jitter(colour, 0.0, seed), colour, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, process_count, field", [
+    ({"batch_size": 6}, 4, "input.batch_size"),
+    ({"embedded_epoch_size": 3}, 1, "input.batch_size"),
+    ({"image_size": 30}, 1, "input.image_size"),
+    ({"dataset": "imagenet"}, 1, "input.dataset"),
+    ({"dataset": "folder:/nonexistent/beit"}, 1, "input.dataset"),
+    ({"crop_scale": (0.5, 0.2)}, 1, "input.crop_scale"),
+    ({"color_jitter": -0.1}, 1, "input.color_jitter"),
+    ({"flip": 1}, 1, "input.flip"),
+])
+def test_bad_config_names_the_field(overrides, process_count, field):
+  with pytest.raises(ConfigError, match=field):
+    ip.make_pretrain_iterator(make_config(**overrides), seed=0, process_count=process_count)
