@@ -4,6 +4,7 @@ Layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
 temporary directory and renames it when complete, so a save cut short by a crash is
 never listed as a checkpoint. Works the same for local paths and gs://.
 """
+import json
 import uuid
 from typing import Any
 
@@ -84,3 +85,41 @@ def load_params(path: str) -> Any:
   if "params" not in state:
     raise ConfigError(f"checkpoint {step_dir} holds no 'params' (keys: {list(state)})")
   return jax.device_get(state["params"])
+
+
+def save_params(path: str, params: Any, config: dict | None = None) -> str:
+  """Writes params alone as a beit-jax checkpoint (`<path>/checkpoints/0/state`).
+
+  What converters produce: `load_params(path)` (and so `init_from` /
+  `tokenizer.init_from`) reads it like any run's checkpoint. `config` (JSON-able,
+  e.g. the model fields) goes to `<path>/config.json` for the record.
+  """
+  manager = make_manager(path, every_steps=1, keep=1, async_save=False)
+  manager.save(0, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}),
+      meta=ocp.args.JsonSave({"step": 0})), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  if config is not None:
+    (epath.Path(path) / "config.json").write_text(json.dumps(config, indent=2))
+  return path
+
+
+def check_and_cast(target: Any, loaded: Any, field: str) -> Any:
+  """`loaded` laid out like `target` (dtype and sharding), after checking names and shapes.
+
+  Raises a ConfigError naming `field` and listing missing / unexpected parameters
+  and shape mismatches, rather than failing inside a trace.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  want = traverse_util.flatten_dict(target, sep="/")
+  got = traverse_util.flatten_dict(loaded, sep="/")
+  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
+            for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]
+  if missing or unexpected or shapes:
+    raise ConfigError(f"{field}: parameters do not fit the model: missing {missing[:8]}, "
+                      f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
+  out = {k: jax.device_put(jax.numpy.asarray(got[k], want[k].dtype), want[k].sharding)
+         for k in want}
+  return traverse_util.unflatten_dict(out, sep="/")

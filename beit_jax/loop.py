@@ -97,14 +97,14 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
         meta_fn: Callable[[], dict] = dict) -> tuple[Any, dict[str, float]]:
   """Runs `train_step` from `start_step` to `total_steps`.
 
-  Returns:
-    The final state and the last reported metrics.
-
   Args:
     train_step: jitted (state, global batch) -> (state, metrics of scalars).
     hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
       run once at the end.
     meta_fn: JSON-able extras saved with each checkpoint (e.g. skipped-image counts).
+
+  Returns:
+    The final state and the last reported metrics.
   """
   progress = Progress(start_step, total_steps, desc)
   history: list[dict[str, jax.Array]] = []
@@ -114,11 +114,15 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     batch = sharding.host_to_global(next(batches), mesh)
     state, metrics = train_step(state, batch)
     history.append(metrics)
+    if step == start_step + 1:  # leave compilation out of the throughput figures
+      jax.block_until_ready(metrics)
+      t0, s0 = time.time(), step
     if step % log_every_steps == 0 or step == total_steps:
       summary = mean_metrics(history)
-      dt = time.time() - t0
-      summary["images_per_sec"] = (step - s0) * global_batch_size / max(dt, 1e-9)
-      summary["steps_per_sec"] = (step - s0) / max(dt, 1e-9)
+      if step > s0:
+        dt = max(time.time() - t0, 1e-9)
+        summary["images_per_sec"] = (step - s0) * global_batch_size / dt
+        summary["steps_per_sec"] = (step - s0) / dt
       writer.write_scalars(step, summary)
       progress.update(step, {k: summary[k] for k in ("loss",) if k in summary})
       history, t0, s0 = [], time.time(), step

@@ -29,6 +29,13 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 TRAINERS = ("mim", "dvae")
 
 
+class _LibraryInfoFilter:
+  """Drops INFO lines of chatty libraries (orbax logs every file it writes)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def run(config, workdir: str) -> dict:
   """Dispatches to the trainer `config.trainer` names; returns its last metrics."""
   # Imported here so that `--help` and flag errors do not pay for TF/JAX start-up.
@@ -46,6 +53,7 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("beit_jax: error: both --config and --workdir are required")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -131,32 +131,34 @@ def _blockwise_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
 
   unilm tries up to 10 blocks one after another and keeps the first acceptable one. The mask
   does not change between tries, so all 10 are drawn and tested at once and the first accepted
-  is kept: the same distribution in one step instead of ten.
+  is kept: the same distribution in one loop step instead of ten.
   """
   h, w = spec.grid
   target = spec.num_masking_patches
   lo_log_aspect, hi_log_aspect = spec.log_aspect_range
   min_area = float(spec.min_num_patches)
-  rows = tf.range(h)[None, :, None]  # [1, h, 1]
-  cols = tf.range(w)[None, None, :]  # [1, 1, w]
+  # Every step masks >= 1 patch or ends the loop, so `target` steps always suffice; drawing
+  # all their random numbers in one op is cheaper than a seed per step.
+  u = tf.random.stateless_uniform([target, 4, _ATTEMPTS], seed=seed)  # [K, 4, A]
+  area_u, top_u, left_u = u[:, 0], u[:, 2], u[:, 3]  # [K, A]
+  sqrt_aspect = tf.exp(0.5 * (lo_log_aspect + (hi_log_aspect - lo_log_aspect) * u[:, 1]))
+  rows = tf.range(h)[None, :]  # [1, h]
+  cols = tf.range(w)[None, :]  # [1, w]
 
   def body(step, mask, count, stuck):
-    u = tf.random.stateless_uniform(  # [A, 4]
-        [_ATTEMPTS, 4], seed=tf.random.experimental.stateless_fold_in(seed, step))
     max_new = tf.minimum(target - count, spec.block_cap)
     # random.uniform(a, b) = a + (b - a) * U, also when b < a.
-    area = min_area + (tf.cast(max_new, tf.float32) - min_area) * u[:, 0]  # [A]
-    aspect = tf.exp(lo_log_aspect + (hi_log_aspect - lo_log_aspect) * u[:, 1])
-    hb = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # [A]
-    wb = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
-    fits = (hb < h) & (wb < w)
+    sqrt_area = tf.sqrt(min_area + (tf.cast(max_new, tf.float32) - min_area) * area_u[step])
+    hb = tf.cast(tf.round(sqrt_area * sqrt_aspect[step]), tf.int32)  # [A]
+    wb = tf.cast(tf.round(sqrt_area / sqrt_aspect[step]), tf.int32)
     # randint(0, n) includes n: floor(U * (n + 1)).
-    top = tf.cast(u[:, 2] * tf.cast(h - hb + 1, tf.float32), tf.int32)[:, None, None]
-    left = tf.cast(u[:, 3] * tf.cast(w - wb + 1, tf.float32), tf.int32)[:, None, None]
-    blocks = ((rows >= top) & (rows < top + hb[:, None, None])
-              & (cols >= left) & (cols < left + wb[:, None, None]))  # [A, h, w]
+    top = tf.cast(top_u[step] * tf.cast(h + 1 - hb, tf.float32), tf.int32)[:, None]  # [A, 1]
+    left = tf.cast(left_u[step] * tf.cast(w + 1 - wb, tf.float32), tf.int32)[:, None]
+    in_rows = (rows >= top) & (rows < top + hb[:, None])  # [A, h]
+    in_cols = (cols >= left) & (cols < left + wb[:, None])  # [A, w]
+    blocks = in_rows[:, :, None] & in_cols[:, None, :]  # [A, h, w]
     new = tf.reduce_sum(tf.cast(blocks & ~mask, tf.int32), axis=[1, 2])  # [A]
-    ok = fits & (new > 0) & (new <= max_new)
+    ok = (hb < h) & (wb < w) & (new > 0) & (new <= max_new)
     first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
     accepted = ok[first]
     mask = tf.where(accepted, mask | blocks[first], mask)
@@ -167,7 +169,7 @@ def _blockwise_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
       lambda step, mask, count, stuck: (count < target) & ~stuck, body,
       (tf.constant(0, tf.int32), tf.zeros([h, w], tf.bool), tf.constant(0, tf.int32),
        tf.constant(False)),
-      maximum_iterations=target)  # each step masks >= 1 patch or ends the loop
+      maximum_iterations=target)
   return mask
 
 

@@ -52,6 +52,8 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "mim"
   c.seed = 0
+  # A beit-jax checkpoint (e.g. converted from unilm/HF) whose params start the run.
+  c.init_from = ""
   c.num_epochs = 800
   c.total_steps = 0  # > 0 overrides num_epochs
   c.log_every_steps = 100

@@ -1,14 +1,13 @@
 """Tests of the DALL-E discrete VAE (beit_jax/models/dvae.py)."""
 import math
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from scipy import ndimage, stats
-
-from flax import traverse_util
 
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae

@@ -158,12 +158,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop.prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.input.batch_size, mesh)
+  if config.get("init_from") and not epath.Path(config.init_from).exists():
+    raise ConfigError(f"init_from={config.init_from} does not exist")
   total_steps, warmup_steps = steps_from_config(config)  # also checks the data source
 
   tok_model, tok_params = tokenizers.load_or_train(config, workdir)
   tok_params = jax.device_put(tok_params, sharding.replicated(mesh))
   state, state_shardings, jitted = init(config, mesh, tokenizers.tokenize_fn(tok_model))
   manager = checkpoint.make_manager(workdir, **config.checkpoint)
+  if config.get("init_from") and manager.latest_step() is None:
+    state = state.replace(params=checkpoint.check_and_cast(
+        state.params, checkpoint.load_params(config.init_from), "init_from"))
+    logging.info("Parameters initialised from %s", config.init_from)
   state, start_step, _ = loop.restore_or_keep(manager, state, state_shardings)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("MIM model: %s, %.1fM parameters, %d steps (warmup %d), mesh %s",
