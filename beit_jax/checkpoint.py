@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from beit_jax.errors import ConfigError
@@ -49,13 +50,26 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict] | None:
-  """(state, meta) of the latest checkpoint, laid out like `abstract_state`; or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return restored.state, dict(restored.meta)
+  """(state, meta) of the newest readable checkpoint, laid out like `abstract_state`.
+
+  A checkpoint that cannot be read (e.g. files truncated by a full disk) is
+  reported, moved aside to `<step>.unreadable` (kept for inspection, no longer
+  listed) and the next older one is tried. None when there is nothing to resume.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      return restored.state, dict(restored.meta)
+    except Exception as e:  # pylint: disable=broad-except
+      path = epath.Path(manager.directory) / str(step)
+      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and "
+                    "trying the previous one.", path, type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "", path)
+      if jax.process_index() == 0:
+        path.rename(path.parent / f"{step}.unreadable")
+      manager.reload()
+  return None
 
 
 def _find_step_dir(path: str) -> epath.Path:

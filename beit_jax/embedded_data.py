@@ -7,6 +7,7 @@ without ImageNet or internet access.
 import functools
 
 import numpy as np
+from PIL import Image
 import skimage.data
 import sklearn.datasets
 
@@ -27,22 +28,35 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(image)
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[np.ndarray, ...]:
+def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+  h, w = image.shape[:2]
+  if max(h, w) <= max_side:
+    return image
+  size = (round(w * max_side / max(h, w)), round(h * max_side / max(h, w)))  # PIL: (w, h)
+  return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(max_side: int | None) -> tuple[np.ndarray, ...]:
   images = []
   for name in _SKIMAGE_NAMES:
     image = getattr(skimage.data, name)()
     images.append(_to_rgb(image[0] if name == "stereo_motorcycle" else image))
   images.extend(_to_rgb(x) for x in sklearn.datasets.load_sample_images().images)
+  if max_side is not None:
+    images = [_shrink(x, max_side) for x in images]
   for image in images:
     image.flags.writeable = False  # shared by every caller through the cache
   return tuple(images)
 
 
-def load_embedded_images() -> list[np.ndarray]:
+def load_embedded_images(max_side: int | None = None) -> list[np.ndarray]:
   """The 20 bundled photos (18 from scikit-image, china and flower from scikit-learn).
 
+  Args:
+    max_side: if set, larger photos are shrunk (Lanczos) so that their longer side is this.
+
   Returns:
-    uint8 [H, W, 3] arrays of different sizes (172x448 to 1411x1411), read-only.
+    uint8 [H, W, 3] arrays of different sizes (172x448 to 1411x1411 at full size), read-only.
   """
-  return list(_load())
+  return list(_load(max_side))

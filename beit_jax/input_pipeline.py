@@ -45,6 +45,9 @@ _GRAY = (0.2989, 0.587, 0.114)
 _MAX_ROUNDS = 8
 # TFDS files read at once; with the shuffle buffer this mixes examples across files.
 _FILE_CYCLE = 16
+# Embedded photos are shrunk to about ImageNet's resolution (mean ~400x350): crops of the
+# 1411x1411 retina would make colour jitter several times slower than on ImageNet.
+_EMBEDDED_MAX_SIDE = 512
 # Salts that keep the random streams apart.
 _ORDER, _EXAMPLE, _EVAL = 1, 2, 3
 
@@ -186,7 +189,7 @@ class _EmbeddedSource(_IndexedSource):
 
   def __init__(self, epoch_size: int):
     self.name, self.num_examples = "embedded", epoch_size
-    images = embedded_data.load_embedded_images()
+    images = embedded_data.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE)
     self._count = len(images)
     # Eager constants are captured by reference in the tf.data functions.
     self._pixels = tf.constant(np.concatenate([x.reshape(-1) for x in images]))  # uint8 [T]
@@ -422,20 +425,25 @@ def _center_window(shape: tf.Tensor) -> tf.Tensor:
 def _color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
   """torchvision ColorJitter(brightness=contrast=saturation=strength, hue=0).
 
-  Works on float [h, w, 3] in [0, 1]. Each op blends the image with a reference (black, its
-  mean gray level, its grayscale) and clips; the three run in a random order. Written without
-  branches: per-example graphs with conditionals are slow to build in tf.data.
+  Works on float [h, w, 3] in [0, 1]. Each op blends the image with a reference -- black
+  (brightness), its mean gray level (contrast), each pixel's gray level (saturation) -- and
+  clips; the three run in a random order. A blend is one 3x3 colour matrix plus an offset:
+  3x faster than separate ops, and without branches, which are slow to build in tf.data.
   """
   order_seed, factor_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   factors = tf.random.stateless_uniform([3], factor_seed, minval=max(0.0, 1.0 - strength),
                                         maxval=1.0 + strength)
   order = tf.argsort(tf.random.stateless_uniform([3], order_seed))  # 0: brightness, 1: contrast
+  to_gray = tf.constant(_GRAY)  # [3]
+  gray_matrix = to_gray[:, None] * tf.ones([1, 3])  # [3, 3]: every channel <- gray level
+  pixels = tf.reshape(image, [-1, 3])  # [h*w, 3]
   for k in range(3):
     op, factor = order[k], factors[order[k]]
-    gray = tf.reduce_sum(image * _GRAY, axis=-1, keepdims=True)  # [h, w, 1]
-    reference = tf.where(op == 1, tf.reduce_mean(gray), gray) * tf.cast(op != 0, tf.float32)
-    image = tf.clip_by_value(factor * image + (1.0 - factor) * reference, 0.0, 1.0)
-  return image
+    matrix = factor * tf.eye(3) + (1.0 - factor) * tf.cast(op == 2, tf.float32) * gray_matrix
+    mean_gray = tf.tensordot(tf.reduce_mean(pixels, axis=0), to_gray, 1)
+    offset = (1.0 - factor) * tf.cast(op == 1, tf.float32) * mean_gray
+    pixels = tf.clip_by_value(tf.matmul(pixels, matrix) + offset, 0.0, 1.0)
+  return tf.reshape(pixels, tf.shape(image))
 
 
 def _resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:

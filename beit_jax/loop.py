@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from clu import metric_writers
 from etils import epath
@@ -94,7 +95,8 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
         writer: metric_writers.MetricWriter, manager, log_every_steps: int,
         global_batch_size: int,
         hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = (),
-        meta_fn: Callable[[], dict] = dict) -> tuple[Any, dict[str, float]]:
+        meta_fn: Callable[[], dict] = dict, max_bad_steps: int = 20,
+        inject_nan_steps: tuple[int, ...] = ()) -> tuple[Any, dict[str, float]]:
   """Runs `train_step` from `start_step` to `total_steps`.
 
   Args:
@@ -102,6 +104,9 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
       run once at the end.
     meta_fn: JSON-able extras saved with each checkpoint (e.g. skipped-image counts).
+    max_bad_steps: stop (TrainingError) once this many consecutive steps were skipped
+      as non-finite; checked at every report and before every checkpoint.
+    inject_nan_steps: steps whose batch is replaced by NaNs (to test the above).
 
   Returns:
     The final state and the last reported metrics.
@@ -111,7 +116,11 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
   summary: dict[str, float] = {}
   t0, s0 = time.time(), start_step
   for step in range(start_step + 1, total_steps + 1):
-    batch = sharding.host_to_global(next(batches), mesh)
+    batch = next(batches)
+    if step in inject_nan_steps:
+      batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+               for k, v in batch.items()}
+    batch = sharding.host_to_global(batch, mesh)
     state, metrics = train_step(state, batch)
     history.append(metrics)
     if step == start_step + 1:  # leave compilation out of the throughput figures
@@ -128,6 +137,13 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
       history, t0, s0 = [], time.time(), step
     else:
       progress.update(step)
+    logged = step % log_every_steps == 0 or step == total_steps
+    if (logged or manager.should_save(step)) and int(state.bad_steps) >= max_bad_steps:
+      manager.wait_until_finished()
+      raise TrainingError(
+          f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
+          f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
+          f"last checkpoint ({manager.latest_step()}) holds the last good parameters.")
     checkpoint.save(manager, step, state, meta_fn(), force=step == total_steps)
     for every, fn in hooks:
       if step % every == 0 and step != total_steps:
@@ -142,9 +158,33 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: optimizer steps taken
+  step: jax.Array          # int32 scalar: steps taken (skipped ones included)
   params: Any
   opt_state: Any
+  bad_steps: jax.Array     # int32 scalar: consecutive steps skipped as non-finite
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. too many non-finite steps); its checkpoints are intact."""
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer update, or no change at all when the loss or a gradient is not finite.
+
+  A skipped step leaves params and optimizer state bit-identical (one bad batch
+  must not cost the run); it still advances `step`, so the data and random streams
+  move on, and it counts in `bad_steps` until a good step resets it.
+  """
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+  return new_state, {"grad_norm": grad_norm, "skipped_steps": 1 - ok.astype(jnp.float32)}
 
 
 def init_train_state(init_params: Callable[[jax.Array], Any], tx, rng: jax.Array,
@@ -156,7 +196,7 @@ def init_train_state(init_params: Callable[[jax.Array], Any], tx, rng: jax.Array
   def init(rng):
     params = init_params(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), bad_steps=jnp.zeros((), jnp.int32))
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.param_shardings(abstract, mesh, rules)
   state = jax.jit(init, out_shardings=shardings)(rng)

@@ -130,47 +130,54 @@ def _blockwise_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
   """unilm's MaskingGenerator.__call__ as a tf.while_loop; returns bool [h, w].
 
   unilm tries up to 10 blocks one after another and keeps the first acceptable one. The mask
-  does not change between tries, so all 10 are drawn and tested at once and the first accepted
-  is kept: the same distribution in one loop step instead of ten.
+  does not change between tries, so all 10 are drawn and tested at once and one accepted try
+  is kept (which one depends only on which were accepted, so the pick is unbiased): the same
+  distribution in one loop step instead of ten. On tensors this small the cost is per op, so
+  rows and columns share ops: a block is a pair of 0/1 indicators over a square n x n grid
+  (n = max(h, w); accepted blocks never reach the padding) and overlaps are counted by matmuls.
   """
   h, w = spec.grid
-  target = spec.num_masking_patches
+  n = max(h, w)
+  target = float(spec.num_masking_patches)
   lo_log_aspect, hi_log_aspect = spec.log_aspect_range
   min_area = float(spec.min_num_patches)
-  # Every step masks >= 1 patch or ends the loop, so `target` steps always suffice; drawing
-  # all their random numbers in one op is cheaper than a seed per step.
-  u = tf.random.stateless_uniform([target, 4, _ATTEMPTS], seed=seed)  # [K, 4, A]
-  area_u, top_u, left_u = u[:, 0], u[:, 2], u[:, 3]  # [K, A]
-  sqrt_aspect = tf.exp(0.5 * (lo_log_aspect + (hi_log_aspect - lo_log_aspect) * u[:, 1]))
-  rows = tf.range(h)[None, :]  # [1, h]
-  cols = tf.range(w)[None, :]  # [1, w]
+  # Every step masks >= 1 patch or ends the loop, so `target` steps always suffice; all their
+  # random numbers are drawn at once. Axes [step, quantity, 1, attempt].
+  u = tf.random.stateless_uniform([spec.num_masking_patches, 4, 1, _ATTEMPTS], seed=seed)
+  area_u, aspect_u, top_u, left_u = tf.unstack(u, axis=1)
+  sqrt_aspect = tf.exp(0.5 * (lo_log_aspect + (hi_log_aspect - lo_log_aspect) * aspect_u))
+  # random.uniform(a, b) = a + (b - a) * U = a * (1 - U) + b * U, also when b < a.
+  table = tf.stack(  # [K, 6, 1, A]
+      [area_u, min_area * (1.0 - area_u), sqrt_aspect, 1.0 / sqrt_aspect, top_u, left_u], axis=1)
+  dims = tf.constant([h, w], tf.float32)[:, None, None]  # [2, 1, 1]
+  coords = tf.range(n, dtype=tf.float32)[:, None]  # [n, 1]
+  ones = tf.ones([1, n])
 
-  def body(step, mask, count, stuck):
+  def body(step, mask, count, go):  # mask: float32 [n, n], 1 = masked
+    del go
+    area_u, area_base, side_factors, pos_u = tf.split(tf.gather(table, step), [1, 1, 2, 2])
     max_new = tf.minimum(target - count, spec.block_cap)
-    # random.uniform(a, b) = a + (b - a) * U, also when b < a.
-    sqrt_area = tf.sqrt(min_area + (tf.cast(max_new, tf.float32) - min_area) * area_u[step])
-    hb = tf.cast(tf.round(sqrt_area * sqrt_aspect[step]), tf.int32)  # [A]
-    wb = tf.cast(tf.round(sqrt_area / sqrt_aspect[step]), tf.int32)
-    # randint(0, n) includes n: floor(U * (n + 1)).
-    top = tf.cast(top_u[step] * tf.cast(h + 1 - hb, tf.float32), tf.int32)[:, None]  # [A, 1]
-    left = tf.cast(left_u[step] * tf.cast(w + 1 - wb, tf.float32), tf.int32)[:, None]
-    in_rows = (rows >= top) & (rows < top + hb[:, None])  # [A, h]
-    in_cols = (cols >= left) & (cols < left + wb[:, None])  # [A, w]
-    blocks = in_rows[:, :, None] & in_cols[:, None, :]  # [A, h, w]
-    new = tf.reduce_sum(tf.cast(blocks & ~mask, tf.int32), axis=[1, 2])  # [A]
-    ok = (hb < h) & (wb < w) & (new > 0) & (new <= max_new)
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    accepted = ok[first]
-    mask = tf.where(accepted, mask | blocks[first], mask)
-    count += tf.where(accepted, new[first], 0)
-    return step + 1, mask, count, ~accepted
+    sizes = tf.round(tf.sqrt(area_base + max_new * area_u) * side_factors)  # [2, 1, A]
+    # randint(0, m) includes m: floor(U * (m + 1)).
+    starts = tf.floor(pos_u * (dims + 1 - sizes))
+    in_rows, in_cols = tf.unstack(  # each [n, A]
+        tf.cast((coords >= starts) & (coords < starts + sizes), tf.float32))
+    covered = tf.matmul(ones, in_rows * tf.matmul(mask, in_cols))  # [1, A] already masked
+    rows, cols = tf.unstack(sizes)  # each [1, A]
+    new = rows * cols - covered
+    ok = (rows < h) & (cols < w) & (new > 0) & (new <= max_new)  # [1, A]
+    accepted = tf.reduce_any(ok)
+    pick = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)  # [1]
+    block = tf.matmul(tf.gather(in_rows, pick, axis=1), tf.gather(in_cols, pick, axis=1),
+                      transpose_b=True)  # [n, n]
+    mask = tf.where(accepted, tf.maximum(mask, block), mask)
+    count = tf.reduce_sum(mask)
+    return step + 1, mask, count, accepted & (count < target)
 
   _, mask, _, _ = tf.while_loop(
-      lambda step, mask, count, stuck: (count < target) & ~stuck, body,
-      (tf.constant(0, tf.int32), tf.zeros([h, w], tf.bool), tf.constant(0, tf.int32),
-       tf.constant(False)),
-      maximum_iterations=target)
-  return mask
+      lambda step, mask, count, go: go, body,
+      (tf.constant(0, tf.int32), tf.zeros([n, n]), tf.constant(0.0), tf.constant(True)))
+  return mask[:h, :w] > 0
 
 
 def _fix_count_tf(mask: tf.Tensor, target: int, seed: tf.Tensor) -> tf.Tensor:

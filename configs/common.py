@@ -57,6 +57,9 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.num_epochs = 800
   c.total_steps = 0  # > 0 overrides num_epochs
   c.log_every_steps = 100
+  # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
+  c.max_bad_steps = 20
+  c.inject_nan_steps = ()  # testing only: steps whose batch is replaced by NaNs
   c.images_every_steps = 10_000
 
   c.model = dict(variant=variant, width=None, depth=None, num_heads=None, mlp_dim=None,

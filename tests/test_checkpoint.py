@@ -16,7 +16,7 @@ def _state(seed=0):
                       "bias": jnp.arange(8.0)}}
   tx = optax.adamw(1e-3)
   return loop.TrainState(step=jnp.array(7, jnp.int32), params=params,
-                         opt_state=tx.init(params))
+                         opt_state=tx.init(params), bad_steps=jnp.array(0, jnp.int32))
 
 
 def test_round_trip_keeps_every_leaf_and_the_meta(tmp_path):
@@ -53,3 +53,24 @@ def test_unwritable_workdir_is_a_config_error(tmp_path):
   blocker.write_text("x")
   with pytest.raises(ConfigError, match="workdir=.*not writable"):
     checkpoint.check_writable(str(blocker / "run"))
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  mesh = sharding.make_mesh({"data": -1})
+  manager = checkpoint.make_manager(str(tmp_path), every_steps=1, keep=3)
+  checkpoint.save(manager, 1, _state(seed=1))
+  checkpoint.save(manager, 2, _state(seed=2))
+  manager.wait_until_finished()
+  for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated, as by a full disk
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), _state())
+  restored, start, _ = loop.restore_or_keep(manager, _state(seed=9), shardings)
+  assert start == 1
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"],
+                                _state(seed=1).params["dense"]["kernel"])
+  assert (tmp_path / "checkpoints" / "2.unreadable").exists()
+  assert manager.all_steps() == [1]
+  checkpoint.save(manager, 2, _state(seed=3))  # the run goes on from there
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2]

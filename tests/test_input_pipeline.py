@@ -114,23 +114,21 @@ def test_epochs_are_permutations_in_new_orders(embedded_ref):
   assert not np.array_equal(epoch0, epoch1)
 
 
-def test_same_seed_same_batches_other_seed_differs(embedded_ref):
-  batches, _ = embedded_ref
-  again, _ = run(ip.make_pretrain_iterator(make_config(), seed=0), 2)
-  assert_same_batches(again, batches[:2])
-  other, _ = run(ip.make_pretrain_iterator(make_config(), seed=1), 2)
+def test_resume_yields_the_same_batches(embedded_ref):
+  """A new iterator at step 5 skips epoch 0 and 2 of 3 steps of epoch 1, then enters epoch 2."""
+  batches, ids = embedded_ref
+  resumed, resumed_ids = run(ip.make_pretrain_iterator(make_config(), seed=0, start_step=5), 3)
+  assert_same_batches(resumed, batches[5:8])
+  np.testing.assert_array_equal(resumed_ids, ids[5:8])
+
+
+def test_other_seed_other_batches(embedded_ref):
+  batches, ids = embedded_ref
+  other, other_ids = run(ip.make_pretrain_iterator(make_config(), seed=1), 2)
+  assert not np.array_equal(np.concatenate(other_ids), np.concatenate(ids[:2]))
   for o, b in zip(other, batches):
     assert not np.array_equal(o["image"], b["image"])
     assert not np.array_equal(o["mask"], b["mask"])
-
-
-@pytest.mark.parametrize("start_step", [2, 3, 5])  # mid epoch 0, epoch 1 start, mid epoch 1
-def test_resume_yields_the_same_batches(embedded_ref, start_step):
-  batches, ids = embedded_ref
-  resumed, resumed_ids = run(
-      ip.make_pretrain_iterator(make_config(), seed=0, start_step=start_step), 3)
-  assert_same_batches(resumed, batches[start_step:start_step + 3])
-  np.testing.assert_array_equal(resumed_ids, ids[start_step:start_step + 3])
 
 
 def test_two_processes_split_the_global_batch(embedded_ref):
@@ -149,15 +147,17 @@ def test_two_processes_split_the_global_batch(embedded_ref):
 def test_eval_batch_is_fixed_centre_crops():
   config = make_config()
   batch = ip.make_eval_batch(config, n=3, seed=0)
+  assert set(batch) == {"image", "tokenizer_image", "mask"}
   assert batch["image"].shape == (3, 32, 32, 3) and batch["mask"].shape == (3, 16)
-  assert_same_batches([ip.make_eval_batch(config, n=3, seed=0)], [batch])
   other = ip.make_eval_batch(config, n=3, seed=1)
   np.testing.assert_array_equal(other["image"], batch["image"])  # only masks use the seed
+  np.testing.assert_array_equal(other["tokenizer_image"], batch["tokenizer_image"])
   assert not np.array_equal(other["mask"], batch["mask"])
   # Photo 0 is the square astronaut: its centre crop is the whole picture, unflipped.
   whole = tf.image.resize(skimage.data.astronaut()[None] / 255.0, [16, 16], "area").numpy()[0]
-  assert np.abs(batch["tokenizer_image"][0] - whole).mean() < 0.02
-  assert np.abs(batch["tokenizer_image"][0] - whole[:, ::-1]).mean() > 0.05
+  # Lanczos is sharper than area averaging: 0.025 apart; mirrored they are 0.28 apart.
+  assert np.abs(batch["tokenizer_image"][0] - whole).mean() < 0.04
+  assert np.abs(batch["tokenizer_image"][0] - whole[:, ::-1]).mean() > 0.2
 
 
 # --------------------------------------------------------------------------- image folder
@@ -231,8 +231,9 @@ def test_folder_decodes_formats_and_skips_bad_files(image_folder):
     view1, view2 = unnormalize(batch["image"]), batch["tokenizer_image"]
     for k, i in enumerate(batch_ids):
       if i == SOLID_ID:  # exact normalisation with ImageNet mean/std
-        np.testing.assert_allclose(batch["image"][k], (np.asarray(SOLID) / 255 - MEAN) / STD,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            batch["image"][k], np.broadcast_to((np.asarray(SOLID) / 255 - MEAN) / STD, (32, 32, 3)),
+            atol=1e-4)
         np.testing.assert_allclose(view2[k], np.broadcast_to(np.asarray(SOLID) / 255,
                                                              (16, 16, 3)), atol=1e-4)
       elif i == CMYK_ID:
@@ -281,6 +282,9 @@ def tfds_dir(tmp_path_factory):
 
     class BeitTestTinyImages(tfds.core.GeneratorBasedBuilder):
       VERSION = tfds.core.Version("1.0.0")
+      # Not in a package: tfds looks up the code of builders in packages with
+      # importlib_resources, which this environment lacks.
+      __module__ = TFDS_NAME
 
       def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -303,33 +307,29 @@ def tfds_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tfds_ref(tfds_dir):
-  """8 steps: epoch 0 = steps 0-4 (20 of 23 examples), epoch 1 = steps 5-9."""
-  config = make_config(f"tfds:{TFDS_NAME}", data_dir=tfds_dir)
-  return config, run(ip.make_pretrain_iterator(config, seed=0), 8)
+def tfds_config(tfds_dir):
+  return make_config(f"tfds:{TFDS_NAME}", data_dir=tfds_dir)
 
 
-def test_tfds_batches_epochs_and_resume(tfds_ref):
-  config, (batches, ids) = tfds_ref
-  assert ip.num_train_examples(config) == TFDS_SIZE
-  assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["mask"].shape == (4, 16)
-  epoch0, epoch1 = np.concatenate(ids[:5]), np.concatenate(ids[5:])
-  assert len(set(epoch0)) == 20 and set(epoch0) <= set(range(TFDS_SIZE))
-  assert len(set(epoch1)) == 12 and not np.array_equal(epoch0[:12], epoch1)
-  resumed, resumed_ids = run(ip.make_pretrain_iterator(config, seed=0, start_step=3), 3)
-  assert_same_batches(resumed, batches[3:6])  # skips inside epoch 0, then crosses into epoch 1
+def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
+  """2 processes x 2 examples: each reads its half (11 of 23), 10 of them per 5-step epoch."""
+  assert ip.num_train_examples(tfds_config) == TFDS_SIZE
+  runs = [run(ip.make_pretrain_iterator(tfds_config, seed=0, process_index=p, process_count=2), 7)
+          for p in (0, 1)]
+  batch = runs[0][0][0]
+  assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 16)
+  assert batch["tokenizer_image"].shape == (2, 16, 16, 3)
+  for p, (_, ids) in enumerate(runs):
+    epoch0, epoch1 = np.concatenate(ids[:5]), np.concatenate(ids[5:])
+    assert len(set(epoch0)) == 10 and set(epoch0) <= set(range(11 * p, 11 * p + 11))
+    assert len(set(epoch1)) == 4 and set(epoch1) <= set(range(11 * p, 11 * p + 11))
+    assert not np.array_equal(epoch0[:4], epoch1)
+  # Resume: skips 6 records of epoch 0 before decoding, then crosses into epoch 1.
+  batches, ids = runs[1]
+  resumed, resumed_ids = run(ip.make_pretrain_iterator(
+      tfds_config, seed=0, start_step=3, process_index=1, process_count=2), 3)
+  assert_same_batches(resumed, batches[3:6])
   np.testing.assert_array_equal(resumed_ids, ids[3:6])
-
-
-def test_tfds_two_processes_read_disjoint_halves(tfds_ref):
-  config, _ = tfds_ref
-  epochs = []
-  for p in (0, 1):
-    _, ids = run(ip.make_pretrain_iterator(config, seed=0, process_index=p, process_count=2), 5)
-    assert all(len(i) == 2 for i in ids)
-    epochs.append(np.concatenate(ids))
-  assert len(set(epochs[0])) == 10 and set(epochs[0]) <= set(range(11))
-  assert len(set(epochs[1])) == 10 and set(epochs[1]) <= set(range(11, 22))
 
 
 def test_tfds_missing_dataset_names_it_and_data_dir(tmp_path):

@@ -10,7 +10,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 from etils import epath
 
@@ -40,12 +39,11 @@ def train_step(state: loop.TrainState, batch: dict[str, jax.Array], rng: jax.Arr
     return loss, (metrics, out["logits"])
 
   (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics.update(loss=loss, temperature=temperature, kl_weight=kl_weight,
-                 learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads),
+  new_state, update_metrics = loop.apply_gradients(state, grads, loss, tx)
+  metrics.update(update_metrics, loss=loss, temperature=temperature, kl_weight=kl_weight,
+                 learning_rate=schedule(state.step),
                  codebook_perplexity=_code_perplexity(logits))
-  return loop.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return new_state, metrics
 
 
 def _code_perplexity(logits: jax.Array) -> jax.Array:
@@ -114,6 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_step=jitted, batches=batches, mesh=mesh, writer=writer, manager=manager,
       log_every_steps=train_cfg.log_every_steps, global_batch_size=config.input.batch_size,
       hooks=((train_cfg.images_every_steps, write_images),),
-      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()})
+      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()},
+      max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
   manager.close()
   return summary

@@ -99,14 +99,14 @@ def train_step(state: loop.TrainState, batch: dict[str, jax.Array], rng: jax.Arr
     return mim_loss(out["mim_logits"], targets, weights)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+  new_state, update_metrics = loop.apply_gradients(state, grads, metrics["loss"], tx)
+  metrics.update(update_metrics)
+  metrics.update(param_norm=optax.global_norm(new_state.params),
                  learning_rate=schedule(state.step),
                  # The accuracy of always predicting the batch's most frequent target:
                  # the bar MIM accuracy must clear to mean anything.
                  majority_baseline=_majority_rate(targets, weights, model.vocab_size))
-  return loop.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return new_state, metrics
 
 
 def _majority_rate(targets: jax.Array, weights: jax.Array, vocab_size: int) -> jax.Array:
@@ -194,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer=writer, manager=manager, log_every_steps=config.log_every_steps,
       global_batch_size=config.input.batch_size,
       hooks=((config.images_every_steps, write_images),),
-      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()})
+      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()},
+      max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
   manager.close()
   return summary

@@ -1,0 +1,182 @@
+"""beit-jax ViT params between layouts: shared / per-layer relative position bias, image size.
+
+Params here are flat {'blocks_0/attn/qkv/kernel': array} dicts with the model fields
+`kw` of `unilm.infer_model_kwargs` next to them.
+"""
+import json
+import re
+from typing import Any
+
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from beit_jax import checkpoint
+from beit_jax.convert import common
+from beit_jax.convert import relpos
+from beit_jax.convert import unilm
+from beit_jax.errors import ConfigError
+from beit_jax.models import vit
+
+REL_POS_CHOICES = ("keep", "shared", "per_layer")
+_SHARED = "rel_pos_bias/relative_position_bias_table"
+_BLOCK_TABLE = "blocks_{}/attn/relative_position_bias_table"
+
+
+def _grid(kw: dict[str, Any]) -> tuple[int, int]:
+  side = kw["image_size"] // kw["patch_size"]
+  return side, side
+
+
+def resize(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int
+           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Position parameters for `image_size` (relative tables and absolute embedding)."""
+  vit.num_patches(image_size, kw["patch_size"])  # checks divisibility
+  new_kw = dict(kw, image_size=image_size)
+  src, dst = _grid(kw), _grid(new_kw)
+  if src == dst:
+    return params, kw
+  out = dict(params)
+  for path, value in params.items():
+    if path.endswith("relative_position_bias_table"):
+      out[path] = relpos.resize_rel_pos_table(value, src, dst)
+    elif path == "pos_embed":
+      out[path] = relpos.resize_abs_pos_embed(value, src, dst)
+  return out, new_kw
+
+
+def set_rel_pos(params: dict[str, np.ndarray], kw: dict[str, Any], layout: str
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Shared <-> per-layer relative position bias.
+
+  'per_layer' copies the shared table into every block (what unilm's fine-tuning
+  does); 'shared' needs all blocks' tables to be equal (one table then computes
+  the same function), which holds for such copies but not after fine-tuning.
+  """
+  if layout not in REL_POS_CHOICES:
+    raise ConfigError(f"--rel_pos={layout!r} is not accepted; use one of {REL_POS_CHOICES}")
+  depth = kw["depth"]
+  out = dict(params)
+  if layout == "per_layer" and kw["use_shared_rel_pos_bias"]:
+    shared = out.pop(_SHARED)
+    for i in range(depth):
+      key = _BLOCK_TABLE.format(i)
+      out[key] = shared + out[key] if key in out else shared.copy()
+    return out, dict(kw, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+  if layout == "shared" and kw["use_rel_pos_bias"]:
+    tables = [out.pop(_BLOCK_TABLE.format(i)) for i in range(depth)]
+    differ = [i for i, t in enumerate(tables) if not np.array_equal(t, tables[0])]
+    if differ:
+      raise ConfigError(f"--rel_pos=shared: blocks {common.listing(map(str, differ))} have "
+                        "relative position tables that differ from block 0's; one shared "
+                        "table cannot reproduce them")
+    out[_SHARED] = tables[0] + out[_SHARED] if _SHARED in out else tables[0]
+    return out, dict(kw, use_shared_rel_pos_bias=True, use_rel_pos_bias=False)
+  return out, kw
+
+
+def adapt(params: dict[str, np.ndarray], kw: dict[str, Any], *, rel_pos: str = "keep",
+          image_size: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """`resize` (if `image_size`) then `set_rel_pos`."""
+  if image_size is not None:
+    params, kw = resize(params, kw, image_size)
+  return set_rel_pos(params, kw, rel_pos)
+
+
+def check(params: dict[str, np.ndarray], kw: dict[str, Any], what: str) -> None:
+  """Params are exactly those of `VisionTransformer(**kw)`: keys and shapes."""
+  expected = unilm.expected_shapes(kw)
+  common.check_keys(what, missing=expected.keys() - params.keys(),
+                    unexpected=params.keys() - expected.keys())
+  for path, shape in sorted(expected.items()):
+    if tuple(params[path].shape) != shape:
+      raise ConfigError(f"{what}: {path} has shape {tuple(params[path].shape)}, "
+                        f"expected {shape}")
+
+
+def flat(params: Any) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def nested(params: dict[str, np.ndarray]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict(params, sep="/")
+
+
+def _kwargs_from_config(config: dict[str, Any], what: str) -> dict[str, Any] | None:
+  """Model fields of a converter's config.json ('vit') or a run's ('model', 'input')."""
+  if "vit" in config:
+    return dict(config["vit"])
+  model, inp = config.get("model"), config.get("input")
+  if not (isinstance(model, dict) and isinstance(inp, dict) and "variant" in model):
+    return None
+  try:
+    sizes = vit.variant_kwargs(model["variant"], **{k: model.get(k) for k in
+                                                    ("width", "depth", "num_heads",
+                                                     "mlp_dim")})
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {e}") from None
+  return dict(sizes, image_size=inp.get("image_size"))
+
+
+def infer_model_kwargs(params: dict[str, np.ndarray], what: str, *,
+                       config: dict[str, Any] | None = None, num_heads: int | None = None,
+                       fallback_image_size: int | None = None) -> dict[str, Any]:
+  """Model fields of beit-jax ViT params; heads / image size from `config` if needed.
+
+  `num_heads` and `fallback_image_size` serve when neither the weights nor `config`
+  tell them (see `unilm.infer_model_kwargs`).
+  """
+  if "cls_token" not in params or "patch_embed/kernel" not in params:
+    raise ConfigError(f"{what} holds no BEiT ViT params (no cls_token / patch_embed; "
+                      f"keys: {common.listing(params)})")
+  known = _kwargs_from_config(config or {}, what) or {}
+  # unilm's inference reads the shapes of the same tensors in torch layout (here
+  # zero-strided stand-ins: no copy).
+  sd = {r.key: np.broadcast_to(np.float32(0), r.torch_shape(params[r.path].shape))
+        for r in unilm.rules(_present_fields(params)) if r.path in params}
+  return unilm.infer_model_kwargs(sd, what, num_heads=known.get("num_heads") or num_heads,
+                                  image_size=known.get("image_size"),
+                                  fallback_image_size=fallback_image_size)
+
+
+def _present_fields(params: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Fields broad enough that `unilm.rules` lists every param that exists."""
+  depth = 1 + max((int(m.group(1)) for k in params if (m := re.match(r"blocks_(\d+)/", k))),
+                  default=-1)
+  return dict(depth=depth, use_abs_pos_emb=True, use_shared_rel_pos_bias=True,
+              use_rel_pos_bias=True, layer_scale_init=1.0,
+              num_classes=1 if "head/kernel" in params else 0,
+              vocab_size=1 if "lm_head/kernel" in params else 0)
+
+
+def load(path: str, *, num_heads: int | None = None,
+         fallback_image_size: int | None = None
+         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A beit-jax checkpoint (a converter's output or a run's workdir) and its fields."""
+  what = f"beit-jax checkpoint {path}"
+  params = flat(checkpoint.load_params(path))
+  config_file = epath.Path(path) / "config.json"
+  config = json.loads(config_file.read_text()) if config_file.exists() else None
+  kw = infer_model_kwargs(params, what, config=config, num_heads=num_heads,
+                          fallback_image_size=fallback_image_size)
+  check(params, kw, what)
+  return params, kw
+
+
+def save(path: str, params: dict[str, np.ndarray], kw: dict[str, Any], source: str) -> None:
+  """A beit-jax checkpoint `config.init_from` starts from, with the fields in config.json."""
+  common.ensure_new_dir(path, "output folder")
+  checkpoint.save_params(path, nested(params), {"converted_from": source, "vit": kw})
+
+
+def config_flags(kw: dict[str, Any]) -> str:
+  """The `--config.*` overrides of a MIM run whose model these params fit."""
+  flags = {"model.width": kw["width"], "model.depth": kw["depth"],
+           "model.num_heads": kw["num_heads"], "model.mlp_dim": kw["mlp_dim"],
+           "input.image_size": kw["image_size"], "input.patch_size": kw["patch_size"],
+           "model.use_abs_pos_emb": kw["use_abs_pos_emb"],
+           "model.use_shared_rel_pos_bias": kw["use_shared_rel_pos_bias"],
+           "model.layer_scale_init": kw["layer_scale_init"]}
+  if kw["vocab_size"]:
+    flags["tokenizer.vocab_size"] = kw["vocab_size"]
+  return " ".join(f"--config.{k}={v}" for k, v in flags.items())
