@@ -59,7 +59,10 @@ DecodeCrop = Callable[[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]], tf.Tensor]
 
 
 def skipped_counts() -> dict[str, int]:
-  """Examples this process dropped so far, by reason, over all training iterators."""
+  """Examples dropped by this process's training iterators since it started, by reason.
+
+  'undecodable': images that failed to decode (their batch slots were refilled).
+  """
   return dict(_SKIPPED)
 
 
@@ -425,15 +428,24 @@ def _center_window(shape: tf.Tensor) -> tf.Tensor:
 def _color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
   """torchvision ColorJitter(brightness=contrast=saturation=strength, hue=0).
 
-  Works on float [h, w, 3] in [0, 1]. Each op blends the image with a reference -- black
-  (brightness), its mean gray level (contrast), each pixel's gray level (saturation) -- and
-  clips; the three run in a random order. A blend is one 3x3 colour matrix plus an offset:
-  3x faster than separate ops, and without branches, which are slow to build in tf.data.
+  Works on float [h, w, 3] in [0, 1]: the three factors are drawn from
+  U(max(0, 1 - strength), 1 + strength) and the ops run in a random order.
   """
   order_seed, factor_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   factors = tf.random.stateless_uniform([3], factor_seed, minval=max(0.0, 1.0 - strength),
                                         maxval=1.0 + strength)
-  order = tf.argsort(tf.random.stateless_uniform([3], order_seed))  # 0: brightness, 1: contrast
+  order = tf.argsort(tf.random.stateless_uniform([3], order_seed))  # int32
+  return _color_ops(image, order, factors)
+
+
+def _color_ops(image: tf.Tensor, order: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+  """Brightness (op 0), contrast (1), saturation (2) in `order`; factors[op] is op's factor.
+
+  Each op blends the image with a reference -- black (brightness), its mean gray level
+  (contrast), each pixel's gray level (saturation) -- and clips to [0, 1]. A blend is one 3x3
+  colour matrix plus an offset: 3x faster than separate ops, and without branches, which are
+  slow to build in tf.data.
+  """
   to_gray = tf.constant(_GRAY)  # [3]
   gray_matrix = to_gray[:, None] * tf.ones([1, 3])  # [3, 3]: every channel <- gray level
   pixels = tf.reshape(image, [-1, 3])  # [h*w, 3]
@@ -534,7 +546,9 @@ def _one_batch(examples: tf.data.Dataset, n: int) -> tf.data.Dataset:
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
-  """This process's batches as dicts of NumPy arrays; counts the images it had to drop.
+  """This process's batches as dicts of NumPy arrays.
+
+  Adds the images it had to drop to `skipped_counts()`.
 
   Attributes:
     last_ids: int64 [b] example ids of the last batch (refilled slots repeat an id).
@@ -551,7 +565,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     if len(fresh) < self._batch_size:
       raise ConfigError(
           f"input.dataset={self._source_name!r}: only {len(fresh)} of {self._batch_size} images "
-          f"of a batch could be decoded even with {_MAX_ROUNDS} refill rounds; the data is broken")
+          f"of a batch could be decoded and augmented, even in {_MAX_ROUNDS} refill rounds; is "
+          f"it image data?")
     _SKIPPED["undecodable"] += int(np.sum(~fresh))
     return batch
 
@@ -633,6 +648,8 @@ def make_eval_batch(config: ml_collections.ConfigDict, n: int, seed: int = 0) ->
   The first n decodable images in source order (embedded: photo i % 20), centre square crop,
   no flip or jitter; only the masks depend on `seed`.
   """
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
   _hide_accelerators()
   cfg = config.input
   views = dataclasses.replace(_views_from_config(cfg, pretrain=True), flip=False)

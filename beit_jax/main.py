@@ -26,9 +26,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
                                "with auto-detection (TPU pod slices, SLURM).")
 
-TRAINERS = ("mim", "dvae")
-
-
 class _LibraryInfoFilter:
   """Drops INFO lines of chatty libraries (orbax logs every file it writes)."""
 
@@ -41,9 +38,9 @@ def run(config, workdir: str) -> dict:
   # Imported here so that `--help` and flag errors do not pay for TF/JAX start-up.
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
   from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  from beit_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.validate(config)
   trainers = {"mim": mim.train_and_evaluate, "dvae": dvae.train_and_evaluate}
-  if config.trainer not in trainers:
-    raise ConfigError(f"trainer={config.trainer!r} is unknown; accepted: {TRAINERS}")
   return trainers[config.trainer](config, workdir)
 
 

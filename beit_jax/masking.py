@@ -33,7 +33,8 @@ class MaskSpec:
     max_num_patches: largest block area drawn; None means `num_masking_patches`.
     min_aspect: smallest block aspect ratio rows/cols.
     max_aspect: largest aspect ratio; None means 1 / min_aspect.
-    exact: BEiT v2: after the blocks, add/remove single random patches to hit the target exactly.
+    exact: BEiT v2: after the blocks, add/remove single random patches to hit the target
+      exactly ("random" masks always are exact).
   """
   kind: str = "blockwise"
   grid: tuple[int, int] = (14, 14)
@@ -47,7 +48,8 @@ class MaskSpec:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(f"{_FIELD}.kind must be one of {KINDS}, got {self.kind!r}")
-    if (len(self.grid) != 2 or not all(_is_int(g) and g >= 1 for g in self.grid)
+    if (not isinstance(self.grid, tuple) or len(self.grid) != 2
+        or not all(_is_int(g) and g >= 1 for g in self.grid)
         or (self.kind == "blockwise" and min(self.grid) < 2)):
       raise ConfigError(f"{_FIELD} grid (image size / patch size) must be two ints >= 1 "
                         f"(>= 2 for blockwise masking), got {self.grid}")
@@ -97,10 +99,7 @@ def mask_spec_from_config(cfg: ml_collections.ConfigDict, grid) -> MaskSpec:
   unknown = sorted(set(given) - fields)
   if unknown:
     raise ConfigError(f"{_FIELD}: unknown fields {unknown}; accepted: {sorted(fields)}")
-  return MaskSpec(grid=tuple(grid), **given)
-
-
-# --------------------------------------------------------------------------- TensorFlow
+  return MaskSpec(grid=tuple(grid) if isinstance(grid, (list, tuple)) else grid, **given)
 
 
 def make_mask_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
@@ -186,9 +185,6 @@ def _fix_count_tf(mask: tf.Tensor, target: int, seed: tf.Tensor) -> tf.Tensor:
   candidates = tf.equal(mask, count > target)  # the cells whose flip moves count to target
   scores = tf.where(candidates, tf.random.stateless_uniform(mask.shape, seed=seed), -1.0)
   return mask ^ (_rank_descending(scores) < tf.abs(count - target))
-
-
-# --------------------------------------------------------------------------- NumPy reference
 
 
 def make_mask_np(spec: MaskSpec, rng: np.random.Generator) -> np.ndarray:

@@ -208,7 +208,8 @@ def folder_config(root, **overrides):
 def bright_side(images: np.ndarray) -> np.ndarray:
   """+1 where the right half is brighter, -1 where the left is: [B, S, S, 3] -> [B]."""
   half = images.shape[2] // 2
-  return np.sign(images[:, :, half:].mean(axis=(1, 2, 3)) - images[:, :, :half].mean(axis=(1, 2, 3)))
+  right, left = images[:, :, half:], images[:, :, :half]
+  return np.sign(right.mean(axis=(1, 2, 3)) - left.mean(axis=(1, 2, 3)))
 
 
 def test_list_image_folder(image_folder):
@@ -362,6 +363,30 @@ def test_random_crop_window_follows_torchvision():
   # No crop of >= 90% of a 10x1000 strip has an aspect ratio <= 4/3: the centred fallback.
   fallback = windows(tf.constant([10, 1000]), (0.9, 1.0)).numpy()
   np.testing.assert_array_equal(fallback, np.tile([0, 493, 10, 13], (300, 1)))
+
+
+def _torchvision_color_ops(image: np.ndarray, order, factors) -> np.ndarray:
+  """torchvision's functional adjust_{brightness,contrast,saturation} on float images."""
+  def gray(x):
+    return (x * np.asarray([0.2989, 0.587, 0.114])).sum(-1, keepdims=True)
+
+  def blend(x, other, f):
+    return np.clip(f * x + (1 - f) * other, 0, 1)
+
+  ops = (lambda x, f: blend(x, 0.0, f), lambda x, f: blend(x, gray(x).mean(), f),
+         lambda x, f: blend(x, gray(x), f))
+  for op in order:
+    image = ops[op](image, factors[op])
+  return image
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
+                                   (2, 1, 0)])
+def test_color_ops_match_torchvision(order):
+  image = np.random.RandomState(0).rand(6, 7, 3).astype(np.float32)
+  factors = np.asarray([1.35, 0.7, 1.3], np.float32)  # bright enough to clip
+  got = ip._color_ops(tf.constant(image), tf.constant(order), tf.constant(factors)).numpy()
+  np.testing.assert_allclose(got, _torchvision_color_ops(image, order, factors), atol=1e-5)
 
 
 def test_color_jitter_ranges():

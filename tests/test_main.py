@@ -47,7 +47,7 @@ def test_tiny_run_both_stages_then_resume(tmp_path):
     ("model.variant", "X/16", "model.variant"),
     ("input.batch_size", 12, "input.batch_size=12 must be divisible"),
     ("input.dataset", "tfds:imagenet2012", "imagenet2012"),
-    ("trainer", "nope", "trainer='nope' is unknown"),
+    ("trainer", "nope", "trainer='nope' is invalid"),
 ])
 def test_bad_config_is_a_config_error(tmp_path, field, value, message):
   config = tiny_config()

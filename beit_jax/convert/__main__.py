@@ -14,8 +14,6 @@ import argparse
 import sys
 from typing import Any
 
-from absl import logging
-
 from beit_jax.convert import dalle
 from beit_jax.convert import hf
 from beit_jax.convert import layout
@@ -106,7 +104,6 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.set_verbosity(logging.INFO)
   try:
     print(convert(args))
   except ConfigError as e:

@@ -171,12 +171,16 @@ def save(path: str, params: dict[str, np.ndarray], kw: dict[str, Any], source: s
 
 def config_flags(kw: dict[str, Any]) -> str:
   """The `--config.*` overrides of a MIM run whose model these params fit."""
-  flags = {"model.width": kw["width"], "model.depth": kw["depth"],
-           "model.num_heads": kw["num_heads"], "model.mlp_dim": kw["mlp_dim"],
-           "input.image_size": kw["image_size"], "input.patch_size": kw["patch_size"],
-           "model.use_abs_pos_emb": kw["use_abs_pos_emb"],
-           "model.use_shared_rel_pos_bias": kw["use_shared_rel_pos_bias"],
-           "model.layer_scale_init": kw["layer_scale_init"]}
+  sizes = {k: kw[k] for k in ("width", "depth", "num_heads", "mlp_dim")}
+  standard = [name.split("/")[0] for name in vit.VARIANTS
+              if all(vit.variant_kwargs(name)[k] == v for k, v in sizes.items())]
+  flags = {"model.variant": f"{(standard or ['B'])[0]}/{kw['patch_size']}"}
+  if not standard:
+    flags.update({f"model.{k}": v for k, v in sizes.items()})
+  flags.update({"input.image_size": kw["image_size"], "input.patch_size": kw["patch_size"],
+                "model.use_abs_pos_emb": kw["use_abs_pos_emb"],
+                "model.use_shared_rel_pos_bias": kw["use_shared_rel_pos_bias"],
+                "model.layer_scale_init": kw["layer_scale_init"]})
   if kw["vocab_size"]:
     flags["tokenizer.vocab_size"] = kw["vocab_size"]
   return " ".join(f"--config.{k}={v}" for k, v in flags.items())

@@ -206,8 +206,8 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
   """A unilm-layout state dict -> flat beit-jax params {'blocks_0/attn/qkv/kernel': ...}.
 
   Every key must be used: stored relative position indices are checked and dropped,
-  BEiT v2's `cls_pt_*` decoder is dropped (logged), a missing mask token or q/v bias
-  becomes zeros (logged); anything else missing or left over is a ConfigError.
+  BEiT v2's `cls_pt_*` decoder is dropped (a warning), a missing mask token or q/v
+  bias becomes zeros (a warning); anything else missing or left over is a ConfigError.
 
   Args:
     sd: the state dict (numpy).
@@ -240,10 +240,10 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
                 if k not in used and not _V2_DECODER.match(k) and not _INDEX.match(k)]
   common.check_keys(what, missing=missing, unexpected=unexpected)
   if dropped:
-    logging.info("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
+    logging.warning("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
                  what, len(dropped), common.listing(dropped))
   if zero_filled:
-    logging.info("%s: not in the checkpoint, set to zeros: %s", what,
+    logging.warning("%s: not in the checkpoint, set to zeros: %s", what,
                  common.listing(zero_filled))
   return params
 

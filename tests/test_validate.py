@@ -1,0 +1,62 @@
+"""One test per start-up validation rule: the error names the field and what it accepts."""
+import pytest
+
+from beit_jax import validate
+from beit_jax.errors import ConfigError
+from tests.tiny_config import tiny_config
+
+BAD_VALUES = {
+    "trainer": "finetune", "seed": 1.5, "num_epochs": 0, "total_steps": -1,
+    "log_every_steps": 0, "images_every_steps": 0, "max_bad_steps": 0,
+    "model.variant": "X/16", "model.width": 0, "model.depth": -2, "model.num_heads": 0,
+    "model.mlp_dim": 0, "model.drop_path_rate": 1.0, "model.layer_scale_init": -0.1,
+    "model.dtype": "float64", "input.dataset": "imagenet", "input.batch_size": 0,
+    "input.image_size": 0, "input.tokenizer_image_size": 30,
+    "input.crop_scale": (0.9, 0.1), "input.crop_ratio": (2.0, 1.0),
+    "input.color_jitter": -0.4, "input.shuffle_buffer": 0, "optim.lr": 0.0,
+    "optim.min_lr": -1e-5, "optim.warmup_epochs": -1, "optim.warmup_steps": -1,
+    "optim.b1": 1.0, "optim.b2": 1.5, "optim.eps": -1.0, "optim.weight_decay": -0.05,
+    "optim.grad_clip": -3.0, "checkpoint.every_steps": 0, "checkpoint.keep": 0,
+    "tokenizer.kind": "vqgan", "tokenizer.vocab_size": 1, "tokenizer.n_hid": 10,
+    "tokenizer.train.num_steps": 0, "tokenizer.train.batch_size": 0,
+    "tokenizer.train.kl_weight": -1.0, "tokenizer.train.temperature_end": 0.0,
+    "tokenizer.train.optim.lr": 0.0,
+}
+
+
+def test_every_rule_has_a_bad_value_here():
+  assert sorted(f for f, _, _ in validate.RULES) == sorted(BAD_VALUES)
+
+
+def test_the_shipped_configs_pass():
+  from configs import beit_base, beit_large, beit_tiny_local, dvae  # pylint: disable=g-import-not-at-top
+  for module in (beit_base, beit_large, beit_tiny_local, dvae):
+    validate.validate(module.get_config())
+  validate.validate(tiny_config())
+
+
+@pytest.mark.parametrize("field", sorted(BAD_VALUES))
+def test_rule(field):
+  config = tiny_config()
+  *parents, key = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[key] = BAD_VALUES[field]
+  with pytest.raises(ConfigError, match=rf"^{field}=.* is invalid; accepted: .+"):
+    validate.validate(config)
+
+
+def test_width_must_split_into_heads():
+  config = tiny_config()
+  config.model.width, config.model.num_heads = 30, 4
+  with pytest.raises(ConfigError, match="model.width=30 must be divisible by model.num_heads=4"):
+    validate.validate(config)
+
+
+def test_image_size_must_be_a_multiple_of_the_patch():
+  config = tiny_config()
+  config.input.image_size = 36
+  with pytest.raises(ConfigError, match="input.image_size=36 must be a multiple of input.patch_size=8"):
+    validate.validate(config)
