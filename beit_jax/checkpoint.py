@@ -94,10 +94,18 @@ def load_params(path: str) -> Any:
   optimizer state in that checkpoint is not needed and is dropped.
   """
   step_dir = _find_step_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(step_dir / "state")
-  if "params" not in state:
-    raise ConfigError(f"checkpoint {step_dir} holds no 'params' (keys: {list(state)})")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(step_dir / "state").item_metadata.tree
+    if "params" not in tree:
+      raise ConfigError(f"checkpoint {step_dir} holds no 'params' (keys: {list(tree)})")
+    # Onto one local device, whatever mesh wrote it (8 TPU cores, fsdp...); only the
+    # params are read, the optimizer state (twice their size) stays on disk.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+    state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   return jax.device_get(state["params"])
 
 

@@ -95,7 +95,7 @@ def _check_int(name: str, value, lo: int, hi: int):
 def mask_spec_from_config(cfg: ml_collections.ConfigDict, grid) -> MaskSpec:
   """Builds a MaskSpec from `config.input.mask`; fields it leaves out take the defaults."""
   fields = {f.name for f in dataclasses.fields(MaskSpec)} - {"grid"}
-  given = dict(cfg.items()) if cfg is not None else {}
+  given = dict(cfg.items())
   unknown = sorted(set(given) - fields)
   if unknown:
     raise ConfigError(f"{_FIELD}: unknown fields {unknown}; accepted: {sorted(fields)}")

@@ -185,6 +185,21 @@ def test_beit_jax_checkpoint_round_trip_and_its_fields(tmp_path):
   assert layout.load(str(tmp_path / "ckpt"))[1] == kw
 
 
+def test_run_workdir_fields_come_from_its_config(tmp_path):
+  """A run's workdir: heads (not in any weight here) and image size from config.json."""
+  config = tiny_config()
+  config.model.update(dict(use_abs_pos_emb=True, use_shared_rel_pos_bias=False))
+  kw = _kw(vocab_size=config.tokenizer.vocab_size, use_abs_pos_emb=True,
+           use_shared_rel_pos_bias=False)
+  checkpoint.save_params(str(tmp_path), layout.nested(_random_vit_params(kw)))
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  assert layout.load(str(tmp_path))[1] == kw
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(ConfigError, match="cannot tell the number of heads of width 32"):
+    layout.load(str(tmp_path))
+  assert layout.load(str(tmp_path), num_heads=2)[1] == kw
+
+
 def _with_flags(config, flags):
   """`config` with the converter's printed `--config.a.b=value` overrides applied."""
   for flag in flags.split():
@@ -313,6 +328,18 @@ def test_hf_classification_parity(torch, hf_cls):
   np.testing.assert_allclose(ours, _hf_out(torch, model, images).logits.numpy(), atol=ATOL)
   # A fine-tuned model has no mask token: it becomes zeros (unused there).
   np.testing.assert_array_equal(params["mask_token"], 0.0)
+
+
+def test_hf_bin_with_in_memory_names(torch, hf_mim, tmp_path):
+  """pytorch_model.bin of `model.state_dict()` (transformers 5's own names) reads the same."""
+  model, folder = hf_mim
+  (tmp_path / "config.json").write_text(open(f"{folder}/config.json").read())
+  torch.save(model.state_dict(), str(tmp_path / "pytorch_model.bin"))
+  params, kw = hf.load(str(tmp_path))
+  want, want_kw = hf.load(folder)
+  assert kw == want_kw and params.keys() == want.keys()
+  for path in params:
+    np.testing.assert_array_equal(params[path], want[path])
 
 
 def test_hf_base_model_parity(torch, transformers, tmp_path_factory):

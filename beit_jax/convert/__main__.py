@@ -90,6 +90,9 @@ def convert(args: argparse.Namespace) -> str:
     raise ConfigError("--encoder_only applies to --from=dalle")
 
   params, kw = _load_vit(args)
+  if args.num_heads is not None and kw["num_heads"] != args.num_heads:
+    raise ConfigError(f"--num_heads={args.num_heads} but {args.src} has {kw['num_heads']} "
+                      "heads")
   if args.variant:
     _check_variant(kw, args.variant)
   params, kw = layout.adapt(params, kw, rel_pos=args.rel_pos, image_size=args.image_size)

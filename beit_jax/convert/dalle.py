@@ -11,6 +11,8 @@ torch `blocks.<path>.w` [out, in, k, k] -> flax `blocks/<path>/w` [k, k, in, out
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import traverse_util
@@ -83,7 +85,6 @@ def decoder_fields(sd: common.StateDict, what: str) -> dict[str, int]:
 
 
 def _expected(module, x) -> dict[str, tuple[int, ...]]:
-  import jax  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
 
@@ -119,7 +120,6 @@ def load(src: str, *, encoder_only: bool = False) -> tuple[dict[str, Any], dict[
     encoder_only: convert the encoder alone: enough to tokenize, but a MIM run's
       image summaries decode tokens with the decoder.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   p = epath.Path(src)
   enc_path = p / "encoder.pkl" if p.is_dir() else p
   kind, enc_sd = load_pickle(str(enc_path))

@@ -11,8 +11,11 @@ import math
 import re
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from beit_jax.convert import common
 from beit_jax.errors import ConfigError
@@ -168,10 +171,14 @@ def infer_model_kwargs(sd: common.StateDict, what: str, *, num_heads: int | None
   if heads is not None and num_heads is not None and heads != num_heads:
     raise ConfigError(f"{what}: num_heads={num_heads} but the relative position table "
                       f"has {heads} heads")
-  heads = heads or num_heads or _HEADS_OF_WIDTH.get(width)
-  if heads is None:
-    raise ConfigError(f"{what}: cannot tell the number of heads of width {width} from "
-                      "the weights; pass --num_heads")
+  if heads is None and num_heads is None:
+    if width not in _HEADS_OF_WIDTH:
+      raise ConfigError(f"{what}: cannot tell the number of heads of width {width} from "
+                        "the weights; pass --num_heads")
+    logging.warning("%s: no relative position table tells the number of heads; assuming "
+                    "%d, the standard for width %d (else pass --num_heads)", what,
+                    _HEADS_OF_WIDTH[width], width)
+  heads = heads or num_heads or _HEADS_OF_WIDTH[width]
   if width % heads:
     raise ConfigError(f"{what}: width {width} is not divisible by num_heads={heads}")
 
@@ -241,10 +248,10 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
   common.check_keys(what, missing=missing, unexpected=unexpected)
   if dropped:
     logging.warning("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
-                 what, len(dropped), common.listing(dropped))
+                    what, len(dropped), common.listing(dropped))
   if zero_filled:
     logging.warning("%s: not in the checkpoint, set to zeros: %s", what,
-                 common.listing(zero_filled))
+                    common.listing(zero_filled))
   return params
 
 
@@ -255,9 +262,6 @@ def from_params(params: dict[str, np.ndarray], kw: dict[str, Any]) -> common.Sta
 
 def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Flat param path -> shape of `VisionTransformer(**kw)`, from the model itself."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   model = vit.VisionTransformer(**kw)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, kw["image_size"], kw["image_size"], 3)))
