@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from beit_jax import main
@@ -16,9 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _scalars(logdir, tag):
+  """(step, value) of a scalar clu wrote (TF2 summaries are stored as tensors)."""
   acc = event_accumulator.EventAccumulator(str(logdir))
   acc.Reload()
-  return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+  if tag not in acc.Tags()["tensors"]:
+    return []
+  return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
 
 
 @pytest.mark.slow
