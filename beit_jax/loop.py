@@ -3,6 +3,7 @@
 One loop shape for all trainers (big_vision style): the trainer builds data, model
 and a jitted step; `run` drives it with periodic metrics, checkpoints and hooks.
 """
+import collections
 import json
 import sys
 import time
@@ -95,7 +96,8 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
         writer: metric_writers.MetricWriter, manager, log_every_steps: int,
         global_batch_size: int,
         hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = (),
-        meta_fn: Callable[[], dict] = dict, max_bad_steps: int = 20,
+        skipped_fn: Callable[[], dict[str, int]] = dict, resumed_meta: dict | None = None,
+        max_bad_steps: int = 20,
         inject_nan_steps: tuple[int, ...] = ()) -> tuple[Any, dict[str, float]]:
   """Runs `train_step` from `start_step` to `total_steps`.
 
@@ -103,7 +105,9 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     train_step: jitted (state, global batch) -> (state, metrics of scalars).
     hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
       run once at the end.
-    meta_fn: JSON-able extras saved with each checkpoint (e.g. skipped-image counts).
+    skipped_fn: the input pipeline's counts of skipped images (by reason) in this
+      process; their totals over the whole run go into each checkpoint's meta.
+    resumed_meta: the meta of the checkpoint the run resumed from.
     max_bad_steps: stop (TrainingError) once this many consecutive steps were skipped
       as non-finite; checked at every report and before every checkpoint.
     inject_nan_steps: steps whose batch is replaced by NaNs (to test the above).
@@ -112,6 +116,12 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     The final state and the last reported metrics.
   """
   progress = Progress(start_step, total_steps, desc)
+  skipped_before = collections.Counter((resumed_meta or {}).get("skipped_images", {}))
+  skipped_base = collections.Counter(skipped_fn())
+
+  def meta() -> dict:
+    now = skipped_before + (collections.Counter(skipped_fn()) - skipped_base)
+    return {"skipped_images": dict(now)}
   history: list[dict[str, jax.Array]] = []
   summary: dict[str, float] = {}
   t0, s0 = time.time(), start_step
@@ -144,13 +154,16 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
           f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
           f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
           f"last checkpoint ({manager.latest_step()}) holds the last good parameters.")
-    checkpoint.save(manager, step, state, meta_fn(), force=step == total_steps)
+    checkpoint.save(manager, step, state, meta(), force=step == total_steps)
     for every, fn in hooks:
       if step % every == 0 and step != total_steps:
         fn(step, state)
   for _, fn in hooks:
     fn(total_steps, state)
   progress.close()
+  skipped = meta()["skipped_images"]
+  logging.info("%s: finished at step %d; images skipped over the run: %s", desc,
+               total_steps, ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none")
   manager.wait_until_finished()
   writer.flush()
   return state, summary

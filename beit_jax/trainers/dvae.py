@@ -83,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_shardings = loop.init_train_state(
       init_params, tx, jax.random.fold_in(rng, 0), mesh, config.sharding_rules)
   manager = checkpoint.make_manager(workdir, **train_cfg.checkpoint)
-  state, start_step, _ = loop.restore_or_keep(manager, state, state_shardings)
+  state, start_step, resumed_meta = loop.restore_or_keep(manager, state, state_shardings)
   if start_step >= total_steps:
     logging.info("dVAE already trained in %s (step %d)", workdir, start_step)
     manager.close()
@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_step=jitted, batches=batches, mesh=mesh, writer=writer, manager=manager,
       log_every_steps=train_cfg.log_every_steps, global_batch_size=config.input.batch_size,
       hooks=((train_cfg.images_every_steps, write_images),),
-      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()},
+      skipped_fn=input_pipeline.skipped_counts, resumed_meta=resumed_meta,
       max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
   manager.close()
   return summary

@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = state.replace(params=checkpoint.check_and_cast(
         state.params, checkpoint.load_params(config.init_from), "init_from"))
     logging.info("Parameters initialised from %s", config.init_from)
-  state, start_step, _ = loop.restore_or_keep(manager, state, state_shardings)
+  state, start_step, resumed_meta = loop.restore_or_keep(manager, state, state_shardings)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("MIM model: %s, %.1fM parameters, %d steps (warmup %d), mesh %s",
                config.model.variant, n_params / 1e6, total_steps, warmup_steps,
@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer=writer, manager=manager, log_every_steps=config.log_every_steps,
       global_batch_size=config.input.batch_size,
       hooks=((config.images_every_steps, write_images),),
-      meta_fn=lambda: {"skipped_images": input_pipeline.skipped_counts()},
+      skipped_fn=input_pipeline.skipped_counts, resumed_meta=resumed_meta,
       max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
   manager.close()
   return summary

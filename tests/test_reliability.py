@@ -1,0 +1,79 @@
+"""A bad batch or a bad image must not cost the run (issue: reliability)."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beit_jax import checkpoint
+from beit_jax import input_pipeline
+from beit_jax.loop import TrainingError
+from beit_jax.trainers import dvae
+from tests.tiny_config import tiny_config
+
+
+def _dvae_config(**kw):
+  c = tiny_config()
+  c.tokenizer.train.update(dict(log_every_steps=1, images_every_steps=100))
+  c.tokenizer.train.checkpoint.update(dict(every_steps=1, keep=10))
+  c.update(kw)
+  return c
+
+
+def _params(workdir, step):
+  return checkpoint.load_params(str(workdir / "checkpoints" / str(step)))
+
+
+def _same(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_nan_batch_is_skipped_with_params_unchanged(tmp_path):
+  dvae.train_and_evaluate(_dvae_config(inject_nan_steps=(2,)), str(tmp_path))
+  assert _same(_params(tmp_path, 1), _params(tmp_path, 2))  # step 2 skipped
+  assert not _same(_params(tmp_path, 2), _params(tmp_path, 3))  # training went on
+
+
+def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+  config = _dvae_config(inject_nan_steps=(2, 3, 4), max_bad_steps=2)
+  with pytest.raises(TrainingError, match="2 consecutive steps .* max_bad_steps=2"):
+    dvae.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoint.make_manager(str(tmp_path), every_steps=1, keep=10)
+  assert manager.latest_step() == 2  # step 3 (the second bad one) was not saved
+  assert _same(_params(tmp_path, 1), _params(tmp_path, 2))
+
+
+def _jpeg(array, mode="RGB"):
+  buf = io.BytesIO()
+  Image.fromarray(array).convert(mode).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+def test_bad_images_in_a_folder_are_handled_or_skipped_and_counted(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "images"
+  data.mkdir()
+  photo = (rng.uniform(size=(48, 64, 3)) * 255).astype(np.uint8)
+  for k in range(10):
+    (data / f"ok{k}.jpg").write_bytes(_jpeg(np.roll(photo, 5 * k, axis=1)))
+  (data / "gray.png").write_bytes(_jpeg(photo[..., 0], "L"))
+  (data / "cmyk.jpg").write_bytes(_jpeg(photo, "CMYK"))
+  (data / "tiny.jpg").write_bytes(_jpeg(photo[:3, :5]))  # smaller than the 32 px crop
+  (data / "huge.jpg").write_bytes(_jpeg(np.full((3000, 4000, 3), 128, np.uint8)))
+  (data / "truncated.jpg").write_bytes(_jpeg(photo)[:200])
+  (data / "garbage.png").write_bytes(b"not an image at all")
+  config = _dvae_config()
+  config.input.dataset = f"folder:{data}"
+  config.input.batch_size = 16  # the whole folder: every batch meets every file
+  config.tokenizer.train.update(dict(num_steps=3, batch_size=16))
+
+  before = input_pipeline.skipped_counts()["undecodable"]
+  batch = next(input_pipeline.make_pretrain_iterator(config, seed=0))
+  assert np.isfinite(batch["image"]).all() and batch["image"].shape == (16, 32, 32, 3)
+  assert input_pipeline.skipped_counts()["undecodable"] - before == 2
+
+  dvae.train_and_evaluate(config, str(tmp_path / "run"))
+  meta = json.loads((tmp_path / "run" / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["skipped_images"] == {"undecodable": 2 * 3}  # 2 bad files x 3 steps
