@@ -33,6 +33,8 @@ from beit_jax.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The labelled sets of embedded_data by their `input.dataset` names.
+EMBEDDED_LABELLED = tuple(f"embedded:{n}" for n in embedded_data.LABELLED)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -52,6 +54,10 @@ _EMBEDDED_MAX_SIDE = 512
 _ORDER, _EXAMPLE, _EVAL = 1, 2, 3
 
 _SKIPPED = collections.Counter(undecodable=0)
+
+# Pipeline functions are plain TF graph code (explicit tf.while_loop / tf.cond): AutoGraph
+# has nothing to convert, and fails noisily on closures and lambdas when it tries.
+_graph_only = tf.autograph.experimental.do_not_convert
 
 # (payload, window_fn) -> uint8 [h, w, 3]: decodes one record and crops it to the window that
 # window_fn picks from the image's [height, width].
@@ -106,16 +112,21 @@ class _Views:
   mask_spec: masking.MaskSpec | None = None
 
 
-def _views_from_config(cfg: ml_collections.ConfigDict, *, pretrain: bool) -> _Views:
+def _augment_fields(cfg: ml_collections.ConfigDict) -> dict:
+  """crop_scale, crop_ratio, flip and color_jitter of `cfg`, checked."""
   flip = _get(cfg, "flip")
   if not isinstance(flip, bool):
     raise ConfigError(f"input.flip must be True or False, got {flip!r}")
   jitter = _get(cfg, "color_jitter")
   if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0:
     raise ConfigError(f"input.color_jitter must be a number >= 0 (0 disables it), got {jitter!r}")
-  views = _Views(crop_scale=_range_field(cfg, "crop_scale", 1.0),
-                 crop_ratio=_range_field(cfg, "crop_ratio", math.inf), flip=flip,
-                 color_jitter=float(jitter),
+  return dict(crop_scale=_range_field(cfg, "crop_scale", 1.0),
+              crop_ratio=_range_field(cfg, "crop_ratio", math.inf), flip=flip,
+              color_jitter=float(jitter))
+
+
+def _views_from_config(cfg: ml_collections.ConfigDict, *, pretrain: bool) -> _Views:
+  views = _Views(**_augment_fields(cfg),
                  tokenizer_image_size=_int_field(cfg, "tokenizer_image_size"))
   if not pretrain:
     return views
@@ -180,20 +191,19 @@ class _IndexedSource(_Source):
       return tf.random.experimental.index_shuffle(
           position, order_seed, tf.constant(self.num_examples - 1, tf.int64))
 
-    ids = tf.data.Dataset.range(start, shard.epoch_length).map(example_id)
-    return ids.map(lambda i: (i, self.load(i)), num_parallel_calls=AUTOTUNE)
+    ids = tf.data.Dataset.range(start, shard.epoch_length).map(_graph_only(example_id))
+    return ids.map(_graph_only(lambda i: (i, self.load(i))), num_parallel_calls=AUTOTUNE)
 
   def in_order(self):
-    return tf.data.Dataset.range(self.num_examples).map(lambda i: (i, self.load(i)))
+    return tf.data.Dataset.range(self.num_examples).map(_graph_only(lambda i: (i, self.load(i))))
 
 
-class _EmbeddedSource(_IndexedSource):
-  """Random crops of the photos bundled with scikit-image/scikit-learn; id -> photo id % 20."""
+class _ArraySource(_IndexedSource):
+  """uint8 images held in memory (the embedded sets); example id -> image id % count."""
 
-  def __init__(self, epoch_size: int):
-    self.name, self.num_examples = "embedded", epoch_size
-    images = embedded_data.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE)
-    self._count = len(images)
+  def __init__(self, name: str, images, num_examples: int | None = None):
+    self.name, self._count = name, len(images)
+    self.num_examples = self._count if num_examples is None else num_examples
     # Eager constants are captured by reference in the tf.data functions.
     self._pixels = tf.constant(np.concatenate([x.reshape(-1) for x in images]))  # uint8 [T]
     self._offsets = tf.constant(np.cumsum([0] + [x.size for x in images]), tf.int64)
@@ -207,6 +217,12 @@ class _EmbeddedSource(_IndexedSource):
     image = tf.reshape(self._pixels[self._offsets[payload]:self._offsets[payload + 1]],
                        [shape[0], shape[1], 3])
     return _crop(image, window_fn(shape))
+
+
+def _embedded_source(epoch_size: int) -> _ArraySource:
+  """Random crops of the photos bundled with scikit-image/scikit-learn; id -> photo id % 20."""
+  return _ArraySource("embedded", embedded_data.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE),
+                      epoch_size)
 
 
 class _FolderSource(_IndexedSource):
@@ -325,9 +341,9 @@ class _TfdsSource(_Source):
 
   def in_order(self):
     files, skips, takes, firsts = _instruction_tensors(self._instructions)
-    return tf.data.Dataset.range(len(self._instructions)).flat_map(
+    return tf.data.Dataset.range(len(self._instructions)).flat_map(_graph_only(
         lambda k: tf.data.TFRecordDataset(files[k]).skip(skips[k]).take(takes[k]).enumerate(
-            firsts[k])).map(self._image_bytes)
+            firsts[k]))).map(self._image_bytes)
 
 
 def _instruction_tensors(instructions) -> tuple[tf.Tensor, ...]:
@@ -340,14 +356,20 @@ def _make_source(cfg: ml_collections.ConfigDict) -> _Source:
   dataset = _get(cfg, "dataset")
   kind, sep, arg = dataset.partition(":") if isinstance(dataset, str) else ("", "", "")
   if dataset == "embedded":
-    return _EmbeddedSource(_int_field(cfg, "embedded_epoch_size"))
+    return _embedded_source(_int_field(cfg, "embedded_epoch_size"))
+  if kind == "embedded" and arg in embedded_data.LABELLED:  # its images, labels unused
+    split = _get(cfg, "split")
+    if split not in embedded_data.SPLITS:
+      raise ConfigError(f"input.split={split!r} is not a split of {dataset}; accepted: "
+                        f"{embedded_data.SPLITS}")
+    return _ArraySource(dataset, embedded_data.load_labelled(arg, split)[0])
   if sep and arg and kind == "folder":
     return _FolderSource(arg)
   if sep and arg and kind == "tfds":
     return _TfdsSource(arg, _get(cfg, "split"), _get(cfg, "data_dir"),
                        _int_field(cfg, "shuffle_buffer"))
-  raise ConfigError(f"input.dataset must be 'embedded', 'tfds:NAME' or 'folder:PATH', "
-                    f"got {dataset!r}")
+  raise ConfigError(f"input.dataset must be 'embedded', {EMBEDDED_LABELLED}, 'tfds:NAME' or "
+                    f"'folder:PATH', got {dataset!r}")
 
 
 def num_train_examples(config: ml_collections.ConfigDict) -> int:
@@ -571,11 +593,14 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     return batch
 
 
-def _make_iterator(config: ml_collections.ConfigDict, example_fn, views: _Views, *, seed: int,
-                   start_step: int, process_index: int, process_count: int) -> BatchIterator:
+def _make_iterator(config: ml_collections.ConfigDict, example_fn, views, *, seed: int,
+                   start_step: int, process_index: int, process_count: int,
+                   source: _Source | None = None) -> BatchIterator:
+  """Batches of `example_fn(seed, payload, decode_crop, views)` over `source` (default: the
+  unlabelled source `config.input` names)."""
   _hide_accelerators()
   cfg = config.input
-  source = _make_source(cfg)
+  source = _make_source(cfg) if source is None else source
   batch_size = _int_field(cfg, "batch_size")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
@@ -596,7 +621,8 @@ def _make_iterator(config: ml_collections.ConfigDict, example_fn, views: _Views,
   def epoch_groups(epoch):  # raw records of one epoch, one batch per element
     start = tf.cast(epoch == start_epoch, tf.int64) * (start_batch * b)
     records = source.epoch(base, epoch, start, shard).batch(b, drop_remainder=True)
-    return records.map(lambda ids, payloads: {"epoch": epoch, "id": ids, "payload": payloads})
+    return records.map(_graph_only(
+        lambda ids, payloads: {"epoch": epoch, "id": ids, "payload": payloads}))
 
   def group_batch(group):  # decode and augment one group into exactly one batch
     def round_examples(round_):
@@ -608,7 +634,7 @@ def _make_iterator(config: ml_collections.ConfigDict, example_fn, views: _Views,
       return examples.map(one, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
     return _one_batch(tf.data.Dataset.range(_MAX_ROUNDS).flat_map(round_examples), b)
 
-  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_groups)
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(_graph_only(epoch_groups))
   # Two groups in flight so the tail of one batch overlaps the head of the next.
   ds = ds.interleave(group_batch, cycle_length=2, num_parallel_calls=2, deterministic=True)
   ds = ds.prefetch(2).with_options(_options())

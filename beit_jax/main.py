@@ -4,6 +4,7 @@ Config overrides work as usual for ml_collections, e.g.
 `--config=configs/beit_base.py:variant=L/16 --config.input.batch_size=1024`.
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -27,10 +28,13 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
                                "with auto-detection (TPU pod slices, SLURM).")
 
 class _LibraryInfoFilter:
-  """Drops INFO lines of chatty libraries (orbax logs every file it writes)."""
+  """Drops orbax's INFO lines (it logs every file it writes) and one benign warning."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    return (record.levelno >= std_logging.WARNING
+            and "Metadata file does not exist" not in str(record.msg))
 
 
 def run(config, workdir: str) -> dict:
@@ -50,7 +54,7 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("beit_jax: error: both --config and --workdir are required")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logging.get_absl_logger().addFilter(_LibraryInfoFilter())
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
