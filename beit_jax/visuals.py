@@ -1,7 +1,8 @@
 """Pictures of a run, as PNG files in `<workdir>/images/` and as TensorBoard images.
 
 dVAE reconstructions, the masked input, what the MIM head predicts for the masked
-patches, and the self-attention map of a reference patch (the paper's figure).
+patches, and the self-attention map of a reference patch (the paper's figure). The
+pieces (heat overlays, patch outlines, token colours) also serve `beit_jax.visualize`.
 """
 import io
 from typing import Any
@@ -46,10 +47,15 @@ def save(image_dir: epath.Path, writer: metric_writers.MetricWriter, step: int,
   if jax.process_index() != 0:
     return
   image_dir.mkdir(parents=True, exist_ok=True)
+  write_png(image_dir / f"{name}_{step:07d}.png", picture)
+  writer.write_images(step, {name: to_uint8(picture)[None]})
+
+
+def write_png(path: epath.Path, picture: np.ndarray) -> None:
+  """[H, W, 3] in [0, 1] -> an 8-bit PNG (local path or gs://)."""
   buf = io.BytesIO()
   Image.fromarray(to_uint8(picture)).save(buf, format="PNG")
-  (image_dir / f"{name}_{step:07d}.png").write_bytes(buf.getvalue())
-  writer.write_images(step, {name: to_uint8(picture)[None]})
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 def unnormalize(images: np.ndarray) -> np.ndarray:
@@ -74,13 +80,68 @@ def attention_overlay(images: np.ndarray, attention: np.ndarray, ref: int) -> np
     ref: patch index (0-based, without [CLS]) of the reference patch.
   """
   att = attention[:, :, 1 + ref, 1:].mean(1)  # [B, N]
-  att = att / np.maximum(att.max(1, keepdims=True), 1e-12)
-  heat = patch_mask_to_pixels(att, images.shape[1])  # [B, S, S, 1]
-  red = np.concatenate([np.ones_like(heat), np.zeros_like(heat), np.zeros_like(heat)], -1)
-  out = 0.4 * images + 0.6 * heat * red
+  out = heat_overlay(images, att / np.maximum(att.max(1, keepdims=True), 1e-12))
   ref_mask = patch_mask_to_pixels(np.eye(att.shape[1])[ref][None].repeat(len(att), 0),
                                   images.shape[1])
   return np.where(ref_mask > 0, np.array([0.0, 1.0, 0.0]), out)  # reference in green
+
+
+def heat_overlay(images: np.ndarray, heat: np.ndarray) -> np.ndarray:
+  """Red per-patch heat over dimmed images.
+
+  Args:
+    images: [B, S, S, 3] in [0, 1].
+    heat: [B, N] in [0, 1], one value per patch (row-major, S divisible by sqrt(N)).
+  """
+  heat = patch_mask_to_pixels(heat, images.shape[1])  # [B, S, S, 1]
+  red = np.concatenate([np.ones_like(heat), np.zeros_like(heat), np.zeros_like(heat)], -1)
+  return 0.4 * images + 0.6 * heat * red
+
+
+def outline_patch(images: np.ndarray, ref: int, grid: int,
+                  color: tuple[float, float, float] = (0.0, 1.0, 0.0)) -> np.ndarray:
+  """A box along the inner border of patch `ref` (row-major in a grid x grid layout).
+
+  Unlike a filled marker it leaves the patch's own value (e.g. its attention to
+  itself) visible. The line is 1/8 of the patch side thick (at least 1 pixel).
+
+  Args:
+    images: [B, S, S, 3], S divisible by `grid`.
+    ref: patch index in [0, grid**2).
+    grid: patches per side.
+  """
+  p = images.shape[1] // grid
+  top, left, w = (ref // grid) * p, (ref % grid) * p, max(1, p // 8)
+  box = np.zeros(images.shape[1:3], bool)
+  box[top:top + p, left:left + p] = True
+  box[top + w:top + p - w, left + w:left + p - w] = False
+  return np.where(box[None, :, :, None], np.asarray(color, images.dtype), images)
+
+
+def token_colors(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+  """int token ids [...] -> [..., 3] in [0, 1]: one fixed colour per id.
+
+  The palette depends only on `vocab_size`, so an id has the same colour in every
+  picture; the colours are random (seed 0) so that neighbouring ids differ, and
+  distinct ids get distinct colours even as 8-bit PNG pixels (a 64-level lattice).
+  """
+  if vocab_size > 64**3:
+    raise ValueError(f"token_colors: at most {64**3} distinct colours, got {vocab_size} ids")
+  levels = np.linspace(0.05, 1.0, 64, dtype=np.float32)
+  codes = np.random.default_rng(0).choice(64**3, size=vocab_size, replace=False)
+  palette = levels[np.stack([codes // 64**2, codes // 64 % 64, codes % 64], -1)]  # [V, 3]
+  return palette[np.asarray(tokens)]
+
+
+def grayscale(images: np.ndarray) -> np.ndarray:
+  """[..., 3] RGB -> [..., 3] grey (ITU-R 601 luma in every channel)."""
+  luma = images @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  return np.repeat(luma[..., None], 3, -1)
+
+
+def upscale(images: np.ndarray, factor: int) -> np.ndarray:
+  """[..., H, W, C] -> [..., factor*H, factor*W, C], nearest neighbour (crisp patches)."""
+  return np.repeat(np.repeat(images, factor, -3), factor, -2)
 
 
 def write_dvae_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
