@@ -60,3 +60,73 @@ def load_embedded_images(max_side: int | None = None) -> list[np.ndarray]:
     uint8 [H, W, 3] arrays of different sizes (172x448 to 1411x1411 at full size), read-only.
   """
   return list(_load(max_side))
+
+
+# --------------------------------------------------------------------------- labelled sets
+
+LABELLED = ("digits", "photos")
+SPLITS = ("train", "validation")
+# Digits are stored upsampled (bicubic) so that random crops are not limited to whole pixels
+# of the 8x8 originals.
+_DIGIT_SIDE = 32
+# Every 5th image of each class (digits) / the right-most fifth of each photo's tiles (photos)
+# is held out for validation.
+_HOLD_OUT = 5
+# Photos: shrunk to this longer side, then cut into non-overlapping square tiles of _TILE px.
+_PHOTO_SIDE, _TILE = 256, 32
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  data = sklearn.datasets.load_digits()
+  small = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)  # [n, 8, 8], 0..16 -> 0..255
+  images = np.stack([np.asarray(Image.fromarray(x).resize(
+      (_DIGIT_SIDE, _DIGIT_SIDE), Image.Resampling.BICUBIC)) for x in small])
+  return np.repeat(images[..., None], 3, axis=-1), data.target.astype(np.int64)
+
+
+def _digit_split(split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+  images, labels = _digits()
+  # Stratified: the k-th image of a class is held out when k % 5 == 0 (the data set cycles
+  # through the classes, so a plain i % 5 would hold out only two of them).
+  rank = np.zeros_like(labels)
+  for c in np.unique(labels):
+    rank[labels == c] = np.arange(np.sum(labels == c))
+  keep = (rank % _HOLD_OUT == 0) == (split == "validation")
+  return list(images[keep]), labels[keep], tuple(str(d) for d in range(10))
+
+
+def _photo_split(split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+  tiles, labels = [], []
+  for label, photo in enumerate(load_embedded_images(max_side=_PHOTO_SIDE)):
+    rows, cols = photo.shape[0] // _TILE, photo.shape[1] // _TILE
+    held_out = max(1, round(cols / _HOLD_OUT))  # right-most columns: no pixel is in both splits
+    for r in range(rows):
+      for c in range(cols):
+        if (c >= cols - held_out) == (split == "validation"):
+          tiles.append(photo[r * _TILE:(r + 1) * _TILE, c * _TILE:(c + 1) * _TILE])
+          labels.append(label)
+  names = tuple(_SKIMAGE_NAMES) + ("china", "flower")
+  return tiles, np.asarray(labels, np.int64), names
+
+
+def load_labelled(name: str, split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+  """A labelled image set that ships with scikit-learn / scikit-image.
+
+  'digits': scikit-learn's 1797 handwritten digits (8x8 grayscale, 10 classes), upsampled to
+  32x32 RGB; every 5th image of each class is the validation split (360 images).
+  'photos': 32x32 tiles of the 20 bundled photos (shrunk to 256 px) labelled by their photo
+  (20 classes); the right-most fifth of each photo's tile columns is the validation split.
+
+  Args:
+    name: one of LABELLED.
+    split: 'train' or 'validation'.
+
+  Returns:
+    (images: uint8 [h, w, 3] arrays, labels: int64 [n], class_names).
+  """
+  if name not in LABELLED:
+    raise ValueError(f"unknown embedded labelled set {name!r}; accepted: {LABELLED}")
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} of embedded:{name} is not one of {SPLITS}")
+  return (_digit_split if name == "digits" else _photo_split)(split)

@@ -4,8 +4,6 @@ Config overrides work as usual for ml_collections, e.g.
 `--config=configs/beit_base.py:variant=L/16 --config.input.batch_size=1024`.
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
-import logging as std_logging
-import os
 import sys
 
 from absl import app
@@ -13,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from beit_jax import logs
 from beit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -27,24 +26,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
                                "with auto-detection (TPU pod slices, SLURM).")
 
-class _LibraryInfoFilter:
-  """Drops orbax's INFO lines (it logs every file it writes) and one benign warning."""
-
-  def filter(self, record) -> bool:
-    if "/orbax/" not in record.pathname:
-      return True
-    return (record.levelno >= std_logging.WARNING
-            and "Metadata file does not exist" not in str(record.msg))
-
-
 def run(config, workdir: str) -> dict:
   """Dispatches to the trainer `config.trainer` names; returns its last metrics."""
   # Imported here so that `--help` and flag errors do not pay for TF/JAX start-up.
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import linear_probe  # pylint: disable=g-import-not-at-top
   from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
   from beit_jax import validate  # pylint: disable=g-import-not-at-top
   validate.validate(config)
-  trainers = {"mim": mim.train_and_evaluate, "dvae": dvae.train_and_evaluate}
+  trainers = {"mim": mim.train_and_evaluate, "dvae": dvae.train_and_evaluate,
+              "finetune": finetune.train_and_evaluate,
+              "linear_probe": linear_probe.train_and_evaluate}
   return trainers[config.trainer](config, workdir)
 
 
@@ -53,8 +46,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("beit_jax: error: both --config and --workdir are required")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.get_absl_logger().addFilter(_LibraryInfoFilter())
+  logs.quiet_libraries()
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -9,11 +9,16 @@ from typing import Any, Callable
 
 import ml_collections
 
+from beit_jax import embedded_data
+from beit_jax import randaugment
 from beit_jax import tokenizers
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
+from beit_jax.trainers import linear_probe
 
 _DTYPES = ("float32", "bfloat16", "float16")
+TRAINERS = ("mim", "dvae", "finetune", "linear_probe")
+_EMBEDDED = ("embedded",) + tuple(f"embedded:{n}" for n in embedded_data.LABELLED)
 
 # (field, test, what is accepted). A field missing from the config is skipped: the
 # trainers that need it read it with a default.
@@ -38,6 +43,11 @@ def _accepted(fn, value) -> bool:
   return True
 
 
+def _dataset(v) -> bool:
+  return isinstance(v, str) and (v in _EMBEDDED or (
+      v.startswith(("tfds:", "folder:")) and len(v.partition(":")[2]) > 0))
+
+
 def _pair(lo, hi):
   return lambda v: (isinstance(v, (tuple, list)) and len(v) == 2
                     and all(_num(lo, hi)(x) for x in v) and v[0] <= v[1])
@@ -45,13 +55,23 @@ def _pair(lo, hi):
 
 POSITIVE_INT = (_num(1, integer=True), "an integer >= 1")
 RULES: tuple[Rule, ...] = (
-    ("trainer", lambda v: v in ("mim", "dvae"), "'mim' or 'dvae'"),
+    ("trainer", lambda v: v in TRAINERS, f"one of {TRAINERS}"),
     ("seed", _num(integer=True), "an integer"),
     ("num_epochs", _num(0, lo_open=True), "a number > 0"),
     ("total_steps", _num(0, integer=True), "an integer >= 0 (0: use num_epochs)"),
     ("log_every_steps", *POSITIVE_INT),
     ("images_every_steps", *POSITIVE_INT),
     ("max_bad_steps", *POSITIVE_INT),
+    ("eval_every_steps", *POSITIVE_INT),
+    ("label_smoothing", _num(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("mixup.mixup_alpha", _num(0), "a number >= 0 (0: no Mixup)"),
+    ("mixup.cutmix_alpha", _num(0), "a number >= 0 (0: no CutMix)"),
+    ("mixup.prob", _num(0, 1), "a probability in [0, 1]"),
+    ("mixup.switch_prob", _num(0, 1), "a probability in [0, 1]"),
+    ("probe.layers", lambda v: isinstance(v, (tuple, list)) and all(
+        _num(integer=True)(i) for i in v), "a list of block indices (empty: every block)"),
+    ("probe.pool", lambda v: v in linear_probe.POOLS, f"one of {linear_probe.POOLS}"),
+    ("probe.norm", lambda v: v in linear_probe.NORMS, f"one of {linear_probe.NORMS}"),
     ("model.variant", lambda v: _accepted(vit.variant_kwargs, v),
      f"one of {sorted(vit.VARIANTS)} or another patch size, e.g. 'Ti/8'"),
     ("model.width", lambda v: v is None or _num(1, integer=True)(v), "None or an int >= 1"),
@@ -61,9 +81,18 @@ RULES: tuple[Rule, ...] = (
     ("model.drop_path_rate", _num(0, 1, hi_open=True), "a number in [0, 1)"),
     ("model.layer_scale_init", _num(0), "a number >= 0 (0: no LayerScale)"),
     ("model.dtype", lambda v: v in _DTYPES, f"one of {_DTYPES}"),
-    ("input.dataset", lambda v: isinstance(v, str) and (
-        v == "embedded" or v.startswith(("tfds:", "folder:"))),
-     "'embedded', 'tfds:NAME' or 'folder:/path'"),
+    ("model.head_init_scale", _num(0, lo_open=True), "a number > 0"),
+    ("input.dataset", _dataset, f"one of {_EMBEDDED}, 'tfds:NAME' or 'folder:/path'"),
+    ("input.eval_dataset", lambda v: v == "" or _dataset(v),
+     "'' (the training data set) or a data set like input.dataset"),
+    ("input.eval_split", lambda v: isinstance(v, str) and len(v) > 0,
+     "a split name, e.g. 'validation'"),
+    ("input.eval_batch_size", lambda v: v in (None, 0) or _num(1, integer=True)(v),
+     "an integer >= 1 (None or 0: input.batch_size)"),
+    ("input.randaugment", lambda v: isinstance(v, str) and _accepted(randaugment.parse, v),
+     "'' (off) or a timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'"),
+    ("input.random_erase", _num(0, 1), "a probability in [0, 1]"),
+    ("input.eval_crop_pct", _num(0, 1, lo_open=True), "a number in (0, 1]"),
     ("input.batch_size", *POSITIVE_INT),
     ("input.image_size", *POSITIVE_INT),
     ("input.tokenizer_image_size", lambda v: _num(8, integer=True)(v) and v % 8 == 0,
@@ -81,6 +110,7 @@ RULES: tuple[Rule, ...] = (
     ("optim.eps", _num(0), "a number >= 0"),
     ("optim.weight_decay", _num(0), "a number >= 0"),
     ("optim.grad_clip", _num(0), "a number >= 0 (0: off)"),
+    ("optim.layer_decay", _num(0, 1, lo_open=True), "a number in (0, 1] (1: no decay)"),
     ("checkpoint.every_steps", *POSITIVE_INT),
     ("checkpoint.keep", *POSITIVE_INT),
     ("tokenizer.kind", lambda v: v in tokenizers.KINDS, f"one of {tokenizers.KINDS}"),

@@ -39,6 +39,7 @@ from PIL import Image
 from beit_jax import checkpoint
 from beit_jax import embedded_data
 from beit_jax import input_pipeline
+from beit_jax import logs
 from beit_jax import loop
 from beit_jax import tokenizers
 from beit_jax import visuals
@@ -428,17 +429,10 @@ def run(*, images: str, out: str, checkpoint_dir: str | None = None,
   return written
 
 
-class _LibraryInfoFilter:
-  """Drops INFO lines of orbax (it logs every file it reads), as `beit_jax.main` does."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logs.quiet_libraries()
   try:
     run(images=_IMAGES.value, out=_OUT.value, checkpoint_dir=_CHECKPOINT.value,
         tokenizer_dir=_TOKENIZER.value, layers=_LAYERS.value, heads=_HEADS.value,
