@@ -17,8 +17,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 10,
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 40,
                                          "Batches timed from the input pipeline (0: skip).")
+# Batches drawn before timing: start-up, and the buffers the pipeline fills ahead.
+_PIPELINE_WARMUP = 10
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the ceiling's square matmul.")
 
 
@@ -101,7 +103,8 @@ def main(argv):
   if _PIPELINE_BATCHES.value:
     it = input_pipeline.make_pretrain_iterator(config, seed=0, process_count=jax.process_count(),
                                                process_index=jax.process_index())
-    next(it)  # start-up
+    for _ in range(_PIPELINE_WARMUP):
+      next(it)
     t0 = time.perf_counter()
     for _ in range(_PIPELINE_BATCHES.value):
       next(it)
