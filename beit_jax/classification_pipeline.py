@@ -85,7 +85,7 @@ class _TfdsSource(ip._TfdsSource):  # pylint: disable=protected-access
 
   def __init__(self, name: str, split: str, data_dir: str | None, shuffle_buffer: int):
     super().__init__(name, split, data_dir, shuffle_buffer)
-    label = self._features.get("label") if hasattr(self._features, "get") else None
+    label = self._features["label"] if "label" in self._features else None
     if not isinstance(label, tfds.features.ClassLabel):
       raise ConfigError(f"input.dataset='tfds:{name}' has no ClassLabel feature 'label' "
                         f"(features: {list(self._features)})")

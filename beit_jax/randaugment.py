@@ -206,9 +206,10 @@ def _translate_y(image, pixels, fill):
 
 def apply_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, sign: tf.Tensor,
              spec: Spec) -> tf.Tensor:
-  """OPS[op] at `magnitude` (0..10); `sign` (+-1) negates the signed ones as timm does.
+  """OPS[op] at `magnitude` (0..10), or the image unchanged for op == len(OPS).
 
-  Levels as timm's `*_level_to_arg` functions (the `increasing` variants if spec says so).
+  `sign` (+-1) negates the signed ones as timm does. Levels as timm's `*_level_to_arg`
+  functions (the `increasing` variants if spec says so).
   """
   level = magnitude / _LEVEL_DENOM
   w = tf.cast(tf.shape(image)[1], tf.float32)
@@ -239,24 +240,24 @@ def apply_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, sign: tf.Ten
       lambda: _shear_y(image, shear, fill),
       lambda: _translate_x(image, sign * level * spec.translate_pct * w, fill),
       lambda: _translate_y(image, sign * level * spec.translate_pct * h, fill),
+      lambda: image,
   ]
-  out = tf.switch_case(op, branches)
-  return tf.ensure_shape(out, image.shape)
+  return tf.ensure_shape(tf.switch_case(op, branches), image.shape)
 
 
 def randaugment(image: tf.Tensor, seed: tf.Tensor, spec: Spec) -> tf.Tensor:
   """`spec.num_ops` random ops on a float32 [h, w, 3] image of integer values 0..255."""
-  seeds = tf.random.experimental.stateless_split(seed, 5)
-  ops = tf.random.stateless_uniform([spec.num_ops], seeds[0], 0, len(OPS), dtype=tf.int32)
-  apply = tf.random.stateless_uniform([spec.num_ops], seeds[1]) < spec.prob
-  noise = tf.random.stateless_normal([spec.num_ops], seeds[2]) * spec.magnitude_std
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  n = spec.num_ops
+  ops = tf.random.stateless_uniform([n], seeds[0], 0, len(OPS), dtype=tf.int32)
+  skip = tf.random.stateless_uniform([n], seeds[1]) >= spec.prob
+  ops = tf.where(skip, len(OPS), ops)  # the identity branch
+  noise = tf.random.stateless_normal([n], seeds[2]) * spec.magnitude_std
   magnitudes = tf.clip_by_value(spec.magnitude + noise, 0.0, _LEVEL_DENOM)
-  signs = tf.where(tf.random.stateless_uniform([spec.num_ops], seeds[3]) < 0.5, -1.0, 1.0)
-  for k in range(spec.num_ops):
-    image = tf.cond(apply[k],
-                    lambda k=k, x=image: apply_op(x, ops[k], magnitudes[k], signs[k], spec),
-                    lambda x=image: x)
-  return image
+  signs = tf.where(tf.random.stateless_uniform([n], seeds[3]) < 0.5, -1.0, 1.0)
+  # A loop, not n copies: the 16-branch switch is traced once (tf.data builds it per map).
+  return tf.foldl(lambda x, args: apply_op(x, *args, spec=spec), (ops, magnitudes, signs),
+                  initializer=image)
 
 
 def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float,

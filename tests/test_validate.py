@@ -3,10 +3,10 @@ import pytest
 
 from beit_jax import validate
 from beit_jax.errors import ConfigError
-from tests.tiny_config import tiny_config
+from tests.tiny_config import tiny_config, tiny_finetune_config
 
 BAD_VALUES = {
-    "trainer": "finetune", "seed": 1.5, "num_epochs": 0, "total_steps": -1,
+    "trainer": "classify", "seed": 1.5, "num_epochs": 0, "total_steps": -1,
     "log_every_steps": 0, "images_every_steps": 0, "max_bad_steps": 0,
     "model.variant": "X/16", "model.width": 0, "model.depth": -2, "model.num_heads": 0,
     "model.mlp_dim": 0, "model.drop_path_rate": 1.0, "model.layer_scale_init": -0.1,
@@ -21,6 +21,13 @@ BAD_VALUES = {
     "tokenizer.train.num_steps": 0, "tokenizer.train.batch_size": 0,
     "tokenizer.train.kl_weight": -1.0, "tokenizer.train.temperature_end": 0.0,
     "tokenizer.train.optim.lr": 0.0,
+    # Fine-tuning and linear probing (tiny_finetune_config).
+    "eval_every_steps": 0, "label_smoothing": 1.0, "mixup.mixup_alpha": -0.8,
+    "mixup.cutmix_alpha": -1.0, "mixup.prob": 1.5, "mixup.switch_prob": -0.5,
+    "probe.layers": (1.5,), "probe.pool": "max", "probe.norm": "batchnorm",
+    "model.head_init_scale": 0.0, "input.eval_dataset": "imagenet",
+    "input.eval_split": "", "input.eval_batch_size": -8, "input.randaugment": "rand-m11",
+    "input.random_erase": 1.25, "input.eval_crop_pct": 0.0, "optim.layer_decay": 1.5,
 }
 
 
@@ -30,14 +37,26 @@ def test_every_rule_has_a_bad_value_here():
 
 def test_the_shipped_configs_pass():
   from configs import beit_base, beit_large, beit_tiny_local, dvae  # pylint: disable=g-import-not-at-top
-  for module in (beit_base, beit_large, beit_tiny_local, dvae):
+  from configs import finetune_base, finetune_large, finetune_tiny_local, linear_probe  # pylint: disable=g-import-not-at-top
+  for module in (beit_base, beit_large, beit_tiny_local, dvae, finetune_base, finetune_large,
+                 finetune_tiny_local, linear_probe):
     validate.validate(module.get_config())
+  validate.validate(linear_probe.get_config("local=True"))
   validate.validate(tiny_config())
+  validate.validate(tiny_finetune_config())
+
+
+def _config_with(field):
+  """The tiny MIM config, or the tiny fine-tuning / probe config for their own fields."""
+  config = tiny_config()
+  if validate._get(config, field) is validate._MISSING:  # pylint: disable=protected-access
+    config = tiny_finetune_config(probe=dict(layers=(), pool="mean", norm="none"))
+  return config
 
 
 @pytest.mark.parametrize("field", sorted(BAD_VALUES))
 def test_rule(field):
-  config = tiny_config()
+  config = _config_with(field)
   *parents, key = field.split(".")
   node = config
   for p in parents:

@@ -22,3 +22,17 @@ def get_config(arg=None):
   """So the CLI can run it: `--config=tests/tiny_config.py`."""
   del arg
   return tiny_config()
+
+
+def tiny_finetune_config(**overrides):
+  """configs/finetune_tiny_local.py with the model of `tiny_config` (its checkpoints fit)."""
+  from configs import finetune_tiny_local  # pylint: disable=g-import-not-at-top
+  c = finetune_tiny_local.get_config("steps=6,batch=8")
+  c.log_every_steps = 2
+  c.eval_every_steps = 3
+  c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+  # RandAugment has its own tests; building its graph would double this config's start-up.
+  c.input.update(dict(eval_batch_size=64, shuffle_buffer=64, randaugment=""))
+  c.checkpoint = dict(every_steps=3, keep=2)
+  c.update(overrides)
+  return c

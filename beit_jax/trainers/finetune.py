@@ -39,6 +39,8 @@ from beit_jax.param_paths import path_str
 _EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "patch_embed")
 # Params a classifier learns from scratch: not in a pretraining checkpoint.
 CLASSIFIER_PARAMS = ("fc_norm", "head")
+# Params of a checkpoint a model may lack: heads and final norms of another use.
+_DROPPABLE = ("lm_head", "norm", "fc_norm", "head")
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int, *, train: bool = True
@@ -233,16 +235,19 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
                  source["image_size"], kw["image_size"])
 
   want = traverse_util.flatten_dict(target, sep="/")
-  misshapen_head = [k for k in params if k.split("/")[0] in fresh and k in want
+  top = lambda k: k.split("/")[0]
+  misshapen_head = [k for k in params if top(k) in fresh and k in want
                     and tuple(params[k].shape) != tuple(want[k].shape)]
   dropped = sorted(k for k in params if k not in want) + misshapen_head
   params = {k: v for k, v in params.items() if k in want and k not in misshapen_head}
-  missing = sorted(k for k in want if k not in params and k.split("/")[0] not in fresh)
-  if missing:
-    raise ConfigError(
-        f"{what}: the checkpoint lacks {len(missing)} parameters of the model "
-        f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); the checkpoint's "
-        f"model is {layout.config_flags(source)}")
+  missing = sorted(k for k in want if k not in params and top(k) not in fresh)
+  # Heads and final norms may go; any other weight the model lacks would change its function.
+  extra = [k for k in dropped if top(k) not in _DROPPABLE + fresh]
+  if missing or extra:
+    problem = (f"the checkpoint lacks {_listing(missing)}" if missing else
+               f"the model has no place for {_listing(extra)}")
+    raise ConfigError(f"{what}: {problem}; set the model fields to the checkpoint's: "
+                      f"{layout.config_flags(source)}")
   if dropped:
     logging.info("%s: not used: %s", what, ", ".join(sorted(set(dropped))))
   kept = [k for k in want if k not in params]
@@ -250,6 +255,10 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
     logging.info("%s: initialised from scratch: %s", what, ", ".join(kept))
   full = {k: params.get(k, want[k]) for k in want}
   return checkpoint.check_and_cast(target, traverse_util.unflatten_dict(full, sep="/"), field)
+
+
+def _listing(names: list[str]) -> str:
+  return f"{len(names)} parameters ({', '.join(names[:6])}" + (", ...)" if len(names) > 6 else ")")
 
 
 class BestCheckpoint:

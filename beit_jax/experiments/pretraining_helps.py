@@ -1,0 +1,238 @@
+r"""Does BEiT pretraining help downstream? Measured on a labelled set that ships here.
+
+  python -m beit_jax.experiments.pretraining_helps --workdir=/tmp/pretraining_helps
+
+On scikit-learn's handwritten digits (`embedded:digits`: 1433 training, 364 validation
+images; `--dataset=photos` for the photo tiles): a tiny dVAE tokenizer is trained on the
+training images (stage 1, shared by all seeds), then for each seed
+
+  1. a tiny BEiT is pretrained with masked image modeling on the training images, labels
+     unused (`trainers/mim.py`);
+  2. it and a randomly initialised twin (same architecture, same seed) are fine-tuned with
+     the same recipe and budget (`trainers/finetune.py`);
+  3. both are linear-probed with the same budget (`trainers/linear_probe.py`; the random
+     twin's features are those of the untrained network).
+
+Every stage is an ordinary run of this codebase in `<workdir>/...` (rerunning resumes and
+skips finished stages). The table (mean ± std over seeds of the final validation top-1, and
+the paired difference) is printed and written to `<workdir>/results.{md,json,png}`.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+import numpy as np
+from etils import epath
+from PIL import Image, ImageDraw
+
+from configs import beit_tiny_local
+from configs import common
+from configs import finetune_tiny_local
+from configs import linear_probe as linear_probe_config
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the results go.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "photos"],
+                             "The embedded labelled set (embedded_data.load_labelled).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (pretraining, fine-tuning, probe).")
+_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400, "dVAE training steps.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 64, "dVAE codebook size.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1000, "MIM steps per seed.")
+_MASK = flags.DEFINE_integer("mask_patches", 6, "Patches masked (blockwise) of the 4x4 grid.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 300, "Fine-tuning steps per run.")
+_PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Linear probe steps per run.")
+_WIDTH = flags.DEFINE_integer("width", 128, "ViT width (4 blocks, 4 heads, 8x8 patches).")
+
+IMAGE_SIZE, PATCH = 32, 8  # a 4x4 patch grid; the dVAE sees 32x32 (8x downsampling)
+BATCH = 64
+
+
+def _model(c: ml_collections.ConfigDict) -> None:
+  width = _WIDTH.value
+  c.model.update(dict(variant=f"Ti/{PATCH}", width=width, depth=4, num_heads=4,
+                      mlp_dim=4 * width, dtype="float32"))
+
+
+def _data(c: ml_collections.ConfigDict) -> None:
+  c.input.update(dict(dataset=f"embedded:{_DATASET.value}", split="train",
+                      image_size=IMAGE_SIZE, patch_size=PATCH, batch_size=BATCH,
+                      crop_scale=(0.5, 1.0), flip=_DATASET.value == "photos",
+                      shuffle_buffer=1000))
+
+
+def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
+  """MIM on the training images (their labels unused), against the shared tokenizer."""
+  steps = _PRETRAIN_STEPS.value
+  c = beit_tiny_local.get_config(f"steps={steps},tokenizer_steps={_TOKENIZER_STEPS.value},"
+                                 f"batch={BATCH}")
+  c.seed = seed
+  c.log_every_steps = 100
+  c.images_every_steps = steps
+  _model(c)
+  _data(c)
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0,
+                      mask=common.mask_config(num_masking_patches=_MASK.value,
+                                              min_num_patches=2)))
+  c.tokenizer.vocab_size = _VOCAB.value
+  c.tokenizer.init_from = tokenizer
+  c.checkpoint = dict(every_steps=steps, keep=1)
+  return c
+
+
+def finetune_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
+  c = finetune_tiny_local.get_config(f"steps={_FINETUNE_STEPS.value},batch={BATCH}")
+  c.seed, c.init_from = seed, init_from
+  c.eval_every_steps = _FINETUNE_STEPS.value
+  _model(c)
+  _data(c)
+  c.checkpoint = dict(every_steps=_FINETUNE_STEPS.value, keep=1)
+  return c
+
+
+def probe_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
+  c = linear_probe_config.get_config("local=True")
+  c.seed, c.init_from = seed, init_from
+  c.total_steps = _PROBE_STEPS.value
+  c.eval_every_steps = _PROBE_STEPS.value
+  c.probe.norm = "layernorm"
+  _model(c)
+  _data(c)
+  c.checkpoint = dict(every_steps=_PROBE_STEPS.value, keep=1)
+  return c
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(runs: dict[str, list[float]]) -> dict:
+  """Per task: mean/std of pretrained and random top-1 and of their paired difference."""
+  out = {}
+  for task in ("finetune", "probe"):
+    pre, rand = runs[f"{task}/pretrained"], runs[f"{task}/random"]
+    diff = [p - r for p, r in zip(pre, rand)]
+    out[task] = {"pretrained": _mean_std(pre), "random": _mean_std(rand),
+                 "difference": _mean_std(diff),
+                 "wins": sum(d > 0 for d in diff), "seeds": len(diff)}
+  return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+  pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+  rows = ["| validation top-1 (%) | BEiT-pretrained | random init | difference | "
+          "pretrained better |", "|---|---|---|---|---|"]
+  names = {"finetune": "fine-tuning", "probe": "linear probe (best block)"}
+  for task, s in summary.items():
+    rows.append(f"| {names[task]} | {pct(s['pretrained'])} | {pct(s['random'])} | "
+                f"{'+' if s['difference'][0] >= 0 else ''}{pct(s['difference'])} | "
+                f"{s['wins']} of {s['seeds']} seeds |")
+  rows.append("")
+  rows.append(f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
+              f"{meta['dataset']}` ({meta['num_eval']} validation images); MIM accuracy at "
+              f"the end of pretraining {pct(meta['mim_accuracy'])} (majority-token baseline "
+              f"{pct(meta['majority_baseline'])}). {meta['minutes']:.1f} min.")
+  return "\n".join(rows) + "\n"
+
+
+def plot(path: epath.Path, summary: dict, runs: dict[str, list[float]]) -> None:
+  """Bars (mean) with std whiskers and one dot per seed, drawn with PIL."""
+  w, h, left, bottom, top = 520, 320, 50, 40, 30
+  image = Image.new("RGB", (w, h), "white")
+  draw = ImageDraw.Draw(image)
+  y = lambda v: h - bottom - v * (h - bottom - top)  # accuracy 0..1 -> pixel row
+  for tick in np.linspace(0, 1, 6):
+    draw.line([(left, y(tick)), (w - 10, y(tick))], fill=(225, 225, 225))
+    draw.text((8, y(tick) - 6), f"{100 * tick:.0f}%", fill="black")
+  colours = {"pretrained": (31, 119, 180), "random": (190, 190, 190)}
+  group_w = (w - left - 20) / 2
+  for g, task in enumerate(("finetune", "probe")):
+    x0 = left + 10 + g * group_w
+    draw.text((x0 + 20, h - bottom + 12), {"finetune": "fine-tuning",
+                                          "probe": "linear probe"}[task], fill="black")
+    for k, init in enumerate(("pretrained", "random")):
+      mean, std = summary[task][init]
+      bx = x0 + 20 + k * 90
+      draw.rectangle([bx, y(mean), bx + 70, y(0)], fill=colours[init])
+      draw.line([(bx + 35, y(mean - std)), (bx + 35, y(mean + std))], fill="black", width=2)
+      for v in runs[f"{task}/{init}"]:
+        draw.ellipse([bx + 31, y(v) - 4, bx + 39, y(v) + 4], outline="black")
+  draw.rectangle([left + 10, 8, left + 20, 18], fill=colours["pretrained"])
+  draw.text((left + 25, 7), "BEiT-pretrained", fill="black")
+  draw.rectangle([left + 150, 8, left + 160, 18], fill=colours["random"])
+  draw.text((left + 165, 7), "random init (validation top-1, dots: seeds)", fill="black")
+  image.save(str(path))
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def run_experiment(workdir: str) -> dict:
+  from beit_jax import classification_pipeline  # pylint: disable=g-import-not-at-top
+  from beit_jax import main as beit_main  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
+  root = epath.Path(workdir)
+  start = time.time()
+  tokenizer = str(root / "tokenizer")
+  tok_config = pretrain_config(0, "")
+  tok_config.trainer = "dvae"
+  dvae.train_and_evaluate(tok_config, tokenizer)
+
+  runs: dict[str, list[float]] = {k: [] for k in (
+      "finetune/pretrained", "finetune/random", "probe/pretrained", "probe/random")}
+  mim_acc, majority = [], []
+  for seed in range(_SEEDS.value):
+    seed_dir = root / f"seed_{seed}"
+    pretrained = str(seed_dir / "pretrain")
+    metrics = beit_main.run(pretrain_config(seed, tokenizer), pretrained)
+    if "mim_accuracy" not in metrics:  # finished earlier: read its last logged values
+      metrics = json.loads((seed_dir / "pretrain_metrics.json").read_text())
+    (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
+    mim_acc.append(metrics["mim_accuracy"])
+    majority.append(metrics["majority_baseline"])
+    for init, init_from in (("pretrained", pretrained), ("random", "")):
+      ft = beit_main.run(finetune_config(seed, init_from), str(seed_dir / f"finetune_{init}"))
+      runs[f"finetune/{init}"].append(ft["val_top1"])
+      probe = beit_main.run(probe_config(seed, init_from), str(seed_dir / f"probe_{init}"))
+      runs[f"probe/{init}"].append(probe["val_top1"])
+      logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
+                   probe["val_top1"])
+
+  summary = summarise(runs)
+  info = classification_pipeline.dataset_info(finetune_config(0, ""))
+  meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, num_eval=info.num_eval,
+              mim_accuracy=_mean_std(mim_acc), majority_baseline=_mean_std(majority),
+              minutes=(time.time() - start) / 60,
+              settings={f.name: f.value for f in (
+                  _TOKENIZER_STEPS, _VOCAB, _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS,
+                  _PROBE_STEPS, _WIDTH)},
+              command=" ".join(["python -m beit_jax.experiments.pretraining_helps"] +
+                               sys.argv[1:]))
+  table = markdown(summary, meta)
+  (root / "results.md").write_text(table + f"\n`{meta['command']}`\n")
+  (root / "results.json").write_text(json.dumps(
+      {"summary": summary, "runs": runs, "mim_accuracy": mim_acc, **meta}, indent=2))
+  plot(root / "results.png", summary, runs)
+  print(table)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    sys.exit("pretraining_helps: error: --workdir is required")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  run_experiment(_WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
