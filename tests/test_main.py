@@ -73,3 +73,31 @@ def test_cli_prints_one_line_errors(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("beit_jax: error: workdir=") and "not writable" in last
   assert "Traceback" not in proc.stderr
+
+
+def _zeros_like_init(module, *args, **kwargs):
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: module.init(*args, **kwargs))["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def test_tokenizer_vocabulary_must_match_the_config(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from beit_jax import checkpoint, tokenizers  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  model = tokenizers.build(config.tokenizer)  # 64 codes
+  params = _zeros_like_init(model, {"params": jax.random.key(0), "gumbel": jax.random.key(0)},
+                            jnp.zeros((1, 32, 32, 3)), temperature=1.0)
+  checkpoint.save_params(str(tmp_path / "tok"), params)
+  config.tokenizer.vocab_size = 32
+  config.tokenizer.init_from = str(tmp_path / "tok")
+  with pytest.raises(ConfigError, match="tokenizer.vocab_size=32 but the tokenizer at .* has 64"):
+    main.run(config, str(tmp_path / "run"))
+
+
+def test_missing_init_from_is_a_config_error(tmp_path):
+  config = tiny_config()
+  config.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(ConfigError, match="init_from=.*nowhere does not exist"):
+    main.run(config, str(tmp_path / "run"))
