@@ -32,8 +32,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with, from its workdir."""
+  def tuples(x):  # configs hold tuples, which JSON wrote as lists
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
   path = epath.Path(workdir) / "config.json"
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:

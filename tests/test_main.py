@@ -101,3 +101,11 @@ def test_missing_init_from_is_a_config_error(tmp_path):
   config.init_from = str(tmp_path / "nowhere")
   with pytest.raises(ConfigError, match="init_from=.*nowhere does not exist"):
     main.run(config, str(tmp_path / "run"))
+
+
+def test_a_workdir_gives_back_its_exact_config(tmp_path):
+  from beit_jax import loop  # pylint: disable=g-import-not-at-top
+  from configs import from_workdir  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  loop.prepare_workdir(config, str(tmp_path))
+  assert from_workdir.get_config(str(tmp_path)).to_dict() == config.to_dict()
