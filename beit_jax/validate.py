@@ -152,3 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if inp is not None and inp.image_size % inp.patch_size:
     raise ConfigError(f"input.image_size={inp.image_size} must be a multiple of "
                       f"input.patch_size={inp.patch_size}")
+  if model is not None and inp is not None:
+    patch = vit.variant_kwargs(model.variant)["patch_size"]
+    if inp.patch_size != patch:
+      raise ConfigError(f"input.patch_size={inp.patch_size} differs from the patch size "
+                        f"{patch} of model.variant={model.variant!r}")

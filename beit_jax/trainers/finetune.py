@@ -31,6 +31,7 @@ from beit_jax import loop
 from beit_jax import optim
 from beit_jax import sharding
 from beit_jax.convert import layout
+from beit_jax import validate as field_rules
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.param_paths import path_str
@@ -60,10 +61,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int, *, train: bo
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Cross-field checks that would otherwise fail deep inside a trace."""
-  patch = vit.variant_kwargs(config.model.variant)["patch_size"]
-  if config.input.patch_size != patch:
-    raise ConfigError(f"input.patch_size={config.input.patch_size} differs from the "
-                      f"patch size {patch} of model.variant={config.model.variant!r}")
+  field_rules.validate(config)
   if config.model.use_shared_rel_pos_bias and config.model.use_rel_pos_bias:
     raise ConfigError("model.use_shared_rel_pos_bias and model.use_rel_pos_bias are both True; "
                       "fine-tuning uses one table per block (use_rel_pos_bias)")

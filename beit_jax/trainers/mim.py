@@ -21,6 +21,7 @@ from beit_jax import optim
 from beit_jax import sharding
 from beit_jax import tokenizers
 from beit_jax import visuals
+from beit_jax import validate as field_rules
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
@@ -43,10 +44,8 @@ def make_model(config: ml_collections.ConfigDict, *, train: bool = True
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Cross-field checks that would otherwise fail deep inside a trace."""
-  patch = vit.variant_kwargs(config.model.variant)["patch_size"]
-  if config.input.patch_size != patch:
-    raise ConfigError(f"input.patch_size={config.input.patch_size} differs from the "
-                      f"patch size {patch} of model.variant={config.model.variant!r}")
+  field_rules.validate(config)
+  patch = config.input.patch_size
   grid = config.input.image_size // patch
   tok_grid = tokenizers.grid_size(config.tokenizer, config.input)
   if tok_grid != grid:
