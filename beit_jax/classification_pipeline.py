@@ -32,6 +32,9 @@ from beit_jax import input_pipeline as ip
 from beit_jax import randaugment
 from beit_jax.errors import ConfigError
 
+# This module extends input_pipeline's sources and example functions (its private API).
+# pylint: disable=protected-access
+
 DATASETS = "'embedded:digits', 'embedded:photos', 'tfds:NAME' or 'folder:PATH'"
 
 
@@ -48,7 +51,7 @@ class DatasetInfo:
 # reads, the label an int32 scalar.
 
 
-class _ArraySource(ip._ArraySource):  # pylint: disable=protected-access
+class _ArraySource(ip._ArraySource):
   """A labelled embedded set, held in memory."""
 
   def __init__(self, name: str, split: str):
@@ -64,7 +67,7 @@ class _ArraySource(ip._ArraySource):  # pylint: disable=protected-access
     return index, tf.gather(self._labels, index)
 
 
-class _FolderSource(ip._FolderSource):  # pylint: disable=protected-access
+class _FolderSource(ip._FolderSource):
   """Image files in one subfolder per class."""
 
   def __init__(self, root: str):
@@ -80,7 +83,7 @@ class _FolderSource(ip._FolderSource):  # pylint: disable=protected-access
     return super().load(example_id), tf.gather(self._labels, example_id)
 
 
-class _TfdsSource(ip._TfdsSource):  # pylint: disable=protected-access
+class _TfdsSource(ip._TfdsSource):
   """A prepared TFDS classification data set (features `image` and `label`)."""
 
   def __init__(self, name: str, split: str, data_dir: str | None, shuffle_buffer: int):
@@ -97,7 +100,7 @@ class _TfdsSource(ip._TfdsSource):  # pylint: disable=protected-access
     return example_id, (example["image"], tf.cast(example["label"], tf.int32))
 
 
-def _make_source(cfg: ml_collections.ConfigDict, *, train: bool) -> ip._Source:  # pylint: disable=protected-access
+def _make_source(cfg: ml_collections.ConfigDict, *, train: bool) -> ip._Source:
   field = "input.dataset" if train or not cfg.get("eval_dataset") else "input.eval_dataset"
   dataset = cfg.dataset if field == "input.dataset" else cfg.eval_dataset
   split = cfg.split if train else cfg.get("eval_split", "validation")
@@ -107,7 +110,7 @@ def _make_source(cfg: ml_collections.ConfigDict, *, train: bool) -> ip._Source: 
   if sep and arg and kind == "folder":
     return _FolderSource(arg)
   if sep and arg and kind == "tfds":
-    return _TfdsSource(arg, split, cfg.get("data_dir"), ip._int_field(cfg, "shuffle_buffer"))  # pylint: disable=protected-access
+    return _TfdsSource(arg, split, cfg.get("data_dir"), ip._int_field(cfg, "shuffle_buffer"))
   raise ConfigError(f"{field}={dataset!r} is not a labelled data set; accepted: {DATASETS}")
 
 
@@ -139,8 +142,8 @@ class _Views:
 
 
 def _views_from_config(cfg: ml_collections.ConfigDict) -> _Views:
-  augment = ip._augment_fields(cfg)  # pylint: disable=protected-access
-  image_size = ip._int_field(cfg, "image_size")  # pylint: disable=protected-access
+  augment = ip._augment_fields(cfg)
+  image_size = ip._int_field(cfg, "image_size")
   erase = cfg.get("random_erase", 0.0)
   if isinstance(erase, bool) or not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
     raise ConfigError(f"input.random_erase must be a probability in [0, 1], got {erase!r}")
@@ -158,15 +161,15 @@ def _train_example(seed, payload, decode_crop, views: _Views) -> dict:
   crop_seed, flip_seed, aug_seed, erase_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
   crop = decode_crop(image_payload, functools.partial(
-      ip._random_crop_window, seed=crop_seed, scale=views.crop_scale,  # pylint: disable=protected-access
+      ip._random_crop_window, seed=crop_seed, scale=views.crop_scale,
       ratio=views.crop_ratio))
-  image = ip._resize(tf.image.convert_image_dtype(crop, tf.float32), views.image_size,  # pylint: disable=protected-access
+  image = ip._resize(tf.image.convert_image_dtype(crop, tf.float32), views.image_size,
                      "bicubic")
-  image, = ip._maybe_flip([image], flip_seed, views)  # pylint: disable=protected-access
+  image, = ip._maybe_flip([image], flip_seed, views)
   if views.randaugment is not None:  # on uint8 values, as timm on PIL images
     image = randaugment.randaugment(tf.round(image * 255.0), aug_seed, views.randaugment) / 255.0
   elif views.color_jitter > 0:
-    image = ip._color_jitter(image, views.color_jitter, aug_seed)  # pylint: disable=protected-access
+    image = ip._color_jitter(image, views.color_jitter, aug_seed)
   image = (image - ip.IMAGENET_MEAN) / ip.IMAGENET_STD
   if views.random_erase > 0:
     image = randaugment.random_erasing(image, erase_seed, views.random_erase)
@@ -202,7 +205,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_s
     `label` int32 [b]; b = input.batch_size / process_count.
   """
   views = _views_from_config(config.input)
-  return ip._make_iterator(  # pylint: disable=protected-access
+  return ip._make_iterator(
       config, _train_example, views, seed=seed, start_step=start_step,
       process_index=process_index, process_count=process_count,
       source=_make_source(config.input, train=True))
@@ -218,7 +221,7 @@ class EvalData:
 
   def __init__(self, config: ml_collections.ConfigDict, *, process_index: int = 0,
                process_count: int = 1):
-    ip._hide_accelerators()  # pylint: disable=protected-access
+    ip._hide_accelerators()
     cfg = config.input
     self._views = _views_from_config(cfg)
     self._source = _make_source(cfg, train=False)
@@ -249,5 +252,5 @@ class EvalData:
          "valid": tf.constant(False)}).repeat()
     ds = records.map(one, num_parallel_calls=ip.AUTOTUNE, deterministic=True).ignore_errors()
     ds = ds.concatenate(padding).take(self.num_batches * self.batch_size)
-    ds = ds.batch(self.batch_size).prefetch(2).with_options(ip._options())  # pylint: disable=protected-access
+    ds = ds.batch(self.batch_size).prefetch(2).with_options(ip._options())
     return ds.as_numpy_iterator()

@@ -19,7 +19,6 @@ the paired difference) is printed and written to `<workdir>/results.{md,json,png
 """
 import json
 import math
-import os
 import sys
 import time
 
@@ -31,6 +30,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
+from beit_jax import logs
 from configs import beit_tiny_local
 from configs import common
 from configs import finetune_tiny_local
@@ -42,11 +42,13 @@ _DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "photos"],
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (pretraining, fine-tuning, probe).")
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400, "dVAE training steps.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 64, "dVAE codebook size.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1000, "MIM steps per seed.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 2000, "MIM steps per seed.")
 _MASK = flags.DEFINE_integer("mask_patches", 6, "Patches masked (blockwise) of the 4x4 grid.")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 300, "Fine-tuning steps per run.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 500, "Fine-tuning steps per run.")
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Linear probe steps per run.")
-_WIDTH = flags.DEFINE_integer("width", 128, "ViT width (4 blocks, 4 heads, 8x8 patches).")
+_WIDTH = flags.DEFINE_integer("width", 64, "ViT width (4 blocks, 4 heads, 8x8 patches).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A trained dVAE (workdir) to use instead "
+                                 "of training one in <workdir>/tokenizer.")
 
 IMAGE_SIZE, PATCH = 32, 8  # a 4x4 patch grid; the dVAE sees 32x32 (8x downsampling)
 BATCH = 64
@@ -61,7 +63,7 @@ def _model(c: ml_collections.ConfigDict) -> None:
 def _data(c: ml_collections.ConfigDict) -> None:
   c.input.update(dict(dataset=f"embedded:{_DATASET.value}", split="train",
                       image_size=IMAGE_SIZE, patch_size=PATCH, batch_size=BATCH,
-                      crop_scale=(0.5, 1.0), flip=_DATASET.value == "photos",
+                      crop_scale=(0.8, 1.0), flip=_DATASET.value == "photos",
                       shuffle_buffer=1000))
 
 
@@ -75,7 +77,7 @@ def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
   c.images_every_steps = steps
   _model(c)
   _data(c)
-  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0,
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0, crop_scale=(0.5, 1.0),
                       mask=common.mask_config(num_masking_patches=_MASK.value,
                                               min_num_patches=2)))
   c.tokenizer.vocab_size = _VOCAB.value
@@ -175,33 +177,56 @@ def plot(path: epath.Path, summary: dict, runs: dict[str, list[float]]) -> None:
 # --------------------------------------------------------------------------- the runs
 
 
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """What `python -m beit_jax.main` does with a config (whose flags this module has not)."""
+  from beit_jax import validate  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import finetune, linear_probe, mim  # pylint: disable=g-import-not-at-top
+  validate.validate(config)
+  trainers = {"mim": mim, "finetune": finetune, "linear_probe": linear_probe}
+  return trainers[config.trainer].train_and_evaluate(config, workdir)
+
+
 def run_experiment(workdir: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
   from beit_jax import classification_pipeline  # pylint: disable=g-import-not-at-top
-  from beit_jax import main as beit_main  # pylint: disable=g-import-not-at-top
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
   root = epath.Path(workdir)
   start = time.time()
-  tokenizer = str(root / "tokenizer")
-  tok_config = pretrain_config(0, "")
-  tok_config.trainer = "dvae"
-  dvae.train_and_evaluate(tok_config, tokenizer)
+  # Runs of the same shapes (the pretrained and random twins) compile once.
+  jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  tokenizer = _TOKENIZER.value or str(root / "tokenizer")
+  if not _TOKENIZER.value:
+    tok_config = pretrain_config(0, "")
+    tok_config.trainer = "dvae"
+    dvae.train_and_evaluate(tok_config, tokenizer)
+  stage_minutes = {"tokenizer": (time.time() - start) / 60}
 
   runs: dict[str, list[float]] = {k: [] for k in (
       "finetune/pretrained", "finetune/random", "probe/pretrained", "probe/random")}
   mim_acc, majority = [], []
+
+  def timed(stage, fn, *args):
+    t = time.time()
+    out = fn(*args)
+    stage_minutes[stage] = stage_minutes.get(stage, 0.0) + (time.time() - t) / 60
+    return out
+
   for seed in range(_SEEDS.value):
     seed_dir = root / f"seed_{seed}"
     pretrained = str(seed_dir / "pretrain")
-    metrics = beit_main.run(pretrain_config(seed, tokenizer), pretrained)
+    metrics = timed("pretrain", _run, pretrain_config(seed, tokenizer), pretrained)
     if "mim_accuracy" not in metrics:  # finished earlier: read its last logged values
       metrics = json.loads((seed_dir / "pretrain_metrics.json").read_text())
     (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
     mim_acc.append(metrics["mim_accuracy"])
     majority.append(metrics["majority_baseline"])
     for init, init_from in (("pretrained", pretrained), ("random", "")):
-      ft = beit_main.run(finetune_config(seed, init_from), str(seed_dir / f"finetune_{init}"))
+      ft = timed("finetune", _run, finetune_config(seed, init_from),
+                 str(seed_dir / f"finetune_{init}"))
       runs[f"finetune/{init}"].append(ft["val_top1"])
-      probe = beit_main.run(probe_config(seed, init_from), str(seed_dir / f"probe_{init}"))
+      probe = timed("probe", _run, probe_config(seed, init_from),
+                    str(seed_dir / f"probe_{init}"))
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
                    probe["val_top1"])
@@ -210,7 +235,7 @@ def run_experiment(workdir: str) -> dict:
   info = classification_pipeline.dataset_info(finetune_config(0, ""))
   meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, num_eval=info.num_eval,
               mim_accuracy=_mean_std(mim_acc), majority_baseline=_mean_std(majority),
-              minutes=(time.time() - start) / 60,
+              minutes=(time.time() - start) / 60, stage_minutes=stage_minutes,
               settings={f.name: f.value for f in (
                   _TOKENIZER_STEPS, _VOCAB, _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS,
                   _PROBE_STEPS, _WIDTH)},
@@ -230,7 +255,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     sys.exit("pretraining_helps: error: --workdir is required")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logs.quiet_libraries()
   run_experiment(_WORKDIR.value)
 
 

@@ -344,6 +344,7 @@ def init(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_classes
 
 
 def run_with_evaluation(*, desc: str, config: ml_collections.ConfigDict, workdir: str,
+                        info: classification_pipeline.DatasetInfo,
                         mesh: jax.sharding.Mesh, state: loop.TrainState, state_shardings: Any,
                         manager, train_fn, eval_params_fn: Callable[[loop.TrainState], Any],
                         eval_fn, total_steps: int, metric_keys: Callable[[dict], dict] = dict
@@ -358,7 +359,6 @@ def run_with_evaluation(*, desc: str, config: ml_collections.ConfigDict, workdir
     The last training metrics, `val_*` of the last evaluation, and `best_val_*` / best_step.
   """
   state, start_step, resumed_meta = loop.restore_or_keep(manager, state, state_shardings)
-  info = classification_pipeline.dataset_info(config)
   batches = classification_pipeline.make_train_iterator(
       config, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -421,6 +421,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "mesh %s", config.model.variant, n_params / 1e6, total_steps, warmup_steps,
                config.optim.layer_decay, dict(mesh.shape))
   return run_with_evaluation(
-      desc="Fine-tune", config=config, workdir=workdir, mesh=mesh, state=state,
+      desc="Fine-tune", config=config, workdir=workdir, info=info, mesh=mesh, state=state,
       state_shardings=state_shardings, manager=manager, train_fn=train_fn,
       eval_params_fn=lambda st: st.params, eval_fn=eval_fn, total_steps=total_steps)

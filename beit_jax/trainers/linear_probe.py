@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Linear probe of blocks %s (%s pooling, norm %s), %d steps", layers,
                config.probe.pool, config.probe.norm, total_steps)
   return finetune.run_with_evaluation(
-      desc="Linear probe", config=config, workdir=workdir, mesh=mesh, state=state,
+      desc="Linear probe", config=config, workdir=workdir, info=info, mesh=mesh, state=state,
       state_shardings=state_shardings, manager=manager,
       train_fn=lambda s, b: jitted(s, b, backbone_params),
       eval_params_fn=lambda st: st.params,
