@@ -10,7 +10,8 @@ Data sets (`input.dataset`, and `input.eval_dataset` if the validation images li
   * `folder:PATH` with one subfolder per class (ImageNet's train/ and val/ layout: point
     `input.dataset` at train/ and `input.eval_dataset` at val/);
   * `embedded:digits` / `embedded:photos`: labelled sets inside scikit-learn / scikit-image
-    (`embedded_data.load_labelled`), splits 'train' / 'validation'.
+    (`embedded_data.load_labelled`), splits 'train' / 'validation' or slices such as
+    'train[:10%]' (as TFDS splits: fine-tuning on a fraction of the labels).
 
 Training example: RandomResizedCrop (bicubic) -> flip -> RandAugment (or colour jitter when
 RandAugment is off, as timm) -> normalise -> random erasing. Mixup / CutMix and label
@@ -55,10 +56,12 @@ class _ArraySource(ip._ArraySource):
   """A labelled embedded set, held in memory."""
 
   def __init__(self, name: str, split: str):
-    if split not in embedded_data.SPLITS:
-      raise ConfigError(f"input split {split!r} is not a split of embedded:{name}; accepted: "
-                        f"{embedded_data.SPLITS}")
-    images, labels, self.class_names = embedded_data.load_labelled(name, split)
+    try:
+      images, labels, self.class_names = embedded_data.load_labelled(name, split)
+    except ValueError as e:
+      raise ConfigError(f"input split of embedded:{name}: {e}") from None
+    if not images:
+      raise ConfigError(f"input split {split!r} of embedded:{name} holds no images")
     super().__init__(f"embedded:{name}", images)
     self._labels = tf.constant(labels, tf.int32)
 

@@ -5,6 +5,7 @@ them are enough to smoke-test every stage of a run (and to overfit a tiny model)
 without ImageNet or internet access.
 """
 import functools
+import re
 
 import numpy as np
 from PIL import Image
@@ -125,13 +126,40 @@ def load_labelled(name: str, split: str) -> tuple[list[np.ndarray], np.ndarray, 
 
   Args:
     name: one of LABELLED.
-    split: 'train' or 'validation'.
+    split: 'train' or 'validation', or a slice of one (`parse_split`).
 
   Returns:
     (images: uint8 [h, w, 3] arrays, labels: int64 [n], class_names).
   """
   if name not in LABELLED:
     raise ValueError(f"unknown embedded labelled set {name!r}; accepted: {LABELLED}")
-  if split not in SPLITS:
-    raise ValueError(f"split {split!r} of embedded:{name} is not one of {SPLITS}")
-  return (_digit_split if name == "digits" else _photo_split)(split)
+  base, start, stop = parse_split(split)
+  images, labels, names = (_digit_split if name == "digits" else _photo_split)(base)
+  window = slice(*_slice_bounds(start, stop, len(labels)))
+  return images[window], labels[window], names
+
+
+_SLICE = re.compile(r"^(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+  """'train', or a TFDS-style slice of it: 'train[:10%]', 'train[100:]', 'train[:-50]'.
+
+  Slices keep the split's order (digits cycle through the classes, so a prefix is balanced).
+
+  Raises:
+    ValueError: naming the split and the accepted forms.
+  """
+  match = _SLICE.match(split) if isinstance(split, str) else None
+  if not match or match.group(1) not in SPLITS:
+    raise ValueError(f"split {split!r} is not one of {SPLITS} or a slice of one such as "
+                     "'train[:10%]' or 'train[:200]'")
+  return match.group(1), match.group(2), match.group(3)
+
+
+def _slice_bounds(start: str | None, stop: str | None, n: int) -> tuple[int | None, int | None]:
+  def bound(b):
+    if b is None:
+      return None
+    return round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+  return bound(start), bound(stop)

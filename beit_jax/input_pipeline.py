@@ -358,11 +358,13 @@ def _make_source(cfg: ml_collections.ConfigDict) -> _Source:
   if dataset == "embedded":
     return _embedded_source(_int_field(cfg, "embedded_epoch_size"))
   if kind == "embedded" and arg in embedded_data.LABELLED:  # its images, labels unused
-    split = _get(cfg, "split")
-    if split not in embedded_data.SPLITS:
-      raise ConfigError(f"input.split={split!r} is not a split of {dataset}; accepted: "
-                        f"{embedded_data.SPLITS}")
-    return _ArraySource(dataset, embedded_data.load_labelled(arg, split)[0])
+    try:
+      images = embedded_data.load_labelled(arg, _get(cfg, "split"))[0]
+    except ValueError as e:
+      raise ConfigError(f"input.split of {dataset}: {e}") from None
+    if not images:
+      raise ConfigError(f"input.split={cfg.split!r} of {dataset} holds no images")
+    return _ArraySource(dataset, images)
   if sep and arg and kind == "folder":
     return _FolderSource(arg)
   if sep and arg and kind == "tfds":

@@ -47,6 +47,19 @@ def test_embedded_sets_are_disjoint_splits_with_every_class():
   assert labels[0] == 0 and digits[0][12:20, 12:20].mean() < digits[0][4:28, 4:28].mean()
 
 
+def test_split_slices_are_those_of_tfds():
+  train, labels, _ = embedded_data.load_labelled("digits", "train")
+  for split, window in (("train[:10%]", slice(0, 143)), ("train[100:]", slice(100, None)),
+                        ("train[-50:]", slice(-50, None)), ("train[:200]", slice(0, 200))):
+    images, sliced, _ = embedded_data.load_labelled("digits", split)
+    np.testing.assert_array_equal(sliced, labels[window])
+    np.testing.assert_array_equal(np.stack(images), np.stack(train[window]))
+  # A prefix of the class-cycling digits keeps every class.
+  assert set(embedded_data.load_labelled("digits", "train[:10%]")[1]) == set(range(10))
+  info = cp.dataset_info(make_config(split="train[:10%]"))
+  assert (info.num_train, info.num_eval) == (143, 364)
+
+
 def test_training_images_carry_their_labels_and_resume(tmp_path):
   config = make_config()
   images, labels, _ = embedded_data.load_labelled("digits", "train")
@@ -167,6 +180,8 @@ def test_tfds_labels_come_with_their_images(tmp_path):
   np.testing.assert_array_equal(pixel, 40 + 80 * batch["label"])
   evaluated = list(cp.EvalData(config))
   assert len(evaluated) == 2 and sum(b["valid"].sum() for b in evaluated) == 5
+  config.input.split = "train[:50%]"
+  assert cp.dataset_info(config).num_train == 6
 
 
 @pytest.mark.parametrize("field, overrides", [
@@ -175,6 +190,9 @@ def test_tfds_labels_come_with_their_images(tmp_path):
     ("input.random_erase", {"random_erase": 1.5}),
     ("input.randaugment", {"randaugment": "rand-m12"}),
     ("input split", {"eval_split": "test"}),
+    ("input split", {"eval_split": "validation[:ten]"}),
+    ("input split 'validation\\[5:5\\]' of embedded:digits holds no images",
+     {"eval_split": "validation[5:5]"}),
 ])
 def test_bad_config_names_the_field(field, overrides):
   with pytest.raises(ConfigError, match=field):

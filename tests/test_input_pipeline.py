@@ -411,6 +411,8 @@ def test_color_jitter_ranges():
     ({"crop_scale": (0.5, 0.2)}, 1, "input.crop_scale"),
     ({"color_jitter": -0.1}, 1, "input.color_jitter"),
     ({"flip": 1}, 1, "input.flip"),
+    ({"dataset": "embedded:digits", "split": "test"}, 1, "input.split"),
+    ({"dataset": "embedded:digits", "split": "train[9999:]"}, 1, "input.split"),
 ])
 def test_bad_config_names_the_field(overrides, process_count, field):
   with pytest.raises(ConfigError, match=field):
