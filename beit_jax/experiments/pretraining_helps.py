@@ -14,11 +14,13 @@ training images (stage 1, shared by all seeds), then for each seed
      twin's features are those of the untrained network).
 
 Every stage is an ordinary run of this codebase in `<workdir>/...` (rerunning resumes and
-skips finished stages). The table (mean ± std over seeds of the final validation top-1, and
+skips finished stages). `--labels=train[:10%]` fine-tunes and probes on a tenth of the labels,
+reusing the tokenizer and the pretrained models of an earlier run in the same workdir. The table (mean ± std over seeds of the final validation top-1, and
 the paired difference) is printed and written to `<workdir>/results.{md,json,png}`.
 """
 import json
 import math
+import re
 import sys
 import time
 
@@ -49,6 +51,10 @@ _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Linear probe steps per 
 _WIDTH = flags.DEFINE_integer("width", 64, "ViT width (4 blocks, 4 heads, 8x8 patches).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "A trained dVAE (workdir) to use instead "
                                  "of training one in <workdir>/tokenizer.")
+_LABELS = flags.DEFINE_string(
+    "labels", "train", "The labelled split of fine-tuning and probing, e.g. 'train[:10%]' "
+    "(pretraining always sees every training image, unlabelled). Other than 'train', its runs "
+    "and results go to <workdir>/labels_<split>, reusing the tokenizer and pretraining.")
 
 IMAGE_SIZE, PATCH = 32, 8  # a 4x4 patch grid; the dVAE sees 32x32 (8x downsampling)
 BATCH = 64
@@ -92,6 +98,7 @@ def finetune_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
   c.eval_every_steps = _FINETUNE_STEPS.value
   _model(c)
   _data(c)
+  c.input.split = _LABELS.value
   c.checkpoint = dict(every_steps=_FINETUNE_STEPS.value, keep=1)
   return c
 
@@ -104,6 +111,7 @@ def probe_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
   c.probe.norm = "layernorm"
   _model(c)
   _data(c)
+  c.input.split = _LABELS.value
   c.checkpoint = dict(every_steps=_PROBE_STEPS.value, keep=1)
   return c
 
@@ -139,7 +147,8 @@ def markdown(summary: dict, meta: dict) -> str:
                 f"{s['wins']} of {s['seeds']} seeds |")
   rows.append("")
   rows.append(f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
-              f"{meta['dataset']}` ({meta['num_eval']} validation images); MIM accuracy at "
+              f"{meta['dataset']}` ({meta['num_train']} labelled training images, split "
+              f"'{meta['labels']}'; {meta['num_eval']} validation images); MIM accuracy at "
               f"the end of pretraining {pct(meta['mim_accuracy'])} (majority-token baseline "
               f"{pct(meta['majority_baseline'])}). {meta['minutes']:.1f} min.")
   return "\n".join(rows) + "\n"
@@ -212,6 +221,9 @@ def run_experiment(workdir: str) -> dict:
     stage_minutes[stage] = stage_minutes.get(stage, 0.0) + (time.time() - t) / 60
     return out
 
+  downstream = root
+  if _LABELS.value != "train":
+    downstream = root / ("labels_" + re.sub(r"\W", "_", _LABELS.value.replace("%", "pct")))
   for seed in range(_SEEDS.value):
     seed_dir = root / f"seed_{seed}"
     pretrained = str(seed_dir / "pretrain")
@@ -223,17 +235,18 @@ def run_experiment(workdir: str) -> dict:
     majority.append(metrics["majority_baseline"])
     for init, init_from in (("pretrained", pretrained), ("random", "")):
       ft = timed("finetune", _run, finetune_config(seed, init_from),
-                 str(seed_dir / f"finetune_{init}"))
+                 str(downstream / f"seed_{seed}" / f"finetune_{init}"))
       runs[f"finetune/{init}"].append(ft["val_top1"])
       probe = timed("probe", _run, probe_config(seed, init_from),
-                    str(seed_dir / f"probe_{init}"))
+                    str(downstream / f"seed_{seed}" / f"probe_{init}"))
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
                    probe["val_top1"])
 
   summary = summarise(runs)
   info = classification_pipeline.dataset_info(finetune_config(0, ""))
-  meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, num_eval=info.num_eval,
+  meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, labels=_LABELS.value,
+              num_train=info.num_train, num_eval=info.num_eval,
               mim_accuracy=_mean_std(mim_acc), majority_baseline=_mean_std(majority),
               minutes=(time.time() - start) / 60, stage_minutes=stage_minutes,
               settings={f.name: f.value for f in (
@@ -242,10 +255,10 @@ def run_experiment(workdir: str) -> dict:
               command=" ".join(["python -m beit_jax.experiments.pretraining_helps"] +
                                sys.argv[1:]))
   table = markdown(summary, meta)
-  (root / "results.md").write_text(table + f"\n`{meta['command']}`\n")
-  (root / "results.json").write_text(json.dumps(
+  (downstream / "results.md").write_text(table + f"\n`{meta['command']}`\n")
+  (downstream / "results.json").write_text(json.dumps(
       {"summary": summary, "runs": runs, "mim_accuracy": mim_acc, **meta}, indent=2))
-  plot(root / "results.png", summary, runs)
+  plot(downstream / "results.png", summary, runs)
   print(table)
   return summary
 

@@ -1,0 +1,53 @@
+"""The pretrained-vs-random experiment: its summary, and a tiny run of it from the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from beit_jax.experiments import pretraining_helps as ph
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summary_pairs_the_seeds():
+  runs = {"finetune/pretrained": [0.9, 0.8, 0.7], "finetune/random": [0.8, 0.9, 0.5],
+          "probe/pretrained": [0.5, 0.5, 0.5], "probe/random": [0.2, 0.3, 0.4]}
+  summary = ph.summarise(runs)
+  assert summary["finetune"]["wins"] == 2 and summary["probe"]["wins"] == 3
+  mean, std = summary["finetune"]["difference"]  # paired: 0.1, -0.1, 0.2
+  assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(0.152753, abs=1e-6)
+  assert summary["probe"]["random"] == pytest.approx((0.3, 0.1))
+  meta = dict(seeds=3, dataset="digits", labels="train", num_train=1433, num_eval=364,
+              mim_accuracy=(0.5, 0.01), majority_baseline=(0.1, 0.0), minutes=1.0)
+  table = ph.markdown(summary, meta)
+  assert "| fine-tuning | 80.0 ± 10.0 | 73.3 ± 20.8 | +6.7 ± 15.3 | 2 of 3 seeds |" in table
+  assert "| linear probe (best block) | 50.0 ± 0.0 | 30.0 ± 10.0 | +20.0 ± 10.0 |" in table
+
+
+@pytest.mark.slow
+def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
+  def run(*flags):
+    proc = subprocess.run(
+        [sys.executable, "-m", "beit_jax.experiments.pretraining_helps",
+         f"--workdir={tmp_path}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
+         "--finetune_steps=2", "--probe_steps=2", "--width=32", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+  out = run()
+  assert "| fine-tuning |" in out and "| linear probe (best block) |" in out
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert all(len(v) == 1 for v in results["runs"].values())
+  assert results["num_train"] == 1433 and (tmp_path / "results.png").stat().st_size > 0
+  pretrained = tmp_path / "seed_0" / "pretrain" / "checkpoints" / "2"
+  stamp = pretrained.stat().st_mtime_ns
+
+  out = run("--labels=train[:70]")
+  labelled = tmp_path / "labels_train__70_"
+  results = json.loads((labelled / "results.json").read_text())
+  assert results["num_train"] == 70 and "70 labelled training images" in out
+  assert (labelled / "seed_0" / "finetune_pretrained").is_dir()
+  assert pretrained.stat().st_mtime_ns == stamp  # the pretrained models were reused
