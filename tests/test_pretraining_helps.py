@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from beit_jax.experiments import pretraining_helps as ph
+from beit_jax.experiments import summary as results_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,14 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_summary_pairs_the_seeds():
   runs = {"finetune/pretrained": [0.9, 0.8, 0.7], "finetune/random": [0.8, 0.9, 0.5],
           "probe/pretrained": [0.5, 0.5, 0.5], "probe/random": [0.2, 0.3, 0.4]}
-  summary = ph.summarise(runs)
+  summary = results_table.summarise(runs)
   assert summary["finetune"]["wins"] == 2 and summary["probe"]["wins"] == 3
   mean, std = summary["finetune"]["difference"]  # paired: 0.1, -0.1, 0.2
   assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(0.152753, abs=1e-6)
   assert summary["probe"]["random"] == pytest.approx((0.3, 0.1))
   meta = dict(seeds=3, dataset="digits", labels="train", num_train=1433, num_eval=364,
               mim_accuracy=(0.5, 0.01), majority_baseline=(0.1, 0.0), minutes=1.0)
-  table = ph.markdown(summary, meta)
+  table = results_table.markdown(summary, meta)
   assert "| fine-tuning | 80.0 ± 10.0 | 73.3 ± 20.8 | +6.7 ± 15.3 | 2 of 3 seeds |" in table
   assert "| linear probe (best block) | 50.0 ± 0.0 | 30.0 ± 10.0 | +20.0 ± 10.0 |" in table
 
