@@ -28,14 +28,14 @@ def test_summary_pairs_the_seeds():
 
 @pytest.mark.slow
 def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
-  def run(*flags):
+  def run(*flags, fails=False):
     proc = subprocess.run(
         [sys.executable, "-m", "beit_jax.experiments.pretraining_helps",
          f"--workdir={tmp_path}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
          "--finetune_steps=2", "--probe_steps=2", "--width=32", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
+    return proc.stderr if fails else proc.stdout
 
   out = run()
   assert "| fine-tuning |" in out and "| linear probe (best block) |" in out
@@ -51,3 +51,7 @@ def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
   assert results["num_train"] == 70 and "70 labelled training images" in out
   assert (labelled / "seed_0" / "finetune_pretrained").is_dir()
   assert pretrained.stat().st_mtime_ns == stamp  # the pretrained models were reused
+
+  # Other pretraining settings in the same workdir would reuse the runs: refused, one line.
+  err = run("--mask_patches=4", fails=True)
+  assert "--mask_patches=6 (this run: 4)" in err.strip().splitlines()[-1]

@@ -126,11 +126,33 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return trainers[config.trainer].train_and_evaluate(config, workdir)
 
 
+def _settings() -> dict:
+  """The flags its runs depend on (`--labels` runs have their own folder)."""
+  return {f.name: f.value for f in (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB,
+                                    _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS, _PROBE_STEPS,
+                                    _WIDTH)}
+
+
+def check_settings(root: epath.Path) -> None:
+  """Refuses a workdir whose runs were made with other flags (they would be reused)."""
+  path = root / "settings.json"
+  if path.exists():
+    before = json.loads(path.read_text())
+    changed = [f"--{k}={v!r} (this run: {_settings()[k]!r})" for k, v in before.items()
+               if _settings().get(k) != v]
+    if changed:
+      sys.exit(f"pretraining_helps: error: {root} holds runs made with "
+               f"{', '.join(changed)}; use another --workdir for other settings")
+  root.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(_settings(), indent=2))
+
+
 def run_experiment(workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from beit_jax import classification_pipeline  # pylint: disable=g-import-not-at-top
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
   root = epath.Path(workdir)
+  check_settings(root)
   start = time.time()
   # Runs of the same shapes (the pretrained and random twins) compile once.
   jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
@@ -178,11 +200,10 @@ def run_experiment(workdir: str) -> dict:
   info = classification_pipeline.dataset_info(finetune_config(0, ""))
   meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, labels=_LABELS.value,
               num_train=info.num_train, num_eval=info.num_eval,
-              mim_accuracy=results_table.mean_std(mim_acc), majority_baseline=results_table.mean_std(majority),
+              mim_accuracy=results_table.mean_std(mim_acc),
+              majority_baseline=results_table.mean_std(majority),
               minutes=(time.time() - start) / 60, stage_minutes=stage_minutes,
-              settings={f.name: f.value for f in (
-                  _TOKENIZER_STEPS, _VOCAB, _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS,
-                  _PROBE_STEPS, _WIDTH)},
+              settings=_settings(),
               command=" ".join(["python -m beit_jax.experiments.pretraining_helps"] +
                                sys.argv[1:]))
   table = results_table.markdown(summary, meta)
