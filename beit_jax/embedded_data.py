@@ -88,14 +88,19 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
   return np.repeat(images[..., None], 3, axis=-1), data.target.astype(np.int64)
 
 
+def _rank_in_class(labels: np.ndarray) -> np.ndarray:
+  """k for the k-th example of its class."""
+  rank = np.zeros_like(labels)
+  for c in np.unique(labels):
+    rank[labels == c] = np.arange(np.sum(labels == c))
+  return rank
+
+
 def _digit_split(split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
   images, labels = _digits()
   # Stratified: the k-th image of a class is held out when k % 5 == 0 (the data set cycles
   # through the classes, so a plain i % 5 would hold out only two of them).
-  rank = np.zeros_like(labels)
-  for c in np.unique(labels):
-    rank[labels == c] = np.arange(np.sum(labels == c))
-  keep = (rank % _HOLD_OUT == 0) == (split == "validation")
+  keep = (_rank_in_class(labels) % _HOLD_OUT == 0) == (split == "validation")
   return list(images[keep]), labels[keep], tuple(str(d) for d in range(10))
 
 
@@ -112,7 +117,11 @@ def _photo_split(split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, .
           tiles.append(tile)
           labels.append(label)
   names = tuple(_SKIMAGE_NAMES) + ("china", "flower")
-  return tiles, np.asarray(labels, np.int64), names
+  # Cycle through the photos (k-th tile of every photo, then the (k+1)-th...), as the digits
+  # cycle through their classes, so that a slice such as 'train[:10%]' holds every class.
+  labels = np.asarray(labels, np.int64)
+  order = np.lexsort((labels, _rank_in_class(labels)))
+  return [tiles[i] for i in order], labels[order], names
 
 
 def load_labelled(name: str, split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
@@ -145,7 +154,7 @@ _SLICE = re.compile(r"^(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 def parse_split(split: str) -> tuple[str, str | None, str | None]:
   """'train', or a TFDS-style slice of it: 'train[:10%]', 'train[100:]', 'train[:-50]'.
 
-  Slices keep the split's order (digits cycle through the classes, so a prefix is balanced).
+  Slices keep the split's order, which cycles through the classes: a prefix holds them all.
 
   Raises:
     ValueError: naming the split and the accepted forms.

@@ -54,8 +54,9 @@ def test_split_slices_are_those_of_tfds():
     images, sliced, _ = embedded_data.load_labelled("digits", split)
     np.testing.assert_array_equal(sliced, labels[window])
     np.testing.assert_array_equal(np.stack(images), np.stack(train[window]))
-  # A prefix of the class-cycling digits keeps every class.
+  # The sets cycle through their classes, so a prefix keeps every class.
   assert set(embedded_data.load_labelled("digits", "train[:10%]")[1]) == set(range(10))
+  assert set(embedded_data.load_labelled("photos", "train[:10%]")[1]) == set(range(20))
   info = cp.dataset_info(make_config(split="train[:10%]"))
   assert (info.num_train, info.num_eval) == (143, 364)
 
