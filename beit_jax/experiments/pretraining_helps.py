@@ -209,7 +209,7 @@ def run_experiment(workdir: str) -> dict:
   table = results_table.markdown(summary, meta)
   (downstream / "results.md").write_text(table + f"\n`{meta['command']}`\n")
   (downstream / "results.json").write_text(json.dumps(
-      {"summary": summary, "runs": runs, "mim_accuracy": mim_acc, **meta}, indent=2))
+      {"summary": summary, "runs": runs, "mim_accuracy_per_seed": mim_acc, **meta}, indent=2))
   results_table.plot(downstream / "results.png", summary, runs)
   print(table)
   return summary
