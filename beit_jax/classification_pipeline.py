@@ -56,12 +56,7 @@ class _ArraySource(ip._ArraySource):
   """A labelled embedded set, held in memory."""
 
   def __init__(self, name: str, split: str):
-    try:
-      images, labels, self.class_names = embedded_data.load_labelled(name, split)
-    except ValueError as e:
-      raise ConfigError(f"input split of embedded:{name}: {e}") from None
-    if not images:
-      raise ConfigError(f"input split {split!r} of embedded:{name} holds no images")
+    images, labels, self.class_names = ip.load_labelled(name, split, "input split")
     super().__init__(f"embedded:{name}", images)
     self._labels = tf.constant(labels, tf.int32)
 

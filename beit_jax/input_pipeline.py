@@ -219,6 +219,17 @@ class _ArraySource(_IndexedSource):
     return _crop(image, window_fn(shape))
 
 
+def load_labelled(name: str, split: str, field: str):
+  """`embedded_data.load_labelled`, its errors (and an empty slice) as ConfigErrors of `field`."""
+  try:
+    images, labels, class_names = embedded_data.load_labelled(name, split)
+  except ValueError as e:
+    raise ConfigError(f"{field} of embedded:{name}: {e}") from None
+  if not images:
+    raise ConfigError(f"{field} {split!r} of embedded:{name} holds no images")
+  return images, labels, class_names
+
+
 def _embedded_source(epoch_size: int) -> _ArraySource:
   """Random crops of the photos bundled with scikit-image/scikit-learn; id -> photo id % 20."""
   return _ArraySource("embedded", embedded_data.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE),
@@ -358,13 +369,7 @@ def _make_source(cfg: ml_collections.ConfigDict) -> _Source:
   if dataset == "embedded":
     return _embedded_source(_int_field(cfg, "embedded_epoch_size"))
   if kind == "embedded" and arg in embedded_data.LABELLED:  # its images, labels unused
-    try:
-      images = embedded_data.load_labelled(arg, _get(cfg, "split"))[0]
-    except ValueError as e:
-      raise ConfigError(f"input.split of {dataset}: {e}") from None
-    if not images:
-      raise ConfigError(f"input.split={cfg.split!r} of {dataset} holds no images")
-    return _ArraySource(dataset, images)
+    return _ArraySource(dataset, load_labelled(arg, _get(cfg, "split"), "input.split")[0])
   if sep and arg and kind == "folder":
     return _FolderSource(arg)
   if sep and arg and kind == "tfds":

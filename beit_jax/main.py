@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from beit_jax import logs
 from beit_jax.errors import ConfigError
+from beit_jax.trainers import run  # the dispatch; `main.run` for scripts and tests
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -25,20 +26,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
                                "with auto-detection (TPU pod slices, SLURM).")
-
-def run(config, workdir: str) -> dict:
-  """Dispatches to the trainer `config.trainer` names; returns its last metrics."""
-  # Imported here so that `--help` and flag errors do not pay for TF/JAX start-up.
-  from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import finetune  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import linear_probe  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
-  from beit_jax import validate  # pylint: disable=g-import-not-at-top
-  validate.validate(config)
-  trainers = {"mim": mim.train_and_evaluate, "dvae": dvae.train_and_evaluate,
-              "finetune": finetune.train_and_evaluate,
-              "linear_probe": linear_probe.train_and_evaluate}
-  return trainers[config.trainer](config, workdir)
 
 
 def main(argv):

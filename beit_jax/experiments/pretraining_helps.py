@@ -117,15 +117,6 @@ def probe_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- the runs
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """What `python -m beit_jax.main` does with a config (whose flags this module has not)."""
-  from beit_jax import validate  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import finetune, linear_probe, mim  # pylint: disable=g-import-not-at-top
-  validate.validate(config)
-  trainers = {"mim": mim, "finetune": finetune, "linear_probe": linear_probe}
-  return trainers[config.trainer].train_and_evaluate(config, workdir)
-
-
 def _settings() -> dict:
   """The flags its runs depend on (`--labels` runs have their own folder)."""
   return {f.name: f.value for f in (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB,
@@ -150,7 +141,7 @@ def check_settings(root: epath.Path) -> None:
 def run_experiment(workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from beit_jax import classification_pipeline  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
+  from beit_jax import trainers  # pylint: disable=g-import-not-at-top
   root = epath.Path(workdir)
   check_settings(root)
   start = time.time()
@@ -161,7 +152,7 @@ def run_experiment(workdir: str) -> dict:
   if not _TOKENIZER.value:
     tok_config = pretrain_config(0, "")
     tok_config.trainer = "dvae"
-    dvae.train_and_evaluate(tok_config, tokenizer)
+    trainers.run(tok_config, tokenizer)
   stage_minutes = {"tokenizer": (time.time() - start) / 60}
 
   runs: dict[str, list[float]] = {k: [] for k in (
@@ -180,17 +171,18 @@ def run_experiment(workdir: str) -> dict:
   for seed in range(_SEEDS.value):
     seed_dir = root / f"seed_{seed}"
     pretrained = str(seed_dir / "pretrain")
-    metrics = timed("pretrain", _run, pretrain_config(seed, tokenizer), pretrained)
-    if "mim_accuracy" not in metrics:  # finished earlier: read its last logged values
+    metrics = timed("pretrain", trainers.run, pretrain_config(seed, tokenizer), pretrained)
+    if "mim_accuracy" in metrics:
+      (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
+    else:  # finished earlier: its last logged values
       metrics = json.loads((seed_dir / "pretrain_metrics.json").read_text())
-    (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
     mim_acc.append(metrics["mim_accuracy"])
     majority.append(metrics["majority_baseline"])
     for init, init_from in (("pretrained", pretrained), ("random", "")):
-      ft = timed("finetune", _run, finetune_config(seed, init_from),
+      ft = timed("finetune", trainers.run, finetune_config(seed, init_from),
                  str(downstream / f"seed_{seed}" / f"finetune_{init}"))
       runs[f"finetune/{init}"].append(ft["val_top1"])
-      probe = timed("probe", _run, probe_config(seed, init_from),
+      probe = timed("probe", trainers.run, probe_config(seed, init_from),
                     str(downstream / f"seed_{seed}" / f"probe_{init}"))
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
