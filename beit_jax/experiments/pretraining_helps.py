@@ -126,16 +126,16 @@ def _settings() -> dict:
 
 def check_settings(root: epath.Path) -> None:
   """Refuses a workdir whose runs were made with other flags (they would be reused)."""
-  path = root / "settings.json"
+  path, settings = root / "settings.json", _settings()
   if path.exists():
     before = json.loads(path.read_text())
-    changed = [f"--{k}={v!r} (this run: {_settings()[k]!r})" for k, v in before.items()
-               if _settings().get(k) != v]
+    changed = [f"--{k}={v!r} (this run: {settings[k]!r})" for k, v in before.items()
+               if settings.get(k) != v]
     if changed:
       sys.exit(f"pretraining_helps: error: {root} holds runs made with "
                f"{', '.join(changed)}; use another --workdir for other settings")
   root.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(_settings(), indent=2))
+  path.write_text(json.dumps(settings, indent=2))
 
 
 def run_experiment(workdir: str) -> dict:
@@ -159,9 +159,9 @@ def run_experiment(workdir: str) -> dict:
       "finetune/pretrained", "finetune/random", "probe/pretrained", "probe/random")}
   mim_acc, majority = [], []
 
-  def timed(stage, fn, *args):
+  def timed(stage, config, run_dir):
     t = time.time()
-    out = fn(*args)
+    out = trainers.run(config, run_dir)
     stage_minutes[stage] = stage_minutes.get(stage, 0.0) + (time.time() - t) / 60
     return out
 
@@ -171,7 +171,7 @@ def run_experiment(workdir: str) -> dict:
   for seed in range(_SEEDS.value):
     seed_dir = root / f"seed_{seed}"
     pretrained = str(seed_dir / "pretrain")
-    metrics = timed("pretrain", trainers.run, pretrain_config(seed, tokenizer), pretrained)
+    metrics = timed("pretrain", pretrain_config(seed, tokenizer), pretrained)
     if "mim_accuracy" in metrics:
       (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
     else:  # finished earlier: its last logged values
@@ -179,10 +179,10 @@ def run_experiment(workdir: str) -> dict:
     mim_acc.append(metrics["mim_accuracy"])
     majority.append(metrics["majority_baseline"])
     for init, init_from in (("pretrained", pretrained), ("random", "")):
-      ft = timed("finetune", trainers.run, finetune_config(seed, init_from),
+      ft = timed("finetune", finetune_config(seed, init_from),
                  str(downstream / f"seed_{seed}" / f"finetune_{init}"))
       runs[f"finetune/{init}"].append(ft["val_top1"])
-      probe = timed("probe", trainers.run, probe_config(seed, init_from),
+      probe = timed("probe", probe_config(seed, init_from),
                     str(downstream / f"seed_{seed}" / f"probe_{init}"))
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
