@@ -54,27 +54,27 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from beit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from beit_jax import runner  # pylint: disable=g-import-not-at-top
   from beit_jax import sharding  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  from beit_jax import trainers  # pylint: disable=g-import-not-at-top
+  from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _BATCH.value:
     config.input.batch_size = _BATCH.value
   batch_size = config.input.batch_size
-  mim.validate(config)
+  trainers.validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(batch_size, mesh)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
         f"{dict(mesh.shape)}, model {config.model.variant}, batch {batch_size}")
 
-  tok_model = tokenizers.build(config.tokenizer)
-  t = config.input.tokenizer_image_size
-  tok_params = tok_model.init({"params": jax.random.key(0), "gumbel": jax.random.key(0)},
-                              jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
-  tok_params = jax.device_put(tok_params, sharding.replicated(mesh))
-  state, _, step = mim.init(config, mesh, tokenizers.tokenize_fn(tok_model))
+  tokenizer = tokenizers.build(config.tokenizer)
+  tok_params = tokenizer.init(jax.random.key(0), tokenizers.view(config).size)
+  task = trainers.make_task(config, tokenizer=tokenizer, tok_params=tok_params)
+  built = runner.setup(config, task, mesh)
+  state, step, tok_params = built.state, built.step, built.frozen
   batch = sharding.host_to_global(synthetic_batch(config, batch_size), mesh)
 
   t0 = time.perf_counter()
@@ -101,8 +101,9 @@ def main(argv):
         f"GFLOP/s -> step at {100 * achieved / ceiling:.1f}% of ceiling")
 
   if _PIPELINE_BATCHES.value:
-    it = input_pipeline.make_pretrain_iterator(config, seed=0, process_count=jax.process_count(),
-                                               process_index=jax.process_index())
+    it = pretrain.make_pretrain_iterator(
+        config, tokenizers.pretrain_views(config), seed=0, process_count=jax.process_count(),
+        process_index=jax.process_index())
     for _ in range(_PIPELINE_WARMUP):
       next(it)
     t0 = time.perf_counter()

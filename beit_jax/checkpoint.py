@@ -13,7 +13,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from beit_jax import validate
 from beit_jax.errors import ConfigError
+
+RULES = (
+    ("checkpoint.every_steps", *validate.POSITIVE_INT),
+    ("checkpoint.keep", *validate.POSITIVE_INT),
+)
 
 
 def check_writable(workdir: str, field: str = "workdir") -> None:

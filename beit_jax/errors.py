@@ -7,3 +7,7 @@ class ConfigError(ValueError):
   `main` prints these as a single line (no traceback): the message must say
   which field/file is at fault and what would be accepted.
   """
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. too many non-finite steps); its checkpoints are intact."""

@@ -1,7 +1,7 @@
-"""The pieces every trainer's loop shares: workdir, writers, progress, the step loop.
+"""The step loop every run shares, and the workdir, writers and progress it reports to.
 
-One loop shape for all trainers (big_vision style): the trainer builds data, model
-and a jitted step; `run` drives it with periodic metrics, checkpoints and hooks.
+One loop shape for all trainers (big_vision style), driven by `runner.run`: periodic
+metrics, checkpoints and hooks, and the stop after too many non-finite steps.
 """
 import collections
 import json
@@ -9,18 +9,17 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers
 from etils import epath
 
 from beit_jax import checkpoint
 from beit_jax import sharding
+from beit_jax.errors import TrainingError
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -99,16 +98,16 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
         batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
         writer: metric_writers.MetricWriter, manager, log_every_steps: int,
         global_batch_size: int,
-        hooks: tuple[tuple[int, Callable[[int, Any], None]], ...] = (),
+        hooks: tuple[tuple[int, Callable[[int, Any], dict | None]], ...] = (),
         skipped_fn: Callable[[], dict[str, int]] = dict, resumed_meta: dict | None = None,
         max_bad_steps: int = 20,
-        inject_nan_steps: tuple[int, ...] = ()) -> tuple[Any, dict[str, float]]:
+        inject_nan_steps: tuple[int, ...] = ()) -> dict[str, float]:
   """Runs `train_step` from `start_step` to `total_steps`.
 
   Args:
     train_step: jitted (state, global batch) -> (state, metrics of scalars).
     hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
-      run once at the end.
+      run once at the end. A dict a hook returns joins the returned metrics.
     skipped_fn: the input pipeline's counts of skipped images (by reason) in this
       process; their totals over the whole run go into each checkpoint's meta.
     resumed_meta: the meta of the checkpoint the run resumed from.
@@ -117,7 +116,7 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     inject_nan_steps: steps whose batch is replaced by NaNs (to test the above).
 
   Returns:
-    The final state and the last reported metrics.
+    The last reported metrics, and the last metrics each hook returned.
   """
   progress = Progress(start_step, total_steps, desc)
   skipped_before = collections.Counter((resumed_meta or {}).get("skipped_images", {}))
@@ -128,6 +127,7 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     return {"skipped_images": dict(now)}
   history: list[dict[str, jax.Array]] = []
   summary: dict[str, float] = {}
+  reported: dict[str, float] = {}  # the hooks'
   t0, s0 = time.time(), start_step
   for step in range(start_step + 1, total_steps + 1):
     batch = next(batches)
@@ -161,72 +161,13 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
     checkpoint.save(manager, step, state, meta(), force=step == total_steps)
     for every, fn in hooks:
       if step % every == 0 and step != total_steps:
-        fn(step, state)
+        reported.update(fn(step, state) or {})
   for _, fn in hooks:
-    fn(total_steps, state)
+    reported.update(fn(total_steps, state) or {})
   progress.close()
   skipped = meta()["skipped_images"]
   logging.info("%s: finished at step %d; images skipped over the run: %s", desc,
                total_steps, ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none")
   manager.wait_until_finished()
   writer.flush()
-  return state, summary
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array          # int32 scalar: steps taken (skipped ones included)
-  params: Any
-  opt_state: Any
-  bad_steps: jax.Array     # int32 scalar: consecutive steps skipped as non-finite
-
-
-class TrainingError(RuntimeError):
-  """The run cannot go on (e.g. too many non-finite steps); its checkpoints are intact."""
-
-
-def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """The optimizer update, or no change at all when the loss or a gradient is not finite.
-
-  A skipped step leaves params and optimizer state bit-identical (one bad batch
-  must not cost the run); it still advances `step`, so the data and random streams
-  move on, and it counts in `bad_steps` until a good step resets it.
-  """
-  grad_norm = optax.global_norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
-  return new_state, {"grad_norm": grad_norm, "skipped_steps": 1 - ok.astype(jnp.float32)}
-
-
-def init_train_state(init_params: Callable[[jax.Array], Any], tx, rng: jax.Array,
-                     mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
-  """Initialises params and optimizer state directly in their shardings.
-
-  Returns the state and its shardings (for the jitted step's in/out shardings).
-  """
-  def init(rng):
-    params = init_params(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), bad_steps=jnp.zeros((), jnp.int32))
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.param_shardings(abstract, mesh, rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
-
-
-def restore_or_keep(manager, state: TrainState, shardings) -> tuple[TrainState, int, dict]:
-  """Resumes from the workdir's latest checkpoint if there is one."""
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  restored = checkpoint.restore_latest(manager, abstract)
-  if restored is None:
-    return state, 0, {}
-  state, meta = restored
-  logging.info("Resumed from step %d", int(meta["step"]))
-  return state, int(meta["step"]), meta
+  return {**summary, **reported}

@@ -42,7 +42,7 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  from beit_jax.loop import TrainingError  # pylint: disable=g-import-not-at-top
+  from beit_jax.errors import TrainingError  # pylint: disable=g-import-not-at-top
   try:
     metrics = run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingError) as e:

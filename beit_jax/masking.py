@@ -1,4 +1,4 @@
-"""Patch masks for masked image modeling: BEiT's blockwise masking and random masking (SPEC §2).
+"""Patch masks for masked image modeling: BEiT's blockwise and random masks (docs/reference.md §2).
 
 `make_mask_tf` is built from TF graph ops with stateless randomness only, so it runs inside a
 `tf.data` map with parallel calls and gives the same mask for the same seed on every host and

@@ -1,4 +1,5 @@
-"""Learning-rate schedules and AdamW with BEiT's weight-decay rules (SPEC §4)."""
+"""Learning-rate schedules, AdamW with BEiT's weight-decay rules (docs/reference.md §4), layer
+decay (§5)."""
 import re
 from typing import Any, Callable
 
@@ -7,12 +8,30 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from beit_jax import validate
 from beit_jax.errors import ConfigError
 from beit_jax.param_paths import path_str
 
 # Parameters that never get weight decay besides those with ndim <= 1 (biases, norms,
 # LayerScale). unilm decays the mask token and the relative position table.
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# Layer 0 of the layer-wise lr decay (unilm's get_layer_id_for_vit).
+_EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "patch_embed")
+
+
+_n = validate.number
+RULES = (
+    ("optim.lr", _n(0, lo_open=True), "a number > 0"),
+    ("optim.min_lr", _n(0), "a number >= 0"),
+    ("optim.warmup_epochs", _n(0), "a number >= 0"),
+    ("optim.warmup_steps", _n(0, integer=True), "an integer >= 0"),
+    ("optim.b1", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("optim.b2", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("optim.eps", _n(0), "a number >= 0"),
+    ("optim.weight_decay", _n(0), "a number >= 0"),
+    ("optim.grad_clip", _n(0), "a number >= 0 (0: off)"),
+    ("optim.layer_decay", _n(0, 1, lo_open=True), "a number in (0, 1] (1: no decay)"),
+)
 
 
 def lr_schedule(base_lr: float, *, total_steps: int, warmup_steps: int,
@@ -83,3 +102,20 @@ def _scale_by_tree(scale_fn) -> optax.GradientTransformation:
     return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates,
                         scales), state
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def layer_id(path: str, depth: int) -> int:
+  """unilm's layer of a parameter: 0 embeddings, b+1 block b, depth+1 everything after."""
+  top = path.split("/")[0]
+  if top in _EMBEDDINGS:
+    return 0
+  m = re.fullmatch(r"blocks_(\d+)", top)
+  if m:
+    return int(m.group(1)) + 1
+  return depth + 1  # rel_pos_bias, norm, fc_norm, head
+
+
+def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
+  """Per-parameter lr multipliers decay^(depth + 1 - layer): 1 for the head."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: decay ** (depth + 1 - layer_id(path_str(p), depth)), params)

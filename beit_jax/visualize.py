@@ -37,16 +37,14 @@ from etils import epath
 from PIL import Image
 
 from beit_jax import checkpoint
-from beit_jax import embedded_data
-from beit_jax import input_pipeline
 from beit_jax import logs
 from beit_jax import loop
 from beit_jax import tokenizers
 from beit_jax import visuals
+from beit_jax.data import embedded
+from beit_jax.data import views
 from beit_jax.errors import ConfigError
-from beit_jax.models import dvae
 from beit_jax.models import vit
-from beit_jax.trainers import mim
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "ViT to draw attention maps of: a run's workdir or a converted "
@@ -121,7 +119,7 @@ def find_images(spec: str) -> list[Photo]:
   for part in (p.strip() for p in spec.split(",") if p.strip()):
     if part == "embedded":
       named = [(f"embedded_{i:02d}", x) for i, x in
-               enumerate(embedded_data.load_embedded_images())]
+               enumerate(embedded.load_embedded_images())]
     else:
       named = [(p.stem, p) for p in _image_paths(part)]
     for name, source in named:
@@ -139,7 +137,7 @@ def center_crop_resize(pixels: np.ndarray, size: int,
                        resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: largest centred square, resized.
 
-  The same cut as pretraining's evaluation batch (`input_pipeline.make_eval_batch`), i.e.
+  The same cut as pretraining's picture batch (`data.pretrain.make_eval_batch`), i.e.
   the shorter side resized to `size` and the longer one centre-cropped.
   """
   h, w = pixels.shape[:2]
@@ -150,9 +148,9 @@ def center_crop_resize(pixels: np.ndarray, size: int,
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-  """[0, 1] -> the ViT's input (ImageNet mean/std), the inverse of `visuals.unnormalize`."""
-  return ((images - np.asarray(input_pipeline.IMAGENET_MEAN, np.float32))
-          / np.asarray(input_pipeline.IMAGENET_STD, np.float32))
+  """[0, 1] -> the ViT's input (ImageNet mean/std)."""
+  return ((images - np.asarray(views.IMAGENET_MEAN, np.float32))
+          / np.asarray(views.IMAGENET_STD, np.float32))
 
 
 def _indices(spec: str, count: int, flag: str, what: str) -> list[int]:
@@ -216,7 +214,8 @@ def build_vit(path: str) -> vit.VisionTransformer:
   if "model" not in config or "input" not in config:
     raise ConfigError(f"--checkpoint={path}: config.json describes no ViT (no 'model' and "
                       "'input', nor a converter's 'vit')")
-  return mim.make_model(config, train=False)
+  return vit.from_config(config.model, image_size=config.input.image_size,
+                         vocab_size=config.tokenizer.vocab_size)
 
 
 def load_vit_params(path: str, model: vit.VisionTransformer) -> Any:
@@ -328,24 +327,25 @@ def _tokenizer_dir(path: str) -> str:
   return str(sub) if (sub / "config.json").exists() else path
 
 
-def load_tokenizer(path: str) -> tuple[dvae.DiscreteVAE, Any]:
-  """(model, params) of a dVAE checkpoint; params may lack the decoder."""
+def load_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, Any]:
+  """(tokenizer, params) of a tokenizer checkpoint; params may lack a decoder."""
   path = _tokenizer_dir(path)
   config = _load_config(path, "--tokenizer")
   if "tokenizer" not in config:
     raise ConfigError(f"--tokenizer={path}: config.json has no 'tokenizer' section")
-  model = tokenizers.build(config.tokenizer)
+  tokenizer = tokenizers.build(config.tokenizer)
   params = checkpoint.load_params(path)
-  # An encoder-only conversion (its config has n_init=None) is checked as an encoder.
-  rngs, dummy = {"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 3))
-  abstract = jax.eval_shape(
-      lambda: model.init(rngs, dummy, temperature=1.0, train=False) if "decoder" in params
-      else model.init(rngs, dummy, method=dvae.DiscreteVAE.encode))["params"]
-  return model, checkpoint.check_and_cast(abstract, params, f"--tokenizer={path}")
+  return tokenizer, tokenizer.entry.check_params(tokenizer.model, params, f"--tokenizer={path}")
 
 
-def tokenizer_image_size(path: str, image_size: int | None) -> int:
-  """--image_size, else the size the tokenizer was trained at."""
+# PIL's filters for the views' resize methods.
+_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                 "lanczos3": Image.Resampling.LANCZOS, "lanczos5": Image.Resampling.LANCZOS,
+                 "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
+
+
+def tokenizer_view(path: str, image_size: int | None) -> views.View:
+  """The tokenizer's input view at --image_size, else at the size it was trained at."""
   config = _load_config(_tokenizer_dir(path), "--tokenizer")
   size = image_size or config.get("input", {}).get("tokenizer_image_size")
   if not size:
@@ -353,7 +353,8 @@ def tokenizer_image_size(path: str, image_size: int | None) -> int:
                       "pass --image_size (e.g. 112, BEiT's tokenizer view)")
   if size % 8:
     raise ConfigError(f"--image_size={size}: the dVAE needs a multiple of 8")
-  return size
+  inp = ml_collections.ConfigDict(dict(config.get("input", {}), tokenizer_image_size=size))
+  return tokenizers.entry(config.tokenizer.kind).view(inp)
 
 
 def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | None,
@@ -374,34 +375,32 @@ def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | Non
   return visuals.image_grid([np.stack(cells)])
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def tokens_and_reconstruction(params: Any, images: jax.Array, *, model: dvae.DiscreteVAE
+@functools.partial(jax.jit, static_argnames="tokenizer")
+def tokens_and_reconstruction(params: Any, images: jax.Array, *,
+                              tokenizer: tokenizers.Tokenizer
                               ) -> tuple[jax.Array, jax.Array | None]:
-  """[B, T, T, 3] in [0, 1] -> tokens [B, T/8, T/8] and their decoding (None: no decoder)."""
-  tokens = dvae.tokenize(params, images, model=model)
-  if "decoder" not in params:
-    return tokens, None
-  return tokens, model.apply({"params": params}, tokens, method=model.decode_tokens)
+  """[B, T, T, 3] tokenizer input -> tokens [B, h, w] and their decoding (None: no decoder)."""
+  tokens = tokenizer.tokenize(params, images)
+  return tokens, tokenizer.decode(params, tokens)
 
 
-def write_token_maps(path: str, photos: list[Photo], out: epath.Path, size: int
+def write_token_maps(path: str, photos: list[Photo], out: epath.Path, view: views.View
                      ) -> list[epath.Path]:
-  """One PNG per photo, the tokenizer seeing `size`-pixel images; returns their paths."""
-  model, params = load_tokenizer(path)
-  if "decoder" not in params:
-    logging.warning("--tokenizer=%s has no decoder: the token maps have no reconstruction",
-                    path)
-
+  """One PNG per photo, the tokenizer seeing it through `view`; returns their paths."""
+  tokenizer, params = load_tokenizer(path)
   written = []
   for photo in photos:
-    image = center_crop_resize(photo.pixels(), size, Image.Resampling.LANCZOS)
+    image = center_crop_resize(photo.pixels(), view.size, _PIL_RESAMPLE[view.resize])
     tokens, recon = jax.device_get(tokens_and_reconstruction(
-        params, jnp.asarray(image[None]), model=model))
+        params, jnp.asarray(view.to_model(image)[None]), tokenizer=tokenizer))
+    if recon is None and not written:
+      logging.warning("--tokenizer=%s has no decoder: the token maps have no reconstruction",
+                      path)
     logging.info("%s: %d distinct tokens among %d", photo.name, len(np.unique(tokens)),
                  tokens.size)
     target = out / f"{photo.name}_tokens.png"
     visuals.write_png(target, token_picture(
-        image, tokens[0], None if recon is None else recon[0], model.vocab_size))
+        image, tokens[0], None if recon is None else recon[0], tokenizer.vocab_size(params)))
     written.append(target)
   return written
 
@@ -417,14 +416,14 @@ def run(*, images: str, out: str, checkpoint_dir: str | None = None,
   # Flags and config files first: mistakes fail before any weights are read.
   job = attention_job(checkpoint_dir, layers=layers, heads=heads, ref_patches=ref_patches,
                       image_size=image_size) if checkpoint_dir else None
-  tok_size = tokenizer_image_size(tokenizer_dir, image_size) if tokenizer_dir else None
+  tok_view = tokenizer_view(tokenizer_dir, image_size) if tokenizer_dir else None
   photos = find_images(images)
   checkpoint.check_writable(out, "--out")
   written = []
   if job:
     written += write_attention_maps(job, photos, epath.Path(out))
   if tokenizer_dir:
-    written += write_token_maps(tokenizer_dir, photos, epath.Path(out), tok_size)
+    written += write_token_maps(tokenizer_dir, photos, epath.Path(out), tok_view)
   logging.info("Wrote %d PNG files to %s", len(written), out)
   return written
 

@@ -1,8 +1,9 @@
 """Pictures of a run, as PNG files in `<workdir>/images/` and as TensorBoard images.
 
-dVAE reconstructions, the masked input, what the MIM head predicts for the masked
+Tokenizer reconstructions, the masked input, what the MIM head predicts for the masked
 patches, and the self-attention map of a reference patch (the paper's figure). The
 pieces (heat overlays, patch outlines, token colours) also serve `beit_jax.visualize`.
+Tokenizers are used only through `beit_jax.tokenizers`' interface.
 """
 import io
 from typing import Any
@@ -14,8 +15,8 @@ from clu import metric_writers
 from etils import epath
 from PIL import Image
 
-from beit_jax import input_pipeline
-from beit_jax.models import dvae
+from beit_jax import tokenizers
+from beit_jax.data.views import View
 from beit_jax.models import vit
 
 
@@ -56,12 +57,6 @@ def write_png(path: epath.Path, picture: np.ndarray) -> None:
   buf = io.BytesIO()
   Image.fromarray(to_uint8(picture)).save(buf, format="PNG")
   epath.Path(path).write_bytes(buf.getvalue())
-
-
-def unnormalize(images: np.ndarray) -> np.ndarray:
-  """ViT input (ImageNet mean/std normalised) -> [0, 1]."""
-  return images * np.asarray(input_pipeline.IMAGENET_STD) + np.asarray(
-      input_pipeline.IMAGENET_MEAN)
 
 
 def patch_mask_to_pixels(mask: np.ndarray, image_size: int) -> np.ndarray:
@@ -144,41 +139,39 @@ def upscale(images: np.ndarray, factor: int) -> np.ndarray:
   return np.repeat(np.repeat(images, factor, -3), factor, -2)
 
 
-def write_dvae_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
-                      model: dvae.DiscreteVAE, params: Any) -> None:
-  """Originals (top) and reconstructions from their hard tokens (bottom)."""
-  recon = _dvae_reconstruct(model, params, jnp.asarray(images))
-  save(image_dir, writer, step, "dvae_reconstructions",
-       image_grid([np.asarray(images), np.asarray(recon)]))
-
-
-def _dvae_reconstruct(model, params, images):
-  tokens = dvae.tokenize(params, images, model=model)
-  return model.apply({"params": params}, tokens, method=model.decode_tokens)
+def write_tokenizer_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
+                           tokenizer: tokenizers.Tokenizer, params: Any) -> None:
+  """Originals (top) and their decoding from their tokens (bottom)."""
+  images = jnp.asarray(images)
+  recon = tokenizer.decode(params, tokenizer.tokenize(params, images))
+  if recon is None:
+    return
+  name = f"{tokenizer.kind}_reconstructions"
+  save(image_dir, writer, step, name, image_grid([np.asarray(images), np.asarray(recon)]))
 
 
 def write_mim_images(image_dir: epath.Path, writer, step: int, batch: dict[str, np.ndarray],
-                     *, model: vit.VisionTransformer, params: Any, tok_model: dvae.DiscreteVAE,
-                     tok_params: Any) -> None:
+                     *, model: vit.VisionTransformer, params: Any,
+                     tokenizer: tokenizers.Tokenizer, tok_params: Any, vit_view: View) -> None:
   """Rows: input, masked input, tokenizer reconstruction, MIM prediction, attention.
 
-  The MIM prediction decodes the tokens the model predicts at masked patches
-  (true tokens elsewhere) with the dVAE decoder; the attention row shows the last
-  layer's attention (mean over heads) of the centre patch.
+  The MIM prediction decodes the tokens the model predicts at masked patches (true tokens
+  elsewhere) with the tokenizer's decoder (both rows are left out if it has none); the
+  attention row shows the last layer's attention (mean over heads) of the centre patch.
   """
   images = jnp.asarray(batch["image"])
   mask = jnp.asarray(batch["mask"])
   out = model.apply({"params": params}, images, mask, return_attention=True)
-  tokens = dvae.tokenize(tok_params, jnp.asarray(batch["tokenizer_image"]), model=tok_model)
+  tokens = tokenizer.tokenize(tok_params, jnp.asarray(batch["tokenizer_image"]))
   g = tokens.shape[1]
   predicted = jnp.where(mask.reshape(tokens.shape), jnp.argmax(out["mim_logits"], -1).reshape(
       tokens.shape), tokens)
-  decode = lambda t: tok_model.apply({"params": tok_params}, t, method=tok_model.decode_tokens)
-  original = np.clip(unnormalize(np.asarray(images)), 0, 1)
+  original = np.clip(vit_view.to_pixels(np.asarray(images)), 0, 1)
   pixel_mask = patch_mask_to_pixels(np.asarray(mask), original.shape[1])
   masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
   ref = (g // 2) * g + g // 2
   attention = np.asarray(out["attention"][-1], np.float32)
-  save(image_dir, writer, step, "mim", image_grid([
-      original, masked, np.asarray(decode(tokens)), np.asarray(decode(predicted)),
-      attention_overlay(original, attention, ref)]))
+  decoded = [tokenizer.decode(tok_params, t) for t in (tokens, predicted)]
+  rows = [original, masked] + [np.asarray(d) for d in decoded if d is not None]
+  save(image_dir, writer, step, "mim", image_grid(
+      rows + [attention_overlay(original, attention, ref)]))

@@ -1,4 +1,4 @@
-r"""BEiT-B/16 v1 pretraining on ImageNet-1K, the paper's recipe (SPEC §1-§4).
+r"""BEiT-B/16 v1 pretraining on ImageNet-1K, the paper's recipe (docs/reference.md §1-4).
 
   python -m beit_jax.main --config=configs/beit_base.py --workdir=gs://BUCKET/beit_base \
       --config.input.data_dir=gs://BUCKET/tensorflow_datasets

@@ -1,4 +1,4 @@
-r"""BEiT-L/16 v1 pretraining on ImageNet-1K (unilm's large settings, SPEC §1, §4).
+r"""BEiT-L/16 v1 pretraining on ImageNet-1K (unilm's large settings; docs/reference.md §1, 4).
 
 Shared relative position bias, LayerScale init 1e-5, drop path 0.1; otherwise the
 base recipe. Parameters and optimizer state are sharded over an `fsdp` mesh axis and

@@ -1,4 +1,4 @@
-"""Pieces the configs share: `parse_arg` and the BEiT v1 pretraining recipe (SPEC §1-§4).
+"""What the configs share: `parse_arg`, the BEiT v1 pretraining recipe (docs/reference.md §1-4).
 
 A config file's `get_config(arg)` takes a comma-separated `key=value` string, e.g.
 `--config=configs/beit_base.py:variant=L/16,rel=True`.
@@ -28,7 +28,7 @@ def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
 
 def dvae_config(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
                 n_init: int = 128) -> ml_collections.ConfigDict:
-  """The DALL-E dVAE (SPEC §3) and its stage-1 training recipe (the DALL-E paper's)."""
+  """The DALL-E dVAE (docs/reference.md §3) and its stage-1 recipe (the DALL-E paper's)."""
   return ml_collections.ConfigDict(dict(
       kind="dvae", vocab_size=vocab_size, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
       n_init=n_init,
@@ -47,7 +47,7 @@ def dvae_config(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: in
 
 
 def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
-  """BEiT v1 on ImageNet-1K: 800 epochs, batch 2048, lr 1.5e-3 (SPEC §4)."""
+  """BEiT v1 on ImageNet-1K: 800 epochs, batch 2048, lr 1.5e-3 (docs/reference.md §4)."""
   patch = int(variant.split("/")[1])
   c = ml_collections.ConfigDict()
   c.trainer = "mim"

@@ -1,4 +1,4 @@
-r"""BEiT-B/16 fine-tuning on ImageNet-1K, unilm's recipe (SPEC §5).
+r"""BEiT-B/16 fine-tuning on ImageNet-1K, unilm's recipe (docs/reference.md §5).
 
   python -m beit_jax.main --config=configs/finetune_base.py --workdir=gs://BUCKET/ft_base \
       --config.init_from=gs://BUCKET/beit_base \
@@ -24,7 +24,7 @@ from configs import common
 
 def finetune_config(variant: str = "B/16", rel: bool = False,
                     image_size: int = 224) -> ml_collections.ConfigDict:
-  """The ImageNet-1K fine-tuning recipe of unilm's BEiT-B (SPEC §5)."""
+  """The ImageNet-1K fine-tuning recipe of unilm's BEiT-B (docs/reference.md §5)."""
   patch = int(variant.split("/")[1])
   c = ml_collections.ConfigDict()
   c.trainer = "finetune"

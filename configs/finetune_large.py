@@ -1,4 +1,4 @@
-r"""BEiT-L/16 fine-tuning on ImageNet-1K (unilm's large settings, SPEC §5).
+r"""BEiT-L/16 fine-tuning on ImageNet-1K (unilm's large settings, docs/reference.md §5).
 
   python -m beit_jax.main --config=configs/finetune_large.py --workdir=gs://BUCKET/ft_large \
       --config.init_from=gs://BUCKET/beit_large \

@@ -1,4 +1,4 @@
-r"""Linear probing of a frozen BEiT (SPEC §5), as unilm's run_linear_eval.py.
+r"""Linear probing of a frozen BEiT (docs/reference.md §5), as unilm's run_linear_eval.py.
 
   python -m beit_jax.main --config=configs/linear_probe.py --workdir=gs://BUCKET/probe_base \
       --config.init_from=gs://BUCKET/beit_base \

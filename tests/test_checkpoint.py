@@ -6,7 +6,8 @@ import optax
 import pytest
 
 from beit_jax import checkpoint
-from beit_jax import loop
+from beit_jax import runner
+from beit_jax import train_state
 from beit_jax import sharding
 from beit_jax.errors import ConfigError
 
@@ -15,8 +16,8 @@ def _state(seed=0):
   params = {"dense": {"kernel": jax.random.normal(jax.random.key(seed), (4, 8)),
                       "bias": jnp.arange(8.0)}}
   tx = optax.adamw(1e-3)
-  return loop.TrainState(step=jnp.array(7, jnp.int32), params=params,
-                         opt_state=tx.init(params), bad_steps=jnp.array(0, jnp.int32))
+  return train_state.TrainState(step=jnp.array(7, jnp.int32), params=params,
+                                opt_state=tx.init(params), bad_steps=jnp.array(0, jnp.int32))
 
 
 def test_round_trip_keeps_every_leaf_and_the_meta(tmp_path):
@@ -26,7 +27,7 @@ def test_round_trip_keeps_every_leaf_and_the_meta(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), every_steps=1, keep=2)
   checkpoint.save(manager, 7, state, {"skipped_images": {"undecodable": 3}})
   manager.wait_until_finished()
-  restored, start, meta = loop.restore_or_keep(manager, _state(seed=1), shardings)
+  restored, start, meta = runner.restore_or_keep(manager, _state(seed=1), shardings)
   assert start == 7 and meta["skipped_images"] == {"undecodable": 3}
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
@@ -65,7 +66,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated, as by a full disk
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), _state())
-  restored, start, _ = loop.restore_or_keep(manager, _state(seed=9), shardings)
+  restored, start, _ = runner.restore_or_keep(manager, _state(seed=9), shardings)
   assert start == 1
   np.testing.assert_array_equal(restored.params["dense"]["kernel"],
                                 _state(seed=1).params["dense"]["kernel"])

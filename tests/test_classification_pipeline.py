@@ -7,13 +7,14 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from beit_jax import classification_pipeline as cp
-from beit_jax import embedded_data
-from beit_jax import input_pipeline as ip
-from beit_jax import randaugment as ra
+from beit_jax.data import classification as cp
+from beit_jax.data import embedded as embedded_data
+from beit_jax.data import randaugment as ra
+from beit_jax.data import sources
+from beit_jax.data import views
 from beit_jax.errors import ConfigError
 
-MEAN, STD = np.asarray(ip.IMAGENET_MEAN), np.asarray(ip.IMAGENET_STD)
+MEAN, STD = np.asarray(views.IMAGENET_MEAN), np.asarray(views.IMAGENET_STD)
 
 
 def make_config(dataset="embedded:digits", **overrides) -> ml_collections.ConfigDict:
@@ -141,7 +142,7 @@ def test_folder_classes_are_subfolders(tmp_path):
   np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])
 
   _png(tmp_path / "val" / "loose.png", 0)
-  ip.list_image_folder.cache_clear()
+  sources.list_image_folder.cache_clear()
   with pytest.raises(ConfigError, match="one subfolder per class; 1 image files lie"):
     cp.dataset_info(config)
   _png(tmp_path / "other" / "bird" / "0.png", 0)

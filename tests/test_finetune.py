@@ -10,8 +10,11 @@ from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
 
 from beit_jax import checkpoint
+from beit_jax import classification
 from beit_jax import main
 from beit_jax import optim
+from beit_jax import pretrained as pretrained_weights
+from beit_jax import runner
 from beit_jax import sharding
 from beit_jax.convert import relpos
 from beit_jax.errors import ConfigError
@@ -34,7 +37,7 @@ def test_layer_decay_factors_per_parameter():
   model = finetune.make_model(config, num_classes=10)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   depth, d = 2, 0.5
-  scales = _flat(finetune.layer_decay_scales(params, depth=depth, decay=d))
+  scales = _flat(optim.layer_decay_scales(params, depth=depth, decay=d))
   expected = {"cls_token": d ** 3, "mask_token": d ** 3, "pos_embed": d ** 3,
               "patch_embed/kernel": d ** 3, "patch_embed/bias": d ** 3,
               "blocks_0/attn/qkv/kernel": d ** 2, "blocks_0/gamma_1": d ** 2,
@@ -49,7 +52,7 @@ def test_layer_decay_factors_per_parameter():
   config.optim.update(dict(lr=1e-2, weight_decay=0.0))
   tx, _ = optim.make_optimizer(
       config.optim, total_steps=10, warmup_steps=0,
-      lr_scale_fn=lambda p: finetune.layer_decay_scales(p, depth=depth, decay=d))
+      lr_scale_fn=lambda p: optim.layer_decay_scales(p, depth=depth, decay=d))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, zeros), tx.init(zeros), zeros)
   updates = _flat(updates)
@@ -58,9 +61,9 @@ def test_layer_decay_factors_per_parameter():
 
 
 def test_shared_rel_pos_bias_gets_the_head_scale():
-  assert finetune.layer_id("rel_pos_bias/relative_position_bias_table", 12) == 13
-  assert finetune.layer_id("blocks_11/attn/proj/kernel", 12) == 12
-  assert finetune.layer_id("patch_embed/kernel", 12) == 0
+  assert optim.layer_id("rel_pos_bias/relative_position_bias_table", 12) == 13
+  assert optim.layer_id("blocks_11/attn/proj/kernel", 12) == 12
+  assert optim.layer_id("patch_embed/kernel", 12) == 0
 
 
 # --------------------------------------------------------------------------- mixup
@@ -120,10 +123,10 @@ def test_accuracy_on_a_tiny_set_computed_by_hand():
   valid = jnp.array([1, 1, 1, 1, 0, 1, 0, 0], bool)
   batch = {"logits": logits, "label": labels, "valid": valid}
   mesh = sharding.make_mesh({"data": -1})
-  eval_fn = jax.jit(lambda p, b: finetune.classification_sums(b["logits"], b["label"],
+  eval_fn = jax.jit(lambda p, b: classification.classification_sums(b["logits"], b["label"],
                                                               b["valid"]))
   # Two passes' worth of the same batch: the sums must add up across batches.
-  metrics = finetune.evaluate(eval_fn, None, [batch, batch], mesh)
+  metrics = classification.evaluate(eval_fn, None, [batch, batch], mesh)
   assert metrics["examples"] == 10
   assert metrics["top1"] == pytest.approx(2 / 5)
   assert metrics["top5"] == pytest.approx(4 / 5)
@@ -161,9 +164,11 @@ def test_one_step_from_a_pretraining_checkpoint_loads_every_backbone_weight(pret
   config = tiny_finetune_config()
   # One device: the sharded step is main.run's (end-to-end tests); this one compiles faster.
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  state, _, train_fn, _ = finetune.init(config, mesh, 10, total_steps=5, warmup_steps=0)
+  config.total_steps, config.optim.warmup_steps, config.optim.warmup_epochs = 5, 0, 0
+  built = runner.setup(config, finetune.make_task(config), mesh)
+  state, train_fn = built.state, lambda s, b: built.step(s, b, built.frozen)
   init = _flat(state.params)
-  state = state.replace(params=finetune.load_pretrained(path, state.params, config))
+  state = state.replace(params=pretrained_weights.load_pretrained(path, state.params, config))
   loaded = _flat(state.params)
   shared = source["rel_pos_bias/relative_position_bias_table"]
   for name, value in loaded.items():
@@ -190,7 +195,7 @@ def test_position_tables_are_resized_for_another_resolution(pretrained):
   path, source = pretrained
   config = tiny_finetune_config()
   config.input.image_size = 48  # 6x6 patches; the checkpoint has 4x4
-  loaded = _flat(finetune.load_pretrained(path, _target(config), config))
+  loaded = _flat(pretrained_weights.load_pretrained(path, _target(config), config))
   want = relpos.resize_rel_pos_table(source["rel_pos_bias/relative_position_bias_table"],
                                      (4, 4), (6, 6))
   assert want.shape == (11 * 11 + 3, 2)
@@ -212,7 +217,7 @@ def test_a_checkpoint_of_another_model_is_a_config_error(pretrained, field, valu
   config.model[field] = value
   target = jax.eval_shape(lambda: _target(config))
   with pytest.raises(ConfigError, match=rf"^init_from=.*: {message}.*--config.model"):
-    finetune.load_pretrained(path, target, config)
+    pretrained_weights.load_pretrained(path, target, config)
 
 
 # --------------------------------------------------------------------------- end to end

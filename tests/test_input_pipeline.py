@@ -9,11 +9,15 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from beit_jax import embedded_data
-from beit_jax import input_pipeline as ip
+from beit_jax import tokenizers
+from beit_jax.data import embedded as embedded_data
+from beit_jax.data import ops
+from beit_jax.data import pretrain
+from beit_jax.data import sources
+from beit_jax.data import views
 from beit_jax.errors import ConfigError
 
-MEAN, STD = np.asarray(ip.IMAGENET_MEAN), np.asarray(ip.IMAGENET_STD)
+MEAN, STD = np.asarray(views.IMAGENET_MEAN), np.asarray(views.IMAGENET_STD)
 SOLID, CMYK_RGB = (200, 100, 50), (30, 160, 220)
 TFDS_NAME, TFDS_SIZE = "beit_test_tiny_images", 23
 
@@ -28,6 +32,20 @@ def make_config(dataset="embedded", **overrides) -> ml_collections.ConfigDict:
                 min_aspect=0.3, max_aspect=None, exact=False))
   cfg.update(overrides)
   return ml_collections.ConfigDict({"input": cfg})
+
+
+def dalle_views(config) -> dict:
+  """The ViT's view and the DALL-E tokenizer's (Lanczos, [0, 1]) of `config.input`."""
+  return {"image": views.vit_view(config.input.image_size),
+          "tokenizer_image": tokenizers.KINDS["dvae"].view(config.input)}
+
+
+def make_pretrain_iterator(config, **kwargs):
+  return pretrain.make_pretrain_iterator(config, dalle_views(config), **kwargs)
+
+
+def make_eval_batch(config, **kwargs):
+  return pretrain.make_eval_batch(config, dalle_views(config), **kwargs)
 
 
 def run(it, steps: int) -> tuple[list[dict], list[np.ndarray]]:
@@ -62,7 +80,7 @@ def downsize(images: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def embedded_ref():
   """8 steps = 2 2/3 epochs of 3 steps, seed 0, one process."""
-  return run(ip.make_pretrain_iterator(make_config(), seed=0), 8)
+  return run(make_pretrain_iterator(make_config(), seed=0), 8)
 
 
 def test_embedded_images_are_real_photos():
@@ -117,14 +135,14 @@ def test_epochs_are_permutations_in_new_orders(embedded_ref):
 def test_resume_yields_the_same_batches(embedded_ref):
   """A new iterator at step 5 skips epoch 0 and 2 of 3 steps of epoch 1, then enters epoch 2."""
   batches, ids = embedded_ref
-  resumed, resumed_ids = run(ip.make_pretrain_iterator(make_config(), seed=0, start_step=5), 3)
+  resumed, resumed_ids = run(make_pretrain_iterator(make_config(), seed=0, start_step=5), 3)
   assert_same_batches(resumed, batches[5:8])
   np.testing.assert_array_equal(resumed_ids, ids[5:8])
 
 
 def test_other_seed_other_batches(embedded_ref):
   batches, ids = embedded_ref
-  other, other_ids = run(ip.make_pretrain_iterator(make_config(), seed=1), 2)
+  other, other_ids = run(make_pretrain_iterator(make_config(), seed=1), 2)
   assert not np.array_equal(np.concatenate(other_ids), np.concatenate(ids[:2]))
   for o, b in zip(other, batches):
     assert not np.array_equal(o["image"], b["image"])
@@ -133,7 +151,7 @@ def test_other_seed_other_batches(embedded_ref):
 
 def test_two_processes_split_the_global_batch(embedded_ref):
   batches, ids = embedded_ref
-  parts = [run(ip.make_pretrain_iterator(make_config(), seed=0, process_index=p, process_count=2),
+  parts = [run(make_pretrain_iterator(make_config(), seed=0, process_index=p, process_count=2),
                4) for p in (0, 1)]
   for step in range(4):
     (b0, i0), (b1, i1) = [(part[0][step], part[1][step]) for part in parts]
@@ -146,10 +164,10 @@ def test_two_processes_split_the_global_batch(embedded_ref):
 
 def test_eval_batch_is_fixed_centre_crops():
   config = make_config()
-  batch = ip.make_eval_batch(config, n=3, seed=0)
+  batch = make_eval_batch(config, n=3, seed=0)
   assert set(batch) == {"image", "tokenizer_image", "mask"}
   assert batch["image"].shape == (3, 32, 32, 3) and batch["mask"].shape == (3, 16)
-  other = ip.make_eval_batch(config, n=3, seed=1)
+  other = make_eval_batch(config, n=3, seed=1)
   np.testing.assert_array_equal(other["image"], batch["image"])  # only masks use the seed
   np.testing.assert_array_equal(other["tokenizer_image"], batch["tokenizer_image"])
   assert not np.array_equal(other["mask"], batch["mask"])
@@ -213,7 +231,7 @@ def bright_side(images: np.ndarray) -> np.ndarray:
 
 
 def test_list_image_folder(image_folder):
-  paths, labels, classes = ip.list_image_folder(image_folder)
+  paths, labels, classes = sources.list_image_folder(image_folder)
   assert [p[len(image_folder) + 1:] for p in paths] == [
       "a/halves.png", "a/solid.png", "b/cmyk.jpg", "b/gray.png", "b/photo.jpg",
       "bad/garbage.png", "bad/truncated.jpg"]
@@ -221,11 +239,10 @@ def test_list_image_folder(image_folder):
 
 
 def test_folder_decodes_formats_and_skips_bad_files(image_folder):
-  before = ip.skipped_counts()["undecodable"]
-  it = ip.make_pretrain_iterator(folder_config(image_folder), seed=0)
+  it = make_pretrain_iterator(folder_config(image_folder), seed=0)
   batches, ids = run(it, 6)
   # Every step's batch is the whole folder: the 2 bad files are skipped, their slots refilled.
-  assert ip.skipped_counts()["undecodable"] - before == 2 * 6
+  assert it.skipped_counts()["undecodable"] == 2 * 6
   sides = []
   for batch, batch_ids in zip(batches, ids):
     assert set(batch_ids) == {HALVES, SOLID_ID, CMYK_ID, GRAY_ID, PHOTO_ID}
@@ -253,7 +270,8 @@ def test_folder_decodes_formats_and_skips_bad_files(image_folder):
 
 def test_tokenizer_iterator_without_flip(image_folder):
   config = folder_config(image_folder, flip=False)
-  batches, ids = run(ip.make_tokenizer_iterator(config, seed=0), 2)
+  batches, ids = run(pretrain.make_tokenizer_iterator(
+      config, dalle_views(config)["tokenizer_image"], seed=0), 2)
   for batch, batch_ids in zip(batches, ids):
     assert set(batch) == {"image"}
     assert batch["image"].shape == (7, 16, 16, 3) and batch["image"].dtype == np.float32
@@ -267,9 +285,9 @@ def test_folder_of_undecodable_files_fails_clearly(tmp_path):
     (tmp_path / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff garbage" * k)
   config = make_config(f"folder:{tmp_path}", batch_size=2)
   with pytest.raises(ConfigError, match="could be decoded"):
-    next(ip.make_pretrain_iterator(config, seed=0))
+    next(make_pretrain_iterator(config, seed=0))
   with pytest.raises(ConfigError, match="decodable"):
-    ip.make_eval_batch(config, n=1)
+    make_eval_batch(config, n=1)
 
 
 # --------------------------------------------------------------------------- TFDS
@@ -314,8 +332,8 @@ def tfds_config(tfds_dir):
 
 def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
   """2 processes x 2 examples: each reads its half (11 of 23), 10 of them per 5-step epoch."""
-  assert ip.num_train_examples(tfds_config) == TFDS_SIZE
-  runs = [run(ip.make_pretrain_iterator(tfds_config, seed=0, process_index=p, process_count=2), 7)
+  assert pretrain.num_train_examples(tfds_config) == TFDS_SIZE
+  runs = [run(make_pretrain_iterator(tfds_config, seed=0, process_index=p, process_count=2), 7)
           for p in (0, 1)]
   batch = runs[0][0][0]
   assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 16)
@@ -327,7 +345,7 @@ def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
     assert not np.array_equal(epoch0[:4], epoch1)
   # Resume: skips 6 records of epoch 0 before decoding, then crosses into epoch 1.
   batches, ids = runs[1]
-  resumed, resumed_ids = run(ip.make_pretrain_iterator(
+  resumed, resumed_ids = run(make_pretrain_iterator(
       tfds_config, seed=0, start_step=3, process_index=1, process_count=2), 3)
   assert_same_batches(resumed, batches[3:6])
   np.testing.assert_array_equal(resumed_ids, ids[3:6])
@@ -335,9 +353,9 @@ def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
 
 def test_tfds_missing_dataset_names_it_and_data_dir(tmp_path):
   with pytest.raises(ConfigError, match=f"{TFDS_NAME}.*{tmp_path}"):
-    ip.num_train_examples(make_config(f"tfds:{TFDS_NAME}", data_dir=str(tmp_path)))
+    pretrain.num_train_examples(make_config(f"tfds:{TFDS_NAME}", data_dir=str(tmp_path)))
   with pytest.raises(ConfigError) as err:
-    ip.make_pretrain_iterator(make_config("tfds:imagenet2012", data_dir=str(tmp_path)), seed=0)
+    make_pretrain_iterator(make_config("tfds:imagenet2012", data_dir=str(tmp_path)), seed=0)
   message = str(err.value)
   assert "imagenet2012" in message and "\n" not in message
   assert f"{tmp_path}/downloads/manual" in message
@@ -351,7 +369,7 @@ def test_random_crop_window_follows_torchvision():
   @tf.function
   def windows(shape, scale):
     seeds = tf.stack([tf.range(300, dtype=tf.int64), tf.zeros(300, tf.int64)], axis=1)
-    return tf.map_fn(lambda s: ip._random_crop_window(shape, s, scale, (3 / 4, 4 / 3)), seeds,
+    return tf.map_fn(lambda s: ops.random_crop_window(shape, s, scale, (3 / 4, 4 / 3)), seeds,
                      fn_output_signature=tf.int32)
 
   top, left, h, w = windows(tf.constant([300, 400]), (0.08, 1.0)).numpy().T
@@ -385,7 +403,7 @@ def _torchvision_color_ops(image: np.ndarray, order, factors) -> np.ndarray:
 def test_color_ops_match_torchvision(order):
   image = np.random.RandomState(0).rand(6, 7, 3).astype(np.float32)
   factors = np.asarray([1.35, 0.7, 1.3], np.float32)  # bright enough to clip
-  got = ip._color_ops(tf.constant(image), tf.constant(order), tf.constant(factors)).numpy()
+  got = ops.color_ops(tf.constant(image), tf.constant(order), tf.constant(factors)).numpy()
   np.testing.assert_allclose(got, _torchvision_color_ops(image, order, factors), atol=1e-5)
 
 
@@ -394,12 +412,12 @@ def test_color_jitter_ranges():
   colour = tf.constant(np.random.RandomState(0).rand(8, 8, 3), tf.float32)
   for s in range(5):
     seed = tf.constant([s, 7], tf.int64)
-    out = ip._color_jitter(gray, 0.4, seed).numpy()
+    out = ops.color_jitter(gray, 0.4, seed).numpy()
     assert np.ptp(out) < 1e-6 and 0.3 - 1e-6 <= out[0, 0, 0] <= 0.7 + 1e-6  # brightness only
-    jittered = ip._color_jitter(colour, 0.4, seed).numpy()
+    jittered = ops.color_jitter(colour, 0.4, seed).numpy()
     assert 0 <= jittered.min() and jittered.max() <= 1
     assert np.abs(jittered - colour.numpy()).mean() > 1e-3
-    np.testing.assert_allclose(ip._color_jitter(colour, 0.0, seed), colour, atol=1e-6)
+    np.testing.assert_allclose(ops.color_jitter(colour, 0.0, seed), colour, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, process_count, field", [
@@ -416,4 +434,4 @@ def test_color_jitter_ranges():
 ])
 def test_bad_config_names_the_field(overrides, process_count, field):
   with pytest.raises(ConfigError, match=field):
-    ip.make_pretrain_iterator(make_config(**overrides), seed=0, process_count=process_count)
+    make_pretrain_iterator(make_config(**overrides), seed=0, process_count=process_count)

@@ -86,7 +86,7 @@ def test_tokenizer_vocabulary_must_match_the_config(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from beit_jax import checkpoint, tokenizers  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  model = tokenizers.build(config.tokenizer)  # 64 codes
+  model = tokenizers.build(config.tokenizer).model  # 64 codes
   params = _zeros_like_init(model, {"params": jax.random.key(0), "gumbel": jax.random.key(0)},
                             jnp.zeros((1, 32, 32, 3)), temperature=1.0)
   checkpoint.save_params(str(tmp_path / "tok"), params)

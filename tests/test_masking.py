@@ -1,4 +1,4 @@
-"""Blockwise/random masking: the TF graph version against the NumPy reference and SPEC §2."""
+"""Blockwise/random masking: TF graph ops against the NumPy reference and docs/reference.md §2."""
 import functools
 
 import ml_collections
@@ -54,7 +54,8 @@ def test_blockwise_matches_spec_numbers(impl):
   masks = IMPLS[impl](DEFAULT)
   counts = masks.sum((1, 2))
   freq = masks.mean(0)
-  # SPEC §2 (4000 unilm masks): mean 74.4, min 64, max 75, 1.4 blocks, corners 3%, centre 72%.
+  # docs/reference.md §2 (4000 unilm masks): mean 74.4, min 64, max 75, 1.4 blocks, corners 3%,
+  # centre 72%.
   assert counts.max() == 75 and counts.min() >= 55
   assert 74.2 < counts.mean() < 74.7
   assert 1.35 < mean_blocks(masks) < 1.5

@@ -1,4 +1,4 @@
-"""Schedule values and the weight-decay mask (SPEC §4)."""
+"""Schedule values and the weight-decay mask (docs/reference.md §4)."""
 import jax
 import jax.numpy as jnp
 import ml_collections

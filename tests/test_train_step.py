@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
 from beit_jax.trainers import mim
@@ -42,13 +43,18 @@ def _batch(config, seed=0):
           "mask": mask}
 
 
-def _two_steps(config, mesh):
-  tok_model = tokenizers.build(config.tokenizer)
+def _setup(config, mesh):
+  tokenizer = tokenizers.build(config.tokenizer)
   t = config.input.tokenizer_image_size
-  tok_params = tok_model.init({"params": jax.random.key(1), "gumbel": jax.random.key(2)},
-                              jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
-  tok_params = jax.device_put(tok_params, sharding.replicated(mesh))
-  state, _, step = mim.init(config, mesh, tokenizers.tokenize_fn(tok_model))
+  tok_params = tokenizer.model.init({"params": jax.random.key(1), "gumbel": jax.random.key(2)},
+                                    jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
+  return runner.setup(config, mim.make_task(config, tokenizer=tokenizer, tok_params=tok_params),
+                      mesh)
+
+
+def _two_steps(config, mesh):
+  built = _setup(config, mesh)
+  state, step, tok_params = built.state, built.step, built.frozen
   metrics = []
   for seed in range(2):
     batch = sharding.host_to_global(_batch(config, seed), mesh)
@@ -71,8 +77,7 @@ def test_sharded_step_equals_single_device_step(mesh_cfg):
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   # The step did train: parameters moved away from the initial ones.
-  init, _, _ = mim.init(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]),
-                        tokenizers.tokenize_fn(tokenizers.build(config.tokenizer)))
+  init = _setup(config, sharding.make_mesh({"data": 1}, jax.devices()[:1])).state
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(sharded.params))]
   assert max(moved) > 0
@@ -81,8 +86,7 @@ def test_sharded_step_equals_single_device_step(mesh_cfg):
 def test_fsdp_mesh_really_shards_parameters():
   config = tiny_config()
   mesh = sharding.make_mesh(dict(data=2, fsdp=4))
-  tok = tokenizers.tokenize_fn(tokenizers.build(config.tokenizer))
-  state, shardings, _ = mim.init(config, mesh, tok)
+  state = _setup(config, mesh).state
   fc1 = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # [32, 64]
   assert fc1.sharding.spec != jax.sharding.PartitionSpec()
   assert fc1.addressable_shards[0].data.size == fc1.size // 4

@@ -12,10 +12,10 @@ from absl import flags
 from PIL import Image
 
 from beit_jax import checkpoint
-from beit_jax import input_pipeline
 from beit_jax import tokenizers
 from beit_jax import visualize
 from beit_jax import visuals
+from beit_jax.data import views
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 from beit_jax.trainers import mim
@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory):
   params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(
       jax.random.key(2), params["rel_pos_bias"]["relative_position_bias_table"].shape)
   _save(root, params, config)
-  tok = tokenizers.build(config.tokenizer)
+  tok = tokenizers.build(config.tokenizer).model
   tok_params = _dvae_params(tok)
   _save(root / "tokenizer", tok_params, config)
   return dict(path=root, config=config, model=model, params=params, tok=tok,
@@ -112,8 +112,8 @@ def test_attention_cells_equal_a_manual_computation(run_dir, image_dir, tmp_path
   assert picture.shape == (2 * (CELL + PAD), CELL + PAD, 3)
 
   image = np.asarray(Image.open(image_dir / "square.png"), np.float32) / 255
-  normalized = ((image - np.array(input_pipeline.IMAGENET_MEAN))
-                / np.array(input_pipeline.IMAGENET_STD))
+  normalized = ((image - np.array(views.IMAGENET_MEAN))
+                / np.array(views.IMAGENET_STD))
   out = run_dir["model"].apply({"params": run_dir["params"]},
                                jnp.asarray(normalized[None], jnp.float32), return_attention=True)
   ref = 1 * 4 + 2

@@ -1,4 +1,4 @@
-"""Tests of the BEiT ViT (SPEC §1): shapes, counts, init, masking, biases."""
+"""Tests of the BEiT ViT (docs/reference.md §1): shapes, counts, init, masking, biases."""
 import itertools
 import math
 

@@ -1,4 +1,4 @@
-"""Position information for another patch grid, i.e. another image size (SPEC §5).
+"""Position information for another patch grid, i.e. image size (docs/reference.md §5).
 
 Host-side numpy, run once on loaded weights: when converting a checkpoint, and when
 fine-tuning at a resolution other than the pretraining one.

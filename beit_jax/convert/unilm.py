@@ -27,7 +27,7 @@ _LINEAR = (1, 0)  # torch [out, in] -> flax [in, out]
 _HEADS_OF_WIDTH = {s["width"]: s["num_heads"] for s in vit.VARIANTS.values()}
 # unilm's outer checkpoint keys (its `--model_key` default is 'model|module').
 _WRAPPERS = ("model", "module", "state_dict")
-# BEiT v2's patch-aggregation decoder: thrown away after pretraining (SPEC §4).
+# BEiT v2's patch-aggregation decoder: thrown away after pretraining (docs/reference.md §4).
 _V2_DECODER = re.compile(r"^cls_pt_(layers|norm|lm_head)\.")
 # Keys that may be absent: their zero value is what the model computes without them
 # (unilm's fine-tuning model has no mask token; qkv_bias=False has no q/v bias).

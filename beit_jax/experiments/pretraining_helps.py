@@ -38,7 +38,7 @@ from configs import linear_probe as linear_probe_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the results go.")
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "photos"],
-                             "The embedded labelled set (embedded_data.load_labelled).")
+                             "The embedded labelled set (beit_jax/data/embedded.py).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (pretraining, fine-tuning, probe).")
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400, "dVAE training steps.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 64, "dVAE codebook size.")
@@ -140,7 +140,7 @@ def check_settings(root: epath.Path) -> None:
 
 def run_experiment(workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from beit_jax import classification_pipeline  # pylint: disable=g-import-not-at-top
+  from beit_jax.data import classification  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
   root = epath.Path(workdir)
   check_settings(root)
@@ -189,7 +189,7 @@ def run_experiment(workdir: str) -> dict:
                    probe["val_top1"])
 
   summary = results_table.summarise(runs)
-  info = classification_pipeline.dataset_info(finetune_config(0, ""))
+  info = classification.dataset_info(finetune_config(0, ""))
   meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, labels=_LABELS.value,
               num_train=info.num_train, num_eval=info.num_eval,
               mim_accuracy=results_table.mean_std(mim_acc),

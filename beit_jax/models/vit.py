@@ -1,4 +1,4 @@
-"""The BEiT vision transformer (SPEC §1) as a pure-functional linen module.
+"""The BEiT vision transformer (docs/reference.md §1) as a pure-functional linen module.
 
 One module covers the pretraining model (MIM head `lm_head`, shared relative
 position bias, truncated init) and the fine-tuning model (mean-pooled `fc_norm`
@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from beit_jax import validate
 from beit_jax.errors import ConfigError
 
 Initializer = Callable[..., jax.Array]
@@ -59,6 +61,57 @@ def variant_kwargs(variant: str, **overrides) -> dict:
   kwargs = dict(_SIZES[m.group(1)], patch_size=int(m.group(2)))
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
   return kwargs
+
+
+_DTYPES = ('float32', 'bfloat16', 'float16')
+_SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim')
+RULES = (
+    ('model.variant', validate.accepted_by(variant_kwargs),
+     f'one of {sorted(VARIANTS)} or another patch size, e.g. \'Ti/8\''),
+    *((f'model.{k}', validate.optional_positive_int, 'None or an int >= 1')
+      for k in _SIZE_FIELDS),
+    ('model.drop_path_rate', validate.number(0, 1, hi_open=True), 'a number in [0, 1)'),
+    ('model.layer_scale_init', validate.number(0), 'a number >= 0 (0: no LayerScale)'),
+    ('model.dtype', lambda v: v in _DTYPES, f'one of {_DTYPES}'),
+    ('model.head_init_scale', validate.number(0, lo_open=True), 'a number > 0'),
+)
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  model, inp = config.get('model'), config.get('input')
+  if model is None:
+    return
+  if model.get('width') and model.get('num_heads') and model.width % model.num_heads:
+    raise ConfigError(f'model.width={model.width} must be divisible by '
+                      f'model.num_heads={model.num_heads}')
+  if inp is not None and 'patch_size' in inp:
+    patch = variant_kwargs(model.variant)['patch_size']
+    if inp.patch_size != patch:
+      raise ConfigError(f'input.patch_size={inp.patch_size} differs from the patch size '
+                        f'{patch} of model.variant={model.variant!r}')
+
+
+CHECKS = (_check_sizes,)
+
+
+def size_kwargs(model_cfg: ml_collections.ConfigDict) -> dict:
+  """width, depth, num_heads, mlp_dim, patch_size of `config.model` (variant + overrides)."""
+  return variant_kwargs(model_cfg.variant, **{k: model_cfg.get(k) for k in _SIZE_FIELDS})
+
+
+def from_config(model_cfg: ml_collections.ConfigDict, *, image_size: int,
+                train: bool = False, **kwargs) -> 'VisionTransformer':
+  """The ViT `config.model` describes; heads and init options come as `kwargs`.
+
+  Drop path only when `train` (evaluation and frozen backbones run without it).
+  """
+  m = model_cfg
+  return VisionTransformer(
+      **size_kwargs(m), image_size=image_size, use_abs_pos_emb=m.use_abs_pos_emb,
+      use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
+      use_rel_pos_bias=m.get('use_rel_pos_bias', False), layer_scale_init=m.layer_scale_init,
+      drop_path_rate=m.drop_path_rate if train else 0.0, remat=m.get('remat', False),
+      dtype=jnp.dtype(m.get('dtype', 'float32')), **kwargs)
 
 
 def num_patches(image_size: int, patch_size: int) -> int:

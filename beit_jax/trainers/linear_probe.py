@@ -1,4 +1,4 @@
-"""Linear probing: linear classifiers on the frozen features of a ViT (SPEC §5).
+"""Linear probing: linear classifiers on the frozen features of a ViT (unilm `run_linear_eval.py`).
 
 As unilm's `run_linear_eval.py`: one linear classifier per probed block, all trained at
 once on the same frozen forward pass, from that block's output pooled as [CLS], the mean
@@ -17,29 +17,40 @@ import ml_collections
 import optax
 from absl import logging
 
-from beit_jax import checkpoint
-from beit_jax import classification_pipeline
-from beit_jax import loop
+from beit_jax import classification
 from beit_jax import optim
+from beit_jax import pretrained
+from beit_jax import runner
 from beit_jax import sharding
+from beit_jax import train_state
+from beit_jax import validate
+from beit_jax.data import classification as data
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
-from beit_jax.trainers import finetune
+from beit_jax.train_state import TrainState
 
 POOLS = ("cls", "mean", "cls+mean")
 NORMS = ("none", "layernorm")
 
 
+RULES = (
+    ("probe.layers", lambda v: isinstance(v, (tuple, list)) and all(
+        validate.number(integer=True)(i) for i in v),
+     "a list of block indices (empty: every block)"),
+    ("probe.pool", lambda v: v in POOLS, f"one of {POOLS}"),
+    ("probe.norm", lambda v: v in NORMS, f"one of {NORMS}"),
+)
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """What needs the outside world, checked before any compute."""
+  runner.preflight(config, workdir)
+  data.dataset_info(config)
+
+
 def make_backbone(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
   """The ViT of `config.model` without heads (inference only: no drop path)."""
-  m = config.model
-  kwargs = vit.variant_kwargs(m.variant, **{k: m.get(k) for k in
-                                            ("width", "depth", "num_heads", "mlp_dim")})
-  return vit.VisionTransformer(
-      **kwargs, image_size=config.input.image_size, use_abs_pos_emb=m.use_abs_pos_emb,
-      use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
-      use_rel_pos_bias=m.get("use_rel_pos_bias", False), layer_scale_init=m.layer_scale_init,
-      dtype=jnp.dtype(m.get("dtype", "float32")))
+  return vit.from_config(config.model, image_size=config.input.image_size)
 
 
 def probed_layers(config: ml_collections.ConfigDict, depth: int) -> tuple[int, ...]:
@@ -86,10 +97,11 @@ def _features(backbone: vit.VisionTransformer, backbone_params: Any, images: jax
   return jax.lax.stop_gradient(hidden)
 
 
-def train_step(state: loop.TrainState, batch: dict[str, jax.Array], backbone_params: Any, *,
-               backbone: vit.VisionTransformer, heads: ProbeHeads, tx, schedule
-               ) -> tuple[loop.TrainState, dict]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               backbone_params: Any, *, backbone: vit.VisionTransformer, heads: ProbeHeads,
+               tx, schedule) -> tuple[TrainState, dict]:
   """One step of every probe: the summed cross-entropy of the per-block classifiers."""
+  del rng  # no randomness on device: the backbone is frozen, the heads are linear
   hidden = _features(backbone, backbone_params, batch["image"], heads.layers)
   labels = batch["label"]
 
@@ -100,7 +112,7 @@ def train_step(state: loop.TrainState, batch: dict[str, jax.Array], backbone_par
     return sum(losses.values()), (logits, losses)
 
   (loss, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, metrics = loop.apply_gradients(state, grads, loss, tx)
+  new_state, metrics = train_state.apply_gradients(state, grads, loss, tx)
   metrics.update(loss=loss, learning_rate=schedule(state.step))
   for i in heads.layers:
     metrics[f"loss_layer{i}"] = losses[i]
@@ -114,7 +126,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], backbone_params: Any, *,
   logits = heads.apply({"params": params}, hidden)
   out = {}
   for i, x in logits.items():
-    sums = finetune.classification_sums(x, batch["label"], batch["valid"])
+    sums = classification.classification_sums(x, batch["label"], batch["valid"])
     out["examples"] = sums.pop("examples")
     out.update({f"{k}_layer{i}": v for k, v in sums.items()})
   return out
@@ -129,58 +141,52 @@ def best_layer(layers: tuple[int, ...]):
   return derive
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) linear probing in `workdir`; returns the last and best metrics."""
-  if config.probe.pool not in POOLS:
-    raise ConfigError(f"probe.pool={config.probe.pool!r} is invalid; accepted: {POOLS}")
-  if config.probe.norm not in NORMS:
-    raise ConfigError(f"probe.norm={config.probe.norm!r} is invalid; accepted: {NORMS}")
-  loop.prepare_workdir(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.input.batch_size, mesh)
-  info = classification_pipeline.dataset_info(config)
-  total_steps, warmup_steps = finetune.steps_from_config(config, info.num_train)
-
+def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+  info = data.dataset_info(config)
+  total_steps, warmup_steps = train_state.steps_from_config(config, info.num_train)
   backbone = make_backbone(config)
   layers = probed_layers(config, backbone.depth)
   heads = ProbeHeads(layers, info.num_classes, config.probe.pool, config.probe.norm)
   size = config.input.image_size
-  rng = jax.random.key(config.seed)
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda r: backbone.init(r, dummy)["params"], rng)
-  backbone_shardings = sharding.param_shardings(abstract, mesh, config.sharding_rules)
-  backbone_params = jax.jit(lambda r: backbone.init(r, dummy)["params"],
-                            out_shardings=backbone_shardings)(jax.random.fold_in(rng, 2))
-  if config.get("init_from"):
-    # The final norm is unused (blocks' outputs are probed): it may be absent.
-    backbone_params = finetune.load_pretrained(config.init_from, backbone_params, config,
-                                               fresh=("norm",))
-    logging.info("Backbone from %s", config.init_from)
-  else:
-    logging.warning("No init_from: probing a randomly initialised backbone")
-
   tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
-  width = abstract["cls_token"].shape[-1]
-  hidden = {i: jnp.zeros((1, 2, width)) for i in layers}
-  state, state_shardings = loop.init_train_state(
-      lambda r: heads.init(r, hidden)["params"], tx, jax.random.fold_in(rng, 0), mesh,
-      config.sharding_rules)
-  step = functools.partial(train_step, backbone=backbone, heads=heads, tx=tx,
-                           schedule=schedule)
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, backbone_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_jitted = jax.jit(functools.partial(eval_step, backbone=backbone, heads=heads),
-                        in_shardings=(state_shardings.params, batch_sharding,
-                                      backbone_shardings), out_shardings=replicated)
-  manager = checkpoint.make_manager(workdir, **config.checkpoint)
-  logging.info("Linear probe of blocks %s (%s pooling, norm %s), %d steps", layers,
-               config.probe.pool, config.probe.norm, total_steps)
-  return finetune.run_with_evaluation(
-      desc="Linear probe", config=config, workdir=workdir, info=info, mesh=mesh, state=state,
-      state_shardings=state_shardings, manager=manager,
-      train_fn=lambda s, b: jitted(s, b, backbone_params),
-      eval_params_fn=lambda st: st.params,
-      eval_fn=lambda p, b: eval_jitted(p, b, backbone_params), total_steps=total_steps,
-      metric_keys=best_layer(layers))
+  width = vit.size_kwargs(config.model)["width"]
+  logging.info("Linear probe of blocks %s (%s pooling, norm %s): %d training / %d validation "
+               "images, %d classes, %d steps", layers, config.probe.pool, config.probe.norm,
+               info.num_train, info.num_eval, info.num_classes, total_steps)
+
+  def frozen_backbone(mesh):
+    init = lambda r: backbone.init(r, dummy)["params"]
+    shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
+                                         config.sharding_rules)
+    params = jax.jit(init, out_shardings=shardings)(
+        jax.random.fold_in(jax.random.key(config.seed), 2))
+    if not config.get("init_from"):
+      logging.warning("No init_from: probing a randomly initialised backbone")
+      return params
+    logging.info("Backbone from %s", config.init_from)
+    # The final norm is unused (blocks' outputs are probed): it may be absent.
+    return pretrained.load_pretrained(config.init_from, params, config, fresh=("norm",))
+
+  return runner.Task(
+      desc="Linear probe",
+      init_params=lambda r: heads.init(r, {i: jnp.zeros((1, 2, width)) for i in layers})[
+          "params"],
+      tx=tx,
+      train_step=functools.partial(train_step, backbone=backbone, heads=heads, tx=tx,
+                                   schedule=schedule),
+      total_steps=total_steps, batch_size=config.input.batch_size,
+      batches=lambda start: data.make_train_iterator(
+          config, seed=config.seed, start_step=start, process_index=jax.process_index(),
+          process_count=jax.process_count()),
+      frozen=frozen_backbone,
+      hooks=lambda ctx: (classification.evaluation_hook(
+          ctx, config, "Linear probe",
+          functools.partial(eval_step, backbone=backbone, heads=heads),
+          metric_keys=best_layer(layers)),))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) linear probing in `workdir`; returns the last and best metrics."""
+  return runner.run(config, workdir, make_task(config))

@@ -11,48 +11,58 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from etils import epath
 
 from beit_jax import checkpoint
-from beit_jax import input_pipeline
-from beit_jax import loop
 from beit_jax import optim
+from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
+from beit_jax import train_state
+from beit_jax import validate
 from beit_jax import visuals
-from beit_jax import validate as field_rules
+from beit_jax.data import pretrain as data
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
+from beit_jax.train_state import TrainState
+
+RULES = (("images_every_steps", *validate.POSITIVE_INT),)
 
 
-def make_model(config: ml_collections.ConfigDict, *, train: bool = True
-               ) -> vit.VisionTransformer:
-  """The ViT + MIM head a config describes (vocabulary from the tokenizer)."""
-  m = config.model
-  kwargs = vit.variant_kwargs(m.variant, **{k: m.get(k) for k in
-                                            ("width", "depth", "num_heads", "mlp_dim")})
-  return vit.VisionTransformer(
-      **kwargs, image_size=config.input.image_size,
-      vocab_size=config.tokenizer.vocab_size,
-      use_abs_pos_emb=m.use_abs_pos_emb,
-      use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
-      layer_scale_init=m.layer_scale_init,
-      drop_path_rate=m.drop_path_rate if train else 0.0,
-      remat=m.get("remat", False), dtype=jnp.dtype(m.get("dtype", "float32")))
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Cross-field checks that would otherwise fail deep inside a trace."""
-  field_rules.validate(config)
+def _check_token_grid(config: ml_collections.ConfigDict) -> None:
+  """The tokenizer must give one token per ViT patch."""
   patch = config.input.patch_size
   grid = config.input.image_size // patch
-  tok_grid = tokenizers.grid_size(config.tokenizer, config.input)
+  tok_grid = tokenizers.grid(config)
   if tok_grid != grid:
     raise ConfigError(
         f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
         f"{tok_grid}x{tok_grid} token grid but the ViT has {grid}x{grid} patches "
         f"(input.image_size={config.input.image_size}, patch {patch})")
+
+
+CHECKS = (_check_token_grid,)
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`tokenizer.init_from`, or `<workdir>/tokenizer` where stage 1 trains one."""
+  return config.tokenizer.get("init_from") or str(epath.Path(workdir) / "tokenizer")
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """What needs the outside world, checked before stage 1 or any compute."""
+  runner.preflight(config, workdir)
+  source = config.tokenizer.get("init_from")
+  if source and not epath.Path(source).exists():
+    raise ConfigError(f"tokenizer.init_from={source} does not exist")
+  data.num_train_examples(config)  # the data set is there
+
+
+def make_model(config: ml_collections.ConfigDict, *, train: bool = True
+               ) -> vit.VisionTransformer:
+  """The ViT + MIM head a config describes (vocabulary from the tokenizer)."""
+  return vit.from_config(config.model, image_size=config.input.image_size, train=train,
+                         vocab_size=config.tokenizer.vocab_size)
 
 
 def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
@@ -82,9 +92,9 @@ def masked_positions(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return order.astype(jnp.int32), jnp.take_along_axis(mask, order, 1).astype(jnp.float32)
 
 
-def train_step(state: loop.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                tok_params: Any, *, model: vit.VisionTransformer, tokenize, tx,
-               schedule, max_masked: int) -> tuple[loop.TrainState, dict]:
+               schedule, max_masked: int) -> tuple[TrainState, dict]:
   """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1."""
   tokens = tokenize(tok_params, batch["tokenizer_image"])  # [B, h, w]
   tokens = tokens.reshape(tokens.shape[0], -1)  # [B, N]
@@ -97,7 +107,7 @@ def train_step(state: loop.TrainState, batch: dict[str, jax.Array], rng: jax.Arr
     return mim_loss(out["mim_logits"], targets, weights)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, update_metrics = loop.apply_gradients(state, grads, metrics["loss"], tx)
+  new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
   metrics.update(update_metrics)
   metrics.update(param_norm=optax.global_norm(new_state.params),
                  learning_rate=schedule(state.step),
@@ -113,86 +123,52 @@ def _majority_rate(targets: jax.Array, weights: jax.Array, vocab_size: int) -> j
   return counts.max() / jnp.maximum(weights.sum(), 1.0)
 
 
-def steps_from_config(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(total_steps, warmup_steps): `total_steps` wins over `num_epochs` when set."""
-  steps_per_epoch = max(input_pipeline.num_train_examples(config) // config.input.batch_size, 1)
-  total = config.get("total_steps") or int(config.num_epochs * steps_per_epoch)
-  warmup = config.optim.get("warmup_steps") or int(config.optim.warmup_epochs * steps_per_epoch)
-  return total, warmup
-
-
-def init(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenize
-         ) -> tuple[loop.TrainState, Any, Any]:
-  """Sharded initial state, its shardings, and the jitted `(state, batch, tok_params)` step."""
+def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokenizer,
+              tok_params: Any) -> runner.Task:
+  """The MIM run of `config` against `tokenizer` (its params are the step's frozen input)."""
   model = make_model(config)
-  total_steps, warmup_steps = steps_from_config(config)
+  total_steps, warmup_steps = train_state.steps_from_config(
+      config, data.num_train_examples(config))
   tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
+  mask = config.input.mask
+  max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+  view_specs = tokenizers.pretrain_views(config)
 
   def init_params(rng):
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
     return model.init({"params": rng}, dummy, jnp.zeros((1, grid * grid), bool))["params"]
 
-  rng = jax.random.key(config.seed)
-  state, state_shardings = loop.init_train_state(
-      init_params, tx, jax.random.fold_in(rng, 0), mesh, config.sharding_rules)
-  step_rng = jax.random.fold_in(rng, 1)
-  mask = config.input.mask
-  max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
-  step = functools.partial(train_step, model=model, tokenize=tokenize, tx=tx,
-                           schedule=schedule, max_masked=max_masked)
-  jitted = jax.jit(
-      lambda s, b, t: step(s, b, jax.random.fold_in(step_rng, s.step), t),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
-  return state, state_shardings, jitted
+  def load_params(params):
+    return checkpoint.check_and_cast(params, checkpoint.load_params(config.init_from),
+                                     "init_from")
+
+  def hooks(ctx: runner.Context):
+    eval_batch = data.make_eval_batch(config, view_specs, n=8, seed=config.seed)
+    eval_model = make_model(config, train=False)
+    image_dir = epath.Path(ctx.workdir) / "images"
+
+    def write_images(step_no, st):
+      visuals.write_mim_images(image_dir, ctx.writer, step_no, eval_batch, model=eval_model,
+                               params=st.params, tokenizer=tokenizer, tok_params=ctx.frozen,
+                               vit_view=view_specs["image"])
+    return (runner.Hook(config.images_every_steps, write_images),)
+
+  return runner.Task(
+      desc="MIM", init_params=init_params, tx=tx,
+      train_step=functools.partial(train_step, model=model, tokenize=tokenizer.tokenize,
+                                   tx=tx, schedule=schedule, max_masked=max_masked),
+      total_steps=total_steps, batch_size=config.input.batch_size,
+      batches=lambda start: data.make_pretrain_iterator(
+          config, view_specs, seed=config.seed, start_step=start,
+          process_index=jax.process_index(), process_count=jax.process_count()),
+      frozen=lambda mesh: jax.device_put(tok_params, sharding.replicated(mesh)),
+      load_params=load_params if config.get("init_from") else None, hooks=hooks)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MIM pretraining in `workdir`; returns the last metrics."""
-  validate(config)
-  loop.prepare_workdir(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.input.batch_size, mesh)
-  if config.get("init_from") and not epath.Path(config.init_from).exists():
-    raise ConfigError(f"init_from={config.init_from} does not exist")
-  total_steps, warmup_steps = steps_from_config(config)  # also checks the data source
-
-  tok_model, tok_params = tokenizers.load_or_train(config, workdir)
-  tok_params = jax.device_put(tok_params, sharding.replicated(mesh))
-  state, state_shardings, jitted = init(config, mesh, tokenizers.tokenize_fn(tok_model))
-  manager = checkpoint.make_manager(workdir, **config.checkpoint)
-  if config.get("init_from") and manager.latest_step() is None:
-    state = state.replace(params=checkpoint.check_and_cast(
-        state.params, checkpoint.load_params(config.init_from), "init_from"))
-    logging.info("Parameters initialised from %s", config.init_from)
-  state, start_step, resumed_meta = loop.restore_or_keep(manager, state, state_shardings)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("MIM model: %s, %.1fM parameters, %d steps (warmup %d), mesh %s",
-               config.model.variant, n_params / 1e6, total_steps, warmup_steps,
-               dict(mesh.shape))
-
-  batches = input_pipeline.make_pretrain_iterator(
-      config, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  writer = loop.make_writer(workdir)
-  eval_batch = input_pipeline.make_eval_batch(config, n=8, seed=config.seed)
-  image_dir = epath.Path(workdir) / "images"
-  eval_model = make_model(config, train=False)
-
-  def write_images(step_no, st):
-    visuals.write_mim_images(image_dir, writer, step_no, eval_batch, model=eval_model,
-                             params=st.params, tok_model=tok_model, tok_params=tok_params)
-
-  _, summary = loop.run(
-      desc="MIM", state=state, start_step=start_step, total_steps=total_steps,
-      train_step=lambda s, b: jitted(s, b, tok_params), batches=batches, mesh=mesh,
-      writer=writer, manager=manager, log_every_steps=config.log_every_steps,
-      global_batch_size=config.input.batch_size,
-      hooks=((config.images_every_steps, write_images),),
-      skipped_fn=input_pipeline.skipped_counts, resumed_meta=resumed_meta,
-      max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
-  manager.close()
-  return summary
+  tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
+  return runner.run(config, workdir, make_task(config, tokenizer=tokenizer,
+                                                tok_params=tok_params))

@@ -4,17 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beit_jax import loop
+from beit_jax import train_state
 
 
 def test_non_finite_step_changes_nothing_and_is_counted():
   tx = optax.adamw(0.1)
   params = {"w": jnp.ones((3,))}
-  state = loop.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+  state = train_state.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
                           bad_steps=jnp.array(0))
   good = {"w": jnp.array([1.0, -1.0, 0.5])}
   bad = {"w": jnp.array([1.0, jnp.nan, 0.5])}
-  apply = jax.jit(lambda s, g, l: loop.apply_gradients(s, g, l, tx))
+  apply = jax.jit(lambda s, g, l: train_state.apply_gradients(s, g, l, tx))
 
   s1, m1 = apply(state, bad, jnp.array(1.0))
   assert int(s1.step) == 1 and int(s1.bad_steps) == 1 and float(m1["skipped_steps"]) == 1

@@ -1,4 +1,4 @@
-"""timm's RandAugment and RandomErasing as stateless TF graph ops, for tf.data (SPEC §5).
+"""timm's RandAugment and RandomErasing as stateless TF graph ops (docs/reference.md §5).
 
 The fine-tuning recipe's `rand-m9-mstd0.5-inc1`: 2 ops drawn uniformly (with replacement)
 from timm's 15 "increasing" ops, each applied with probability 0.5 at a magnitude drawn from

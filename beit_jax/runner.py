@@ -1,0 +1,155 @@
+"""One way to run any trainer: a `Task` in, a resumable, checkpointed, logged run out.
+
+A trainer says what is particular to it -- the model's init, the optimizer, the train step,
+its data, the frozen params its step reads (a tokenizer, a backbone), hooks such as pictures
+and evaluation -- and `run` does the rest the same way for all: workdir, mesh, sharded state,
+the jitted step (donated state; randomness `fold_in(seed, step)`), orbax checkpoints with
+resume, writers, progress and the guarded step loop. `setup` is the part that builds the
+state and step without running, for benchmarks and tests.
+"""
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from absl import logging
+from clu import metric_writers
+from etils import epath
+
+from beit_jax import checkpoint
+from beit_jax import loop
+from beit_jax import sharding
+from beit_jax import train_state
+from beit_jax import validate
+from beit_jax.errors import ConfigError
+from beit_jax.train_state import TrainState
+
+RULES = (
+    ("seed", validate.number(integer=True), "an integer"),
+    ("num_epochs", validate.number(0, lo_open=True), "a number > 0"),
+    ("total_steps", validate.number(0, integer=True), "an integer >= 0 (0: use num_epochs)"),
+    ("log_every_steps", *validate.POSITIVE_INT),
+    ("max_bad_steps", *validate.POSITIVE_INT),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a task's hooks may use, known once the run has started."""
+  workdir: str
+  mesh: jax.sharding.Mesh
+  writer: metric_writers.MetricWriter
+  state_shardings: Any
+  frozen: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(step, state)` every `every_steps` steps (after that step's checkpoint) and once at
+  the end; a dict it returns joins the run's final metrics."""
+  every_steps: int
+  fn: Callable[[int, TrainState], dict[str, float] | None]
+  close: Callable[[], None] = lambda: None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a trainer hands to `run`."""
+  desc: str  # names the run in logs and errors, e.g. "MIM"
+  init_params: Callable[[jax.Array], Any]  # rng -> params (traced)
+  tx: optax.GradientTransformation
+  # (state, global batch, rng, frozen) -> (state, metrics of scalars)
+  train_step: Callable[[TrainState, dict, jax.Array, Any], tuple[TrainState, dict]]
+  total_steps: int
+  batch_size: int  # global
+  batches: Callable[[int], Iterator[dict]]  # start step -> this process's batches
+  # mesh -> arrays the step reads but does not train, already placed on the mesh
+  frozen: Callable[[jax.sharding.Mesh], Any] | None = None
+  # A fresh run's initial params -> the params it starts from (`init_from`)
+  load_params: Callable[[Any], Any] | None = None
+  hooks: Callable[[Context], Sequence[Hook]] = lambda ctx: ()
+  checkpoint: dict | None = None  # every_steps, keep; None: config.checkpoint
+  log_every_steps: int | None = None  # None: config.log_every_steps
+  batch_field: str = "input.batch_size"  # the field that sets batch_size, for errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The initial state in its shardings and the jitted `step(state, batch, frozen)`."""
+  state: TrainState
+  shardings: Any
+  step: Any
+  frozen: Any
+
+
+def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
+  rng = jax.random.key(config.seed)
+  state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
+                                        mesh, config.sharding_rules)
+  frozen = task.frozen(mesh) if task.frozen else ()
+  step_rng = jax.random.fold_in(rng, 1)
+  step = jax.jit(
+      lambda s, b, f: task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f),
+      in_shardings=(shardings, sharding.batch_sharding(mesh),
+                    jax.tree.map(lambda x: x.sharding, frozen)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Setup(state, shardings, step, frozen)
+
+
+def restore_or_keep(manager, state: TrainState, shardings) -> tuple[TrainState, int, dict]:
+  """Resumes from the workdir's latest checkpoint if there is one."""
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is None:
+    return state, 0, {}
+  state, meta = restored
+  logging.info("Resumed from step %d", int(meta["step"]))
+  return state, int(meta["step"]), meta
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str, *, batch_size: int | None = None,
+              batch_field: str = "input.batch_size") -> None:
+  """The checks every run needs from the outside world before any compute: the workdir is
+  writable, the devices split the batch, `init_from` exists."""
+  checkpoint.check_writable(workdir)
+  sharding.check_batch_size(config.input.batch_size if batch_size is None else batch_size,
+                            sharding.make_mesh(config.mesh), batch_field)
+  if config.get("init_from") and not epath.Path(config.init_from).exists():
+    raise ConfigError(f"init_from={config.init_from} does not exist")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
+  """Runs (or resumes) `task` in `workdir`; returns its last metrics and its hooks' last."""
+  loop.prepare_workdir(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(task.batch_size, mesh, task.batch_field)
+  built = setup(config, task, mesh)
+  manager = checkpoint.make_manager(workdir, **(task.checkpoint or config.checkpoint))
+  state = built.state
+  if task.load_params is not None and manager.latest_step() is None:
+    state = state.replace(params=task.load_params(state.params))
+  state, start_step, resumed_meta = restore_or_keep(manager, state, built.shardings)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("%s: %.2fM trained parameters, %d steps, mesh %s", task.desc, n_params / 1e6,
+               task.total_steps, dict(mesh.shape))
+
+  batches = task.batches(start_step)
+  writer = loop.make_writer(workdir)
+  hooks = task.hooks(Context(workdir, mesh, writer, built.shardings, built.frozen))
+  try:
+    return loop.run(
+        desc=task.desc, state=state, start_step=start_step, total_steps=task.total_steps,
+        train_step=lambda s, b: built.step(s, b, built.frozen), batches=batches, mesh=mesh,
+        writer=writer, manager=manager,
+        log_every_steps=task.log_every_steps or config.log_every_steps,
+        global_batch_size=task.batch_size,
+        hooks=tuple((h.every_steps, h.fn) for h in hooks),
+        skipped_fn=batches.skipped_counts, resumed_meta=resumed_meta,
+        max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
+  finally:
+    for h in hooks:
+      h.close()
+    manager.close()

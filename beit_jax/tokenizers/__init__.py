@@ -1,0 +1,104 @@
+"""Visual tokenizers behind one interface: the discrete targets a MIM run predicts.
+
+A kind (the DALL-E dVAE; BEiT v2's VQ-KD next) is one registry `Entry`: how to build and
+initialise its model, `tokenize(params, images) -> int32 [B, h, w]` (run on device inside
+the MIM step, its params a jit argument), its vocabulary and token grid, the input view it
+was trained on (size, resize method, value range), an optional `decode` for the pictures,
+and the trainer that trains it. Nothing here trains: a MIM run without
+`tokenizer.init_from` has its tokenizer trained first by the trainer dispatch.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from beit_jax import checkpoint
+from beit_jax.data.views import View, vit_view
+from beit_jax.errors import ConfigError
+from beit_jax.tokenizers import dvae
+from beit_jax.tokenizers.base import Entry
+
+
+KINDS: dict[str, Entry] = {"dvae": dvae.ENTRY}
+RULES = (
+    ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
+    ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)
+     and v >= 2, "an integer >= 2"),
+) + tuple(rule for entry in KINDS.values() for rule in entry.rules)
+
+
+def entry(kind: str) -> Entry:
+  if kind not in KINDS:
+    raise ConfigError(f"tokenizer.kind={kind!r} is not supported; accepted: {tuple(KINDS)}")
+  return KINDS[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """A built tokenizer. Its params stay outside, so jitted steps take them as arguments."""
+  kind: str
+  model: nn.Module
+
+  @property
+  def entry(self) -> Entry:
+    return KINDS[self.kind]
+
+  def init(self, rng: jax.Array, image_size: int) -> Any:
+    return self.entry.init(self.model, rng, image_size)
+
+  def tokenize(self, params: Any, images: jax.Array) -> jax.Array:
+    """Images in the tokenizer's view -> int32 [B, h, w] codes (no gradient)."""
+    return self.entry.tokenize(self.model, jax.lax.stop_gradient(params), images)
+
+  def decode(self, params: Any, tokens: jax.Array) -> jax.Array | None:
+    """int [B, h, w] codes -> [B, H, W, 3] pictures in [0, 1]; None if it cannot draw."""
+    if self.entry.decode is None:
+      return None
+    return self.entry.decode(self.model, params, tokens)
+
+  def vocab_size(self, params: Any) -> int:
+    return self.entry.vocab_size(params)
+
+
+def build(tok: ml_collections.ConfigDict) -> Tokenizer:
+  return Tokenizer(tok.kind, entry(tok.kind).build(tok))
+
+
+def grid(config: ml_collections.ConfigDict) -> int:
+  """Side of the token grid of `config.tokenizer` on `config.input`."""
+  return entry(config.tokenizer.kind).grid(config.input)
+
+
+def view(config: ml_collections.ConfigDict) -> View:
+  """The input view `config.tokenizer` wants."""
+  return entry(config.tokenizer.kind).view(config.input)
+
+
+def pretrain_views(config: ml_collections.ConfigDict) -> dict[str, View]:
+  """The views a MIM run reads of each crop: the ViT's `image`, the tokenizer's own."""
+  return {"image": vit_view(config.input.image_size), "tokenizer_image": view(config)}
+
+
+def load(tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init_from"
+         ) -> tuple[Tokenizer, Any]:
+  """The tokenizer `tok` describes with the weights of the beit-jax checkpoint at `path`.
+
+  Raises ConfigError naming `field` when the path does not exist, when its vocabulary is
+  not `tok.vocab_size`, or when its weights do not fit the model.
+  """
+  tokenizer = build(tok)
+  if not epath.Path(path).exists():
+    raise ConfigError(f"{field}={path} does not exist")
+  params = checkpoint.load_params(path)
+  got = tokenizer.vocab_size(params)
+  if got != tok.vocab_size:
+    raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} but the tokenizer at "
+                      f"{path} has {got} codes")
+  params = tokenizer.entry.check_params(tokenizer.model, params, f"{field}={path}")
+  logging.info("Tokenizer: %s from %s", tok.kind, path)
+  return tokenizer, jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,180 @@
+"""The code's structure, read from its imports (ast): no cycles, trainers stay apart, every
+import is pinned and every pin imported."""
+import ast
+import importlib.metadata
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = "beit_jax"
+# Pinned though never imported: what the imported packages need at run time.
+RUNTIME_ONLY = {"jaxlib"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, pathlib.Path]:
+  return {_module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
+
+
+def _imported(tree: ast.AST, importer: str, is_package: bool, known: set[str]) -> set[str]:
+  """The modules of `known` that `tree` imports, anywhere in it (lazy imports count)."""
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative: from the importer's package
+        anchor = importer.split(".")
+        anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+        base = ".".join(anchor + ([base] if base else []))
+      # `from a import b` imports module a.b if there is one, else a name of a.
+      names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+               for a in node.names]
+    else:
+      continue
+    for name in names:
+      while name and name not in known:  # `import a.b.c` of a module a.b: a.b
+        name = name.rpartition(".")[0]
+      if name and name != importer:
+        found.add(name)
+  return found
+
+
+def import_graph(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
+  known = set(modules)
+  return {name: _imported(ast.parse(path.read_text()), name, path.name == "__init__.py", known)
+          for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle as [a, b, ..., a], or None."""
+  state: dict[str, int] = {}  # 1: on the stack, 2: done
+  stack: list[str] = []
+
+  def visit(node):
+    state[node] = 1
+    stack.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 1:
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        cycle = visit(nxt)
+        if cycle:
+          return cycle
+    stack.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def trainer_violations(graph: dict[str, set[str]]) -> list[str]:
+  """Imports of a trainer module from outside trainers/, and trainers importing trainers."""
+  prefix = f"{PACKAGE}.trainers."
+  bad = []
+  for importer, targets in graph.items():
+    for target in targets:
+      if target.startswith(prefix):
+        inside = importer.startswith(prefix)
+        bad.append(f"{importer} imports the trainer {target}" if not inside
+                   else f"trainer {importer} imports trainer {target}")
+  return sorted(bad)
+
+
+def test_the_checker_sees_cycles_and_trainer_imports():
+  graph = {"beit_jax.a": {"beit_jax.b"}, "beit_jax.b": {"beit_jax.c"},
+           "beit_jax.c": {"beit_jax.a"}, "beit_jax.d": set()}
+  assert find_cycle(graph) == ["beit_jax.a", "beit_jax.b", "beit_jax.c", "beit_jax.a"]
+  assert find_cycle({"beit_jax.a": {"beit_jax.b"}, "beit_jax.b": set()}) is None
+  graph = {"beit_jax.visuals": {"beit_jax.trainers.mim"},
+           "beit_jax.trainers.mim": {"beit_jax.trainers.dvae"},
+           "beit_jax.trainers": set(), "beit_jax.main": {"beit_jax.trainers"}}
+  assert trainer_violations(graph) == [
+      "beit_jax.visuals imports the trainer beit_jax.trainers.mim",
+      "trainer beit_jax.trainers.mim imports trainer beit_jax.trainers.dvae"]
+  tree = ast.parse("from beit_jax.data import ops\nimport beit_jax.models.vit\n"
+                   "def f():\n  from beit_jax import trainers\n")
+  known = {"beit_jax", "beit_jax.data", "beit_jax.data.ops", "beit_jax.models",
+           "beit_jax.models.vit", "beit_jax.trainers"}
+  assert _imported(tree, "beit_jax.x", False, known) == {
+      "beit_jax.data.ops", "beit_jax.models.vit", "beit_jax.trainers"}
+
+
+def test_no_import_cycles():
+  cycle = find_cycle(import_graph(package_modules()))
+  assert cycle is None, " -> ".join(cycle)
+
+
+def test_trainers_are_imported_only_by_the_dispatch():
+  modules = package_modules()
+  assert f"{PACKAGE}.trainers.mim" in modules  # the check looks at the real tree
+  assert trainer_violations(import_graph(modules)) == []
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+def _top_level_imports() -> set[str]:
+  """Top-level names of the third-party packages the code and tests import."""
+  names = set()
+  for folder in (PACKAGE, "configs", "tests", "launch"):
+    for path in (ROOT / folder).rglob("*.py"):
+      text = path.read_text()
+      for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+          names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+          names.add(node.module.split(".")[0])
+      names.update(re.findall(r"importorskip\(\"(\w+)", text))
+  local = {PACKAGE, "configs", "tests"}
+  return {n for n in names if n not in sys.stdlib_module_names and n not in local}
+
+
+def _pins() -> dict[str, str]:
+  """Distribution name (normalised) -> the requirements file or README line that pins it."""
+  pins = {}
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  for path in sorted(ROOT.glob("requirements*.txt")):
+    for line in path.read_text().splitlines():
+      line = line.split("#")[0].strip()
+      if line and not line.startswith("-"):
+        name, sep, _ = re.split(r"(==)", line, maxsplit=1)
+        assert sep, f"{path.name}: {line!r} is not pinned with =="
+        pins[norm(name)] = path.name
+  # Installed by the README's test line (with --no-deps), not by a requirements file.
+  for name in re.findall(r"pip install --no-deps ([\w.-]+)==", (ROOT / "README.md").read_text()):
+    pins[norm(name)] = "README.md"
+  return pins
+
+
+def test_every_import_is_pinned_and_every_pin_imported():
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  pins = _pins()
+  dists = importlib.metadata.packages_distributions()
+  imported = set()
+  unknown = []
+  for name in sorted(_top_level_imports()):
+    if name not in dists:
+      unknown.append(name)  # not installed here: its test skips; still must be pinned
+      continue
+    imported.update(norm(d) for d in dists[name])
+  unpinned = sorted(d for d in imported if d not in pins)
+  assert not unpinned, f"imported but not pinned: {unpinned}"
+  unused = sorted(set(pins) - imported - RUNTIME_ONLY - {norm(n) for n in unknown})
+  assert not unused, f"pinned but never imported: {unused}"
+  missing = [n for n in unknown if norm(n) not in pins]
+  if missing:
+    pytest.fail(f"imported but neither installed nor pinned: {missing}")
