@@ -3,14 +3,15 @@
 Here, not in `main`, so that other entry points (experiments, benchmarks) can run configs
 without `main`'s command-line flags. A trainer module provides `RULES` (and maybe `CHECKS`)
 for its config fields, `preflight(config, workdir)` for what needs the outside world,
-`make_task(config, ...)` and `train_and_evaluate(config, workdir)`. Trainers never import
+`make_task(config, ...)`, `train_and_evaluate(config, workdir)` and, if other runs must
+finish first, `prerequisites(config, workdir)`. Trainers never import
 each other: what they share is in library modules.
 """
 import importlib
 import types
 
 import ml_collections
-from etils import epath
+from absl import logging
 
 from beit_jax import validate
 
@@ -55,29 +56,29 @@ def make_task(config: ml_collections.ConfigDict, **inputs):
   return module(config.trainer).make_task(config, **inputs)
 
 
-def _tokenizer_stage(config: ml_collections.ConfigDict, workdir: str):
-  """A MIM run without `tokenizer.init_from` trains its tokenizer first: (trainer, dir)."""
-  if config.trainer != "mim" or config.tokenizer.get("init_from"):
-    return None
-  from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  return (module(tokenizers.entry(config.tokenizer.kind).trainer),
-          str(epath.Path(workdir) / "tokenizer"))
+def _runs(config: ml_collections.ConfigDict, workdir: str) -> list:
+  """The runs a start makes, each config validated once, prerequisites first.
+
+  A trainer may name runs that must finish before it (`prerequisites(config, workdir) ->
+  [(config, workdir)]`): a MIM run without `tokenizer.init_from` trains its tokenizer first
+  in `<workdir>/tokenizer`. A finished prerequisite is resumed and returns at once.
+  """
+  validate_config(config)
+  trainer = module(config.trainer)
+  before = getattr(trainer, "prerequisites", lambda c, w: ())(config, workdir)
+  return [r for c, w in before for r in _runs(c, w)] + [(trainer, config, workdir)]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config`, runs the trainer `config.trainer` names; returns its last metrics.
 
-  Every check runs before any compute, stage 1's included: a MIM run without a tokenizer
-  trains one in `<workdir>/tokenizer` first (resumed, or skipped once finished).
+  Every check runs before any compute, the prerequisites' included (see `_runs`).
   """
-  validate_config(config)
-  trainer = module(config.trainer)
-  trainer.preflight(config, workdir)
-  stage = _tokenizer_stage(config, workdir)
-  if stage is not None:
-    stage_trainer, stage_dir = stage
-    stage_trainer.preflight(config, stage_dir)
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info("Stage 1: training the %s tokenizer in %s", config.tokenizer.kind, stage_dir)
-    stage_trainer.train_and_evaluate(config, stage_dir)
-  return trainer.train_and_evaluate(config, workdir)
+  runs = _runs(config, workdir)
+  for trainer, cfg, path in runs:
+    trainer.preflight(cfg, path)
+  for trainer, cfg, path in runs[:-1]:
+    logging.info("Before %s: %s in %s", runs[-1][1].trainer, cfg.trainer, path)
+    trainer.train_and_evaluate(cfg, path)
+  trainer, cfg, path = runs[-1]
+  return trainer.train_and_evaluate(cfg, path)

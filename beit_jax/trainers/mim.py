@@ -4,6 +4,7 @@ The tokenizer runs on device inside the train step (no separate tokenisation pas
 over the data set); its parameters are an argument of the jitted step, not a
 closed-over constant, so they are not baked into the compiled program.
 """
+import copy
 import functools
 from typing import Any
 
@@ -47,6 +48,17 @@ CHECKS = (_check_token_grid,)
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`tokenizer.init_from`, or `<workdir>/tokenizer` where stage 1 trains one."""
   return config.tokenizer.get("init_from") or str(epath.Path(workdir) / "tokenizer")
+
+
+def prerequisites(config: ml_collections.ConfigDict, workdir: str
+                  ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """Without `tokenizer.init_from`, the tokenizer's own trainer runs first (stage 1)."""
+  if config.tokenizer.get("init_from"):
+    return []
+  stage = copy.deepcopy(config)
+  with stage.unlocked():
+    stage.trainer = tokenizers.entry(config.tokenizer.kind).trainer
+  return [(stage, tokenizer_dir(config, workdir))]
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
