@@ -30,7 +30,9 @@ def check_writable(workdir: str, field: str = "workdir") -> None:
     probe.write_text("ok")
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f"{field}={workdir} is not writable: {type(e).__name__}: {e}") from None
+    detail = " ".join(str(e).split())  # one line: GCS errors put the reason on a second one
+    raise ConfigError(f"{field}={workdir} is not writable: {type(e).__name__}: {detail}"
+                      ) from None
 
 
 def make_manager(workdir: str, *, every_steps: int, keep: int,
@@ -59,8 +61,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   """(state, meta) of the newest readable checkpoint, laid out like `abstract_state`.
 
   A checkpoint that cannot be read (e.g. files truncated by a full disk) is
-  reported, moved aside to `<step>.unreadable` (kept for inspection, no longer
-  listed) and the next older one is tried. None when there is nothing to resume.
+  reported, moved aside to `<step>.unreadable` (`.unreadable.2`, ... if that is taken;
+  kept for inspection, no longer listed) and the next older one is tried. None when
+  there is nothing to resume.
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -69,13 +72,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
       return restored.state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       path = epath.Path(manager.directory) / str(step)
-      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and "
-                    "trying the previous one.", path, type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "", path)
+      aside = _unused_name(path.parent, f"{step}.unreadable")
+      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the "
+                    "previous one.", path, type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "", aside)
       if jax.process_index() == 0:
-        path.rename(path.parent / f"{step}.unreadable")
+        path.rename(aside)
       manager.reload()
   return None
+
+
+def _unused_name(folder: epath.Path, name: str) -> epath.Path:
+  """`folder/name`, or `folder/name.2`, `.3`, ... if taken (a step unreadable again, after
+  the run saved that step anew)."""
+  path, n = folder / name, 1
+  while path.exists():
+    n += 1
+    path = folder / f"{name}.{n}"
+  return path
 
 
 def _find_step_dir(path: str) -> epath.Path:

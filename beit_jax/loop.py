@@ -18,6 +18,7 @@ from clu import metric_writers
 from etils import epath
 
 from beit_jax import checkpoint
+from beit_jax import events
 from beit_jax import sharding
 from beit_jax.errors import TrainingError
 
@@ -40,9 +41,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard events + log lines on process 0; nothing elsewhere."""
-  return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  """TensorBoard events (through epath: local or gs://) + log lines on process 0; log lines
+  elsewhere. Written in a background thread."""
+  writers = [metric_writers.LoggingWriter()]
+  if jax.process_index() == 0:
+    writers.append(events.EventWriter(workdir))
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 class Progress:

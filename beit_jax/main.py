@@ -4,9 +4,17 @@ Config overrides work as usual for ml_collections, e.g.
 `--config=configs/beit_base.py:variant=L/16 --config.input.batch_size=1024`.
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
+import os
 import sys
 
-from absl import app
+# gs:// paths through epath's fsspec backend (gcsfs) rather than TensorFlow's gfile, set
+# before anything opens one: the same GCS client for config.json, images, events and
+# orbax's metadata on a TPU VM as in the emulator tests (tests/gcs_emulator.py), and
+# gcsfs's plain filesystem (its experimental one first asks the Storage Control API).
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
