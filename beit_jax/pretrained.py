@@ -4,6 +4,7 @@ Fine-tuning, linear probing and segmentation start from pretraining runs or impo
 weights whose layout differs from the model's: a shared relative position bias to copy
 into every block, position parameters of another resolution, heads the model lacks.
 """
+import fnmatch
 import json
 from typing import Any
 
@@ -19,8 +20,9 @@ from beit_jax.models import vit
 
 # Params a classifier learns from scratch: not in a pretraining checkpoint.
 CLASSIFIER_PARAMS = ("fc_norm", "head")
-# Params of a checkpoint a model may lack: heads and final norms of another use.
-_DROPPABLE = ("lm_head", "norm", "fc_norm", "head")
+# Params of a checkpoint a model may lack: heads and final norms of another use, and BEiT
+# v2's patch-aggregation decoder (`cls_pt_layers_<j>`, thrown away after pretraining).
+_DROPPABLE = ("lm_head", "norm", "fc_norm", "head", "cls_pt_layers_*")
 
 
 def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *,
@@ -63,7 +65,8 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
   params = {k: v for k, v in params.items() if k in want and k not in misshapen_head}
   missing = sorted(k for k in want if k not in params and top(k) not in fresh)
   # Heads and final norms may go; any other weight the model lacks would change its function.
-  extra = [k for k in dropped if top(k) not in _DROPPABLE + fresh]
+  extra = [k for k in dropped
+           if not any(fnmatch.fnmatchcase(top(k), p) for p in _DROPPABLE + fresh)]
   if missing or extra:
     problem = (f"the checkpoint lacks {_listing(missing)}" if missing else
                f"the model has no place for {_listing(extra)}")

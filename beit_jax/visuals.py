@@ -175,3 +175,61 @@ def write_mim_images(image_dir: epath.Path, writer, step: int, batch: dict[str, 
   rows = [original, masked] + [np.asarray(d) for d in decoded if d is not None]
   save(image_dir, writer, step, "mim", image_grid(
       rows + [attention_overlay(original, attention, ref)]))
+
+
+def code_patches(images: np.ndarray, tokens: np.ndarray, *, num_codes: int = 8,
+                 per_code: int = 8) -> tuple[np.ndarray, list[np.ndarray]]:
+  """The BEiT v2 paper's code visualisation: image patches that share a code.
+
+  Args:
+    images: [n, S, S, 3] pixels in [0, 1].
+    tokens: int [n, g, g] their codes (patch side S / g).
+    num_codes: how many codes: the most frequent in `tokens` (ties: lower id first).
+    per_code: patches shown per code (in image order; fewer if the code has fewer).
+
+  Returns:
+    (codes [m] int, m <= num_codes; one [per_code, p, p, 3] array per code, rows of
+    white padding where a code has fewer patches).
+  """
+  images, tokens = np.asarray(images, np.float32), np.asarray(tokens)
+  n, g = tokens.shape[0], tokens.shape[1]
+  p = images.shape[1] // g
+  patches = images[:, :g * p, :g * p].reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+  patches = patches.reshape(n * g * g, p, p, 3)
+  flat = tokens.reshape(-1)
+  ids, counts = np.unique(flat, return_counts=True)
+  order = np.lexsort((ids, -counts))[:num_codes]
+  codes = ids[order]
+  rows = []
+  for code in codes:
+    chosen = patches[flat == code][:per_code]
+    pad = np.ones((per_code - len(chosen), p, p, 3), np.float32)
+    rows.append(np.concatenate([chosen, pad]))
+  return codes, rows
+
+
+def write_code_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
+                      tokenizer: tokenizers.Tokenizer, params: Any, view: View,
+                      num_images: int = 8, num_codes: int = 8, per_code: int = 8) -> None:
+  """Two pictures of what a tokenizer's codes mean (for VQ-KD, which cannot draw).
+
+  `<kind>_token_maps`: the first `num_images` images (top) and the code of each patch
+  (bottom; one fixed colour per code, as `token_colors`). `<kind>_code_patches`: one row
+  per frequent code of all `images`: its colour, then `per_code` patches that get it.
+
+  Args:
+    images: [n, S, S, 3] in the tokenizer's `view` (e.g. [-1, 1] for VQ-KD).
+  """
+  tokens = np.asarray(tokenizer.tokenize(params, jnp.asarray(images)))
+  vocab = tokenizer.vocab_size(params)
+  pixels = np.clip(view.to_pixels(np.asarray(images, np.float32)), 0, 1)
+  k = min(num_images, len(pixels))
+  save(image_dir, writer, step, f"{tokenizer.kind}_token_maps",
+       image_grid([pixels[:k], token_colors(tokens[:k], vocab)]))
+  codes, rows = code_patches(pixels, tokens, num_codes=num_codes, per_code=per_code)
+  p = rows[0].shape[1]
+  swatches = [np.broadcast_to(token_colors(np.asarray([c]), vocab)[0], (1, p, p, 3))
+              for c in codes]
+  picture = image_grid([np.concatenate([s, r]) for s, r in zip(swatches, rows)])
+  save(image_dir, writer, step, f"{tokenizer.kind}_code_patches",
+       upscale(picture, max(1, 32 // p)))

@@ -31,6 +31,25 @@ BAD_VALUES = {
     "input.random_erase": 1.25, "input.eval_crop_pct": 0.0, "optim.layer_decay": 1.5,
     # Checked by the input pipeline itself before, now declared with it.
     "input.flip": 1, "input.patch_size": 0, "input.embedded_epoch_size": 0,
+    # BEiT v2 patch aggregation (trainers/mim.py; its fields are checked by CHECKS).
+    "model.patch_aggregation": 9,
+    # The VQ-KD tokenizer and its trainer (configs/vqkd_tiny_local.py).
+    "tokenizer.code_dim": 0, "tokenizer.teacher_dim": -512, "tokenizer.patch_size": 0,
+    "tokenizer.beta": -1.0, "tokenizer.encoder.width": 0, "tokenizer.encoder.depth": 0,
+    "tokenizer.encoder.num_heads": 0, "tokenizer.encoder.mlp_dim": 1.5,
+    "tokenizer.decoder.width": -1, "tokenizer.decoder.depth": 0,
+    "tokenizer.decoder.num_heads": 0, "tokenizer.decoder.mlp_dim": 0,
+    "tokenizer.teacher.kind": "siglip", "tokenizer.teacher.init_from": None,
+    "tokenizer.teacher.block": "last", "tokenizer.teacher.num_heads": 0,
+    "tokenizer.train.num_epochs": 0, "tokenizer.train.total_steps": -1,
+    "tokenizer.train.log_every_steps": 0, "tokenizer.train.images_every_steps": 0,
+    "tokenizer.train.ema_decay": 1.0, "tokenizer.train.kmeans_iters": -1,
+    "tokenizer.train.restart_dead_codes": "yes", "tokenizer.train.dead_threshold": 0.0,
+    "tokenizer.train.optim.min_lr": -1e-5, "tokenizer.train.optim.warmup_epochs": -1,
+    "tokenizer.train.optim.warmup_steps": 2.5, "tokenizer.train.optim.b1": 1.0,
+    "tokenizer.train.optim.b2": -0.1, "tokenizer.train.optim.eps": -1e-8,
+    "tokenizer.train.optim.weight_decay": -1e-4, "tokenizer.train.optim.grad_clip": -1.0,
+    "tokenizer.train.checkpoint.every_steps": 0, "tokenizer.train.checkpoint.keep": 0,
 }
 
 
@@ -47,13 +66,22 @@ def test_the_shipped_configs_pass():
   trainers.validate_config(linear_probe.get_config("local=True"))
   trainers.validate_config(tiny_config())
   trainers.validate_config(tiny_finetune_config())
+  from configs import beitv2_base, beitv2_large  # pylint: disable=g-import-not-at-top
+  for module, arg in ((beitv2_base, "epochs=300"), (beitv2_base, "epochs=1600"),
+                      (beitv2_large, None)):
+    trainers.validate_config(module.get_config(arg))
 
 
 def _config_with(field):
-  """The tiny MIM config, or the tiny fine-tuning / probe config for their own fields."""
+  """The tiny MIM config, or the tiny fine-tuning / probe or VQ-KD config for their own
+  fields."""
+  missing = lambda c: validate.get(c, field) is validate._MISSING  # pylint: disable=protected-access
   config = tiny_config()
-  if validate.get(config, field) is validate._MISSING:  # pylint: disable=protected-access
+  if missing(config):
     config = tiny_finetune_config(probe=dict(layers=(), pool="mean", norm="none"))
+  if missing(config):
+    from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
+    config = vqkd_tiny_local.get_config("teacher=random")
   return config
 
 

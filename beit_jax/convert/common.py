@@ -1,5 +1,6 @@
 """What every converter shares: reading torch / safetensors files safely, key checks."""
 import argparse
+import json
 from typing import Any, Iterable
 
 import numpy as np
@@ -137,3 +138,35 @@ def ensure_new_dir(path: str, what: str) -> epath.Path:
     raise ConfigError(f"{what} {path} already exists and is not an empty folder")
   p.mkdir(parents=True, exist_ok=True)
   return p
+
+
+def read_hf_weights(folder: epath.Path, what: str) -> StateDict:
+  """A save_pretrained folder's model.safetensors or pytorch_model.bin, either possibly
+  sharded (*.index.json)."""
+  def bin_(path):
+    return tensors_to_numpy(load_torch(path, f"HF weights {path}"), f"HF weights {path}")
+
+  def safetensors(path):
+    return load_safetensors(path, f"HF weights {path}")
+
+  for name, reader in (("model.safetensors", safetensors), ("pytorch_model.bin", bin_)):
+    index = folder / f"{name}.index.json"
+    if index.exists():
+      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      return {k: v for shard in shards for k, v in reader(str(folder / shard)).items()}
+    if (folder / name).exists():
+      return reader(str(folder / name))
+  raise ConfigError(f"{what} has no model.safetensors or pytorch_model.bin")
+
+
+def read_hf_config(path: str) -> tuple[epath.Path, dict[str, Any], str]:
+  """(folder, its config.json, a name for messages) of a save_pretrained folder."""
+  what = f"HF folder {path}"
+  folder = epath.Path(path)
+  if not (folder / "config.json").is_file():
+    raise ConfigError(f"{what} is not a HuggingFace save_pretrained folder (no config.json)")
+  try:
+    config = json.loads((folder / "config.json").read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{what}: config.json is not JSON ({e})") from None
+  return folder, config, what

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from etils import epath
 
 from beit_jax.convert import common
 from beit_jax.convert import unilm
@@ -146,41 +145,12 @@ def _square(value: Any, field: str, what: str) -> int:
   return int(value)
 
 
-def _load_safetensors(path: str) -> common.StateDict:
-  return common.load_safetensors(path, f"HF weights {path}")
-
-
-def _load_bin(path: str) -> common.StateDict:
-  what = f"HF weights {path}"
-  return common.tensors_to_numpy(common.load_torch(path, what), what)
-
-
-def _read_weights(folder: epath.Path, what: str) -> common.StateDict:
-  """model.safetensors or pytorch_model.bin, either possibly sharded (*.index.json)."""
-  for name, reader in (("model.safetensors", _load_safetensors),
-                       ("pytorch_model.bin", _load_bin)):
-    index = folder / f"{name}.index.json"
-    if index.exists():
-      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-      return {k: v for shard in shards for k, v in reader(str(folder / shard)).items()}
-    if (folder / name).exists():
-      return reader(str(folder / name))
-  raise ConfigError(f"{what} has no model.safetensors or pytorch_model.bin")
-
-
 def read_folder(path: str) -> tuple[common.StateDict, dict[str, Any]]:
   """The weights and config.json of a `save_pretrained` folder."""
-  what = f"HF folder {path}"
-  folder = epath.Path(path)
-  if not (folder / "config.json").is_file():
-    raise ConfigError(f"{what} is not a HuggingFace save_pretrained folder (no config.json)")
-  try:
-    config = json.loads((folder / "config.json").read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{what}: config.json is not JSON ({e})") from None
+  folder, config, what = common.read_hf_config(path)
   if config.get("model_type") != "beit":
     raise ConfigError(f"{what} holds a {config.get('model_type')!r} model, not 'beit'")
-  return _read_weights(folder, what), config
+  return common.read_hf_weights(folder, what), config
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -20,7 +20,8 @@ from beit_jax.models import vit
 
 REL_POS_CHOICES = ("keep", "shared", "per_layer")
 _SHARED = "rel_pos_bias/relative_position_bias_table"
-_BLOCK_TABLE = "blocks_{}/attn/relative_position_bias_table"
+_TABLE = "{}/attn/relative_position_bias_table"
+_DECODER_BLOCK = re.compile(r"cls_pt_layers_(\d+)/")
 
 
 def _grid(kw: dict[str, Any]) -> tuple[int, int]:
@@ -55,17 +56,21 @@ def set_rel_pos(params: dict[str, np.ndarray], kw: dict[str, Any], layout: str
   """
   if layout not in REL_POS_CHOICES:
     raise ConfigError(f"--rel_pos={layout!r} is not accepted; use one of {REL_POS_CHOICES}")
-  depth = kw["depth"]
+  # The backbone's blocks, then v2's patch-aggregation decoder (which uses the same bias).
+  blocks = [f"blocks_{i}" for i in range(kw["depth"])] + [
+      f"cls_pt_layers_{j}" for j in range(kw.get("patch_aggregation_depth", 0)
+                                          if kw.get("patch_aggregation_layer") else 0)]
   out = dict(params)
   if layout == "per_layer" and kw["use_shared_rel_pos_bias"]:
     shared = out.pop(_SHARED)
-    for i in range(depth):
-      key = _BLOCK_TABLE.format(i)
+    for block in blocks:
+      key = _TABLE.format(block)
       out[key] = shared + out[key] if key in out else shared.copy()
     return out, dict(kw, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
   if layout == "shared" and kw["use_rel_pos_bias"]:
-    tables = [out.pop(_BLOCK_TABLE.format(i)) for i in range(depth)]
-    differ = [i for i, t in enumerate(tables) if not np.array_equal(t, tables[0])]
+    tables = [out.pop(_TABLE.format(block)) for block in blocks]
+    differ = [blocks[i].removeprefix("blocks_") for i, t in enumerate(tables)
+              if not np.array_equal(t, tables[0])]
     if differ:
       raise ConfigError(f"--rel_pos=shared: blocks {common.listing(map(str, differ))} have "
                         "relative position tables that differ from block 0's; one shared "
@@ -120,11 +125,13 @@ def _kwargs_from_config(config: dict[str, Any], what: str) -> dict[str, Any] | N
 
 def infer_model_kwargs(params: dict[str, np.ndarray], what: str, *,
                        config: dict[str, Any] | None = None, num_heads: int | None = None,
-                       fallback_image_size: int | None = None) -> dict[str, Any]:
+                       fallback_image_size: int | None = None,
+                       patch_aggregation_layer: int | None = None) -> dict[str, Any]:
   """Model fields of beit-jax ViT params; heads / image size from `config` if needed.
 
-  `num_heads` and `fallback_image_size` serve when neither the weights nor `config`
-  tell them (see `unilm.infer_model_kwargs`).
+  `num_heads`, `fallback_image_size` and `patch_aggregation_layer` (v2's decoder) serve
+  when neither the weights nor `config` tell them (see `unilm.infer_model_kwargs` and
+  `unilm.patch_aggregation_kwargs`).
   """
   if "cls_token" not in params or "patch_embed/kernel" not in params:
     raise ConfigError(f"{what} holds no BEiT ViT params (no cls_token / patch_embed; "
@@ -134,9 +141,25 @@ def infer_model_kwargs(params: dict[str, np.ndarray], what: str, *,
   # zero-strided stand-ins: no copy).
   sd = {r.key: np.broadcast_to(np.float32(0), r.torch_shape(params[r.path].shape))
         for r in unilm.rules(_present_fields(params)) if r.path in params}
-  return unilm.infer_model_kwargs(sd, what, num_heads=known.get("num_heads") or num_heads,
-                                  image_size=known.get("image_size"),
-                                  fallback_image_size=fallback_image_size)
+  kw = unilm.infer_model_kwargs(sd, what, num_heads=known.get("num_heads") or num_heads,
+                                image_size=known.get("image_size"),
+                                fallback_image_size=fallback_image_size)
+  decoder = {int(m.group(1)) for k in params if (m := _DECODER_BLOCK.match(k))}
+  if decoder:  # BEiT v2's patch aggregation: which block it reads is in the config only
+    fake = {f"cls_pt_layers.{j}.norm1.weight": None for j in decoder}
+    kw.update(unilm.patch_aggregation_kwargs(
+        fake, kw, what, layer=_patch_aggregation_layer(config or {}) or patch_aggregation_layer,
+        checkpoint_args={"head_layers": len(decoder)}))
+  return kw
+
+
+def _patch_aggregation_layer(config: dict[str, Any]) -> int | None:
+  """The aggregated layer a converter's config.json ('vit') or a run's ('model') records."""
+  if isinstance(config.get("vit"), dict):
+    return config["vit"].get("patch_aggregation_layer")
+  pa = (config.get("model") or {}).get("patch_aggregation") if isinstance(
+      config.get("model"), dict) else None
+  return pa.get("layer") if isinstance(pa, dict) else None
 
 
 def _present_fields(params: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -150,7 +173,7 @@ def _present_fields(params: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def load(path: str, *, num_heads: int | None = None,
-         fallback_image_size: int | None = None
+         fallback_image_size: int | None = None, patch_aggregation_layer: int | None = None
          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A beit-jax checkpoint (a converter's output or a run's workdir) and its fields."""
   what = f"beit-jax checkpoint {path}"
@@ -158,7 +181,8 @@ def load(path: str, *, num_heads: int | None = None,
   config_file = epath.Path(path) / "config.json"
   config = json.loads(config_file.read_text()) if config_file.exists() else None
   kw = infer_model_kwargs(params, what, config=config, num_heads=num_heads,
-                          fallback_image_size=fallback_image_size)
+                          fallback_image_size=fallback_image_size,
+                          patch_aggregation_layer=patch_aggregation_layer)
   check(params, kw, what)
   return params, kw
 
@@ -183,4 +207,7 @@ def config_flags(kw: dict[str, Any]) -> str:
                 "model.layer_scale_init": kw["layer_scale_init"]})
   if kw["vocab_size"]:
     flags["tokenizer.vocab_size"] = kw["vocab_size"]
+  if kw.get("patch_aggregation_layer"):  # configs/beitv2_*.py have these fields
+    flags["model.patch_aggregation.layer"] = kw["patch_aggregation_layer"]
+    flags["model.patch_aggregation.depth"] = kw["patch_aggregation_depth"]
   return " ".join(f"--config.{k}={v}" for k, v in flags.items())

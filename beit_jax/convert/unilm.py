@@ -5,8 +5,13 @@ unilm's layout is the hub of the ViT converters: HF checkpoints are renamed to i
 `beit/modeling_pretrain.py` (VisionTransformerForMaskedImageModeling: `mask_token`,
 shared `rel_pos_bias.*`, `norm`, `lm_head`) and `beit/modeling_finetune.py`
 (VisionTransformer: per-block `blocks.i.attn.relative_position_bias_table`,
-`fc_norm`, `head`, no mask token).
+`fc_norm`, `head`, no mask token). BEiT v2 pretraining checkpoints (`beit2/
+modeling_pretrain.py` VisionTransformerForMaskedImageModelingCLS) add the
+patch-aggregation decoder `cls_pt_layers.j.*` (blocks like the backbone's); beit-jax
+keeps it as `cls_pt_layers_j/...` when the model fields have `patch_aggregation_layer`
+(`patch_aggregation_kwargs`), and drops it otherwise.
 """
+import argparse
 import math
 import re
 from typing import Any, Callable, NamedTuple
@@ -29,10 +34,17 @@ _HEADS_OF_WIDTH = {s["width"]: s["num_heads"] for s in vit.VARIANTS.values()}
 _WRAPPERS = ("model", "module", "state_dict")
 # BEiT v2's patch-aggregation decoder: thrown away after pretraining (docs/reference.md §4).
 _V2_DECODER = re.compile(r"^cls_pt_(layers|norm|lm_head)\.")
+_V2_DECODER_BLOCK = re.compile(r"^cls_pt_layers\.(\d+)\.")
+# The model fields of the decoder (VisionTransformer's); absent: no decoder.
+PATCH_AGGREGATION_FIELDS = ("patch_aggregation_layer", "patch_aggregation_depth")
+# unilm PRETRAINING.md's --early_layers for the standard depths (when a checkpoint's
+# args do not say).
+_STANDARD_EARLY_LAYERS = {12: 9, 24: 21}
 # Keys that may be absent: their zero value is what the model computes without them
 # (unilm's fine-tuning model has no mask token; qkv_bias=False has no q/v bias).
 _ZERO_IF_ABSENT = re.compile(r"^(mask_token|blocks\.\d+\.attn\.[qv]_bias)$")
-_INDEX = re.compile(r"^(rel_pos_bias|blocks\.\d+\.attn)\.relative_position_index$")
+_INDEX = re.compile(
+    r"^(rel_pos_bias|(blocks|cls_pt_layers)\.\d+\.attn)\.relative_position_index$")
 
 
 class Rule(NamedTuple):
@@ -75,18 +87,8 @@ def rules(kw: dict[str, Any]) -> list[Rule]:
     out.append(Rule("rel_pos_bias/relative_position_bias_table",
                     "rel_pos_bias.relative_position_bias_table"))
   for i in range(kw["depth"]):
-    p, k = f"blocks_{i}", f"blocks.{i}"
-    out += norm(f"{p}/norm1", f"{k}.norm1") + norm(f"{p}/norm2", f"{k}.norm2")
-    out += [Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR),
-            Rule(f"{p}/attn/q_bias", f"{k}.attn.q_bias"),
-            Rule(f"{p}/attn/v_bias", f"{k}.attn.v_bias")]
-    out += linear(f"{p}/attn/proj", f"{k}.attn.proj")
-    if kw["use_rel_pos_bias"]:
-      out.append(Rule(f"{p}/attn/relative_position_bias_table",
-                      f"{k}.attn.relative_position_bias_table"))
-    out += linear(f"{p}/mlp/fc1", f"{k}.mlp.fc1") + linear(f"{p}/mlp/fc2", f"{k}.mlp.fc2")
-    if kw["layer_scale_init"] > 0:
-      out += [Rule(f"{p}/gamma_1", f"{k}.gamma_1"), Rule(f"{p}/gamma_2", f"{k}.gamma_2")]
+    out += block_rules(f"blocks_{i}", f"blocks.{i}", kw)
+  out += decoder_rules(kw)
   if kw["num_classes"] > 0:
     out += norm("fc_norm", "fc_norm") + linear("head", "head")
   else:
@@ -94,6 +96,89 @@ def rules(kw: dict[str, Any]) -> list[Rule]:
   if kw["vocab_size"] > 0:
     out += linear("lm_head", "lm_head")
   return out
+
+
+def block_rules(p: str, k: str, kw: dict[str, Any]) -> list[Rule]:
+  """One `Block` at param path `p` <-> unilm block `k`."""
+  def linear(path, key):
+    return [Rule(f"{path}/kernel", f"{key}.weight", _LINEAR),
+            Rule(f"{path}/bias", f"{key}.bias")]
+
+  def norm(path, key):
+    return [Rule(f"{path}/scale", f"{key}.weight"), Rule(f"{path}/bias", f"{key}.bias")]
+
+  out = norm(f"{p}/norm1", f"{k}.norm1") + norm(f"{p}/norm2", f"{k}.norm2")
+  out += [Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR),
+          Rule(f"{p}/attn/q_bias", f"{k}.attn.q_bias"),
+          Rule(f"{p}/attn/v_bias", f"{k}.attn.v_bias")]
+  out += linear(f"{p}/attn/proj", f"{k}.attn.proj")
+  if kw["use_rel_pos_bias"]:
+    out.append(Rule(f"{p}/attn/relative_position_bias_table",
+                    f"{k}.attn.relative_position_bias_table"))
+  out += linear(f"{p}/mlp/fc1", f"{k}.mlp.fc1") + linear(f"{p}/mlp/fc2", f"{k}.mlp.fc2")
+  if kw["layer_scale_init"] > 0:
+    out += [Rule(f"{p}/gamma_1", f"{k}.gamma_1"), Rule(f"{p}/gamma_2", f"{k}.gamma_2")]
+  return out
+
+
+def decoder_rules(kw: dict[str, Any]) -> list[Rule]:
+  """The patch-aggregation decoder's rules (none without `patch_aggregation_layer`)."""
+  if not kw.get("patch_aggregation_layer"):
+    return []
+  return [r for j in range(kw.get("patch_aggregation_depth", 2))
+          for r in block_rules(f"cls_pt_layers_{j}", f"cls_pt_layers.{j}", kw)]
+
+
+def without_patch_aggregation(kw: dict[str, Any]) -> dict[str, Any]:
+  """The fields of the backbone alone (fine-tuning, HF export)."""
+  return {k: v for k, v in kw.items() if k not in PATCH_AGGREGATION_FIELDS}
+
+
+def has_patch_aggregation(sd: common.StateDict) -> bool:
+  return any(_V2_DECODER.match(k) for k in sd)
+
+
+def patch_aggregation_kwargs(sd: common.StateDict, kw: dict[str, Any], what: str, *,
+                             layer: int | None = None,
+                             checkpoint_args: dict[str, Any] | None = None
+                             ) -> dict[str, Any]:
+  """The decoder's model fields of a BEiT v2 pretraining state dict ({} if it has none).
+
+  The depth is the number of `cls_pt_layers.j` blocks. The aggregated layer is not in any
+  weight: `layer` (the --patch_aggregation_layer flag), else the checkpoint's own
+  `args.early_layers` (unilm saves its argparse args), else unilm's value for a standard
+  depth (9 of 12, 21 of 24; a warning).
+  """
+  if not has_patch_aggregation(sd):
+    return {}
+  if any(k.startswith(("cls_pt_norm.", "cls_pt_lm_head.")) for k in sd):
+    raise ConfigError(f"{what} has its own patch-aggregation norm and head (cls_pt_norm, "
+                      "cls_pt_lm_head: unilm --shared_lm_head False); beit-jax shares the "
+                      "final norm and MIM head: convert with --patch_aggregation=drop")
+  blocks = {int(m.group(1)) for k in sd if (m := _V2_DECODER_BLOCK.match(k))}
+  if blocks != set(range(len(blocks))):
+    raise ConfigError(f"{what}: patch-aggregation blocks cls_pt_layers.{sorted(blocks)} "
+                      "are not numbered 0..n-1")
+  args = checkpoint_args or {}
+  if args.get("head_layers") not in (None, len(blocks)):
+    raise ConfigError(f"{what}: args.head_layers={args['head_layers']} but it holds "
+                      f"{len(blocks)} cls_pt_layers blocks")
+  source = "--patch_aggregation_layer"
+  if layer is None and args.get("early_layers") is not None:
+    layer, source = int(args["early_layers"]), "its args.early_layers"
+  if layer is None and kw["depth"] in _STANDARD_EARLY_LAYERS:
+    layer = _STANDARD_EARLY_LAYERS[kw["depth"]]
+    logging.warning("%s: the aggregated layer is not recorded; assuming unilm's "
+                    "--early_layers %d for depth %d (else pass --patch_aggregation_layer)",
+                    what, layer, kw["depth"])
+    source = "unilm's default"
+  if layer is None:
+    raise ConfigError(f"{what} has a patch-aggregation decoder but does not record which "
+                      f"block it reads (args.early_layers); pass --patch_aggregation_layer")
+  if not 1 <= layer <= kw["depth"]:
+    raise ConfigError(f"{what}: patch aggregation layer {layer} ({source}) must be in "
+                      f"1..{kw['depth']} (the depth)")
+  return dict(patch_aggregation_layer=layer, patch_aggregation_depth=len(blocks))
 
 
 def unwrap(obj: Any, what: str) -> dict[str, Any]:
@@ -147,7 +232,8 @@ def infer_model_kwargs(sd: common.StateDict, what: str, *, num_heads: int | None
   """
   if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
     raise ConfigError(f"{what} is not a BEiT state dict: no cls_token / "
-                      f"patch_embed.proj.weight (keys: {common.listing(sd)})")
+                      f"patch_embed.proj.weight, nor a VQ-KD tokenizer: no "
+                      f"quantize.embedding.weight (keys: {common.listing(sd)})")
   width = sd["cls_token"].shape[-1]
   patch = sd["patch_embed.proj.weight"].shape[-1]
   depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))),
@@ -213,8 +299,9 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
   """A unilm-layout state dict -> flat beit-jax params {'blocks_0/attn/qkv/kernel': ...}.
 
   Every key must be used: stored relative position indices are checked and dropped,
-  BEiT v2's `cls_pt_*` decoder is dropped (a warning), a missing mask token or q/v
-  bias becomes zeros (a warning); anything else missing or left over is a ConfigError.
+  BEiT v2's `cls_pt_*` decoder is kept when `kw` has `patch_aggregation_layer` and dropped
+  (a warning) otherwise, a missing mask token or q/v bias becomes zeros (a warning);
+  anything else missing or left over is a ConfigError (the backbone's first).
 
   Args:
     sd: the state dict (numpy).
@@ -222,9 +309,27 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
     what: how errors name the source.
     name: maps a unilm key to the source's own name for messages (HF).
   """
+  backbone = without_patch_aggregation(kw)
   expected = expected_shapes(kw)
+  params = _take(sd, rules(backbone), kw, expected, what, name,
+                 ignore=lambda k: bool(_V2_DECODER.match(k)))
+  if kw.get("patch_aggregation_layer"):
+    params.update(_take(sd, decoder_rules(kw), kw, expected, what, name,
+                        ignore=lambda k: not _V2_DECODER.match(k)))
+  else:
+    dropped = sorted(k for k in sd if _V2_DECODER.match(k))
+    if dropped:
+      logging.warning("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
+                      what, len(dropped), common.listing(dropped))
+  return params
+
+
+def _take(sd: common.StateDict, rule_list: list[Rule], kw: dict[str, Any],
+          expected: dict[str, tuple[int, ...]], what: str, name: Callable[[str], str],
+          ignore: Callable[[str], bool]) -> dict[str, np.ndarray]:
+  """The params of `rule_list`; every key of `sd` but the `ignore`d ones must be used."""
   params, missing, zero_filled = {}, [], []
-  for rule in rules(kw):
+  for rule in rule_list:
     if rule.key not in sd:
       if _ZERO_IF_ABSENT.match(rule.key):
         params[rule.path] = np.zeros(expected[rule.path], np.float32)
@@ -238,17 +343,13 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
       raise ConfigError(f"{what}: {name(rule.key)} has shape {tuple(value.shape)}, "
                         f"expected {want}")
     params[rule.path] = rule.to_flax(value)
-  used = {r.key for r in rules(kw)}
-  dropped = sorted(k for k in sd if _V2_DECODER.match(k))
+  used = {r.key for r in rule_list}
   for key in sd:
-    if _INDEX.match(key):
+    if _INDEX.match(key) and not ignore(key):
       _check_index(key, sd[key], kw, what)
   unexpected = [name(k) for k in sd
-                if k not in used and not _V2_DECODER.match(k) and not _INDEX.match(k)]
+                if k not in used and not ignore(k) and not _INDEX.match(k)]
   common.check_keys(what, missing=missing, unexpected=unexpected)
-  if dropped:
-    logging.warning("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
-                    what, len(dropped), common.listing(dropped))
   if zero_filled:
     logging.warning("%s: not in the checkpoint, set to zeros: %s", what,
                     common.listing(zero_filled))
@@ -271,5 +372,13 @@ def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def load_state_dict(path: str) -> common.StateDict:
   """A unilm `.pth` (a state dict, or one under 'model' / 'module') as numpy."""
+  return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str) -> tuple[common.StateDict, dict[str, Any]]:
+  """A unilm `.pth` as numpy, and the argparse args unilm saves beside it ({} if none)."""
   what = f"unilm checkpoint {path}"
-  return common.tensors_to_numpy(unwrap(common.load_torch(path, what), what), what)
+  obj = common.load_torch(path, what)
+  args = obj.get("args") if isinstance(obj, dict) else None
+  args = vars(args) if isinstance(args, argparse.Namespace) else {}
+  return common.tensors_to_numpy(unwrap(obj, what), what), args

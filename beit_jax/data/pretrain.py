@@ -66,22 +66,26 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, views: dict[str, V
       start_step=start_step, process_index=process_index, process_count=process_count)
 
 
-def make_tokenizer_iterator(config: ml_collections.ConfigDict, view: View, *, seed: int,
-                            start_step: int = 0, process_index: int = 0,
+def make_tokenizer_iterator(config: ml_collections.ConfigDict, view: View | dict[str, View],
+                            *, seed: int, start_step: int = 0, process_index: int = 0,
                             process_count: int = 1) -> batching.BatchIterator:
-  """Tokenizer training batches: `image` float32 [b, T, T, 3] in `view`.
+  """Tokenizer training batches: `image` float32 [b, T, T, 3] in `view`; no mask.
 
   The same crop, flip and jitter as pretraining and the tokenizer's view there, so the
-  tokenizer trains on what it will tokenize.
+  tokenizer trains on what it will tokenize. `view` may be a dict of views (e.g. VQ-KD's
+  `{"image": its own, "teacher_image": the teacher's}`): one array per name, all of the
+  same crop and flipped alike. A single View is `{"image": view}`.
   """
   validate.check(config, RULES)
   cfg = config.input
   aug = augment.Augment.from_config(cfg)
+  views = {"image": view} if isinstance(view, View) else dict(view)
 
   def example(seed, payload, decode):
     crop_seed, flip_seed = ops.split(seed, 2)
     crop = augment.jittered_crop(payload, decode, crop_seed, aug)
-    return {"image": view.apply(crop, flip_seed if aug.flip else None)}
+    flip_seed = flip_seed if aug.flip else None
+    return {name: v.apply(crop, flip_seed) for name, v in views.items()}
 
   return batching.make_iterator(
       sources.make_source(cfg), example, batch_size=cfg.batch_size, seed=seed,

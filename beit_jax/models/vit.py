@@ -295,8 +295,19 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
   """BEiT ViT: patch embedding, [CLS], optional mask token, blocks, heads.
 
-  Defined with setup() so a wrapping module (v2's patch aggregation) can call
-  `norm`, `lm_head`, `rel_pos_bias` and `blocks` of an instance directly.
+  Defined with setup() so a wrapping module can call `norm`, `lm_head`,
+  `rel_pos_bias` and `blocks` of an instance directly.
+
+  BEiT v2's patch aggregation (docs/reference.md §4; unilm beit2
+  VisionTransformerForMaskedImageModelingCLS) when `patch_aggregation_layer`
+  > 0: the [CLS] of the last block (before the final norm) followed by the patch
+  outputs of the first `patch_aggregation_layer` blocks (unilm's
+  `early_layers`: 9 means the output of 0-based block 8; no position embedding
+  re-added) go through `patch_aggregation_depth` more blocks (`cls_pt_layers_<j>`,
+  layer ids and drop-path rates continuing from the aggregated block as unilm's,
+  the same shared relative position bias), then the same `norm` and `lm_head`:
+  output 'mim_logits_c'. With 0 (the default) the model, its params and its
+  outputs are those of v1.
   """
   patch_size: int = 16
   width: int = 768
@@ -316,6 +327,8 @@ class VisionTransformer(nn.Module):
   truncate_init: bool = True
   remat: bool = False
   dtype: Any = jnp.float32
+  patch_aggregation_layer: int = 0  # 0: off; else unilm's early_layers (1..depth)
+  patch_aggregation_depth: int = 2  # unilm's head_layers
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -350,6 +363,8 @@ class VisionTransformer(nn.Module):
                   init_std=self.init_std, truncate_init=self.truncate_init,
                   dtype=self.dtype)
         for i in range(self.depth)]
+    if self.patch_aggregation_layer:
+      self.cls_pt_layers = self._patch_aggregation_blocks(block_cls)
     # unilm's mean-pooling fine-tuning model: no final norm, fc_norm instead.
     if self.num_classes > 0:
       self.norm = lambda x: x
@@ -363,6 +378,57 @@ class VisionTransformer(nn.Module):
     if self.vocab_size > 0:
       self.lm_head = nn.Dense(self.vocab_size, dtype=self.dtype,
                               kernel_init=init)
+
+  def _patch_aggregation_blocks(self, block_cls) -> list[Block]:
+    """The shallow decoder: blocks l+1 .. l+depth' of unilm's numbering (1-based)."""
+    l, n = self.patch_aggregation_layer, self.patch_aggregation_depth
+    if not 1 <= l <= self.depth:
+      raise ConfigError(f'model.patch_aggregation.layer={l} must be in 1..{self.depth} '
+                        f'(model.depth: the blocks whose output is aggregated)')
+    if n < 1:
+      raise ConfigError(f'model.patch_aggregation.depth={n} must be >= 1')
+    if self.vocab_size <= 0 or self.num_classes > 0:
+      raise ConfigError('patch aggregation needs the MIM head (vocab_size > 0) and no '
+                        'classifier')
+    # unilm: linspace(0, rate, max(depth, l + n))[l + j], layer id l + j + 1.
+    rates = np.linspace(0.0, self.drop_path_rate, max(self.depth, l + n))
+    return [
+        block_cls(self.width, self.num_heads, self.mlp_dim, layer_id=l + j + 1,
+                  drop_path_rate=float(rates[l + j]),
+                  layer_scale_init=self.layer_scale_init,
+                  rel_pos_grid=self.grid if self.use_rel_pos_bias else None,
+                  init_std=self.init_std, truncate_init=self.truncate_init,
+                  dtype=self.dtype)
+        for j in range(n)]
+
+  def _mim_logits(self, x: jax.Array, mim_positions: jax.Array | None) -> jax.Array:
+    """Normed tokens [B, N+1, D] -> MIM logits at `mim_positions` (all patches if None)."""
+    patches = x[:, 1:]  # [B, N, D]
+    if mim_positions is not None:
+      patches = jnp.take_along_axis(patches, mim_positions[..., None], axis=1)
+    return self.lm_head(patches).astype(jnp.float32)
+
+  def patch_aggregation_logits(self, cls_token: jax.Array, patches: jax.Array,
+                               rel_pos_bias: jax.Array | None = None, *,
+                               train: bool = False,
+                               mim_positions: jax.Array | None = None) -> jax.Array:
+    """v2's second MIM prediction from a [CLS] and a layer's patch outputs.
+
+    Args:
+      cls_token: [B, 1, D] the last block's [CLS] (before the final norm).
+      patches: [B, N, D] the patch outputs of block `patch_aggregation_layer`.
+      rel_pos_bias: the shared bias [H, N+1, N+1]; computed here if None.
+      train, mim_positions: as for `__call__`.
+
+    Returns:
+      [B, K or N, vocab] logits through the shallow decoder, `norm` and `lm_head`.
+    """
+    if rel_pos_bias is None and self.use_shared_rel_pos_bias:
+      rel_pos_bias = self.rel_pos_bias()
+    x = jnp.concatenate([cls_token, patches], axis=1)  # [B, N+1, D]
+    for block in self.cls_pt_layers:
+      x, _ = block(x, rel_pos_bias, train)
+    return self._mim_logits(self.norm(x), mim_positions)
 
   def __call__(self, images: jax.Array,
                bool_masked_pos: jax.Array | None = None, *,
@@ -387,7 +453,8 @@ class VisionTransformer(nn.Module):
       dict with 'tokens' [B, N+1, D] (after the final norm), 'mim_logits'
       [B, K or N, vocab] if vocab_size, 'logits' [B, classes] if num_classes,
       'hidden' {i: [B, N+1, D]} if asked, 'attention' [[B, H, N+1, N+1]] if
-      asked.
+      asked; with patch aggregation also 'mim_logits_c' (same shape as
+      'mim_logits').
     """
     if images.shape[1:3] != (self.image_size,) * 2:
       raise ConfigError(f'images are {images.shape[1]}x{images.shape[2]} but '
@@ -408,19 +475,24 @@ class VisionTransformer(nn.Module):
     rel_pos_bias = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
 
     hidden, attention = {}, []
+    early = None
     for i, block in enumerate(self.blocks):
       x, attn = block(x, rel_pos_bias, train)
       if i in return_hidden:
         hidden[i] = x
+      if i + 1 == self.patch_aggregation_layer:
+        early = x  # unilm: `if i + 1 == early_layers: early_states = x[:, 1:]`
       attention.append(attn)
 
+    last = x
     x = self.norm(x)
     out = {'tokens': x}
     if self.vocab_size > 0:
-      patches = x[:, 1:]  # [B, N, D]
-      if mim_positions is not None:
-        patches = jnp.take_along_axis(patches, mim_positions[..., None], axis=1)
-      out['mim_logits'] = self.lm_head(patches).astype(jnp.float32)
+      out['mim_logits'] = self._mim_logits(x, mim_positions)
+    if self.patch_aggregation_layer:
+      out['mim_logits_c'] = self.patch_aggregation_logits(
+          last[:, :1], early[:, 1:], rel_pos_bias, train=train,
+          mim_positions=mim_positions)
     if self.num_classes > 0:
       pooled = self.fc_norm(jnp.mean(x[:, 1:], axis=1))  # [B, D]
       out['logits'] = self.head(pooled).astype(jnp.float32)

@@ -20,11 +20,12 @@ from etils import epath
 from beit_jax import checkpoint
 from beit_jax.data.views import View, vit_view
 from beit_jax.errors import ConfigError
-from beit_jax.tokenizers import dvae
+from beit_jax.tokenizers import dvae, vqkd
 from beit_jax.tokenizers.base import Entry
 
 
-KINDS: dict[str, Entry] = {"dvae": dvae.ENTRY}
+KINDS: dict[str, Entry] = {"dvae": vqkd.refuse_vqkd_params(dvae.ENTRY, "dvae"),
+                           "vqkd": vqkd.ENTRY}
 RULES = (
     ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
     ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)

@@ -15,7 +15,7 @@ from absl import logging
 
 from beit_jax import validate
 
-TRAINERS = ("mim", "dvae", "finetune", "linear_probe")
+TRAINERS = ("mim", "dvae", "finetune", "linear_probe", "vqkd")
 RULES = (("trainer", lambda v: v in TRAINERS, f"one of {TRAINERS}"),)
 
 

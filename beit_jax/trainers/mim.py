@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from etils import epath
 
 from beit_jax import checkpoint
@@ -27,7 +28,22 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.train_state import TrainState
 
-RULES = (("images_every_steps", *validate.POSITIVE_INT),)
+_PATCH_AGGREGATION_KEYS = ("layer", "depth")
+
+
+def _is_patch_aggregation(v) -> bool:
+  """None or a dict; its fields are `_check_patch_aggregation`'s (one line each)."""
+  return v is None or isinstance(v, (dict, ml_collections.ConfigDict))
+
+
+RULES = (
+    ("images_every_steps", *validate.POSITIVE_INT),
+    # BEiT v2 (docs/reference.md §4): read by `make_model`.
+    ("model.patch_aggregation", _is_patch_aggregation,
+     "None (BEiT v1) or dict(layer=L, depth=D) of integers >= 1: the [CLS] of the last "
+     "block and the patch outputs of the first L blocks (unilm's early_layers) through "
+     "D more blocks (unilm's head_layers)"),
+)
 
 
 def _check_token_grid(config: ml_collections.ConfigDict) -> None:
@@ -42,7 +58,24 @@ def _check_token_grid(config: ml_collections.ConfigDict) -> None:
         f"(input.image_size={config.input.image_size}, patch {patch})")
 
 
-CHECKS = (_check_token_grid,)
+def _check_patch_aggregation(config: ml_collections.ConfigDict) -> None:
+  pa = config.model.get("patch_aggregation")
+  if pa is None:
+    return
+  if sorted(pa.keys()) != sorted(_PATCH_AGGREGATION_KEYS):
+    raise ConfigError(f"model.patch_aggregation has fields {sorted(pa.keys())}; accepted: "
+                      f"exactly {list(_PATCH_AGGREGATION_KEYS)}")
+  for key in _PATCH_AGGREGATION_KEYS:
+    if not validate.number(1, integer=True)(pa[key]):
+      raise ConfigError(f"model.patch_aggregation.{key}={pa[key]!r} is invalid; accepted: "
+                        "an integer >= 1")
+  depth = vit.size_kwargs(config.model)["depth"]
+  if not 1 <= pa.layer <= depth:
+    raise ConfigError(f"model.patch_aggregation.layer={pa.layer} must be in 1..{depth} "
+                      f"(model.depth): the number of blocks whose output is aggregated")
+
+
+CHECKS = (_check_token_grid, _check_patch_aggregation)
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -72,9 +105,16 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def make_model(config: ml_collections.ConfigDict, *, train: bool = True
                ) -> vit.VisionTransformer:
-  """The ViT + MIM head a config describes (vocabulary from the tokenizer)."""
+  """The ViT + MIM head a config describes (vocabulary from the tokenizer).
+
+  With `model.patch_aggregation` (BEiT v2) it also has the shallow decoder
+  (`cls_pt_layers_<j>`) and outputs 'mim_logits_c'.
+  """
+  pa = config.model.get("patch_aggregation")
+  extra = {} if pa is None else dict(patch_aggregation_layer=pa.layer,
+                                     patch_aggregation_depth=pa.depth)
   return vit.from_config(config.model, image_size=config.input.image_size, train=train,
-                         vocab_size=config.tokenizer.vocab_size)
+                         vocab_size=config.tokenizer.vocab_size, **extra)
 
 
 def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
@@ -116,7 +156,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
                       mim_positions=positions, rngs={"dropout": rng})
-    return mim_loss(out["mim_logits"], targets, weights)
+    loss, metrics = mim_loss(out["mim_logits"], targets, weights)
+    if "mim_logits_c" in out:  # BEiT v2: L_MIM + L_MIM^c, unweighted
+      loss_c, metrics_c = mim_loss(out["mim_logits_c"], targets, weights)
+      loss = loss + loss_c
+      metrics.update(loss=loss, loss_mim=metrics["loss"], loss_mim_c=loss_c,
+                     mim_accuracy_c=metrics_c["mim_accuracy"])
+    return loss, metrics
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
@@ -153,8 +199,15 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
     return model.init({"params": rng}, dummy, jnp.zeros((1, grid * grid), bool))["params"]
 
   def load_params(params):
-    return checkpoint.check_and_cast(params, checkpoint.load_params(config.init_from),
-                                     "init_from")
+    loaded = checkpoint.load_params(config.init_from)
+    # A v2 run may start from a checkpoint without the shallow decoder (v1, or converted
+    # with it dropped): the decoder then starts from its init.
+    fresh = [k for k in params if k.startswith("cls_pt_layers_") and k not in loaded]
+    if fresh and len(fresh) == sum(k.startswith("cls_pt_layers_") for k in params):
+      logging.info("init_from=%s has no patch-aggregation decoder; %s start from their "
+                   "init", config.init_from, ", ".join(sorted(fresh)))
+      loaded = dict(loaded, **{k: params[k] for k in fresh})
+    return checkpoint.check_and_cast(params, loaded, "init_from")
 
   def hooks(ctx: runner.Context):
     eval_batch = data.make_eval_batch(config, view_specs, n=8, seed=config.seed)

@@ -1,0 +1,293 @@
+"""BEiT v2 stage 1: train the VQ-KD tokenizer to reconstruct a frozen teacher's features.
+
+unilm's recipe (docs/reference.md §3, `configs/vqkd_clip_base.py`): each crop is shown
+twice, to VQ-KD in [-1, 1] and to the teacher in its own normalisation (two views of one
+crop, flipped alike); loss = (1 - cos(decoder output, teacher patch features)) + beta *
+commitment. AdamW on the encoder and decoder; the codebook is not trained by gradient.
+
+The codebook lives in the train state's params next to the module's params,
+`{'params': ..., 'codebook': {embedding, cluster_size, initted}}` (what
+`tokenizers.load` reads back as a VQ-KD tokenizer). The optimizer leaves it alone
+(`optax.multi_transform` with `set_to_zero`, so no Adam moments and no weight decay);
+each step it is k-means-initialised on the first batch (cosine k-means, unilm's
+`kmeans_init`), then moved by EMA (decay 0.99) with the step's assignments, after the
+optimizer update and only on a finite step: a step `train_state.apply_gradients` skips
+leaves the codebook bit-identical too (a skipped first step leaves it un-initialised).
+
+Data parallelism: the step is one `jax.jit` over globally sharded batches (GSPMD), so
+the per-code sums and counts of `models.vqkd.ema_update` / `kmeans_init` are sums over
+the global batch, i.e. over every device and process: XLA inserts the all-reduce. Every
+device holds the same codebook after every step (tests/test_vqkd_trainer.py checks that
+8 devices give the 1-device step's codebook).
+
+Reads `config.tokenizer` (sizes, `teacher`, `train`) and `config.input`.
+"""
+import copy
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from etils import epath
+
+from beit_jax import optim
+from beit_jax import runner
+from beit_jax import sharding
+from beit_jax import tokenizers
+from beit_jax import train_state
+from beit_jax import validate
+from beit_jax import visuals
+from beit_jax.convert import teachers as convert_teachers
+from beit_jax.data import pretrain as data
+from beit_jax.data.views import View
+from beit_jax.errors import ConfigError
+from beit_jax.models import teachers
+from beit_jax.models import vit
+from beit_jax.models import vqkd
+from beit_jax.train_state import TrainState
+
+TEACHER_KINDS = ("clip", "dino", "vit", "random")
+# What each teacher kind's checkpoint loads as.
+_MODULES = {"clip": teachers.ClipVisionTower, "dino": teachers.DinoViT,
+            "vit": vit.VisionTransformer}
+_n = validate.number
+RULES = (
+    ("tokenizer.teacher.kind", lambda v: v in TEACHER_KINDS,
+     f"one of {TEACHER_KINDS} ('random': a random 1-block ViT, for tests)"),
+    ("tokenizer.teacher.init_from", lambda v: isinstance(v, str),
+     "a path (HF CLIP / ViT folder, OpenAI CLIP or DINO file, beit-jax checkpoint)"),
+    ("tokenizer.teacher.block", lambda v: v is None or _n(integer=True)(v),
+     "None (the final tokens) or a block index of a 'vit' teacher"),
+    ("tokenizer.teacher.num_heads", validate.optional_positive_int, "None or an integer >= 1"),
+    ("tokenizer.train.num_epochs", _n(0, lo_open=True), "a number > 0"),
+    ("tokenizer.train.total_steps", _n(0, integer=True), "an integer >= 0 (0: num_epochs)"),
+    ("tokenizer.train.log_every_steps", *validate.POSITIVE_INT),
+    ("tokenizer.train.images_every_steps", *validate.POSITIVE_INT),
+    ("tokenizer.train.ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+    ("tokenizer.train.kmeans_iters", _n(0, integer=True), "an integer >= 0"),
+    ("tokenizer.train.restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
+    ("tokenizer.train.dead_threshold", _n(0, lo_open=True), "a number > 0"),
+    ("tokenizer.train.optim.min_lr", _n(0), "a number >= 0"),
+    ("tokenizer.train.optim.warmup_epochs", _n(0), "a number >= 0"),
+    ("tokenizer.train.optim.warmup_steps", _n(0, integer=True), "an integer >= 0"),
+    ("tokenizer.train.optim.b1", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("tokenizer.train.optim.b2", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("tokenizer.train.optim.eps", _n(0), "a number >= 0"),
+    ("tokenizer.train.optim.weight_decay", _n(0), "a number >= 0"),
+    ("tokenizer.train.optim.grad_clip", _n(0), "a number >= 0 (0: off)"),
+    ("tokenizer.train.checkpoint.every_steps", *validate.POSITIVE_INT),
+    ("tokenizer.train.checkpoint.keep", *validate.POSITIVE_INT),
+)
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  tok, inp = config.tokenizer, config.input
+  if tok.kind != "vqkd":
+    raise ConfigError(f"tokenizer.kind={tok.kind!r}: trainer='vqkd' trains a 'vqkd' "
+                      "tokenizer")
+  for part in ("encoder", "decoder"):
+    width, heads = tok[part].width, tok[part].num_heads
+    if width % heads:
+      raise ConfigError(f"tokenizer.{part}.width={width} must be divisible by "
+                        f"tokenizer.{part}.num_heads={heads}")
+  if tok.patch_size != inp.patch_size:
+    raise ConfigError(f"tokenizer.patch_size={tok.patch_size} must equal input.patch_size="
+                      f"{inp.patch_size} (the token grid is input.tokenizer_image_size / "
+                      "input.patch_size)")
+  if inp.tokenizer_image_size % tok.patch_size:
+    raise ConfigError(f"input.tokenizer_image_size={inp.tokenizer_image_size} must be a "
+                      f"multiple of tokenizer.patch_size={tok.patch_size}")
+  if tok.teacher.block is not None and tok.teacher.kind != "vit":
+    raise ConfigError(f"tokenizer.teacher.block={tok.teacher.block} needs "
+                      f"tokenizer.teacher.kind='vit', not {tok.teacher.kind!r}")
+
+
+CHECKS = (_check_sizes,)
+
+
+def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run config as this trainer sees it: `tokenizer.train` as the run's schedule.
+
+  Its batch size, epochs / steps, optimizer, log interval and checkpoints become the
+  top-level fields `runner` and `train_state.steps_from_config` read. As the first stage
+  of a MIM run (`mim.prerequisites`), the config is the MIM run's: its top-level
+  `init_from` (a ViT) is not read here.
+  """
+  train = config.tokenizer.train
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.trainer = "vqkd"
+    cfg.input.batch_size = train.batch_size
+    cfg.num_epochs = train.num_epochs
+    cfg.total_steps = train.total_steps
+    cfg.log_every_steps = train.log_every_steps
+    cfg.optim = copy.deepcopy(train.optim)
+    cfg.checkpoint = copy.deepcopy(train.checkpoint)
+  return cfg
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  _check_sizes(config)  # also as stage 1 of a MIM run, whose CHECKS are the MIM trainer's
+  runner.preflight(stage_config(config), workdir, batch_size=config.tokenizer.train.batch_size,
+                   batch_field="tokenizer.train.batch_size")
+  teacher = config.tokenizer.teacher
+  if teacher.kind != "random":
+    if not teacher.init_from:
+      raise ConfigError(f"tokenizer.teacher.init_from is empty: a {teacher.kind!r} teacher "
+                        "needs its weights (a HF folder, an OpenAI CLIP / DINO file or a "
+                        "beit-jax checkpoint)")
+    if not epath.Path(teacher.init_from).exists():
+      raise ConfigError(f"tokenizer.teacher.init_from={teacher.init_from} does not exist")
+  data.num_train_examples(config)
+
+
+def random_teacher(config: ml_collections.ConfigDict) -> teachers.Teacher:
+  """kind 'random': a 1-block, 1-head DINO-layout ViT of `tokenizer.teacher_dim` (tests)."""
+  tok = config.tokenizer
+  return teachers.dino_teacher(patch_size=tok.patch_size, width=tok.teacher_dim, depth=1,
+                               num_heads=1, mlp_dim=2 * tok.teacher_dim,
+                               image_size=config.input.tokenizer_image_size)
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[teachers.Teacher, Any]:
+  """The frozen teacher `config.tokenizer.teacher` names, checked against the tokenizer."""
+  tok, spec = config.tokenizer, config.tokenizer.teacher
+  if spec.kind == "random":
+    teacher = random_teacher(config)
+    params = teacher.init(jax.random.key(config.seed + 17))
+    where = "the random teacher"
+  else:
+    field = f"tokenizer.teacher.init_from={spec.init_from}"
+    teacher, params = convert_teachers.load_teacher(
+        spec.init_from, num_heads=spec.get("num_heads"), block=spec.get("block"))
+    if not isinstance(teacher.module, _MODULES[spec.kind]):
+      got = next((k for k, m in _MODULES.items() if isinstance(teacher.module, m)), "?")
+      raise ConfigError(f"tokenizer.teacher.kind={spec.kind!r} but {field} is a {got!r} "
+                        "teacher")
+    where = f"the teacher at {spec.init_from}"
+    logging.info("Teacher: %s from %s (%d-d features, %d patches)", spec.kind,
+                 spec.init_from, teacher.dim, teacher.num_patches)
+  if teacher.dim != tok.teacher_dim:
+    raise ConfigError(f"tokenizer.teacher_dim={tok.teacher_dim} but {where} gives "
+                      f"{teacher.dim}-d features (set --config.tokenizer.teacher_dim="
+                      f"{teacher.dim})")
+  grid = config.input.tokenizer_image_size // tok.patch_size
+  if teacher.num_patches != grid * grid:
+    raise ConfigError(
+        f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
+        f"{grid}x{grid} token grid but {where} has {teacher.num_patches} patches "
+        f"({teacher.image_size} px, patch {teacher.module.patch_size})")
+  return teacher, params
+
+
+def teacher_view(teacher: teachers.Teacher) -> View:
+  """The teacher's input: the same crop at its size, bicubic, in its normalisation."""
+  return View(teacher.image_size, "bicubic", teacher.normalization)
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, total_steps: int,
+                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (BEiT's decay mask: none on ndim <= 1, pos_embed, cls_token) on 'params';
+  nothing at all on 'codebook' (no moments, no decay: EMA moves it)."""
+  inner, schedule = optim.make_optimizer(optim_cfg, total_steps=total_steps,
+                                         warmup_steps=warmup_steps)
+  labels = lambda tree: {k: jax.tree.map(lambda _: "codebook" if k == "codebook"
+                                         else "train", v) for k, v in tree.items()}
+  return optax.multi_transform({"train": inner, "codebook": optax.set_to_zero()},
+                               labels), schedule
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               frozen: Any, *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
+               train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+  """One VQ-KD step: distil the teacher's patch features through the quantised codes.
+
+  batch: 'image' [B, S, S, 3] in [-1, 1] (VQ-KD's view), 'teacher_image' (the teacher's
+  view of the same crops). frozen: {'teacher': its params}.
+  """
+  params, codebook = state.params["params"], state.params["codebook"]
+  targets = teacher.features(frozen["teacher"], batch["teacher_image"])  # [B, N, T]
+  enc_rng, dec_rng, init_rng, restart_rng = jax.random.split(rng, 4)
+
+  def loss_fn(params):
+    variables = {"params": params, "codebook": codebook}
+    z = model.apply(variables, batch["image"], True, method=vqkd.VQKD.encode,
+                    rngs={"dropout": enc_rng})  # [B, h, w, C], unit
+    # k-means on the first batch (a branch once initialised), before the lookup, as unilm.
+    cb = vqkd.init_codebook(codebook, z, init_rng, train_cfg.kmeans_iters)
+    z_q, codes, commitment = vqkd.quantize(z, cb["embedding"], model.beta)
+    reconstruction = model.apply(variables, z_q, True, method=vqkd.VQKD.decode,
+                                 rngs={"dropout": dec_rng})  # [B, N, T]
+    cosine = vqkd.cosine_loss(reconstruction, targets)
+    return cosine + commitment, (cosine, commitment, z, codes, cb)
+
+  (loss, (cosine, commitment, z, codes, cb)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(params)
+  grads = {"params": grads, "codebook": jax.tree.map(jnp.zeros_like, codebook)}
+  new_state, update_metrics = train_state.apply_gradients(state, grads, loss, tx)
+  ok = update_metrics["skipped_steps"] == 0
+
+  # Sums over the global (sharded) batch: every device and process (see the docstring).
+  updated = vqkd.ema_update(cb, z, codes, train_cfg.ema_decay)
+  usage = vqkd.codebook_usage(updated, codes, train_cfg.dead_threshold)
+  if train_cfg.restart_dead_codes:
+    restarted = vqkd.restart_dead_codes(updated, z, restart_rng, train_cfg.dead_threshold)
+    usage["restarted_codes"] = jnp.sum(jnp.any(restarted["embedding"]
+                                               != updated["embedding"], -1))
+    updated = restarted
+  new_codebook = jax.tree.map(lambda n, o: jnp.where(ok, n, o), updated, codebook)
+  new_state = new_state.replace(params={"params": new_state.params["params"],
+                                        "codebook": new_codebook})
+  metrics = dict(update_metrics, loss=loss, cosine_loss=cosine, commitment_loss=commitment,
+                 learning_rate=schedule(state.step),
+                 codebook_perplexity=usage.pop("perplexity"),
+                 used_fraction=usage["used_codes"] / model.num_codes, **usage)
+  return new_state, metrics
+
+
+def make_task(config: ml_collections.ConfigDict, *,
+              teacher: tuple[teachers.Teacher, Any] | None = None) -> runner.Task:
+  """The VQ-KD run of `config`; `teacher` = (Teacher, params), else loaded from config."""
+  config = stage_config(config)
+  train_cfg = config.tokenizer.train
+  tokenizer = tokenizers.build(config.tokenizer)
+  size = config.input.tokenizer_image_size
+  model = tokenizer.model.clone(image_size=size)
+  teacher, teacher_params = teacher if teacher is not None else load_teacher(config)
+  views = {"image": tokenizers.view(config), "teacher_image": teacher_view(teacher)}
+  total_steps, warmup_steps = train_state.steps_from_config(
+      config, data.num_train_examples(config))
+  tx, schedule = make_optimizer(config.optim, total_steps=total_steps,
+                                warmup_steps=warmup_steps)
+
+  def hooks(ctx: runner.Context):
+    images = data.make_eval_batch(config, {"image": views["image"]}, n=16,
+                                  seed=config.seed)["image"]
+    image_dir = epath.Path(ctx.workdir) / "images"
+
+    def write_images(step_no, st):
+      visuals.write_code_images(image_dir, ctx.writer, step_no, images,
+                                tokenizer=tokenizer, params=st.params, view=views["image"])
+    return (runner.Hook(train_cfg.images_every_steps, write_images),)
+
+  return runner.Task(
+      desc="VQ-KD", init_params=lambda rng: tokenizer.init(rng, size), tx=tx,
+      train_step=functools.partial(train_step, model=model, teacher=teacher, tx=tx,
+                                   schedule=schedule, train_cfg=train_cfg),
+      total_steps=total_steps, batch_size=config.input.batch_size,
+      batches=lambda start: data.make_tokenizer_iterator(
+          config, views, seed=config.seed, start_step=start,
+          process_index=jax.process_index(), process_count=jax.process_count()),
+      frozen=lambda mesh: {"teacher": jax.device_put(teacher_params,
+                                                     sharding.replicated(mesh))},
+      hooks=hooks,
+      checkpoint=train_cfg.checkpoint, log_every_steps=train_cfg.log_every_steps,
+      batch_field="tokenizer.train.batch_size")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes training) VQ-KD in `workdir`; returns the last metrics."""
+  return runner.run(stage_config(config), workdir, make_task(config))

@@ -1,0 +1,36 @@
+r"""A small VQ-KD tokenizer on the photos bundled with scikit-image/scikit-learn, on a CPU.
+
+  python -m beit_jax.main --config=configs/vqkd_tiny_local.py --workdir=/tmp/vqkd_tiny \
+      --config.tokenizer.teacher.init_from=/tmp/finetune_tiny
+
+The teacher is a beit-jax ViT checkpoint (e.g. the workdir of a
+`configs/finetune_tiny_local.py` run: 64 px, patch 8, width 128), its final patch tokens
+the targets; `:teacher=random` uses a random 1-block ViT instead (no checkpoint needed).
+A 2-block encoder, 1-block decoder and 256 x 16 codebook on 64x64 crops (8x8 tokens of
+8x8 px); about 2 minutes on 2 cores. Arg: steps, batch, teacher (vit | random),
+teacher_dim (the teacher's width), codes.
+"""
+from configs import common
+from configs import vqkd_clip_base
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, steps=300, batch=32, teacher="vit", teacher_dim=128, codes=256)
+  c = common.pretrain_config("Ti/8")
+  c.trainer = "vqkd"
+  c.log_every_steps = 25
+  c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
+                      tokenizer_image_size=64, crop_scale=(0.08, 1.0), color_jitter=0.0,
+                      shuffle_buffer=1000,
+                      # Unused by VQ-KD; sized for the 8x8 grid so the config is valid.
+                      mask=common.mask_config(num_masking_patches=26, min_num_patches=4)))
+  c.checkpoint = dict(every_steps=100, keep=2)
+  c.tokenizer = vqkd_clip_base.vqkd_tokenizer(
+      teacher=arg.teacher, vocab_size=arg.codes, code_dim=16, teacher_dim=arg.teacher_dim,
+      patch_size=8, width=64, depth=2, num_heads=4, decoder_depth=1)
+  t = c.tokenizer.train
+  t.update(dict(batch_size=arg.batch, total_steps=arg.steps, log_every_steps=25,
+                images_every_steps=arg.steps))
+  t.optim.update(dict(lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 10))
+  t.checkpoint.update(dict(every_steps=max(arg.steps // 3, 1), keep=2))
+  return c
