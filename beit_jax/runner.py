@@ -5,7 +5,8 @@ its data, the frozen params its step reads (a tokenizer, a backbone), hooks such
 and evaluation -- and `run` does the rest the same way for all: workdir, mesh, sharded state,
 the jitted step (donated state; randomness `fold_in(seed, step)`), orbax checkpoints with
 resume, writers, progress and the guarded step loop. `setup` is the part that builds the
-state and step without running, for benchmarks and tests.
+state and step without running, for benchmarks and tests; `abstract_setup` builds the same
+step without allocating anything, for ahead-of-time plans (`beit_jax.plan`).
 """
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
@@ -77,11 +78,24 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The initial state in its shardings and the jitted `step(state, batch, frozen)`."""
+  """The initial state in its shardings and the jitted `step(state, batch, frozen)`.
+
+  From `abstract_setup`, `state` and `frozen` are ShapeDtypeStructs carrying their shardings.
+  """
   state: TrainState
   shardings: Any
   step: Any
   frozen: Any
+
+
+def _jit_step(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh,
+              shardings: Any, frozen_shardings: Any):
+  """The run's jitted step: donated state, rng `fold_in(fold_in(key(seed), 1), step)`."""
+  step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  return jax.jit(
+      lambda s, b, f: task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), frozen_shardings),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
@@ -89,12 +103,30 @@ def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh
   state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
                                         mesh, config.sharding_rules)
   frozen = task.frozen(mesh) if task.frozen else ()
-  step_rng = jax.random.fold_in(rng, 1)
-  step = jax.jit(
-      lambda s, b, f: task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f),
-      in_shardings=(shardings, sharding.batch_sharding(mesh),
-                    jax.tree.map(lambda x: x.sharding, frozen)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
+  return Setup(state, shardings, step, frozen)
+
+
+def abstract_setup(config: ml_collections.ConfigDict, task: Task,
+                   mesh: jax.sharding.Mesh) -> Setup:
+  """`setup` without allocating: the same jitted step, with the state and the frozen inputs
+  as ShapeDtypeStructs in their shardings, ready for `step.lower(state, batch, frozen)`
+  (ahead-of-time plans, also for devices this host does not have). `task.frozen` is traced,
+  not run, so its inputs may themselves be ShapeDtypeStructs."""
+  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding_rules)
+  # Traced on the same devices with explicit axes, so that the shapes keep the placement
+  # `task.frozen` gives them; then the same specs on `mesh`.
+  explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                               axis_types=(jax.sharding.AxisType.Explicit,) * mesh.devices.ndim)
+  frozen = jax.eval_shape(lambda: task.frozen(explicit)) if task.frozen else ()
+
+  def placed(x):
+    if not isinstance(x.sharding, jax.sharding.NamedSharding):
+      raise ValueError(f"{task.desc}: the placement of a frozen input ({x}) cannot be traced")
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec))
+  frozen = jax.tree.map(placed, frozen)
+  step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
 
 

@@ -11,7 +11,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "beit_jax"
 # Pinned though never imported: what the imported packages need at run time.
-RUNTIME_ONLY = {"jaxlib"}
+# libtpu (requirements-tpu.txt): jax loads it as its TPU plugin; `beit_jax.plan` only asks
+# whether it is installed (importlib.util.find_spec), it never imports it by name.
+RUNTIME_ONLY = {"jaxlib", "libtpu"}
 
 
 def _module_name(path: pathlib.Path) -> str:
