@@ -255,17 +255,6 @@ def test_cli_errors_without_torch(tmp_path, capsys):
 
 
 # ----------------------------------------------------------- HuggingFace (torch)
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-  del torch
-  return pytest.importorskip("transformers")
-
-
 def _randomize(torch, model):
   """Nonzero random values everywhere (tables, q/v biases, lambdas), so all matter."""
   gen = torch.Generator().manual_seed(0)

@@ -225,17 +225,6 @@ def test_state_dict_errors_name_the_problem():
 
 
 # ------------------------------------------------------------ HuggingFace (torch)
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-  del torch
-  return pytest.importorskip("transformers")
-
-
 def _randomize(torch, model):
   """Nonzero random values everywhere (biases, embeddings, norms), so all of them matter."""
   gen = torch.Generator().manual_seed(0)
