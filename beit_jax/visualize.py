@@ -333,9 +333,7 @@ def load_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, Any]:
   config = _load_config(path, "--tokenizer")
   if "tokenizer" not in config:
     raise ConfigError(f"--tokenizer={path}: config.json has no 'tokenizer' section")
-  tokenizer = tokenizers.build(config.tokenizer)
-  params = checkpoint.load_params(path)
-  return tokenizer, tokenizer.entry.check_params(tokenizer.model, params, f"--tokenizer={path}")
+  return tokenizers.load(config.tokenizer, path, field="--tokenizer")
 
 
 # PIL's filters for the views' resize methods.

@@ -24,8 +24,7 @@ from beit_jax.tokenizers import dvae, vqkd
 from beit_jax.tokenizers.base import Entry
 
 
-KINDS: dict[str, Entry] = {"dvae": vqkd.refuse_vqkd_params(dvae.ENTRY, "dvae"),
-                           "vqkd": vqkd.ENTRY}
+KINDS: dict[str, Entry] = {"dvae": dvae.ENTRY, "vqkd": vqkd.ENTRY}
 RULES = (
     ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
     ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)
@@ -66,6 +65,18 @@ class Tokenizer:
     return self.entry.vocab_size(params)
 
 
+def check_kind(kind: str, params: Any, where: str) -> None:
+  """One line naming `tokenizer.kind` when `params` are not a checkpoint of `kind`."""
+  want = entry(kind)
+  if want.owns(params):
+    return
+  other = [k for k, e in KINDS.items() if e.owns(params)]
+  hint = (f": it is a {KINDS[other[0]].name} one; set --config.tokenizer.kind={other[0]}"
+          if other else f" (it holds {sorted(params) if isinstance(params, dict) else params})")
+  raise ConfigError(f"tokenizer.kind='{kind}' but {where} is not a {want.name} tokenizer"
+                    + hint)
+
+
 def build(tok: ml_collections.ConfigDict) -> Tokenizer:
   return Tokenizer(tok.kind, entry(tok.kind).build(tok))
 
@@ -96,6 +107,7 @@ def load(tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init
   if not epath.Path(path).exists():
     raise ConfigError(f"{field}={path} does not exist")
   params = checkpoint.load_params(path)
+  check_kind(tok.kind, params, f"{field}={path}")
   got = tokenizer.vocab_size(params)
   if got != tok.vocab_size:
     raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} but the tokenizer at "

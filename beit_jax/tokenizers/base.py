@@ -20,6 +20,8 @@ class Entry:
   view: Callable[[ml_collections.ConfigDict], View]  # config.input -> its input view
   # (model, params) -> params shaped like the model's (raises ConfigError naming the field).
   check_params: Callable[[nn.Module, Any, str], Any]
+  owns: Callable[[Any], bool]  # params -> whether they are a checkpoint of this kind
+  name: str  # for messages, e.g. "VQ-KD"
   # (model, params, int [B, h, w]) -> [B, H, W, 3] in [0, 1]; None: cannot draw tokens.
   decode: Callable[[nn.Module, Any, jax.Array], jax.Array | None] | None = None
   trainer: str = ""  # the trainer that trains this kind ('' : import it, e.g. convert)

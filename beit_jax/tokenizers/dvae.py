@@ -52,7 +52,8 @@ ENTRY = Entry(
     vocab_size=_vocab_size,
     grid=lambda inp: inp.tokenizer_image_size // DOWNSAMPLING,
     view=lambda inp: View(inp.tokenizer_image_size, "lanczos3", "unit"),
-    check_params=_check_params, decode=_decode, trainer="dvae",
+    check_params=_check_params, decode=_decode, trainer="dvae", name="dVAE",
+    owns=lambda params: isinstance(params, dict) and "encoder" in params,
     rules=(
         ("tokenizer.n_hid", lambda v: validate.number(4, integer=True)(v) and v % 4 == 0,
          "a positive multiple of 4"),

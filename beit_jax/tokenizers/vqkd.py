@@ -19,7 +19,6 @@ the weights' position embedding (a mismatch with the images is a one-line error 
 input.patch_size`: VQ-KD configs set `tokenizer.patch_size` equal to `input.patch_size`
 (the VQ-KD trainer checks it). VQ-KD cannot draw pixels: no `decode`.
 """
-import dataclasses
 import re
 from typing import Any
 
@@ -65,17 +64,12 @@ def is_vqkd_params(params: Any) -> bool:
       "embedding" in params["codebook"])
 
 
-def _require_vqkd(params: Any, field: str = "the tokenizer checkpoint") -> None:
-  if not (is_vqkd_params(params) and isinstance(params.get("params"), dict)
-          and "encoder" in params["params"]):
-    keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ConfigError(f"tokenizer.kind='{KIND}' but {field} is not a VQ-KD tokenizer (no "
-                      f"'params'/encoder and 'codebook'/embedding; it holds {keys}); set "
-                      "tokenizer.kind to the kind it is")
+def _owns(params: Any) -> bool:
+  return (is_vqkd_params(params) and isinstance(params.get("params"), dict)
+          and "encoder" in params["params"])
 
 
 def _vocab_size(params: Any) -> int:
-  _require_vqkd(params)
   return int(params["codebook"]["embedding"].shape[0])
 
 
@@ -124,8 +118,8 @@ def _configured(model: vqkd.VQKD) -> dict[str, int]:
 
 
 def _check_params(model: vqkd.VQKD, params: Any, field: str) -> Any:
-  """The checkpoint's kind and every size against the config: one line naming the field."""
-  _require_vqkd(params, field)
+  """Every size against the config: one line naming the field (the registry has checked
+  the checkpoint's kind)."""
   try:
     got = _sizes(params)
     size = image_size_of(params)
@@ -149,34 +143,12 @@ def tokenize(model: vqkd.VQKD, params: Any, images: jax.Array) -> jax.Array:
   return vqkd.tokenize(params, images, model=sized(model, size))
 
 
-def refuse_vqkd_params(entry: Entry, kind: str) -> Entry:
-  """`entry` (another kind) with a one-line error when handed VQ-KD params.
-
-  Other kinds' vocab_size / check_params would fail inside their own code on a VQ-KD
-  tree (e.g. a KeyError); this names `tokenizer.kind` instead.
-  """
-  def guard(params, field="the tokenizer checkpoint"):
-    if is_vqkd_params(params):
-      raise ConfigError(f"tokenizer.kind='{kind}' but {field} is a VQ-KD tokenizer (it has "
-                        f"a codebook); set --config.tokenizer.kind={KIND}")
-
-  def vocab_size(params):
-    guard(params)
-    return entry.vocab_size(params)
-
-  def check_params(model, params, field):
-    guard(params, field)
-    return entry.check_params(model, params, field)
-
-  return dataclasses.replace(entry, vocab_size=vocab_size, check_params=check_params)
-
-
 _POS = validate.POSITIVE_INT
 ENTRY = Entry(
     build=_build, init=_init, tokenize=tokenize, vocab_size=_vocab_size,
     grid=lambda inp: inp.tokenizer_image_size // inp.patch_size,
     view=lambda inp: View(inp.tokenizer_image_size, "bicubic", "signed"),
-    check_params=_check_params, decode=None, trainer="vqkd",
+    check_params=_check_params, owns=_owns, name="VQ-KD", decode=None, trainer="vqkd",
     rules=(
         ("tokenizer.code_dim", *_POS),
         ("tokenizer.teacher_dim", *_POS),
