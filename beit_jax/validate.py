@@ -65,12 +65,19 @@ def get(config: ml_collections.ConfigDict, field: str):
   return node
 
 
+def _show(value: Any) -> str:
+  """The value on one line: a nested config by its trainer, not its hundred fields."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return f"<a config, trainer={value.get('trainer')!r}>"
+  return repr(value)
+
+
 def check(config: ml_collections.ConfigDict, rules: Iterable[Rule] = (),
           checks: Iterable[Check] = ()) -> None:
   """Raises ConfigError for the first field that breaks a rule, then runs `checks`."""
   for field, test, accepted in rules:
     value = get(config, field)
     if value is not _MISSING and not test(value):
-      raise ConfigError(f"{field}={value!r} is invalid; accepted: {accepted}")
+      raise ConfigError(f"{field}={_show(value)} is invalid; accepted: {accepted}")
   for fn in checks:
     fn(config)

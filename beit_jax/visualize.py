@@ -222,8 +222,10 @@ def load_vit_params(path: str, model: vit.VisionTransformer) -> Any:
   size = model.image_size
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))["params"])
-  return checkpoint.check_and_cast(abstract, checkpoint.load_params(path),
-                                   f"--checkpoint={path}")
+  # v2's patch-aggregation decoder (`cls_pt_layers_<j>`) is not part of the backbone drawn.
+  loaded = {k: v for k, v in checkpoint.load_params(path).items()
+            if not k.startswith("cls_pt_layers_")}
+  return checkpoint.check_and_cast(abstract, loaded, f"--checkpoint={path}")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "refs", "layers"))

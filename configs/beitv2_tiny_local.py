@@ -1,7 +1,12 @@
 r"""BEiT v2 pretraining on the photos bundled with scikit-image/scikit-learn, on a CPU.
 
-  python -m beit_jax.main --config=configs/beitv2_tiny_local.py --workdir=/tmp/beitv2_tiny \
-      --config.tokenizer.init_from=/tmp/vqkd_tiny
+  python -m beit_jax.main --config=configs/beitv2_tiny_local.py --workdir=/tmp/beitv2_tiny
+
+runs the three stages, each resumable, in about 10 minutes on 2 cores: the teacher (a ViT
+trained with the photos' labels, `<workdir>/tokenizer/teacher`), the VQ-KD tokenizer
+against it (`<workdir>/tokenizer`), then v2 pretraining (`<workdir>`).
+`--config.tokenizer.init_from=<a VQ-KD workdir>` skips the first two,
+`--config.tokenizer.teacher.init_from=<a ViT checkpoint>` the first.
 
 The model of `configs/beit_tiny_local.py` (4 blocks of width 128, 8x8 patches on 64x64
 crops) predicting the codes of the tiny VQ-KD of `configs/vqkd_tiny_local.py` (256 codes,

@@ -12,18 +12,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_summary_pairs_the_seeds():
-  runs = {"finetune/pretrained": [0.9, 0.8, 0.7], "finetune/random": [0.8, 0.9, 0.5],
-          "probe/pretrained": [0.5, 0.5, 0.5], "probe/random": [0.2, 0.3, 0.4]}
-  summary = results_table.summarise(runs)
-  assert summary["finetune"]["wins"] == 2 and summary["probe"]["wins"] == 3
-  mean, std = summary["finetune"]["difference"]  # paired: 0.1, -0.1, 0.2
+  runs = {"finetune/v1": [0.9, 0.8, 0.7], "finetune/random": [0.8, 0.9, 0.5],
+          "finetune/v2": [0.95, 0.85, 0.7],
+          "probe/v1": [0.5, 0.5, 0.5], "probe/random": [0.2, 0.3, 0.4],
+          "probe/v2": [0.6, 0.4, 0.7]}
+  summary = results_table.summarise(runs, ("v1", "v2"))
+  ft, probe = summary["finetune"], summary["probe"]
+  assert ft["v1"]["wins"] == 2 and probe["v1"]["wins"] == 3
+  mean, std = ft["v1"]["difference"]  # paired: 0.1, -0.1, 0.2
   assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(0.152753, abs=1e-6)
-  assert summary["probe"]["random"] == pytest.approx((0.3, 0.1))
+  assert probe["random"]["top1"] == pytest.approx((0.3, 0.1))
+  assert ft["v2_vs_v1"]["difference"][0] == pytest.approx(0.1 / 3)  # 0.05, 0.05, 0
+  assert ft["v2_vs_v1"]["wins"] == 2 and probe["v2_vs_v1"]["wins"] == 2
   meta = dict(seeds=3, dataset="digits", labels="train", num_train=1433, num_eval=364,
-              mim_accuracy=(0.5, 0.01), majority_baseline=(0.1, 0.0), minutes=1.0)
+              mim={"v1": dict(mim_accuracy=(0.5, 0.01), majority_baseline=(0.1, 0.0)),
+                   "v2": dict(mim_accuracy=(0.2, 0.02), majority_baseline=(0.05, 0.0))},
+              minutes=1.0)
   table = results_table.markdown(summary, meta)
-  assert "| fine-tuning | 80.0 ± 10.0 | 73.3 ± 20.8 | +6.7 ± 15.3 | 2 of 3 seeds |" in table
-  assert "| linear probe (best block) | 50.0 ± 0.0 | 30.0 ± 10.0 | +20.0 ± 10.0 |" in table
+  assert "| random init | 73.3 ± 20.8 | | 30.0 ± 10.0 | | |" in table
+  assert ("| BEiT v1 (dVAE tokens) | 80.0 ± 10.0 | +6.7 ± 15.3 (2 of 3) | 50.0 ± 0.0 | "
+          "+20.0 ± 10.0 (3 of 3) | 50.0 ± 1.0 (10.0 ± 0.0) |") in table
+  assert "| BEiT v2 (VQ-KD tokens) | 83.3 ± 12.6 |" in table
+  assert "fine-tuning +3.3 ± 2.9 (2 of 3)" in table
+  only_v2 = results_table.summarise(runs, ("v2",))
+  assert "v2_vs_v1" not in only_v2["finetune"] and "v1" not in only_v2["probe"]
 
 
 @pytest.mark.slow
@@ -32,20 +44,21 @@ def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "beit_jax.experiments.pretraining_helps",
          f"--workdir={tmp_path}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
-         "--finetune_steps=2", "--probe_steps=2", "--width=32", *flags],
+         "--finetune_steps=2", "--probe_steps=2", "--teacher_steps=2", "--width=32", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
     return proc.stderr if fails else proc.stdout
 
   out = run()
-  assert "| fine-tuning |" in out and "| linear probe (best block) |" in out
+  assert "| BEiT v1 (dVAE tokens) |" in out and "| BEiT v2 (VQ-KD tokens) |" in out
+  assert "v2 - v1, paired" in out
   results = json.loads((tmp_path / "results.json").read_text())
   assert all(len(v) == 1 for v in results["runs"].values())
   assert results["num_train"] == 1433 and (tmp_path / "results.png").stat().st_size > 0
   pretrained = tmp_path / "seed_0" / "pretrain" / "checkpoints" / "2"
   stamp = pretrained.stat().st_mtime_ns
 
-  out = run("--labels=train[:70]")
+  out = run("--labels=train[:70]", "--method=v1")
   labelled = tmp_path / "labels_train__70_"
   results = json.loads((labelled / "results.json").read_text())
   assert results["num_train"] == 70 and "70 labelled training images" in out

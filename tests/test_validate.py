@@ -41,6 +41,7 @@ BAD_VALUES = {
     "tokenizer.decoder.num_heads": 0, "tokenizer.decoder.mlp_dim": 0,
     "tokenizer.teacher.kind": "siglip", "tokenizer.teacher.init_from": None,
     "tokenizer.teacher.block": "last", "tokenizer.teacher.num_heads": 0,
+    "tokenizer.teacher.recipe": "configs/finetune_tiny_local.py",
     "tokenizer.train.num_epochs": 0, "tokenizer.train.total_steps": -1,
     "tokenizer.train.log_every_steps": 0, "tokenizer.train.images_every_steps": 0,
     "tokenizer.train.ema_decay": 1.0, "tokenizer.train.kmeans_iters": -1,
@@ -81,7 +82,7 @@ def _config_with(field):
     config = tiny_finetune_config(probe=dict(layers=(), pool="mean", norm="none"))
   if missing(config):
     from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
-    config = vqkd_tiny_local.get_config("teacher=random")
+    config = vqkd_tiny_local.get_config()
   return config
 
 

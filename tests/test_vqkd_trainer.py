@@ -1,5 +1,6 @@
 """The VQ-KD tokenizer kind (tokenizers/vqkd.py) and its trainer (trainers/vqkd.py)."""
 import dataclasses
+import json
 import logging
 
 import jax
@@ -20,6 +21,7 @@ from beit_jax.models import vit
 from beit_jax.models import vqkd as vqkd_model
 from beit_jax.trainers import vqkd
 from configs import common
+from configs import finetune_tiny_local
 from configs import vqkd_clip_base, vqkd_dino_base, vqkd_tiny_local
 
 SIZE, PATCH, GRID, CODES, CODE_DIM, TEACHER_DIM = 32, 8, 4, 32, 8, 16
@@ -191,6 +193,50 @@ def test_teacher_checks_are_one_line(tmp_path):
   with pytest.raises(ConfigError) as e:
     trainers.validate_config(missing)
   _one_line(e, "tokenizer.teacher.block=3", "'vit'")
+
+
+def _recipe_config(width=TEACHER_DIM, image_size=SIZE):
+  """tiny_vqkd_config with a 'vit' teacher to be trained first by a 2-step recipe."""
+  config = tiny_vqkd_config()
+  recipe = finetune_tiny_local.get_config("steps=2,batch=8")
+  recipe.model.update(dict(width=width, depth=1, num_heads=2, mlp_dim=2 * width))
+  recipe.input.update(dict(dataset="embedded:photos", image_size=image_size,
+                           eval_batch_size=64))
+  recipe.eval_every_steps = 2
+  config.tokenizer.teacher.update(dict(kind="vit", recipe=recipe))
+  return config
+
+
+def test_a_teacher_recipe_that_cannot_fit_stops_before_any_compute(tmp_path):
+  for config, fragments in (
+      (_recipe_config(width=24), (f"tokenizer.teacher_dim={TEACHER_DIM}", "width 24")),
+      (_recipe_config(image_size=64), ("recipe.input.image_size=64", "8x8", "4x4"))):
+    with pytest.raises(ConfigError) as e:
+      trainers.run(config, str(tmp_path / "run"))
+    _one_line(e, *fragments)
+  assert not (tmp_path / "run").exists()
+  bad = _recipe_config()
+  bad.tokenizer.teacher.recipe.trainer = "dvae"
+  with pytest.raises(ConfigError) as e:
+    trainers.validate_config(bad)
+  _one_line(e, "tokenizer.teacher.recipe=")
+
+
+@pytest.mark.slow
+def test_a_teacher_recipe_trains_the_teacher_first_then_vqkd_reads_it(tmp_path):
+  config = _recipe_config()
+  run = tmp_path / "run"
+  trainers.run(config, str(run))
+  teacher = checkpoint.load_params(str(run / "teacher"))
+  written = json.loads((run / "config.json").read_text())
+  assert written["tokenizer"]["teacher"]["init_from"] == str(run / "teacher")
+  # The VQ-KD run distilled that checkpoint: its teacher loads with the trained weights.
+  config.tokenizer.teacher.init_from = str(run / "teacher")
+  loaded, params = vqkd.load_teacher(config)
+  ours, trained = layout.flat(params), layout.flat(teacher)
+  assert loaded.dim == TEACHER_DIM and set(ours) <= set(trained), (set(ours), set(trained))
+  for key, value in ours.items():
+    np.testing.assert_array_equal(value, trained[key], err_msg=key)
 
 
 def test_shipped_configs_pass_and_follow_unilm():
@@ -429,6 +475,36 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
            "mask": mask}
   _, m = built.step(built.state, sharding.host_to_global(batch, mesh), built.frozen)
   assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+
+
+def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
+  """Attention maps of a v2 MIM model (aggregation decoder included in the checkpoint) and
+  the token map of its VQ-KD tokenizer, through `python -m beit_jax.visualize`'s `run`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from beit_jax import visualize  # pylint: disable=g-import-not-at-top
+  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+  vq_config, _, tok_params, _ = saved
+  config = tiny_config()
+  config.tokenizer = vq_config.tokenizer.copy_and_resolve_references()
+  config.model.patch_aggregation = dict(layer=1, depth=1)
+  model = mim.make_model(config, train=False)
+  params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+  assert "cls_pt_layers_0" in params
+  root = tmp_path / "run"
+  for path, p in ((root, params), (root / "tokenizer", tok_params)):
+    checkpoint.save_params(str(path), p)
+    (path / "config.json").write_text(config.to_json_best_effort())
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).save(
+      tmp_path / "x.png")
+  out = tmp_path / "out"
+  visualize.run(checkpoint_dir=str(root), tokenizer_dir=str(root / "tokenizer"),
+                images=str(tmp_path / "x.png"), out=str(out), layers="0,1", heads="0")
+  cell = (SIZE * 4 + 2)  # 4x enlarged cells and visuals.image_grid's 2-pixel gap
+  attention = np.asarray(Image.open(out / "x_attention_r2c2.png"))
+  assert attention.shape == (2 * cell, 2 * cell, 3)  # head 0 and the mean; layers 0 and 1
+  tokens = np.asarray(Image.open(out / "x_tokens.png"))
+  assert tokens.shape == (cell, 2 * cell, 3)  # image and token map: VQ-KD decodes no pixels
 
 
 def test_the_pipeline_gives_both_views_of_one_crop():

@@ -1,13 +1,20 @@
-r"""Does BEiT pretraining help downstream? Measured on a labelled set that ships here.
+r"""Does BEiT pretraining help downstream, and does v2 beat v1? Measured on data that ships here.
 
   python -m beit_jax.experiments.pretraining_helps --workdir=/tmp/pretraining_helps
 
 On scikit-learn's handwritten digits (`embedded:digits`: 1433 training, 364 validation
-images; `--dataset=photos` for the photo tiles): a tiny dVAE tokenizer is trained on the
-training images (stage 1, shared by all seeds), then for each seed
+images; `--dataset=photos` for the photo tiles), for each method of `--method`:
+
+  v1: a tiny dVAE tokenizer is trained on the training images (shared by all seeds);
+  v2: a teacher ViT is trained with labels on the *photos* (`embedded:photos`, 20 classes:
+      it never sees a digit's label), then a tiny VQ-KD tokenizer distils its patch
+      features on the digits' training images (both shared by all seeds);
+
+then for each seed
 
   1. a tiny BEiT is pretrained with masked image modeling on the training images, labels
-     unused (`trainers/mim.py`);
+     unused (`trainers/mim.py`; v2: the VQ-KD's codes, exact masks, patch aggregation),
+     same backbone, masked patches, steps and batch for both methods;
   2. it and a randomly initialised twin (same architecture, same seed) are fine-tuned with
      the same recipe and budget (`trainers/finetune.py`);
   3. both are linear-probed with the same budget (`trainers/linear_probe.py`; the random
@@ -15,8 +22,9 @@ training images (stage 1, shared by all seeds), then for each seed
 
 Every stage is an ordinary run of this codebase in `<workdir>/...` (rerunning resumes and
 skips finished stages). `--labels=train[:10%]` fine-tunes and probes on a tenth of the labels,
-reusing the tokenizer and the pretrained models of an earlier run in the same workdir. The table (mean ± std over seeds of the final validation top-1, and
-the paired difference) is printed and written to `<workdir>/results.{md,json,png}`.
+reusing the tokenizers and the pretrained models of an earlier run in the same workdir. The
+table (mean ± std over seeds of the final validation top-1, and the paired differences) is
+printed and written to `<workdir>/results.{md,json,png}`.
 """
 import json
 import re
@@ -35,20 +43,29 @@ from configs import beit_tiny_local
 from configs import common
 from configs import finetune_tiny_local
 from configs import linear_probe as linear_probe_config
+from configs import vqkd_tiny_local
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the results go.")
+_METHOD = flags.DEFINE_list("method", ["v1", "v2"], "Pretraining methods, each against the "
+                            "same random init: v1 (dVAE tokens), v2 (VQ-KD tokens).")
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "photos"],
                              "The embedded labelled set (beit_jax/data/embedded.py).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (pretraining, fine-tuning, probe).")
-_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400, "dVAE training steps.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 64, "dVAE codebook size.")
+_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400,
+                                        "Tokenizer (dVAE, VQ-KD) training steps.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 64, "Tokenizer codebook size (dVAE, VQ-KD).")
+_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 500, "v2: the teacher's supervised "
+                                      "training steps on embedded:photos.")
+_AGGREGATION = flags.DEFINE_integer("aggregation_layer", 3, "v2: the block (1-based) whose "
+                                    "patch outputs the patch-aggregation head reads.")
+_RESTART = flags.DEFINE_bool("restart_dead_codes", False, "v2: restart the VQ-KD's dead codes.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 2000, "MIM steps per seed.")
 _MASK = flags.DEFINE_integer("mask_patches", 6, "Patches masked (blockwise) of the 4x4 grid.")
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 500, "Fine-tuning steps per run.")
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Linear probe steps per run.")
 _WIDTH = flags.DEFINE_integer("width", 64, "ViT width (4 blocks, 4 heads, 8x8 patches).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "A trained dVAE (workdir) to use instead "
-                                 "of training one in <workdir>/tokenizer.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "v1: a trained dVAE (workdir) to use "
+                                 "instead of training one in <workdir>/tokenizer.")
 _LABELS = flags.DEFINE_string(
     "labels", "train", "The labelled split of fine-tuning and probing, e.g. 'train[:10%]' "
     "(pretraining always sees every training image, unlabelled). Other than 'train', its runs "
@@ -90,6 +107,42 @@ def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
   return c
 
 
+def teacher_config() -> ml_collections.ConfigDict:
+  """v2's teacher: a ViT trained with the labels of the *other* embedded set (no leak)."""
+  other = {"digits": "photos", "photos": "digits"}[_DATASET.value]
+  c = finetune_tiny_local.get_config(f"steps={_TEACHER_STEPS.value},batch={BATCH}")
+  c.eval_every_steps = _TEACHER_STEPS.value
+  c.input.update(dict(dataset=f"embedded:{other}", flip=other == "photos"))
+  c.checkpoint = dict(every_steps=_TEACHER_STEPS.value, keep=1)
+  return c
+
+
+def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
+  """v2's tokenizer: distils the teacher's final patch tokens on the training images."""
+  steps, teacher_width = _TOKENIZER_STEPS.value, teacher_config().model.width
+  c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width},"
+                                 f"codes={_VOCAB.value}")
+  _data(c)
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, crop_scale=(0.5, 1.0),
+                      mask=common.mask_config(num_masking_patches=_MASK.value,
+                                              min_num_patches=2)))
+  c.tokenizer.teacher.init_from = teacher
+  c.tokenizer.train.update(dict(images_every_steps=steps,
+                                restart_dead_codes=_RESTART.value))
+  c.tokenizer.train.checkpoint.update(dict(every_steps=steps, keep=1))
+  return c
+
+
+def pretrain_v2_config(seed: int, tokenizer: str, teacher: str) -> ml_collections.ConfigDict:
+  """v1's run with v2's targets (the VQ-KD's codes), exact masks and patch aggregation."""
+  c = pretrain_config(seed, tokenizer)
+  c.tokenizer = vqkd_config(teacher).tokenizer
+  c.tokenizer.init_from = tokenizer
+  c.model.patch_aggregation = dict(layer=_AGGREGATION.value, depth=2)
+  c.input.mask.exact = True
+  return c
+
+
 def finetune_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
   c = finetune_tiny_local.get_config(f"steps={_FINETUNE_STEPS.value},batch={BATCH}")
   c.seed, c.init_from = seed, init_from
@@ -121,7 +174,7 @@ def _settings() -> dict:
   """The flags its runs depend on (`--labels` runs have their own folder)."""
   return {f.name: f.value for f in (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB,
                                     _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS, _PROBE_STEPS,
-                                    _WIDTH)}
+                                    _WIDTH, _TEACHER_STEPS, _AGGREGATION, _RESTART)}
 
 
 def check_settings(root: epath.Path) -> None:
@@ -138,62 +191,84 @@ def check_settings(root: epath.Path) -> None:
   path.write_text(json.dumps(settings, indent=2))
 
 
+# Where each method's runs live (v1's names predate v2: earlier workdirs are reused).
+_DIRS = {"v1": dict(pretrain="pretrain", downstream="pretrained"),
+         "v2": dict(pretrain="pretrain_v2", downstream="v2")}
+
+
 def run_experiment(workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from beit_jax.data import classification  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
+  methods = tuple(_METHOD.value)
+  if not methods or set(methods) - set(_DIRS):
+    sys.exit(f"pretraining_helps: error: --method={','.join(methods)}: give one or both of "
+             f"{', '.join(_DIRS)}")
   root = epath.Path(workdir)
   check_settings(root)
   start = time.time()
   # Runs of the same shapes (the pretrained and random twins) compile once.
   jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  tokenizer = _TOKENIZER.value or str(root / "tokenizer")
-  if not _TOKENIZER.value:
-    tok_config = pretrain_config(0, "")
-    tok_config.trainer = "dvae"
-    trainers.run(tok_config, tokenizer)
-  stage_minutes = {"tokenizer": (time.time() - start) / 60}
-
-  runs: dict[str, list[float]] = {k: [] for k in (
-      "finetune/pretrained", "finetune/random", "probe/pretrained", "probe/random")}
-  mim_acc, majority = [], []
+  stage_minutes: dict[str, float] = {}
 
   def timed(stage, config, run_dir):
     t = time.time()
-    out = trainers.run(config, run_dir)
+    out = trainers.run(config, str(run_dir))
     stage_minutes[stage] = stage_minutes.get(stage, 0.0) + (time.time() - t) / 60
     return out
 
+  # The tokenizers, shared by all seeds.
+  pretrain = {}
+  if "v1" in methods:
+    tokenizer = _TOKENIZER.value or str(root / "tokenizer")
+    if not _TOKENIZER.value:
+      tok_config = pretrain_config(0, "")
+      tok_config.trainer = "dvae"
+      timed("v1 tokenizer", tok_config, tokenizer)
+    pretrain["v1"] = lambda seed: pretrain_config(seed, tokenizer)
+  if "v2" in methods:
+    teacher, vqkd = str(root / "teacher"), str(root / "vqkd")
+    timed("v2 teacher", teacher_config(), teacher)
+    timed("v2 tokenizer", vqkd_config(teacher), vqkd)
+    pretrain["v2"] = lambda seed: pretrain_v2_config(seed, vqkd, teacher)
+
+  inits = ("random",) + methods
+  runs: dict[str, list[float]] = {f"{t}/{i}": [] for t in results_table.TASKS for i in inits}
+  mim = {m: {"mim_accuracy": [], "majority_baseline": []} for m in methods}
   downstream = root
   if _LABELS.value != "train":
     downstream = root / ("labels_" + re.sub(r"\W", "_", _LABELS.value.replace("%", "pct")))
   for seed in range(_SEEDS.value):
     seed_dir = root / f"seed_{seed}"
-    pretrained = str(seed_dir / "pretrain")
-    metrics = timed("pretrain", pretrain_config(seed, tokenizer), pretrained)
-    if "mim_accuracy" in metrics:
-      (seed_dir / "pretrain_metrics.json").write_text(json.dumps(metrics))
-    else:  # finished earlier: its last logged values
-      metrics = json.loads((seed_dir / "pretrain_metrics.json").read_text())
-    mim_acc.append(metrics["mim_accuracy"])
-    majority.append(metrics["majority_baseline"])
-    for init, init_from in (("pretrained", pretrained), ("random", "")):
-      ft = timed("finetune", finetune_config(seed, init_from),
-                 str(downstream / f"seed_{seed}" / f"finetune_{init}"))
+    init_from = {"random": ""}
+    for m in methods:
+      name = _DIRS[m]["pretrain"]
+      init_from[m] = str(seed_dir / name)
+      metrics = timed(f"{m} pretrain", pretrain[m](seed), init_from[m])
+      if "mim_accuracy" in metrics:
+        (seed_dir / f"{name}_metrics.json").write_text(json.dumps(metrics))
+      else:  # finished earlier: its last logged values
+        metrics = json.loads((seed_dir / f"{name}_metrics.json").read_text())
+      for k, v in mim[m].items():
+        v.append(metrics[k])
+    for init in inits:
+      name = _DIRS[init]["downstream"] if init in _DIRS else init
+      ft = timed("finetune", finetune_config(seed, init_from[init]),
+                 downstream / f"seed_{seed}" / f"finetune_{name}")
       runs[f"finetune/{init}"].append(ft["val_top1"])
-      probe = timed("probe", probe_config(seed, init_from),
-                    str(downstream / f"seed_{seed}" / f"probe_{init}"))
+      probe = timed("probe", probe_config(seed, init_from[init]),
+                    downstream / f"seed_{seed}" / f"probe_{name}")
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
                    probe["val_top1"])
 
-  summary = results_table.summarise(runs)
+  summary = results_table.summarise(runs, methods)
   info = classification.dataset_info(finetune_config(0, ""))
   meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, labels=_LABELS.value,
-              num_train=info.num_train, num_eval=info.num_eval,
-              mim_accuracy=results_table.mean_std(mim_acc),
-              majority_baseline=results_table.mean_std(majority),
+              method=list(methods), num_train=info.num_train, num_eval=info.num_eval,
+              mim={m: {k: results_table.mean_std(v) for k, v in d.items()}
+                   for m, d in mim.items()},
               minutes=(time.time() - start) / 60, stage_minutes=stage_minutes,
               settings=_settings(),
               command=" ".join(["python -m beit_jax.experiments.pretraining_helps"] +
@@ -201,7 +276,7 @@ def run_experiment(workdir: str) -> dict:
   table = results_table.markdown(summary, meta)
   (downstream / "results.md").write_text(table + f"\n`{meta['command']}`\n")
   (downstream / "results.json").write_text(json.dumps(
-      {"summary": summary, "runs": runs, "mim_accuracy_per_seed": mim_acc, **meta}, indent=2))
+      {"summary": summary, "runs": runs, "mim_per_seed": mim, **meta}, indent=2))
   results_table.plot(downstream / "results.png", summary, runs)
   print(table)
   return summary

@@ -1,11 +1,16 @@
-"""The pretrained-vs-random table: paired summary over seeds, markdown, plot.
+"""The experiment's table: each initialisation's top-1, paired over seeds; markdown, plot.
 
 Apart from the runs (`pretraining_helps`) so that it can be used and tested without that
-module's command-line flags.
+module's command-line flags. Runs are keyed `<task>/<init>`: task 'finetune' or 'probe',
+init 'random' or a pretraining method ('v1', 'v2').
 """
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
+
+TASKS = {"finetune": "fine-tuning", "probe": "linear probe (best block)"}
+NAMES = {"random": "random init", "v1": "BEiT v1 (dVAE tokens)", "v2": "BEiT v2 (VQ-KD tokens)"}
+COLOURS = {"random": (190, 190, 190), "v1": (31, 119, 180), "v2": (214, 39, 40)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -13,60 +18,85 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarise(runs: dict[str, list[float]]) -> dict:
-  """Per task: mean/std of pretrained and random top-1 and of their paired difference."""
+def paired(better: list[float], worse: list[float]) -> dict:
+  """Mean/std of the per-seed difference, and on how many seeds it is positive."""
+  diff = [a - b for a, b in zip(better, worse)]
+  return {"difference": mean_std(diff), "wins": sum(d > 0 for d in diff), "seeds": len(diff)}
+
+
+def summarise(runs: dict[str, list[float]], methods: tuple[str, ...]) -> dict:
+  """Per task: each init's mean/std; each method paired against random init, v2 against v1."""
   out = {}
-  for task in ("finetune", "probe"):
-    pre, rand = runs[f"{task}/pretrained"], runs[f"{task}/random"]
-    diff = [p - r for p, r in zip(pre, rand)]
-    out[task] = {"pretrained": mean_std(pre), "random": mean_std(rand),
-                 "difference": mean_std(diff),
-                 "wins": sum(d > 0 for d in diff), "seeds": len(diff)}
+  for task in TASKS:
+    rand = runs[f"{task}/random"]
+    s = {"random": {"top1": mean_std(rand)}}
+    for m in methods:
+      s[m] = {"top1": mean_std(runs[f"{task}/{m}"]), **paired(runs[f"{task}/{m}"], rand)}
+    if {"v1", "v2"} <= set(methods):
+      s["v2_vs_v1"] = paired(runs[f"{task}/v2"], runs[f"{task}/v1"])
+    out[task] = s
   return out
 
 
+def _pct(ms: tuple[float, float]) -> str:
+  return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def _diff(p: dict) -> str:
+  sign = "+" if p["difference"][0] >= 0 else ""
+  return f"{sign}{_pct(p['difference'])} ({p['wins']} of {p['seeds']})"
+
+
 def markdown(summary: dict, meta: dict) -> str:
-  pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
-  rows = ["| validation top-1 (%) | BEiT-pretrained | random init | difference | "
-          "pretrained better |", "|---|---|---|---|---|"]
-  names = {"finetune": "fine-tuning", "probe": "linear probe (best block)"}
-  for task, s in summary.items():
-    rows.append(f"| {names[task]} | {pct(s['pretrained'])} | {pct(s['random'])} | "
-                f"{'+' if s['difference'][0] >= 0 else ''}{pct(s['difference'])} | "
-                f"{s['wins']} of {s['seeds']} seeds |")
+  """One row per initialisation; `meta['mim']` = {method: {mim_accuracy, majority_baseline}}."""
+  methods = [m for m in NAMES if m != "random" and m in summary["finetune"]]
+  rows = ["| validation top-1 (%) | fine-tuning | vs random | linear probe (best block) | "
+          "vs random | MIM accuracy (majority) |", "|---|---|---|---|---|---|"]
+  ft, pr = summary["finetune"], summary["probe"]
+  rows.append(f"| {NAMES['random']} | {_pct(ft['random']['top1'])} | | "
+              f"{_pct(pr['random']['top1'])} | | |")
+  for m in methods:
+    mim = meta["mim"][m]
+    rows.append(f"| {NAMES[m]} | {_pct(ft[m]['top1'])} | {_diff(ft[m])} | "
+                f"{_pct(pr[m]['top1'])} | {_diff(pr[m])} | {_pct(mim['mim_accuracy'])} "
+                f"({_pct(mim['majority_baseline'])}) |")
   rows.append("")
+  if "v2_vs_v1" in ft:
+    rows.append(f"v2 - v1, paired (seeds where v2 is better): fine-tuning "
+                f"{_diff(ft['v2_vs_v1'])}, linear probe {_diff(pr['v2_vs_v1'])}.")
+    rows.append("")
   rows.append(f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
               f"{meta['dataset']}` ({meta['num_train']} labelled training images, split "
-              f"'{meta['labels']}'; {meta['num_eval']} validation images); MIM accuracy at "
-              f"the end of pretraining {pct(meta['mim_accuracy'])} (majority-token baseline "
-              f"{pct(meta['majority_baseline'])}). {meta['minutes']:.1f} min.")
+              f"'{meta['labels']}'; {meta['num_eval']} validation images); 'vs random': the "
+              f"paired difference (seeds where pretraining is better). {meta['minutes']:.1f} "
+              "min.")
   return "\n".join(rows) + "\n"
 
 
 def plot(path: epath.Path, summary: dict, runs: dict[str, list[float]]) -> None:
   """Bars (mean) with std whiskers and one dot per seed, drawn with PIL."""
-  w, h, left, bottom, top = 520, 320, 50, 40, 30
+  inits = ["random"] + [m for m in NAMES if m != "random" and m in summary["finetune"]]
+  w, h, left, bottom, top, bar = 120 + 200 * len(inits), 320, 50, 40, 30, 60
   image = Image.new("RGB", (w, h), "white")
   draw = ImageDraw.Draw(image)
   y = lambda v: h - bottom - v * (h - bottom - top)  # accuracy 0..1 -> pixel row
   for tick in np.linspace(0, 1, 6):
     draw.line([(left, y(tick)), (w - 10, y(tick))], fill=(225, 225, 225))
     draw.text((8, y(tick) - 6), f"{100 * tick:.0f}%", fill="black")
-  colours = {"pretrained": (31, 119, 180), "random": (190, 190, 190)}
   group_w = (w - left - 20) / 2
-  for g, task in enumerate(("finetune", "probe")):
+  for g, task in enumerate(TASKS):
     x0 = left + 10 + g * group_w
-    draw.text((x0 + 20, h - bottom + 12), {"finetune": "fine-tuning",
-                                          "probe": "linear probe"}[task], fill="black")
-    for k, init in enumerate(("pretrained", "random")):
-      mean, std = summary[task][init]
-      bx = x0 + 20 + k * 90
-      draw.rectangle([bx, y(mean), bx + 70, y(0)], fill=colours[init])
-      draw.line([(bx + 35, y(mean - std)), (bx + 35, y(mean + std))], fill="black", width=2)
+    draw.text((x0 + 20, h - bottom + 12), TASKS[task], fill="black")
+    for k, init in enumerate(inits):
+      mean, std = summary[task][init]["top1"]
+      bx = x0 + 20 + k * (bar + 15)
+      draw.rectangle([bx, y(mean), bx + bar, y(0)], fill=COLOURS[init])
+      draw.line([(bx + bar // 2, y(mean - std)), (bx + bar // 2, y(mean + std))],
+                fill="black", width=2)
       for v in runs[f"{task}/{init}"]:
-        draw.ellipse([bx + 31, y(v) - 4, bx + 39, y(v) + 4], outline="black")
-  draw.rectangle([left + 10, 8, left + 20, 18], fill=colours["pretrained"])
-  draw.text((left + 25, 7), "BEiT-pretrained", fill="black")
-  draw.rectangle([left + 150, 8, left + 160, 18], fill=colours["random"])
-  draw.text((left + 165, 7), "random init (validation top-1, dots: seeds)", fill="black")
+        draw.ellipse([bx + bar // 2 - 4, y(v) - 4, bx + bar // 2 + 4, y(v) + 4],
+                     outline="black")
+  for k, init in enumerate(inits):
+    draw.rectangle([left + 10 + 170 * k, 8, left + 20 + 170 * k, 18], fill=COLOURS[init])
+    draw.text((left + 25 + 170 * k, 7), NAMES[init], fill="black")
   image.save(str(path))

@@ -20,7 +20,10 @@ the global batch, i.e. over every device and process: XLA inserts the all-reduce
 device holds the same codebook after every step (tests/test_vqkd_trainer.py checks that
 8 devices give the 1-device step's codebook).
 
-Reads `config.tokenizer` (sizes, `teacher`, `train`) and `config.input`.
+Reads `config.tokenizer` (sizes, `teacher`, `train`) and `config.input`. A 'vit' teacher
+may come with its own run, `tokenizer.teacher.recipe` (a whole config, e.g.
+`configs/finetune_tiny_local.py`'s): without `teacher.init_from` it trains first in
+`<workdir>/teacher` (`prerequisites`), so one command runs teacher, VQ-KD and v2 MIM.
 """
 import copy
 import functools
@@ -62,6 +65,9 @@ RULES = (
     ("tokenizer.teacher.block", lambda v: v is None or _n(integer=True)(v),
      "None (the final tokens) or a block index of a 'vit' teacher"),
     ("tokenizer.teacher.num_heads", validate.optional_positive_int, "None or an integer >= 1"),
+    ("tokenizer.teacher.recipe", lambda v: isinstance(v, ml_collections.ConfigDict)
+     and v.get("trainer") in ("finetune", "mim"),
+     "a config whose trainer ('finetune' or 'mim') makes the ViT teacher"),
     ("tokenizer.train.num_epochs", _n(0, lo_open=True), "a number > 0"),
     ("tokenizer.train.total_steps", _n(0, integer=True), "an integer >= 0 (0: num_epochs)"),
     ("tokenizer.train.log_every_steps", *validate.POSITIVE_INT),
@@ -103,6 +109,33 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
   if tok.teacher.block is not None and tok.teacher.kind != "vit":
     raise ConfigError(f"tokenizer.teacher.block={tok.teacher.block} needs "
                       f"tokenizer.teacher.kind='vit', not {tok.teacher.kind!r}")
+  if _recipe(config) is not None:
+    _check_recipe(config)
+
+
+def _recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The teacher's own run, if it is to be trained here (no `teacher.init_from`)."""
+  teacher = config.tokenizer.teacher
+  return None if teacher.init_from else teacher.get("recipe")
+
+
+def _check_recipe(config: ml_collections.ConfigDict) -> None:
+  """The teacher the recipe will make fits this tokenizer: checked before it trains."""
+  tok, recipe = config.tokenizer, config.tokenizer.teacher.recipe
+  if tok.teacher.kind != "vit":
+    raise ConfigError(f"tokenizer.teacher.recipe makes a 'vit' teacher, not "
+                      f"tokenizer.teacher.kind={tok.teacher.kind!r}")
+  size = vit.size_kwargs(recipe.model)
+  if size["width"] != tok.teacher_dim:
+    raise ConfigError(f"tokenizer.teacher_dim={tok.teacher_dim} but tokenizer.teacher.recipe "
+                      f"makes a ViT of width {size['width']} (its model.width)")
+  grid, teacher_grid = (config.input.tokenizer_image_size // tok.patch_size,
+                        recipe.input.image_size // size["patch_size"])
+  if teacher_grid != grid:
+    raise ConfigError(
+        f"tokenizer.teacher.recipe.input.image_size={recipe.input.image_size} gives the "
+        f"teacher a {teacher_grid}x{teacher_grid} patch grid but the tokenizer's is "
+        f"{grid}x{grid} (input.tokenizer_image_size / tokenizer.patch_size)")
 
 
 CHECKS = (_check_sizes,)
@@ -129,16 +162,30 @@ def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return cfg
 
 
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`tokenizer.teacher.init_from`, or `<workdir>/teacher` where its recipe trains it."""
+  if _recipe(config) is None:
+    return config.tokenizer.teacher.init_from
+  return str(epath.Path(workdir) / "teacher")
+
+
+def prerequisites(config: ml_collections.ConfigDict, workdir: str
+                  ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """A teacher recipe without `teacher.init_from`: the teacher's run comes first."""
+  recipe = _recipe(config)
+  return [] if recipe is None else [(copy.deepcopy(recipe), teacher_dir(config, workdir))]
+
+
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   _check_sizes(config)  # also as stage 1 of a MIM run, whose CHECKS are the MIM trainer's
   runner.preflight(stage_config(config), workdir, batch_size=config.tokenizer.train.batch_size,
                    batch_field="tokenizer.train.batch_size")
   teacher = config.tokenizer.teacher
-  if teacher.kind != "random":
+  if teacher.kind != "random" and _recipe(config) is None:
     if not teacher.init_from:
       raise ConfigError(f"tokenizer.teacher.init_from is empty: a {teacher.kind!r} teacher "
                         "needs its weights (a HF folder, an OpenAI CLIP / DINO file or a "
-                        "beit-jax checkpoint)")
+                        "beit-jax checkpoint) or, for 'vit', tokenizer.teacher.recipe")
     if not epath.Path(teacher.init_from).exists():
       raise ConfigError(f"tokenizer.teacher.init_from={teacher.init_from} does not exist")
   data.num_train_examples(config)
@@ -290,4 +337,7 @@ def make_task(config: ml_collections.ConfigDict, *,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) VQ-KD in `workdir`; returns the last metrics."""
+  config = copy.deepcopy(config)
+  with config.unlocked():  # the teacher a recipe made, for this run and its config.json
+    config.tokenizer.teacher.init_from = teacher_dir(config, workdir)
   return runner.run(stage_config(config), workdir, make_task(config))
