@@ -351,10 +351,12 @@ def tokenizer_view(path: str, image_size: int | None) -> views.View:
   if not size:
     raise ConfigError(f"--tokenizer={path}: config.json sets no input.tokenizer_image_size; "
                       "pass --image_size (e.g. 112, BEiT's tokenizer view)")
-  if size % 8:
-    raise ConfigError(f"--image_size={size}: the dVAE needs a multiple of 8")
+  kind = tokenizers.entry(config.tokenizer.kind)
+  if size % kind.image_multiple(config.tokenizer):
+    raise ConfigError(f"--image_size={size}: the {kind.name} needs a multiple of "
+                      f"{kind.image_multiple(config.tokenizer)}")
   inp = ml_collections.ConfigDict(dict(config.get("input", {}), tokenizer_image_size=size))
-  return tokenizers.entry(config.tokenizer.kind).view(inp)
+  return kind.view(inp)
 
 
 def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | None,

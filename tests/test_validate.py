@@ -12,7 +12,7 @@ BAD_VALUES = {
     "model.variant": "X/16", "model.width": 0, "model.depth": -2, "model.num_heads": 0,
     "model.mlp_dim": 0, "model.drop_path_rate": 1.0, "model.layer_scale_init": -0.1,
     "model.dtype": "float64", "input.dataset": "imagenet", "input.batch_size": 0,
-    "input.image_size": 0, "input.tokenizer_image_size": 30,
+    "input.image_size": 0, "input.tokenizer_image_size": 0,
     "input.crop_scale": (0.9, 0.1), "input.crop_ratio": (2.0, 1.0),
     "input.color_jitter": -0.4, "input.shuffle_buffer": 0, "optim.lr": 0.0,
     "optim.min_lr": -1e-5, "optim.warmup_epochs": -1, "optim.warmup_steps": -1,
@@ -111,3 +111,21 @@ def test_image_size_must_be_a_multiple_of_the_patch():
   config.input.image_size = 36
   with pytest.raises(ConfigError, match="input.image_size=36 must be a multiple of input.patch_size=8"):
     trainers.validate_config(config)
+
+
+# --- the tokenizer view's size, per tokenizer kind (beit_jax/tokenizers/__init__.py)
+def test_tokenizer_view_size_is_a_multiple_of_its_kinds_unit():
+  config = tiny_config()
+  config.input.tokenizer_image_size = 36
+  with pytest.raises(ConfigError, match="^input.tokenizer_image_size=36 must be a multiple of "
+                     "8 for a dVAE tokenizer$"):
+    trainers.validate_config(config)
+  from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
+  vq = vqkd_tiny_local.get_config("teacher=random")
+  vq.input.update(dict(patch_size=14, image_size=28, tokenizer_image_size=28))
+  vq.tokenizer.patch_size = 14
+  vq.model.variant = "Ti/14"
+  trainers.validate_config(vq)  # 28 is no multiple of 8, and need not be for VQ-KD
+  vq.input.tokenizer_image_size = 32
+  with pytest.raises(ConfigError, match="multiple of 14 for a VQ-KD tokenizer"):
+    trainers.validate_config(vq)

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from beit_jax import checkpoint
+from beit_jax import validate
 from beit_jax.data.views import View, vit_view
 from beit_jax.errors import ConfigError
 from beit_jax.tokenizers import dvae, vqkd
@@ -29,7 +30,22 @@ RULES = (
     ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
     ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)
      and v >= 2, "an integer >= 2"),
+    ("input.tokenizer_image_size", *validate.POSITIVE_INT),
 ) + tuple(rule for entry in KINDS.values() for rule in entry.rules)
+
+
+def _check_view_size(config: ml_collections.ConfigDict) -> None:
+  """The tokenizer's view fits its kind: a multiple of the dVAE's 8x, of VQ-KD's patch."""
+  tok, size = config.get("tokenizer"), config.get("input", {}).get("tokenizer_image_size")
+  if tok is None or size is None or tok.get("kind") not in KINDS:
+    return
+  kind = KINDS[tok.kind]
+  if size % kind.image_multiple(tok):
+    raise ConfigError(f"input.tokenizer_image_size={size} must be a multiple of "
+                      f"{kind.image_multiple(tok)} for a {kind.name} tokenizer")
+
+
+CHECKS = (_check_view_size,)
 
 
 def entry(kind: str) -> Entry:

@@ -24,5 +24,7 @@ class Entry:
   name: str  # for messages, e.g. "VQ-KD"
   # (model, params, int [B, h, w]) -> [B, H, W, 3] in [0, 1]; None: cannot draw tokens.
   decode: Callable[[nn.Module, Any, jax.Array], jax.Array | None] | None = None
+  # config.tokenizer -> what the view's side must be a multiple of (e.g. the dVAE's 8x).
+  image_multiple: Callable[[ml_collections.ConfigDict], int] = lambda tok: 1
   trainer: str = ""  # the trainer that trains this kind ('' : import it, e.g. convert)
   rules: tuple = ()

@@ -57,7 +57,5 @@ ENTRY = Entry(
     rules=(
         ("tokenizer.n_hid", lambda v: validate.number(4, integer=True)(v) and v % 4 == 0,
          "a positive multiple of 4"),
-        ("input.tokenizer_image_size",
-         lambda v: validate.number(8, integer=True)(v) and v % DOWNSAMPLING == 0,
-         "a multiple of 8 (the dVAE downsamples 8x)"),
-    ))
+    ),
+    image_multiple=lambda tok: DOWNSAMPLING)

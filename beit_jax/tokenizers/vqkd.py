@@ -149,6 +149,7 @@ ENTRY = Entry(
     grid=lambda inp: inp.tokenizer_image_size // inp.patch_size,
     view=lambda inp: View(inp.tokenizer_image_size, "bicubic", "signed"),
     check_params=_check_params, owns=_owns, name="VQ-KD", decode=None, trainer="vqkd",
+    image_multiple=lambda tok: tok.patch_size,
     rules=(
         ("tokenizer.code_dim", *_POS),
         ("tokenizer.teacher_dim", *_POS),
