@@ -17,8 +17,8 @@ def get_config(arg=None):
   c.images_every_steps = 300
   c.model.update(dict(width=128, depth=4, num_heads=4, mlp_dim=512, dtype="float32"))
   c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
-                      tokenizer_image_size=64, shuffle_buffer=1000,
-                      mask=common.mask_config(num_masking_patches=26, min_num_patches=4)))
+                      tokenizer_image_size=64, shuffle_buffer=1000))
+  c.input.mask.update(dict(num_masking_patches=26, min_num_patches=4))
   c.optim.update(dict(warmup_steps=arg.steps // 10, lr=1.5e-3))
   c.checkpoint = dict(every_steps=200, keep=2)
 

@@ -4,6 +4,7 @@ A config file's `get_config(arg)` takes a comma-separated `key=value` string, e.
 `--config=configs/beit_base.py:variant=L/16,rel=True`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 
@@ -19,11 +20,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def unset(kind: type):
+  """None until set, and settable from the command line (a plain None field is not)."""
+  return config_dict.placeholder(kind)
+
+
 def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
                 kind: str = "blockwise") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       kind=kind, num_masking_patches=num_masking_patches, min_num_patches=min_num_patches,
-      max_num_patches=None, min_aspect=0.3, max_aspect=None, exact=False))
+      max_num_patches=unset(int), min_aspect=0.3, max_aspect=unset(float), exact=False))
 
 
 def dvae_config(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
@@ -62,12 +68,13 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.inject_nan_steps = ()  # testing only: steps whose batch is replaced by NaNs
   c.images_every_steps = 10_000
 
-  c.model = dict(variant=variant, width=None, depth=None, num_heads=None, mlp_dim=None,
+  c.model = dict(variant=variant, width=unset(int), depth=unset(int),
+                 num_heads=unset(int), mlp_dim=unset(int),
                  drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
                  use_shared_rel_pos_bias=True, remat=False, dtype="bfloat16")
   c.tokenizer = dvae_config()
   c.input = dict(
-      dataset="tfds:imagenet2012", split="train", data_dir=None,
+      dataset="tfds:imagenet2012", split="train", data_dir=unset(str),
       batch_size=2048, image_size=224, tokenizer_image_size=112, patch_size=patch,
       crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.4, flip=True,
       shuffle_buffer=50_000, embedded_epoch_size=10_000,

@@ -31,9 +31,9 @@ def get_config(arg=None):
   c.log_every_steps = 25
   c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
                       tokenizer_image_size=64, crop_scale=(0.08, 1.0), color_jitter=0.0,
-                      shuffle_buffer=1000,
-                      # Unused by VQ-KD; sized for the 8x8 grid so the config is valid.
-                      mask=common.mask_config(num_masking_patches=26, min_num_patches=4)))
+                      shuffle_buffer=1000))
+  # Unused by VQ-KD; sized for the 8x8 grid so the config is valid.
+  c.input.mask.update(dict(num_masking_patches=26, min_num_patches=4))
   c.checkpoint = dict(every_steps=100, keep=2)
   c.tokenizer = vqkd_clip_base.vqkd_tokenizer(
       teacher=arg.teacher, vocab_size=arg.codes, code_dim=16, teacher_dim=arg.teacher_dim,

@@ -20,26 +20,11 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models import vqkd as vqkd_model
 from beit_jax.trainers import vqkd
-from configs import common
 from configs import finetune_tiny_local
 from configs import vqkd_clip_base, vqkd_dino_base, vqkd_tiny_local
+from tests.tiny_vqkd_config import CODE_DIM, CODES, GRID, PATCH, SIZE, TEACHER_DIM
+from tests.tiny_vqkd_config import tiny_vqkd_config
 
-SIZE, PATCH, GRID, CODES, CODE_DIM, TEACHER_DIM = 32, 8, 4, 32, 8, 16
-
-
-def tiny_vqkd_config(**train):
-  """configs/vqkd_tiny_local.py, seconds-sized: 32 px, 4x4 tokens, random teacher."""
-  c = vqkd_tiny_local.get_config(f"steps=6,batch=8,teacher=random,teacher_dim={TEACHER_DIM},"
-                                 f"codes={CODES}")
-  c.input.update(dict(image_size=SIZE, tokenizer_image_size=SIZE, embedded_epoch_size=64,
-                      shuffle_buffer=64,
-                      mask=common.mask_config(num_masking_patches=6, min_num_patches=2)))
-  c.tokenizer.update(dict(code_dim=CODE_DIM))
-  c.tokenizer.encoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.tokenizer.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.tokenizer.train.update(dict(log_every_steps=2, images_every_steps=100, **train))
-  c.tokenizer.train.checkpoint.update(dict(every_steps=3, keep=3))
-  return c
 
 
 def _one_line(excinfo, *fragments):

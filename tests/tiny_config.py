@@ -1,6 +1,5 @@
 """A seconds-sized version of configs/beit_tiny_local.py for tests."""
 from configs import beit_tiny_local
-from configs import common
 
 
 def tiny_config(**input_overrides):
@@ -9,8 +8,8 @@ def tiny_config(**input_overrides):
   c.images_every_steps = 100
   c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
   c.input.update(dict(image_size=32, tokenizer_image_size=32, embedded_epoch_size=64,
-                      shuffle_buffer=64,
-                      mask=common.mask_config(num_masking_patches=6, min_num_patches=2)))
+                      shuffle_buffer=64))
+  c.input.mask.update(dict(num_masking_patches=6, min_num_patches=2))
   c.input.update(input_overrides)
   c.tokenizer.update(dict(vocab_size=64, n_hid=8, n_init=16))
   c.checkpoint = dict(every_steps=3, keep=2)

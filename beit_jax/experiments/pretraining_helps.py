@@ -40,7 +40,6 @@ from etils import epath
 from beit_jax import logs
 from beit_jax.experiments import summary as results_table
 from configs import beit_tiny_local
-from configs import common
 from configs import finetune_tiny_local
 from configs import linear_probe as linear_probe_config
 from configs import vqkd_tiny_local
@@ -98,9 +97,8 @@ def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
   c.images_every_steps = steps
   _model(c)
   _data(c)
-  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0, crop_scale=(0.5, 1.0),
-                      mask=common.mask_config(num_masking_patches=_MASK.value,
-                                              min_num_patches=2)))
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0, crop_scale=(0.5, 1.0)))
+  c.input.mask.update(dict(num_masking_patches=_MASK.value, min_num_patches=2))
   c.tokenizer.vocab_size = _VOCAB.value
   c.tokenizer.init_from = tokenizer
   c.checkpoint = dict(every_steps=steps, keep=1)
@@ -123,9 +121,8 @@ def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
   c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width},"
                                  f"codes={_VOCAB.value}")
   _data(c)
-  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, crop_scale=(0.5, 1.0),
-                      mask=common.mask_config(num_masking_patches=_MASK.value,
-                                              min_num_patches=2)))
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, crop_scale=(0.5, 1.0)))
+  c.input.mask.update(dict(num_masking_patches=_MASK.value, min_num_patches=2))
   c.tokenizer.teacher.init_from = teacher
   c.tokenizer.train.update(dict(images_every_steps=steps,
                                 restart_dead_codes=_RESTART.value))
