@@ -11,7 +11,7 @@ pids=()
 for ((i = 0; i < N; i++)); do
   XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES JAX_PLATFORMS=cpu \
     python -m beit_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
-    --coordinator=127.0.0.1:$PORT --num_processes="$N" --process_id=$i "$@" \
+    --coordinator="127.0.0.1:$PORT" --num_processes="$N" --process_id=$i "$@" \
     > "${WORKDIR%/}.process$i.log" 2>&1 &
   pids+=($!)
 done
