@@ -67,6 +67,9 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.max_bad_steps = 20
   c.inject_nan_steps = ()  # testing only: steps whose batch is replaced by NaNs
   c.images_every_steps = 10_000
+  # What MIM predicts: 'tokens' (the tokenizer's codes: BEiT) or 'pixels' (each masked
+  # patch's normalised pixels, by MSE: the papers' regression ablation; no tokenizer).
+  c.mim_target = "tokens"
 
   c.model = dict(variant=variant, width=unset(int), depth=unset(int),
                  num_heads=unset(int), mlp_dim=unset(int),

@@ -51,7 +51,7 @@ def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
 
   out = run()
   assert "| BEiT v1 (dVAE tokens) |" in out and "| BEiT v2 (VQ-KD tokens) |" in out
-  assert "v2 - v1, paired" in out
+  assert "BEiT v2 (VQ-KD tokens) - BEiT v1 (dVAE tokens), paired" in out
   results = json.loads((tmp_path / "results.json").read_text())
   assert all(len(v) == 1 for v in results["runs"].values())
   assert results["num_train"] == 1433 and (tmp_path / "results.png").stat().st_size > 0

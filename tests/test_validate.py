@@ -41,7 +41,7 @@ BAD_VALUES = {
     "tokenizer.decoder.num_heads": 0, "tokenizer.decoder.mlp_dim": 0,
     "tokenizer.teacher.kind": "siglip", "tokenizer.teacher.init_from": None,
     "tokenizer.teacher.block": "last", "tokenizer.teacher.num_heads": 0,
-    "tokenizer.teacher.recipe": "configs/finetune_tiny_local.py",
+    "tokenizer.teacher.recipe": "configs/finetune_tiny_local.py", "mim_target": "features",
     "tokenizer.train.num_epochs": 0, "tokenizer.train.total_steps": -1,
     "tokenizer.train.log_every_steps": 0, "tokenizer.train.images_every_steps": 0,
     "tokenizer.train.ema_decay": 1.0, "tokenizer.train.kmeans_iters": -1,

@@ -45,8 +45,10 @@ from configs import linear_probe as linear_probe_config
 from configs import vqkd_tiny_local
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the results go.")
-_METHOD = flags.DEFINE_list("method", ["v1", "v2"], "Pretraining methods, each against the "
-                            "same random init: v1 (dVAE tokens), v2 (VQ-KD tokens).")
+_METHOD = flags.DEFINE_list(
+    "method", ["v1", "v2"], "Pretraining methods, each against the same random init: v1 "
+    "(dVAE tokens), v2 (VQ-KD tokens), and v1's ablations random_masking (uniform instead "
+    "of blockwise masks) and pixels (regressing normalised pixels instead of tokens).")
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "photos"],
                              "The embedded labelled set (beit_jax/data/embedded.py).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (pretraining, fine-tuning, probe).")
@@ -130,6 +132,17 @@ def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
   return c
 
 
+def ablation_config(seed: int, tokenizer: str, method: str) -> ml_collections.ConfigDict:
+  """v1's run with one change: uniform random masks, or normalised pixels as targets."""
+  c = pretrain_config(seed, tokenizer)
+  if method == "random_masking":
+    c.input.mask.kind = "random"
+  else:
+    c.mim_target = "pixels"
+    c.tokenizer.init_from = ""  # none is read
+  return c
+
+
 def pretrain_v2_config(seed: int, tokenizer: str, teacher: str) -> ml_collections.ConfigDict:
   """v1's run with v2's targets (the VQ-KD's codes), exact masks and patch aggregation."""
   c = pretrain_config(seed, tokenizer)
@@ -190,7 +203,10 @@ def check_settings(root: epath.Path) -> None:
 
 # Where each method's runs live (v1's names predate v2: earlier workdirs are reused).
 _DIRS = {"v1": dict(pretrain="pretrain", downstream="pretrained"),
-         "v2": dict(pretrain="pretrain_v2", downstream="v2")}
+         "v2": dict(pretrain="pretrain_v2", downstream="v2"),
+         "random_masking": dict(pretrain="pretrain_random_masking",
+                                downstream="random_masking"),
+         "pixels": dict(pretrain="pretrain_pixels", downstream="pixels")}
 
 
 def run_experiment(workdir: str) -> dict:
@@ -217,13 +233,16 @@ def run_experiment(workdir: str) -> dict:
 
   # The tokenizers, shared by all seeds.
   pretrain = {}
-  if "v1" in methods:
+  if {"v1", "random_masking"} & set(methods):
     tokenizer = _TOKENIZER.value or str(root / "tokenizer")
     if not _TOKENIZER.value:
       tok_config = pretrain_config(0, "")
       tok_config.trainer = "dvae"
       timed("v1 tokenizer", tok_config, tokenizer)
     pretrain["v1"] = lambda seed: pretrain_config(seed, tokenizer)
+    pretrain["random_masking"] = lambda seed: ablation_config(seed, tokenizer,
+                                                              "random_masking")
+  pretrain["pixels"] = lambda seed: ablation_config(seed, "", "pixels")
   if "v2" in methods:
     teacher, vqkd = str(root / "teacher"), str(root / "vqkd")
     timed("v2 teacher", teacher_config(), teacher)
@@ -243,12 +262,12 @@ def run_experiment(workdir: str) -> dict:
       name = _DIRS[m]["pretrain"]
       init_from[m] = str(seed_dir / name)
       metrics = timed(f"{m} pretrain", pretrain[m](seed), init_from[m])
-      if "mim_accuracy" in metrics:
+      if "loss" in metrics:
         (seed_dir / f"{name}_metrics.json").write_text(json.dumps(metrics))
       else:  # finished earlier: its last logged values
         metrics = json.loads((seed_dir / f"{name}_metrics.json").read_text())
-      for k, v in mim[m].items():
-        v.append(metrics[k])
+      for k, v in mim[m].items():  # pixels: no accuracy
+        v.append(metrics.get(k, float("nan")))
     for init in inits:
       name = _DIRS[init]["downstream"] if init in _DIRS else init
       ft = timed("finetune", finetune_config(seed, init_from[init]),

@@ -9,8 +9,12 @@ from etils import epath
 from PIL import Image, ImageDraw
 
 TASKS = {"finetune": "fine-tuning", "probe": "linear probe (best block)"}
-NAMES = {"random": "random init", "v1": "BEiT v1 (dVAE tokens)", "v2": "BEiT v2 (VQ-KD tokens)"}
-COLOURS = {"random": (190, 190, 190), "v1": (31, 119, 180), "v2": (214, 39, 40)}
+NAMES = {"random": "random init", "v1": "BEiT v1 (dVAE tokens)", "v2": "BEiT v2 (VQ-KD tokens)",
+         "random_masking": "v1, random masking", "pixels": "v1, pixel regression"}
+# The orderings the table checks: (better, worse) as the papers have it.
+COMPARISONS = (("v2", "v1"), ("v1", "random_masking"), ("v1", "pixels"))
+COLOURS = {"random": (190, 190, 190), "v1": (31, 119, 180), "v2": (214, 39, 40),
+           "random_masking": (255, 127, 14), "pixels": (44, 160, 44)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -25,15 +29,17 @@ def paired(better: list[float], worse: list[float]) -> dict:
 
 
 def summarise(runs: dict[str, list[float]], methods: tuple[str, ...]) -> dict:
-  """Per task: each init's mean/std; each method paired against random init, v2 against v1."""
+  """Per task: each init's mean/std; each method paired against random init, and the
+  `COMPARISONS` whose two methods ran (key '<a>_vs_<b>')."""
   out = {}
   for task in TASKS:
     rand = runs[f"{task}/random"]
     s = {"random": {"top1": mean_std(rand)}}
     for m in methods:
       s[m] = {"top1": mean_std(runs[f"{task}/{m}"]), **paired(runs[f"{task}/{m}"], rand)}
-    if {"v1", "v2"} <= set(methods):
-      s["v2_vs_v1"] = paired(runs[f"{task}/v2"], runs[f"{task}/v1"])
+    for a, b in COMPARISONS:
+      if {a, b} <= set(methods):
+        s[f"{a}_vs_{b}"] = paired(runs[f"{task}/{a}"], runs[f"{task}/{b}"])
     out[task] = s
   return out
 
@@ -57,14 +63,17 @@ def markdown(summary: dict, meta: dict) -> str:
               f"{_pct(pr['random']['top1'])} | | |")
   for m in methods:
     mim = meta["mim"][m]
+    acc = ("—" if np.isnan(mim["mim_accuracy"][0]) else
+           f"{_pct(mim['mim_accuracy'])} ({_pct(mim['majority_baseline'])})")
     rows.append(f"| {NAMES[m]} | {_pct(ft[m]['top1'])} | {_diff(ft[m])} | "
-                f"{_pct(pr[m]['top1'])} | {_diff(pr[m])} | {_pct(mim['mim_accuracy'])} "
-                f"({_pct(mim['majority_baseline'])}) |")
+                f"{_pct(pr[m]['top1'])} | {_diff(pr[m])} | {acc} |")
   rows.append("")
-  if "v2_vs_v1" in ft:
-    rows.append(f"v2 - v1, paired (seeds where v2 is better): fine-tuning "
-                f"{_diff(ft['v2_vs_v1'])}, linear probe {_diff(pr['v2_vs_v1'])}.")
-    rows.append("")
+  for a, b in COMPARISONS:
+    if f"{a}_vs_{b}" in ft:
+      rows.append(f"{NAMES[a]} - {NAMES[b]}, paired (seeds where the first is better): "
+                  f"fine-tuning {_diff(ft[f'{a}_vs_{b}'])}, linear probe "
+                  f"{_diff(pr[f'{a}_vs_{b}'])}.")
+      rows.append("")
   rows.append(f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
               f"{meta['dataset']}` ({meta['num_train']} labelled training images, split "
               f"'{meta['labels']}'; {meta['num_eval']} validation images); 'vs random': the "

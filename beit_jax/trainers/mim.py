@@ -3,6 +3,9 @@
 The tokenizer runs on device inside the train step (no separate tokenisation pass
 over the data set); its parameters are an argument of the jitted step, not a
 closed-over constant, so they are not baked into the compiled program.
+
+`mim_target='pixels'` is the papers' ablation instead: no tokenizer; the head regresses
+each masked patch's pixels, normalised per patch (zero mean, unit variance), by MSE.
 """
 import copy
 import functools
@@ -29,6 +32,7 @@ from beit_jax.models import vit
 from beit_jax.train_state import TrainState
 
 _PATCH_AGGREGATION_KEYS = ("layer", "depth")
+MIM_TARGETS = ("tokens", "pixels")
 
 
 def _is_patch_aggregation(v) -> bool:
@@ -38,6 +42,8 @@ def _is_patch_aggregation(v) -> bool:
 
 RULES = (
     ("images_every_steps", *validate.POSITIVE_INT),
+    ("mim_target", lambda v: v in MIM_TARGETS,
+     f"one of {MIM_TARGETS} (the tokenizer's codes, or normalised pixels by MSE)"),
     # BEiT v2 (docs/reference.md §4): read by `make_model`.
     ("model.patch_aggregation", _is_patch_aggregation,
      "None (BEiT v1) or dict(layer=L, depth=D) of integers >= 1: the [CLS] of the last "
@@ -46,8 +52,14 @@ RULES = (
 )
 
 
+def predicts_pixels(config: ml_collections.ConfigDict) -> bool:
+  return config.get("mim_target", "tokens") == "pixels"
+
+
 def _check_token_grid(config: ml_collections.ConfigDict) -> None:
   """The tokenizer must give one token per ViT patch."""
+  if predicts_pixels(config):
+    return
   patch = config.input.patch_size
   grid = config.input.image_size // patch
   tok_grid = tokenizers.grid(config)
@@ -86,7 +98,7 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def prerequisites(config: ml_collections.ConfigDict, workdir: str
                   ) -> list[tuple[ml_collections.ConfigDict, str]]:
   """Without `tokenizer.init_from`, the tokenizer's own trainer runs first (stage 1)."""
-  if config.tokenizer.get("init_from"):
+  if config.tokenizer.get("init_from") or predicts_pixels(config):
     return []
   stage = copy.deepcopy(config)
   with stage.unlocked():
@@ -105,7 +117,8 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def make_model(config: ml_collections.ConfigDict, *, train: bool = True
                ) -> vit.VisionTransformer:
-  """The ViT + MIM head a config describes (vocabulary from the tokenizer).
+  """The ViT + MIM head a config describes (vocabulary from the tokenizer; for pixels,
+  patch * patch * 3 outputs).
 
   With `model.patch_aggregation` (BEiT v2) it also has the shallow decoder
   (`cls_pt_layers_<j>`) and outputs 'mim_logits_c'.
@@ -113,8 +126,10 @@ def make_model(config: ml_collections.ConfigDict, *, train: bool = True
   pa = config.model.get("patch_aggregation")
   extra = {} if pa is None else dict(patch_aggregation_layer=pa.layer,
                                      patch_aggregation_depth=pa.depth)
+  outputs = (config.input.patch_size ** 2 * 3 if predicts_pixels(config)
+             else config.tokenizer.vocab_size)
   return vit.from_config(config.model, image_size=config.input.image_size, train=train,
-                         vocab_size=config.tokenizer.vocab_size, **extra)
+                         vocab_size=outputs, **extra)
 
 
 def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
@@ -134,6 +149,25 @@ def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
                 "masked_per_image": weights.sum(1).mean()}
 
 
+def patch_pixels(images: jax.Array, patch: int) -> jax.Array:
+  """[B, S, S, 3] -> [B, N, patch * patch * 3], each patch at zero mean, unit variance."""
+  b, s, _, c = images.shape
+  g = s // patch
+  x = images.reshape(b, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, g * g, patch * patch * c).astype(jnp.float32)
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + 1e-6)
+
+
+def pixel_loss(predictions: jax.Array, targets: jax.Array, weights: jax.Array
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MSE over the pixels of the masked positions. predictions, targets: [B, K, P]."""
+  se = jnp.mean(jnp.square(predictions.astype(jnp.float32) - targets), -1)  # [B, K]
+  n = jnp.maximum(weights.sum(), 1.0)
+  loss = (se * weights).sum() / n
+  return loss, {"loss": loss, "masked_per_image": weights.sum(1).mean()}
+
+
 def masked_positions(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """The first `k` masked patch indices per image, padded; and their validity.
 
@@ -147,31 +181,42 @@ def masked_positions(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                tok_params: Any, *, model: vit.VisionTransformer, tokenize, tx,
                schedule, max_masked: int) -> tuple[TrainState, dict]:
-  """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1."""
-  tokens = tokenize(tok_params, batch["tokenizer_image"])  # [B, h, w]
-  tokens = tokens.reshape(tokens.shape[0], -1)  # [B, N]
+  """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1.
+
+  `tokenize=None`: predict the masked patches' normalised pixels of view 1 instead.
+  """
   positions, weights = masked_positions(batch["mask"], max_masked)
-  targets = jnp.take_along_axis(tokens, positions, 1)  # [B, K]
+  if tokenize is None:
+    pixels = patch_pixels(batch["image"], model.patch_size)  # [B, N, P]
+    targets = jnp.take_along_axis(pixels, positions[..., None], 1)  # [B, K, P]
+    loss_of = pixel_loss
+  else:
+    tokens = tokenize(tok_params, batch["tokenizer_image"])  # [B, h, w]
+    tokens = tokens.reshape(tokens.shape[0], -1)  # [B, N]
+    targets = jnp.take_along_axis(tokens, positions, 1)  # [B, K]
+    loss_of = mim_loss
 
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
                       mim_positions=positions, rngs={"dropout": rng})
-    loss, metrics = mim_loss(out["mim_logits"], targets, weights)
+    loss, metrics = loss_of(out["mim_logits"], targets, weights)
     if "mim_logits_c" in out:  # BEiT v2: L_MIM + L_MIM^c, unweighted
-      loss_c, metrics_c = mim_loss(out["mim_logits_c"], targets, weights)
+      loss_c, metrics_c = loss_of(out["mim_logits_c"], targets, weights)
       loss = loss + loss_c
-      metrics.update(loss=loss, loss_mim=metrics["loss"], loss_mim_c=loss_c,
-                     mim_accuracy_c=metrics_c["mim_accuracy"])
+      metrics.update(loss=loss, loss_mim=metrics["loss"], loss_mim_c=loss_c)
+      if "mim_accuracy" in metrics_c:
+        metrics["mim_accuracy_c"] = metrics_c["mim_accuracy"]
     return loss, metrics
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
   metrics.update(update_metrics)
   metrics.update(param_norm=optax.global_norm(new_state.params),
-                 learning_rate=schedule(state.step),
-                 # The accuracy of always predicting the batch's most frequent target:
-                 # the bar MIM accuracy must clear to mean anything.
-                 majority_baseline=_majority_rate(targets, weights, model.vocab_size))
+                 learning_rate=schedule(state.step))
+  if tokenize is not None:
+    # The accuracy of always predicting the batch's most frequent target: the bar MIM
+    # accuracy must clear to mean anything.
+    metrics["majority_baseline"] = _majority_rate(targets, weights, model.vocab_size)
   return new_state, metrics
 
 
@@ -181,9 +226,10 @@ def _majority_rate(targets: jax.Array, weights: jax.Array, vocab_size: int) -> j
   return counts.max() / jnp.maximum(weights.sum(), 1.0)
 
 
-def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokenizer,
+def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokenizer | None,
               tok_params: Any) -> runner.Task:
-  """The MIM run of `config` against `tokenizer` (its params are the step's frozen input)."""
+  """The MIM run of `config` against `tokenizer` (its params are the step's frozen input);
+  `tokenizer=None` for `mim_target='pixels'`."""
   model = make_model(config)
   total_steps, warmup_steps = train_state.steps_from_config(
       config, data.num_train_examples(config))
@@ -193,6 +239,8 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
   mask = config.input.mask
   max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
   view_specs = tokenizers.pretrain_views(config)
+  if tokenizer is None:  # pixels: the ViT's view only
+    view_specs = {"image": view_specs["image"]}
 
   def init_params(rng):
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -218,11 +266,12 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
       visuals.write_mim_images(image_dir, ctx.writer, step_no, eval_batch, model=eval_model,
                                params=st.params, tokenizer=tokenizer, tok_params=ctx.frozen,
                                vit_view=view_specs["image"])
-    return (runner.Hook(config.images_every_steps, write_images),)
+    return (runner.Hook(config.images_every_steps, write_images),) if tokenizer else ()
 
   return runner.Task(
       desc="MIM", init_params=init_params, tx=tx,
-      train_step=functools.partial(train_step, model=model, tokenize=tokenizer.tokenize,
+      train_step=functools.partial(train_step, model=model,
+                                   tokenize=tokenizer.tokenize if tokenizer else None,
                                    tx=tx, schedule=schedule, max_masked=max_masked),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_pretrain_iterator(
@@ -234,6 +283,8 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MIM pretraining in `workdir`; returns the last metrics."""
-  tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
+  tokenizer, tok_params = None, {}
+  if not predicts_pixels(config):
+    tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
   return runner.run(config, workdir, make_task(config, tokenizer=tokenizer,
                                                 tok_params=tok_params))
