@@ -1,5 +1,5 @@
 """The launchers (launch/): the TPU script against a stand-in gcloud, its host-side helper,
-the SLURM script with SLURM's environment set by hand, the Colab notebook, docs/launch.md."""
+the SLURM script with SLURM's environment set by hand, the Colab notebook, the README's launcher section."""
 import json
 import os
 import re
@@ -412,8 +412,8 @@ def test_scripts_parse(script):
 def test_launchers_install_the_jax_of_requirements_txt():
   pinned = re.search(r"^jax==(\S+)$", open(os.path.join(ROOT, "requirements.txt")).read(), re.M)[1]
   for name, extra in [("launch/tpu_vm.sh", "tpu"), ("launch/slurm_gpu.sbatch", "cuda12"),
-                      ("launch/colab.ipynb", "tpu"), ("docs/launch.md", "tpu"),
-                      ("docs/launch.md", "cuda12")]:
+                      ("launch/colab.ipynb", "tpu"), ("README.md", "tpu"),
+                      ("README.md", "cuda12")]:
     found = set(re.findall(rf"jax\[{extra}\]==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
     assert found == {pinned}, (name, extra, found)
   uv = {name: set(re.findall(r"uv==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
@@ -470,11 +470,11 @@ def test_notebook_runs_the_readme_command_and_shows_tensorboard_and_pictures(mon
     assert needed in code, needed
 
 
-# ---------------------------------------------------------------- docs/launch.md
+# ---------------------------------------------------------------- the README
 
 
 def test_docs_name_files_and_subcommands_that_exist():
-  text = open(os.path.join(ROOT, "docs", "launch.md")).read()
+  text = open(os.path.join(ROOT, "README.md")).read()
   for path in set(re.findall(r"\b((?:launch|configs)/[\w.]+\.(?:sh|sbatch|ipynb|py))", text)):
     assert os.path.exists(os.path.join(ROOT, path)), path
   script = open(os.path.join(LAUNCH, "tpu_vm.sh")).read()
