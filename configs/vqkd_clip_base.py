@@ -37,6 +37,8 @@ def vqkd_tokenizer(*, teacher: str = "clip", vocab_size: int = 8192, code_dim: i
                    num_heads=config_dict.placeholder(int)),
       train=dict(
           batch_size=512, num_epochs=100, total_steps=0, log_every_steps=100,
+          # Its crops, also as the first stage of a v2 MIM run (whose crops differ).
+          crop_scale=(0.08, 1.0), color_jitter=0.0,
           images_every_steps=5000, ema_decay=0.99, kmeans_iters=10,
           # Off in the paper's recipe: restart codes whose EMA count per step falls below
           # dead_threshold from the current batch's encoder outputs.
@@ -51,8 +53,7 @@ def vqkd_config(teacher: str = "clip", teacher_dim: int = 512) -> ml_collections
   c = common.pretrain_config("B/16")
   c.trainer = "vqkd"
   c.tokenizer = vqkd_tokenizer(teacher=teacher, teacher_dim=teacher_dim)
-  c.input.update(dict(batch_size=512, tokenizer_image_size=224, crop_scale=(0.08, 1.0),
-                      color_jitter=0.0, flip=True))
+  c.input.update(dict(batch_size=512, tokenizer_image_size=224, flip=True))
   return c
 
 

@@ -30,8 +30,7 @@ def get_config(arg=None):
   c.trainer = "vqkd"
   c.log_every_steps = 25
   c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
-                      tokenizer_image_size=64, crop_scale=(0.08, 1.0), color_jitter=0.0,
-                      shuffle_buffer=1000))
+                      tokenizer_image_size=64, shuffle_buffer=1000))
   # Unused by VQ-KD; sized for the 8x8 grid so the config is valid.
   c.input.mask.update(dict(num_masking_patches=26, min_num_patches=4))
   c.checkpoint = dict(every_steps=100, keep=2)

@@ -42,6 +42,7 @@ BAD_VALUES = {
     "tokenizer.teacher.kind": "siglip", "tokenizer.teacher.init_from": None,
     "tokenizer.teacher.block": "last", "tokenizer.teacher.num_heads": 0,
     "tokenizer.teacher.recipe": "configs/finetune_tiny_local.py", "mim_target": "features",
+    "tokenizer.train.crop_scale": (0.5, 1.5), "tokenizer.train.color_jitter": -0.1,
     "tokenizer.train.num_epochs": 0, "tokenizer.train.total_steps": -1,
     "tokenizer.train.log_every_steps": 0, "tokenizer.train.images_every_steps": 0,
     "tokenizer.train.ema_decay": 1.0, "tokenizer.train.kmeans_iters": -1,

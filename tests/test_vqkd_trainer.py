@@ -235,7 +235,8 @@ def test_shipped_configs_pass_and_follow_unilm():
       0.99, 1e-4, 0.0)
   assert (t.train.optim.warmup_epochs, t.train.optim.min_lr, t.train.ema_decay) == (
       10, 1e-5, 0.99)
-  assert c.input.crop_scale == (0.08, 1.0) and c.input.color_jitter == 0 and c.input.flip
+  assert t.train.crop_scale == (0.08, 1.0) and t.train.color_jitter == 0 and c.input.flip
+  assert vqkd.stage_config(c).input.crop_scale == (0.08, 1.0)
   assert not t.train.restart_dead_codes
   assert vqkd_dino_base.get_config().tokenizer.teacher_dim == 768
 
@@ -446,6 +447,10 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   trainers.validate_config(config)
   (stage, stage_dir), = mim.prerequisites(config, "/tmp/w")
   assert stage.trainer == "vqkd" and stage_dir == "/tmp/w/tokenizer"
+  # As a stage of the MIM run, VQ-KD keeps its own recipe's crops, not the MIM run's.
+  config.input.update(dict(crop_scale=(0.2, 1.0), color_jitter=0.4))
+  seen = vqkd.stage_config(config).input
+  assert (seen.crop_scale, seen.color_jitter) == ((0.08, 1.0), 0.0)
   trainers.validate_config(stage)
   tokenizer, tok_params = tokenizers.load(config.tokenizer, path)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])

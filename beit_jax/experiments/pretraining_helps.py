@@ -123,10 +123,10 @@ def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
   c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width},"
                                  f"codes={_VOCAB.value}")
   _data(c)
-  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, crop_scale=(0.5, 1.0)))
+  c.input.tokenizer_image_size = IMAGE_SIZE
   c.input.mask.update(dict(num_masking_patches=_MASK.value, min_num_patches=2))
   c.tokenizer.teacher.init_from = teacher
-  c.tokenizer.train.update(dict(images_every_steps=steps,
+  c.tokenizer.train.update(dict(images_every_steps=steps, crop_scale=(0.5, 1.0),
                                 restart_dead_codes=_RESTART.value))
   c.tokenizer.train.checkpoint.update(dict(every_steps=steps, keep=1))
   return c

@@ -71,6 +71,8 @@ RULES = (
     ("tokenizer.train.num_epochs", _n(0, lo_open=True), "a number > 0"),
     ("tokenizer.train.total_steps", _n(0, integer=True), "an integer >= 0 (0: num_epochs)"),
     ("tokenizer.train.log_every_steps", *validate.POSITIVE_INT),
+    ("tokenizer.train.crop_scale", validate.pair(0, 1), "(min, max) with 0 <= min <= max <= 1"),
+    ("tokenizer.train.color_jitter", _n(0), "a number >= 0 (0: off)"),
     ("tokenizer.train.images_every_steps", *validate.POSITIVE_INT),
     ("tokenizer.train.ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
     ("tokenizer.train.kmeans_iters", _n(0, integer=True), "an integer >= 0"),
@@ -145,7 +147,8 @@ def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   """The run config as this trainer sees it: `tokenizer.train` as the run's schedule.
 
   Its batch size, epochs / steps, optimizer, log interval and checkpoints become the
-  top-level fields `runner` and `train_state.steps_from_config` read. As the first stage
+  top-level fields `runner` and `train_state.steps_from_config` read, its crops
+  (`crop_scale`, `color_jitter`) the input's. As the first stage
   of a MIM run (`mim.prerequisites`), the config is the MIM run's: its top-level
   `init_from` (a ViT) is not read here.
   """
@@ -154,6 +157,7 @@ def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   with cfg.unlocked():
     cfg.trainer = "vqkd"
     cfg.input.batch_size = train.batch_size
+    cfg.input.crop_scale, cfg.input.color_jitter = train.crop_scale, train.color_jitter
     cfg.num_epochs = train.num_epochs
     cfg.total_steps = train.total_steps
     cfg.log_every_steps = train.log_every_steps
