@@ -1,11 +1,16 @@
 """The step loop every run shares, and the workdir, writers and progress it reports to.
 
 One loop shape for all trainers (big_vision style), driven by `runner.run`: periodic
-metrics, checkpoints and hooks, and the stop after too many non-finite steps.
+metrics (with the MFU of the compiled step), checkpoints and hooks, the stop after too many
+non-finite steps, and the stop at a preemption notice with a checkpoint every process saves
+at the same step.
 """
 import collections
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -16,10 +21,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
+from jax.experimental import multihost_utils
 
 from beit_jax import checkpoint
 from beit_jax import events
 from beit_jax import sharding
+from beit_jax.errors import Preempted
 from beit_jax.errors import TrainingError
 
 
@@ -97,19 +104,68 @@ def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
+@contextlib.contextmanager
+def preemption_notice(desc: str) -> Iterator[Callable[[int], bool]]:
+  """`reached(step)`, to be asked at every step by every process: True at the step where
+  all of them save a checkpoint and stop because one was sent SIGTERM (a preemption notice).
+
+  Under `jax.distributed`, its preemption service owns SIGTERM (`initialize` installs a C++
+  handler; a Python one would replace it) and the coordination service agrees on the step:
+  the fastest process's next one (`multihost_utils.reached_preemption_sync_point`, a local
+  check per step, no collective). A single process without it gets a Python handler for the
+  duration of the `with` (the previous one is restored after) that raises a flag. Either
+  way a second SIGTERM changes nothing: the save under way completes.
+  """
+  if jax.distributed.is_initialized():
+    if not jax.config.jax_enable_preemption_service:
+      logging.warning("%s: jax_enable_preemption_service is off: a SIGTERM will not stop "
+                      "the run with a checkpoint", desc)
+      yield lambda step: False
+    else:
+      yield multihost_utils.reached_preemption_sync_point
+    return
+  if threading.current_thread() is not threading.main_thread():
+    logging.warning("%s: not in the main thread, where signal handlers live: a SIGTERM "
+                    "will not stop the run with a checkpoint", desc)
+    yield lambda step: False
+    return
+  received: list[float] = []
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    logging.warning("%s: SIGTERM%s", desc, " again: ignored, the checkpoint is under way"
+                    if received else ": saving a checkpoint after this step, then stopping")
+    received.append(time.time())
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+StepFn = Callable[[Any, dict], tuple[Any, dict]]
+
+
 def run(*, desc: str, state: Any, start_step: int, total_steps: int,
-        train_step: Callable[[Any, dict], tuple[Any, dict]],
+        compile_step: Callable[[Any, dict], tuple[StepFn, float, float | None]],
         batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
         writer: metric_writers.MetricWriter, manager, log_every_steps: int,
-        global_batch_size: int,
+        global_batch_size: int, workdir: str,
+        preempted: Callable[[int], bool] = lambda step: False,
         hooks: tuple[tuple[int, Callable[[int, Any], dict | None]], ...] = (),
         skipped_fn: Callable[[], dict[str, int]] = dict, resumed_meta: dict | None = None,
         max_bad_steps: int = 20,
         inject_nan_steps: tuple[int, ...] = ()) -> dict[str, float]:
-  """Runs `train_step` from `start_step` to `total_steps`.
+  """Runs the train step from `start_step` to `total_steps`.
 
   Args:
-    train_step: jitted (state, global batch) -> (state, metrics of scalars).
+    compile_step: (state, first global batch) -> (the train step compiled for them:
+      (state, global batch) -> (state, metrics of scalars); XLA's FLOPs per device of one
+      step; the device's peak FLOP/s or None). Called at the first step, so that a finished
+      run compiles nothing; `flops_per_step` is logged then, `mfu` at every report.
+    workdir: where the checkpoints go, for the message of a preemption.
+    preempted: (step) -> whether to save a checkpoint at this step and stop (raising
+      `Preempted`); asked at every step (see `preemption_notice`).
     hooks: (every_n_steps, fn(step, state)) run after the step's checkpoint; also
       run once at the end. A dict a hook returns joins the returned metrics.
     skipped_fn: the input pipeline's counts of skipped images (by reason) in this
@@ -133,12 +189,16 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
   summary: dict[str, float] = {}
   reported: dict[str, float] = {}  # the hooks'
   t0, s0 = time.time(), start_step
+  train_step, flops, peak = None, 0.0, None
   for step in range(start_step + 1, total_steps + 1):
     batch = next(batches)
     if step in inject_nan_steps:
       batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
                for k, v in batch.items()}
     batch = sharding.host_to_global(batch, mesh)
+    if train_step is None:
+      train_step, flops, peak = compile_step(state, batch)
+      writer.write_scalars(step, {"flops_per_step": flops})
     state, metrics = train_step(state, batch)
     history.append(metrics)
     if step == start_step + 1:  # leave compilation out of the throughput figures
@@ -150,6 +210,8 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
         dt = max(time.time() - t0, 1e-9)
         summary["images_per_sec"] = (step - s0) * global_batch_size / dt
         summary["steps_per_sec"] = (step - s0) / dt
+        if peak:  # the step's FLOPs at the measured rate, over what the device could do
+          summary["mfu"] = flops * summary["steps_per_sec"] / peak
       writer.write_scalars(step, summary)
       progress.update(step, {k: summary[k] for k in ("loss",) if k in summary})
       history, t0, s0 = [], time.time(), step
@@ -162,7 +224,16 @@ def run(*, desc: str, state: Any, start_step: int, total_steps: int,
           f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
           f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
           f"last checkpoint ({manager.latest_step()}) holds the last good parameters.")
-    checkpoint.save(manager, step, state, meta(), force=step == total_steps)
+    stop = preempted(step)
+    if stop:
+      logging.warning("%s: preemption notice: saving a checkpoint at step %d, then stopping",
+                      desc, step)
+    checkpoint.save(manager, step, state, meta(), force=step == total_steps or stop)
+    if stop:
+      manager.wait_until_finished()
+      progress.close()
+      writer.flush()
+      raise Preempted(desc, step, workdir)
     for every, fn in hooks:
       if step % every == 0 and step != total_steps:
         reported.update(fn(step, state) or {})

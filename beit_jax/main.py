@@ -2,7 +2,8 @@
 
 Config overrides work as usual for ml_collections, e.g.
 `--config=configs/beit_base.py:variant=L/16 --config.input.batch_size=1024`.
-Re-running the same command on the same workdir resumes from its latest checkpoint.
+Re-running the same command on the same workdir resumes from its latest checkpoint; a
+SIGTERM (a preemption notice) saves one at the current step and exits 0.
 """
 import os
 import sys
@@ -50,11 +51,14 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  from beit_jax.errors import TrainingError  # pylint: disable=g-import-not-at-top
+  from beit_jax.errors import Preempted, TrainingError  # pylint: disable=g-import-not-at-top
   try:
     metrics = run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingError) as e:
     sys.exit(f"beit_jax: error: {e}")
+  except Preempted as e:  # stopped as asked, its state saved: not an error
+    print(f"beit_jax: {e}", file=sys.stderr, flush=True)
+    return
   if metrics:
     logging.info("Final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
 

@@ -11,35 +11,13 @@ import re
 import sys
 import time
 
+from beit_jax import hardware
 from beit_jax.errors import ConfigError
+from beit_jax.hardware import DEVICES, Device  # in hardware: runs' MFU reads it too
 
 GIB = 1024**3
 
 
-@dataclasses.dataclass(frozen=True)
-class Device:
-  kind: str
-  memory_gib: float  # per JAX device
-  peak_tflops: float | None  # bf16 dense, per JAX device
-  source: str
-
-
-# Per JAX device (for v4/v5p one megacore chip). Peak: dense bf16 matmul.
-DEVICES = {
-    # cloud.google.com/tpu/docs/v4: 32 GiB HBM2 and 275 TFLOP/s (bf16) per chip
-    "v4": Device("TPU v4", 32, 275, "Cloud TPU v4 docs"),
-    # cloud.google.com/tpu/docs/v5e: 16 GiB HBM2 and 197 TFLOP/s (bf16) per chip
-    "v5e": Device("TPU v5e", 16, 197, "Cloud TPU v5e docs"),
-    # cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e and 459 TFLOP/s (bf16) per chip
-    "v5p": Device("TPU v5p", 95, 459, "Cloud TPU v5p docs"),
-    # cloud.google.com/tpu/docs/v6e: 32 GiB HBM and 918 TFLOP/s (bf16) per chip
-    "v6e": Device("TPU v6e", 32, 918, "Cloud TPU v6e docs"),
-    # NVIDIA H100 datasheet (SXM): 80 GB HBM3, 989 TFLOP/s bf16 dense (1979 is with sparsity)
-    "h100": Device("NVIDIA H100 SXM 80GB", 80, 989, "NVIDIA H100 datasheet"),
-    # NVIDIA A100 datasheet: 40 or 80 GB HBM2e, 312 TFLOP/s bf16 dense
-    "a100": Device("NVIDIA A100 80GB", 80, 312, "NVIDIA A100 datasheet"),
-    "a100-40": Device("NVIDIA A100 40GB", 40, 312, "NVIDIA A100 datasheet"),
-}
 # libtpu topology shapes (chips), as MaxText's accelerator_to_spec_map lays them out.
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
               256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
@@ -249,8 +227,6 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   compiled = built.step.lower(built.state, batch, built.frozen).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   peak = peak_tflops if peak_tflops is not None else target.device.peak_tflops
   return Plan(
@@ -263,7 +239,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=float(cost.get("flops", 0.0)),
+      flops=hardware.xla_flops(compiled),
       model_flops=vit_train_flops(config, config.input.batch_size // data_parallel),
       memory_bytes=int((memory_gib if memory_gib is not None else target.device.memory_gib)
                        * GIB),

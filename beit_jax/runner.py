@@ -4,11 +4,14 @@ A trainer says what is particular to it -- the model's init, the optimizer, the 
 its data, the frozen params its step reads (a tokenizer, a backbone), hooks such as pictures
 and evaluation -- and `run` does the rest the same way for all: workdir, mesh, sharded state,
 the jitted step (donated state; randomness `fold_in(seed, step)`), orbax checkpoints with
-resume, writers, progress and the guarded step loop. `setup` is the part that builds the
-state and step without running, for benchmarks and tests; `abstract_setup` builds the same
-step without allocating anything, for ahead-of-time plans (`beit_jax.plan`).
+resume, writers, progress and the guarded step loop (its MFU, its stop at a preemption
+notice). `setup` is the part that builds the state and step without running, for benchmarks
+and tests; `abstract_setup` builds the same step without allocating anything, for
+ahead-of-time plans (`beit_jax.plan`).
 """
 import dataclasses
+import functools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ from clu import metric_writers
 from etils import epath
 
 from beit_jax import checkpoint
+from beit_jax import hardware
 from beit_jax import loop
 from beit_jax import sharding
 from beit_jax import train_state
@@ -153,8 +157,35 @@ def preflight(config: ml_collections.ConfigDict, workdir: str, *, batch_size: in
     raise ConfigError(f"init_from={config.init_from} does not exist")
 
 
+def compile_step(config: ml_collections.ConfigDict, built: Setup, desc: str,
+                 state: TrainState, batch: dict) -> tuple[loop.StepFn, float, float | None]:
+  """`built.step` compiled once for `batch` (the executable a jitted call would build), XLA's
+  FLOPs per device of one call, and the devices' peak FLOP/s (None: unknown, said once)."""
+  t0 = time.perf_counter()
+  compiled = built.step.lower(state, batch, built.frozen).compile()
+  flops = hardware.xla_flops(compiled)
+  peak, source = hardware.peak_flops(config.get("model", {}).get("dtype", "float32"))
+  if not flops:
+    peak, source = None, "XLA gave no FLOP count for this step"
+  logging.info("%s: train step compiled in %.1f s: %.4g FLOPs per device and step (XLA); "
+               "peak %s (%s)%s", desc, time.perf_counter() - t0, flops,
+               f"{peak:.4g} FLOP/s per device" if peak else "unknown", source,
+               "" if peak else ": no mfu is logged")
+  return (lambda s, b: compiled(s, b, built.frozen)), flops, peak
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
-  """Runs (or resumes) `task` in `workdir`; returns its last metrics and its hooks' last."""
+  """Runs (or resumes) `task` in `workdir`; returns its last metrics and its hooks' last.
+
+  A SIGTERM to any process (a preemption notice) makes every process save a checkpoint at
+  the same step and raise `errors.Preempted` (see `loop.preemption_notice`).
+  """
+  with loop.preemption_notice(task.desc) as preempted:
+    return _run(config, workdir, task, preempted)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
+         preempted: Callable[[int], bool]) -> dict[str, float]:
   loop.prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(task.batch_size, mesh, task.batch_field)
@@ -174,10 +205,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
   try:
     return loop.run(
         desc=task.desc, state=state, start_step=start_step, total_steps=task.total_steps,
-        train_step=lambda s, b: built.step(s, b, built.frozen), batches=batches, mesh=mesh,
-        writer=writer, manager=manager,
+        compile_step=functools.partial(compile_step, config, built, task.desc),
+        batches=batches, mesh=mesh, writer=writer, manager=manager,
         log_every_steps=task.log_every_steps or config.log_every_steps,
-        global_batch_size=task.batch_size,
+        global_batch_size=task.batch_size, workdir=workdir, preempted=preempted,
         hooks=tuple((h.every_steps, h.fn) for h in hooks),
         skipped_fn=batches.skipped_counts, resumed_meta=resumed_meta,
         max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))

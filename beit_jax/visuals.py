@@ -233,3 +233,33 @@ def write_code_images(image_dir: epath.Path, writer, step: int, images: np.ndarr
   picture = image_grid([np.concatenate([s, r]) for s, r in zip(swatches, rows)])
   save(image_dir, writer, step, f"{tokenizer.kind}_code_patches",
        upscale(picture, max(1, 32 // p)))
+
+
+def segmentation_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """int class maps [...] -> [..., 3]: `token_colors`' fixed palette, grey where a pixel is
+  no class (255: ignored)."""
+  labels = np.asarray(labels)
+  valid = labels < num_classes
+  colours = token_colors(np.where(valid, labels, 0), num_classes)
+  return np.where(valid[..., None], colours, np.float32(0.5))
+
+
+def write_segmentation_images(image_dir: epath.Path, writer, step: int,
+                              samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                              num_classes: int) -> None:
+  """One row per validation image: the image, the predicted classes, the true classes.
+
+  Args:
+    samples: (image uint8 [H, W, 3], prediction int [H, W], label int [H, W]) triples, of
+      any sizes (drawn at the largest one's, nearest neighbour; small ones enlarged).
+  """
+  if not samples:
+    return
+  h = max(s[0].shape[0] for s in samples)
+  w = max(s[0].shape[1] for s in samples)
+  rows = []
+  for image, pred, label in samples:
+    row = [image.astype(np.float32) / 255.0, segmentation_colors(pred, num_classes),
+           segmentation_colors(label, num_classes)]
+    rows.append(np.stack([_resize_nearest(x, h, w) for x in row]))
+  save(image_dir, writer, step, "segmentation", upscale(image_grid(rows), max(1, 256 // h)))

@@ -2,24 +2,19 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
 from beit_jax import checkpoint
+from tests import runs
+from tests.runs import ROOT
 from tests.tiny_config import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(workdir, tokenizer, steps):
-  return [sys.executable, "-m", "beit_jax.main", "--config=tests/tiny_config.py",
-          f"--workdir={workdir}", f"--config.tokenizer.init_from={tokenizer}",
-          f"--config.total_steps={steps}", "--config.checkpoint.every_steps=2",
-          "--config.checkpoint.keep=10", "--config.model.drop_path_rate=0.1"]
+  return runs.main_command(workdir, tokenizer, steps, "--config.checkpoint.every_steps=2",
+                           "--config.checkpoint.keep=10", "--config.model.drop_path_rate=0.1")
 
 
 @pytest.mark.slow
@@ -50,9 +45,4 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   # It continued from the checkpoint (a restart from 0 would also end identical).
   assert f"Resumed from step {max(ckpts)}" in rerun.stderr
 
-  a = checkpoint.load_params(str(tmp_path / "straight"))
-  b = checkpoint.load_params(str(crashed))
-  leaves_a = jax.tree_util.tree_leaves_with_path(a)
-  assert len(leaves_a) == len(jax.tree.leaves(b))
-  for (path, x), y in zip(leaves_a, jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  runs.assert_same_params(tmp_path / "straight", crashed)

@@ -130,3 +130,64 @@ def test_tokenizer_view_size_is_a_multiple_of_its_kinds_unit():
   vq.input.tokenizer_image_size = 32
   with pytest.raises(ConfigError, match="multiple of 14 for a VQ-KD tokenizer"):
     trainers.validate_config(vq)
+
+
+# --------------------------------------------------------------------------- segmentation
+# The segmentation trainer's fields (trainers/segmentation.py, segmentation.py,
+# data/segmentation.py), each set to a bad value in configs/seg_tiny_local.py.
+SEGMENTATION_BAD_VALUES = {
+    "input.scale": (512,), "input.ratio_range": (2.0, 0.5), "input.cat_max_ratio": 0.0,
+    "input.photometric": "yes", "input.reduce_zero_label": 1, "input.num_classes": 255,
+    "input.eval_scales": (), "input.eval_stride": 0, "input.eval_flip": "no",
+    "upernet.out_indices": (0, 1, 2), "upernet.channels": 0, "upernet.aux_channels": -1,
+    "upernet.pool_scales": (1, 0), "upernet.dropout": 1.0, "upernet.aux_weight": -0.4,
+    "upernet.norm_groups": 0, "optim.power": 0.0,
+}
+BAD_VALUES.update(SEGMENTATION_BAD_VALUES)
+
+
+def _segmentation_config():
+  from configs import seg_tiny_local  # pylint: disable=g-import-not-at-top
+  return seg_tiny_local.get_config()
+
+
+def test_the_segmentation_configs_pass():
+  from configs import seg_ade20k_base, seg_ade20k_large  # pylint: disable=g-import-not-at-top
+  for config in (seg_ade20k_base.get_config(), seg_ade20k_base.get_config("ms=True"),
+                 seg_ade20k_large.get_config(), _segmentation_config()):
+    trainers.validate_config(config)
+
+
+@pytest.mark.parametrize("field", sorted(SEGMENTATION_BAD_VALUES))
+def test_segmentation_rule(field):
+  config = _segmentation_config()
+  *parents, key = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[key] = SEGMENTATION_BAD_VALUES[field]
+  with pytest.raises(ConfigError, match=rf"^{field}=.* is invalid; accepted: .+"):
+    trainers.validate_config(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("upernet.out_indices", (0, 1, 2, 4),
+     r"upernet.out_indices=\(0, 1, 2, 4\) must be blocks 0..3"),
+    ("upernet.channels", 60, r"upernet.channels=60 must be divisible by upernet.norm_groups=32"),
+    ("model.variant", "Ti/14", r"segmentation needs a patch size of 4, 8, 16 or 32"),
+    ("total_steps", 0, r"total_steps=0: segmentation runs are counted in steps"),
+    ("input.eval_stride", 65, r"input.eval_stride=65 leaves pixels between windows"),
+])
+def test_segmentation_checks(field, value, message):
+  config = _segmentation_config()
+  *parents, key = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[key] = value
+  if field == "model.variant":
+    config.input.patch_size = 14
+    config.input.image_size = 56
+  with pytest.raises(ConfigError, match=message):
+    trainers.validate_config(config)

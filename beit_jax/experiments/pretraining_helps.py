@@ -304,7 +304,11 @@ def main(argv):
   if not _WORKDIR.value:
     sys.exit("pretraining_helps: error: --workdir is required")
   logs.quiet_libraries()
-  run_experiment(_WORKDIR.value)
+  from beit_jax.errors import Preempted  # pylint: disable=g-import-not-at-top
+  try:
+    run_experiment(_WORKDIR.value)
+  except Preempted as e:  # its run saved a checkpoint: rerunning the command resumes
+    print(f"pretraining_helps: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from absl import logging
 
 from beit_jax import validate
 
-TRAINERS = ("mim", "dvae", "finetune", "linear_probe", "vqkd")
+TRAINERS = ("mim", "dvae", "finetune", "linear_probe", "vqkd", "segmentation")
 RULES = (("trainer", lambda v: v in TRAINERS, f"one of {TRAINERS}"),)
 
 
@@ -26,12 +26,13 @@ def module(name: str) -> types.ModuleType:
 
 def _library():
   # pylint: disable=g-import-not-at-top
-  from beit_jax import checkpoint, classification, optim, runner, tokenizers
+  from beit_jax import checkpoint, classification, optim, runner, segmentation, tokenizers
   from beit_jax.data import classification as classification_data
   from beit_jax.data import pretrain
+  from beit_jax.data import segmentation as segmentation_data
   from beit_jax.models import vit
   return (runner, optim, checkpoint, classification, tokenizers, pretrain,
-          classification_data, vit)
+          classification_data, vit, segmentation, segmentation_data)
 
 
 def rules() -> tuple[validate.Rule, ...]:

@@ -1,0 +1,218 @@
+"""Semantic segmentation with UperNet on BEiT, unilm's recipe (`beit/semantic_segmentation`).
+
+Starts from any beit-jax ViT checkpoint (`config.init_from`) as fine-tuning does: a shared
+relative position bias is copied into every block and the tables are resized to the crop's
+patch grid (512 / 16 = 32); the pyramid and the heads start from scratch. AdamW with
+layer-wise lr decay and mmseg's poly schedule (power `optim.power`) after a linear warmup;
+the loss is the decode head's pixel cross-entropy plus `upernet.aux_weight` times the
+auxiliary head's, both ignoring label 255. Validation (whole images, sliding windows) every
+`eval_every_steps` and at the end; `checkpoints/` keeps the latest states, `best/` the
+params of the best mIoU.
+"""
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from beit_jax import optim
+from beit_jax import pretrained
+from beit_jax import runner
+from beit_jax import segmentation
+from beit_jax import train_state
+from beit_jax import validate
+from beit_jax.data import segmentation as data
+from beit_jax.errors import ConfigError
+from beit_jax.models import segmentation as seg_model
+from beit_jax.models import vit
+from beit_jax.train_state import TrainState
+
+# mmcv's linear warmup starts at this fraction of the scheduled lr (unilm's configs).
+WARMUP_RATIO = 1e-6
+
+
+def _index_tuple(n: int):
+  return lambda v: (isinstance(v, (tuple, list)) and len(v) == n
+                    and all(validate.number(0, integer=True)(x) for x in v))
+
+
+RULES = (
+    ("upernet.out_indices", _index_tuple(len(seg_model.LEVEL_STRIDES)),
+     "4 block indices (0-based), e.g. (3, 5, 7, 11)"),
+    ("upernet.channels", *validate.POSITIVE_INT),
+    ("upernet.aux_channels", *validate.POSITIVE_INT),
+    ("upernet.pool_scales", lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(
+        validate.number(1, integer=True)(x) for x in v), "a non-empty tuple of ints >= 1"),
+    ("upernet.dropout", validate.number(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("upernet.aux_weight", validate.number(0), "a number >= 0 (0: no auxiliary loss)"),
+    ("upernet.norm_groups", *validate.POSITIVE_INT),
+    ("optim.power", validate.number(0, lo_open=True), "a number > 0 (1: linear decay)"),
+)
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  m, up = config.model, config.upernet
+  if m.use_shared_rel_pos_bias and m.use_rel_pos_bias:
+    raise ConfigError("model.use_shared_rel_pos_bias and model.use_rel_pos_bias are both True; "
+                      "segmentation uses one table per block (use_rel_pos_bias)")
+  if not config.get("total_steps"):
+    raise ConfigError("total_steps=0: segmentation runs are counted in steps (unilm: 160000); "
+                      "set total_steps")
+  sizes = vit.size_kwargs(m)
+  seg_model.check_patch_size(sizes["patch_size"])
+  if any(i >= sizes["depth"] for i in up.out_indices):
+    raise ConfigError(f"upernet.out_indices={tuple(up.out_indices)} must be blocks "
+                      f"0..{sizes['depth'] - 1} of the model")
+  grouped = {"upernet.channels": up.channels, "upernet.aux_channels": up.aux_channels}
+  if sizes["patch_size"] >= 16:  # fpn1 normalises the ViT's width
+    grouped["model.width"] = sizes["width"]
+  for field, n in grouped.items():
+    if n % up.norm_groups:
+      raise ConfigError(f"{field}={n} must be divisible by upernet.norm_groups="
+                        f"{up.norm_groups} (GroupNorm)")
+
+
+CHECKS = (_check,)
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """What needs the outside world, checked before any compute."""
+  runner.preflight(config, workdir)
+  data.check(config)
+
+
+def make_model(config: ml_collections.ConfigDict) -> seg_model.Segmenter:
+  """The UperNet-on-BEiT model a config describes (drop path active only when called with
+  train=True)."""
+  up = config.upernet
+  backbone = vit.from_config(config.model, image_size=config.input.image_size, train=True,
+                             truncate_init=False)
+  return seg_model.Segmenter(
+      backbone, out_indices=tuple(up.out_indices), num_classes=config.input.num_classes,
+      channels=up.channels, aux_channels=up.aux_channels, pool_scales=tuple(up.pool_scales),
+      dropout=up.dropout, norm_groups=up.norm_groups,
+      dtype=jnp.dtype(config.model.get("dtype", "float32")))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def poly_schedule(lr: float, *, total_steps: int, warmup_steps: int, power: float,
+                  min_lr: float = 0.0) -> optax.Schedule:
+  """mmcv's `poly` policy with linear warmup, per step:
+
+  lr_t = ((lr - min_lr) * (1 - t / total_steps) ** power + min_lr) * w_t with
+  w_t = 1 - (1 - t / warmup_steps) * (1 - WARMUP_RATIO) during the warmup, then 1.
+  """
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    poly = (lr - min_lr) * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power + min_lr
+    if warmup_steps <= 0:
+      return poly
+    warm = WARMUP_RATIO + (1.0 - WARMUP_RATIO) * t / warmup_steps  # w_t, exact in float32
+    return poly * jnp.where(t < warmup_steps, warm, 1.0)
+  return schedule
+
+
+def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
+  """Per-parameter lr multipliers: `optim.layer_decay_scales` within the backbone; 1 for the
+  pyramid and the heads (unilm: the last layer, as a classifier's head)."""
+  return {k: optim.layer_decay_scales(v, depth=depth, decay=decay) if k == "backbone"
+          else jax.tree.map(lambda _: 1.0, v) for k, v in params.items()}
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, total_steps: int, depth: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with BEiT's decay mask (`optim.weight_decay_mask`) and layer-wise lr decay
+  decay^(depth + 1 - layer), on the poly schedule (`optim.make_optimizer` is cosine-only)."""
+  schedule = poly_schedule(optim_cfg.lr, total_steps=total_steps,
+                           warmup_steps=optim_cfg.warmup_steps, power=optim_cfg.power,
+                           min_lr=optim_cfg.min_lr)
+  parts = []
+  if optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps))
+  if optim_cfg.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(optim_cfg.weight_decay,
+                                           mask=optim.weight_decay_mask))
+  scales = functools.partial(layer_decay_scales, depth=depth, decay=optim_cfg.layer_decay)
+  parts.append(optax.stateless(lambda updates, _: jax.tree.map(
+      lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales(updates))))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, frozen=(), *,
+               model: seg_model.Segmenter, tx, schedule, aux_weight: float
+               ) -> tuple[TrainState, dict]:
+  """One step: decode + aux_weight * auxiliary pixel cross-entropy, AdamW update."""
+  del frozen
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+    decode, accuracy = segmentation.pixel_cross_entropy(out["logits"], batch["label"])
+    aux, _ = segmentation.pixel_cross_entropy(out["aux_logits"], batch["label"])
+    return decode + aux_weight * aux, (decode, aux, accuracy)
+
+  (loss, (decode, aux, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state, metrics = train_state.apply_gradients(state, grads, loss, tx)
+  metrics.update(loss=loss, loss_decode=decode, loss_aux=aux, train_pixel_accuracy=accuracy,
+                 learning_rate=schedule(state.step),
+                 param_norm=optax.global_norm(new_state.params))
+  return new_state, metrics
+
+
+def predict(params: Any, windows: jax.Array, *, model: seg_model.Segmenter) -> jax.Array:
+  """Decode-head logits [n, S, S, C] of windows [n, S, S, 3] (mmseg's encode_decode)."""
+  return model.apply({"params": params}, windows, train=False)["logits"]
+
+
+def load_backbone(params: Any, config: ml_collections.ConfigDict) -> Any:
+  """`init_from`'s ViT weights in the backbone (the final norm, unused here, may be missing:
+  fine-tuned checkpoints have none); the pyramid and the heads keep their init."""
+  backbone = pretrained.load_pretrained(
+      config.init_from, params["backbone"], config,
+      fresh=pretrained.CLASSIFIER_PARAMS + ("norm",))
+  return {**params, "backbone": backbone}
+
+
+def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+  model = make_model(config)
+  depth = vit.size_kwargs(config.model)["depth"]
+  total_steps = config.total_steps
+  tx, schedule = make_optimizer(config.optim, total_steps=total_steps, depth=depth)
+  size = config.input.image_size
+  logging.info("Segmentation %s: %s, %d classes, crops of %d, %d steps (warmup %d), layer "
+               "decay %s, blocks %s", config.model.variant, config.input.dataset,
+               config.input.num_classes, size, total_steps, config.optim.warmup_steps,
+               config.optim.layer_decay, tuple(config.upernet.out_indices))
+  if not config.get("init_from"):
+    logging.warning("No init_from: segmentation from a randomly initialised backbone")
+
+  def init_params(rng):
+    return model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
+  return runner.Task(
+      desc="Segmentation", init_params=init_params, tx=tx,
+      train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                   aux_weight=config.upernet.aux_weight),
+      total_steps=total_steps, batch_size=config.input.batch_size,
+      batches=lambda start: data.make_train_iterator(
+          config, seed=config.seed, start_step=start, process_index=jax.process_index(),
+          process_count=jax.process_count()),
+      load_params=(functools.partial(load_backbone, config=config)
+                   if config.get("init_from") else None),
+      hooks=lambda ctx: (segmentation.evaluation_hook(
+          ctx, config, "Segmentation", functools.partial(predict, model=model)),))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) segmentation in `workdir`; returns the last and best metrics."""
+  return runner.run(config, workdir, make_task(config))
