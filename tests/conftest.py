@@ -1,5 +1,6 @@
-"""Test set-up: 8 fake CPU devices (so sharding tests run anywhere), quiet TF, and the
-optional PyTorch packages as fixtures (their tests skip without them)."""
+"""Test set-up: 8 fake CPU devices (so sharding tests run anywhere), quiet TF, the
+optional PyTorch packages as fixtures (their tests skip without them), and a pretraining
+checkpoint the fine-tuning and segmentation tests start from."""
 import os
 
 import pytest
@@ -19,3 +20,27 @@ def torch():
 def transformers(torch):
   del torch
   return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A MIM checkpoint of tests/tiny_config.py's model (32 px, 4x4 patches) with every weight
+  away from any init: (its path, its params flattened to 'a/b/c' keys)."""
+  # pylint: disable=g-import-not-at-top: jax only after XLA_FLAGS above
+  import json
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import traverse_util
+  from beit_jax import checkpoint
+  from beit_jax.trainers import mim
+  from tests.tiny_config import tiny_config
+  config = tiny_config()
+  model = mim.make_model(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                          jnp.zeros((1, 16), bool))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) + 3.0, shapes)
+  path = str(tmp_path_factory.mktemp("pretrained"))
+  checkpoint.save_params(path, params, json.loads(config.to_json_best_effort()))
+  return path, traverse_util.flatten_dict(params, sep="/")

@@ -20,8 +20,7 @@ from beit_jax.convert import relpos
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import finetune
 from beit_jax.trainers import linear_probe
-from beit_jax.trainers import mim
-from tests.tiny_config import tiny_config, tiny_finetune_config
+from tests.tiny_config import tiny_finetune_config
 
 
 def _flat(tree):
@@ -135,21 +134,6 @@ def test_accuracy_on_a_tiny_set_computed_by_hand():
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A MIM checkpoint of `tiny_config`'s model (32 px, 4x4 patches) with every weight away
-  from any init."""
-  config = tiny_config()
-  model = mim.make_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                          jnp.zeros((1, 16), bool))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) + 3.0, shapes)
-  path = str(tmp_path_factory.mktemp("pretrained"))
-  checkpoint.save_params(path, params, json.loads(config.to_json_best_effort()))
-  return path, _flat(params)
 
 
 def _target(config):

@@ -14,10 +14,8 @@ from beit_jax import segmentation
 from beit_jax import sharding
 from beit_jax.convert import relpos
 from beit_jax.models import segmentation as seg_model
-from beit_jax.trainers import mim
 from beit_jax.trainers import segmentation as trainer
 from configs import seg_ade20k_base, seg_ade20k_large, seg_tiny_local
-from tests.tiny_config import tiny_config
 
 
 def _flat(tree):
@@ -239,20 +237,6 @@ def test_layer_decay_reaches_the_backbone_only():
 
 
 # --------------------------------------------------------------------------- pretrained
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A MIM checkpoint of `tiny_config`'s model (32 px, 4x4 patches), weights away from init."""
-  config = tiny_config()
-  model = mim.make_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                          jnp.zeros((1, 16), bool))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) + 3.0, shapes)
-  path = str(tmp_path_factory.mktemp("pretrained"))
-  checkpoint.save_params(path, params, json.loads(config.to_json_best_effort()))
-  return path, _flat(params)
 
 
 def test_every_backbone_weight_is_loaded_from_a_pretraining_checkpoint(pretrained):
