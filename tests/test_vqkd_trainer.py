@@ -1,7 +1,5 @@
 """The VQ-KD tokenizer kind (tokenizers/vqkd.py) and its trainer (trainers/vqkd.py)."""
-import dataclasses
 import json
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -393,47 +391,6 @@ def test_tiny_run_through_main_learns_and_leaves_pictures(tmp_path):
   # The workdir is a tokenizer a MIM run can load.
   tok, params = tokenizers.load(config.tokenizer, str(tmp_path / "run"))
   assert tok.tokenize(params, _images()).shape == (3, GRID, GRID)
-
-
-@pytest.mark.slow
-def test_resume_from_checkpoint_is_bit_identical_ema_codebook_included(tmp_path, caplog):
-  """An interrupted VQ-KD run resumed from its checkpoint ends as one that never stopped.
-
-  In-process (the run stops by an exception after its step-4 checkpoint), not SIGKILL:
-  tests/test_resume.py kills the MIM run; the state here adds the codebook to it.
-  """
-  config = tiny_vqkd_config(total_steps=8)
-  config.tokenizer.train.checkpoint.update(every_steps=2, keep=10)
-  main.run(config, str(tmp_path / "straight"))
-  _run_until(config, str(tmp_path / "resumed"), 4)
-  caplog.set_level(logging.INFO, logger="absl")
-  main.run(config, str(tmp_path / "resumed"))
-  assert "Resumed from step 4" in caplog.text  # it continued (a restart would match too)
-  a = checkpoint.load_params(str(tmp_path / "straight"))
-  b = checkpoint.load_params(str(tmp_path / "resumed"))
-  assert bool(a["codebook"]["initted"])
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
-def _run_until(config, workdir, step):
-  """The run of `config`, interrupted right after its checkpoint of `step`."""
-  class Stop(Exception):
-    pass
-
-  task = vqkd.make_task(config)
-
-  def hooks(ctx):
-    def stop(step_no, _):
-      if step_no >= step:
-        raise Stop()
-    return (*task.hooks(ctx), runner.Hook(step, stop))
-
-  try:
-    runner.run(vqkd.stage_config(config), workdir, dataclasses.replace(task, hooks=hooks))
-  except Stop:
-    pass
-  assert max(checkpoint.make_manager(workdir, every_steps=2, keep=10).all_steps()) == step
 
 
 def test_a_mim_step_tokenizes_with_vqkd(saved):
