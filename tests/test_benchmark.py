@@ -8,15 +8,14 @@ from beit_jax import benchmark
 from beit_jax import hardware
 from beit_jax.errors import ConfigError
 from configs import beit_base
-from configs import common
 from tests.tiny_config import tiny_config, tiny_finetune_config
 
 
 def _shrunk(config):
   """`config`'s recipe on a seconds-sized model, batch and images."""
   config.model.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
-  config.input.update(dict(batch_size=8, image_size=32, tokenizer_image_size=16,
-                           mask=common.mask_config(num_masking_patches=2, min_num_patches=1)))
+  config.input.update(dict(batch_size=8, image_size=32, tokenizer_image_size=16))
+  config.input.mask.update(dict(num_masking_patches=2, min_num_patches=1))
   config.tokenizer.update(dict(vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16))
   return config
 
