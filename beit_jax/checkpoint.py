@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from beit_jax import block_layout
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 
@@ -65,11 +66,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   kept for inspection, no longer listed) and the next older one is tried. None when
   there is nothing to resume.
   """
+  want = block_layout.layout(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      # A run may resume in the other block layout (model.scan_layers changed): read the
+      # checkpoint in its own and convert.
+      saved = _saved_layout(manager, step) if want else None
+      target = block_layout.to_layout(abstract_state, saved)
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      return restored.state, dict(restored.meta)
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      state = restored.state
+      if target is not abstract_state:
+        logging.info("Checkpoint %d is %s; converted to the run's %s blocks.", step, saved,
+                     want)
+        state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+                             block_layout.to_layout(state, want), abstract_state)
+      return state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       path = epath.Path(manager.directory) / str(step)
       aside = _unused_name(path.parent, f"{step}.unreadable")
@@ -80,6 +92,17 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
         path.rename(aside)
       manager.reload()
   return None
+
+
+def _saved_layout(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """The block layout a checkpoint's state was saved in (None: unknown or no blocks)."""
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(epath.Path(manager.directory) / str(step) / "state"
+                            ).item_metadata.tree
+    return block_layout.layout(tree)
+  except Exception:  # pylint: disable=broad-except
+    return None  # restored as the run's layout; a real mismatch fails there, named
 
 
 def _unused_name(folder: epath.Path, name: str) -> epath.Path:
@@ -108,7 +131,8 @@ def _find_step_dir(path: str) -> epath.Path:
 
 
 def load_params(path: str) -> Any:
-  """The `params` of the latest checkpoint under `path` (host numpy arrays).
+  """The `params` of the latest checkpoint under `path` (host numpy arrays, blocks
+  unscanned: `check_and_cast` stacks them for a scanned model).
 
   Used for `init_from` (e.g. the stage-1 tokenizer a MIM run starts from); the
   optimizer state in that checkpoint is not needed and is dropped.
@@ -126,7 +150,7 @@ def load_params(path: str) -> Any:
     state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-  return jax.device_get(state["params"])
+  return block_layout.unstacked(jax.device_get(state["params"]))
 
 
 def save_params(path: str, params: Any, config: dict | None = None) -> str:
@@ -154,6 +178,7 @@ def check_and_cast(target: Any, loaded: Any, field: str) -> Any:
   and shape mismatches, rather than failing inside a trace.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  loaded = block_layout.to_layout(loaded, block_layout.layout(target))
   want = traverse_util.flatten_dict(target, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
   missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))

@@ -72,6 +72,28 @@ def matmul_ceiling(size: int, dtype, repeats: int = 5) -> float:
   return 2 * size**3 * repeats / (time.perf_counter() - t)
 
 
+def block_forward_flops(size: dict, tokens: int) -> float:
+  """One block's forward matmuls (qkv, projection, MLP) and attention, per image."""
+  d, mlp = size["width"], size["mlp_dim"]
+  return 2 * tokens * (4 * d * d + 2 * d * mlp) + 4 * tokens * tokens * d
+
+
+def step_flops(compiled, config, batch_per_device: int) -> float:
+  """XLA's FLOPs of a compiled train step, per device; with `model.scan_layers`, plus the
+  blocks XLA does not see: its cost analysis counts a loop's body once, so the other
+  depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything)."""
+  flops = xla_flops(compiled)
+  model = config.get("model")
+  if flops and model is not None and model.get("scan_layers"):
+    from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
+    size = vit.size_kwargs(model)
+    tokens = (config.input.image_size // size["patch_size"])**2 + 1
+    recompute = model.get("remat") and model.get("remat_policy") == "nothing_saveable"
+    per_block = (4.0 if recompute else 3.0) * block_forward_flops(size, tokens)
+    flops += (size["depth"] - 1) * per_block * batch_per_device
+  return flops
+
+
 @functools.cache
 def peak_flops(dtype: str = "float32", ceiling_size: int = 1024) -> tuple[float | None, str]:
   """(peak FLOP/s per device, where it comes from) for this process's devices.

@@ -6,8 +6,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from beit_jax import block_layout
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 from beit_jax.param_paths import path_str
@@ -116,6 +118,15 @@ def layer_id(path: str, depth: int) -> int:
 
 
 def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
-  """Per-parameter lr multipliers decay^(depth + 1 - layer): 1 for the head."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: decay ** (depth + 1 - layer_id(path_str(p), depth)), params)
+  """Per-parameter lr multipliers decay^(depth + 1 - layer): 1 for the head.
+
+  A scanned block leaf ([depth, ...] under `blocks`) gets one multiplier per layer,
+  shaped [depth, 1, ...] to broadcast.
+  """
+  def scale(path, leaf):
+    name = path_str(path)
+    if block_layout.STACKED_PATH.search(name):
+      per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))  # layers 1..depth
+      return per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1))
+    return decay ** (depth + 1 - layer_id(name, depth))
+  return jax.tree_util.tree_map_with_path(scale, params)

@@ -166,13 +166,11 @@ def vit_train_flops(config, batch_per_device: int) -> float:
   attention; the tokenizer, norms and elementwise work are not counted (PaLM's MFU)."""
   from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
   size = vit.size_kwargs(config.model)
-  d, depth, mlp, patch = size["width"], size["depth"], size["mlp_dim"], size["patch_size"]
+  d, depth, patch = size["width"], size["depth"], size["patch_size"]
   n = (config.input.image_size // patch)**2
-  t = n + 1
   mask = config.input.mask
   masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
-  forward = (2 * n * patch * patch * 3 * d
-             + depth * (2 * t * (4 * d * d + 2 * d * mlp) + 4 * t * t * d)
+  forward = (2 * n * patch * patch * 3 * d + depth * hardware.block_forward_flops(size, n + 1)
              + 2 * masked * d * config.tokenizer.vocab_size)
   return 3.0 * forward * batch_per_device
 
@@ -239,7 +237,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=hardware.xla_flops(compiled),
+      flops=hardware.step_flops(compiled, config, config.input.batch_size // data_parallel),
       model_flops=vit_train_flops(config, config.input.batch_size // data_parallel),
       memory_bytes=int((memory_gib if memory_gib is not None else target.device.memory_gib)
                        * GIB),

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from beit_jax import block_layout
 from beit_jax.errors import ConfigError
 from beit_jax.param_paths import path_str
 
@@ -90,7 +91,10 @@ def param_shardings(abstract_tree: Any, mesh: Mesh,
         if action == "replicate":
           return NamedSharding(mesh, P())
         if action == "fsdp":
-          return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), mesh.shape["fsdp"]))
+          n = mesh.shape["fsdp"]
+          if block_layout.STACKED_PATH.search(name):  # scanned: keep the layer axis whole
+            return NamedSharding(mesh, P(None, *_fsdp_spec(tuple(leaf.shape[1:]), n)))
+          return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), n))
         raise ConfigError(f"sharding rule {pattern!r}: unknown action {action!r}; "
                           "accepted: 'fsdp', 'replicate'")
     return NamedSharding(mesh, P())

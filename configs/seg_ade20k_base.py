@@ -47,7 +47,7 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
                  num_heads=common.unset(int), mlp_dim=common.unset(int),
                  drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
                  use_shared_rel_pos_bias=False, use_rel_pos_bias=True, remat=False,
-                 dtype="bfloat16")
+                 remat_policy="nothing_saveable", scan_layers=False, dtype="bfloat16")
   # The pyramid of blocks `out_indices` and the heads; GroupNorm where mmseg has SyncBN.
   c.upernet = dict(out_indices=(3, 5, 7, 11), channels=768, aux_channels=256,
                    pool_scales=(1, 2, 3, 6), dropout=0.1, aux_weight=0.4, norm_groups=32)

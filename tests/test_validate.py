@@ -27,6 +27,7 @@ BAD_VALUES = {
     "mixup.cutmix_alpha": -1.0, "mixup.prob": 1.5, "mixup.switch_prob": -0.5,
     "probe.layers": (1.5,), "probe.pool": "max", "probe.norm": "batchnorm",
     "model.head_init_scale": 0.0, "input.eval_dataset": "imagenet",
+    "model.remat": "yes", "model.remat_policy": "everything", "model.scan_layers": 1,
     "input.eval_split": "", "input.eval_batch_size": -8, "input.randaugment": "rand-m11",
     "input.random_erase": 1.25, "input.eval_crop_pct": 0.0, "optim.layer_decay": 1.5,
     # Checked by the input pipeline itself before, now declared with it.

@@ -64,6 +64,9 @@ def variant_kwargs(variant: str, **overrides) -> dict:
 
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
+# What a rematerialised block keeps for the backward pass (jax.checkpoint_policies names):
+# nothing (recompute all: least memory), every matmul output, or those without batch dims.
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 _SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim')
 RULES = (
     ('model.variant', validate.accepted_by(variant_kwargs),
@@ -74,6 +77,9 @@ RULES = (
     ('model.layer_scale_init', validate.number(0), 'a number >= 0 (0: no LayerScale)'),
     ('model.dtype', lambda v: v in _DTYPES, f'one of {_DTYPES}'),
     ('model.head_init_scale', validate.number(0, lo_open=True), 'a number > 0'),
+    ('model.remat', lambda v: isinstance(v, bool), 'True or False'),
+    ('model.remat_policy', lambda v: v in REMAT_POLICIES, f'one of {REMAT_POLICIES}'),
+    ('model.scan_layers', lambda v: isinstance(v, bool), 'True or False'),
 )
 
 
@@ -111,7 +117,9 @@ def from_config(model_cfg: ml_collections.ConfigDict, *, image_size: int,
       use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
       use_rel_pos_bias=m.get('use_rel_pos_bias', False), layer_scale_init=m.layer_scale_init,
       drop_path_rate=m.drop_path_rate if train else 0.0, remat=m.get('remat', False),
-      dtype=jnp.dtype(m.get('dtype', 'float32')), **kwargs)
+      remat_policy=m.get('remat_policy', REMAT_POLICIES[0]),
+      scan_layers=m.get('scan_layers', False), dtype=jnp.dtype(m.get('dtype', 'float32')),
+      **kwargs)
 
 
 def num_patches(image_size: int, patch_size: int) -> int:
@@ -264,31 +272,51 @@ class Block(nn.Module):
   truncate_init: bool = True
   dtype: Any = jnp.float32
 
-  def _drop_path(self, x: jax.Array, train: bool) -> jax.Array:
+  def _drop_path(self, x: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
     # Same mask for all tokens and channels of a sample; kept samples / keep.
-    return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
-        x, deterministic=not train)
+    if rate is None:
+      return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
+          x, deterministic=not train)
+    if not train or self.drop_path_rate == 0:  # scanned: this layer's rate is traced
+      return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0], 1, 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
-  @nn.compact
   def __call__(self, x: jax.Array, rel_pos_bias: jax.Array | None = None,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns the block output [B, T, D] and its attention [B, H, T, T]."""
+    return self.forward(x, rel_pos_bias, train)
+
+  @nn.compact
+  def forward(self, x: jax.Array, rel_pos_bias: jax.Array | None, train: bool,
+              scanned: tuple[jax.Array, jax.Array] | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """The block; under scan, `scanned` is this layer's (0-based index, drop-path rate),
+    traced, in place of `layer_id` and `drop_path_rate`."""
     init = _weight_init(self.init_std, self.truncate_init)
-    out_init = _weight_init(self.init_std / math.sqrt(2.0 * self.layer_id),
-                            self.truncate_init)
+    if scanned is None:
+      rate = None
+      out_init = _weight_init(self.init_std / math.sqrt(2.0 * self.layer_id),
+                              self.truncate_init)
+    else:
+      index, rate = scanned
+
+      def out_init(key, shape, dtype=jnp.float32):  # init_std / sqrt(2 * layer_id)
+        return init(key, shape, dtype) * jax.lax.rsqrt(2.0 * (index + 1.0)).astype(dtype)
     y = nn.LayerNorm(_LN_EPS, dtype=jnp.float32, name='norm1')(x)
     y, attn = Attention(self.num_heads, self.rel_pos_grid, init, out_init,
                         self.dtype, name='attn')(y, rel_pos_bias)
     if self.layer_scale_init > 0:
       y = y * self.param('gamma_1', nn.initializers.constant(
           self.layer_scale_init), (self.width,))
-    x = x + self._drop_path(y.astype(x.dtype), train)
+    x = x + self._drop_path(y.astype(x.dtype), train, rate)
     y = nn.LayerNorm(_LN_EPS, dtype=jnp.float32, name='norm2')(x)
     y = Mlp(self.mlp_dim, init, out_init, self.dtype, name='mlp')(y)
     if self.layer_scale_init > 0:
       y = y * self.param('gamma_2', nn.initializers.constant(
           self.layer_scale_init), (self.width,))
-    x = x + self._drop_path(y.astype(x.dtype), train)
+    x = x + self._drop_path(y.astype(x.dtype), train, rate)
     return x, attn
 
 
@@ -308,6 +336,11 @@ class VisionTransformer(nn.Module):
   the same shared relative position bias), then the same `norm` and `lm_head`:
   output 'mim_logits_c'. With 0 (the default) the model, its params and its
   outputs are those of v1.
+
+  `scan_layers` runs the blocks as one `nn.scan` (compile time and program size
+  independent of depth): the params of block i are `blocks/...[i]`, the unscanned
+  `blocks_<i>/...` stacked (`beit_jax/block_layout.py` converts either way; the same
+  init distribution, other random draws).
   """
   patch_size: int = 16
   width: int = 768
@@ -326,6 +359,8 @@ class VisionTransformer(nn.Module):
   init_std: float = 0.02
   truncate_init: bool = True
   remat: bool = False
+  remat_policy: str = REMAT_POLICIES[0]  # what a rematerialised block keeps
+  scan_layers: bool = False  # blocks under nn.scan: params stacked [depth, ...] in `blocks`
   dtype: Any = jnp.float32
   patch_aggregation_layer: int = 0  # 0: off; else unilm's early_layers (1..depth)
   patch_aggregation_depth: int = 2  # unilm's head_layers
@@ -353,16 +388,25 @@ class VisionTransformer(nn.Module):
       self.pos_embed = self.param('pos_embed', init, (1, n + 1, self.width))
     if self.use_shared_rel_pos_bias:
       self.rel_pos_bias = RelativePositionBias(grid, self.num_heads)
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    self.blocks = [
-        block_cls(self.width, self.num_heads, self.mlp_dim, layer_id=i + 1,
-                  drop_path_rate=float(rates[i]),
-                  layer_scale_init=self.layer_scale_init,
-                  rel_pos_grid=grid if self.use_rel_pos_bias else None,
-                  init_std=self.init_std, truncate_init=self.truncate_init,
-                  dtype=self.dtype)
-        for i in range(self.depth)]
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'model.remat_policy={self.remat_policy!r}; accepted: '
+                        f'{REMAT_POLICIES}')
+    policy = getattr(jax.checkpoint_policies, self.remat_policy)
+    block_cls = (nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat
+                 else Block)
+    block_kwargs = dict(layer_scale_init=self.layer_scale_init,
+                        rel_pos_grid=grid if self.use_rel_pos_bias else None,
+                        init_std=self.init_std, truncate_init=self.truncate_init,
+                        dtype=self.dtype)
+    if self.scan_layers:  # one Block whose params `_scan_blocks` stacks over depth
+      self.blocks = Block(self.width, self.num_heads, self.mlp_dim, layer_id=1,
+                          drop_path_rate=self.drop_path_rate, **block_kwargs)
+    else:
+      rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+      self.blocks = [
+          block_cls(self.width, self.num_heads, self.mlp_dim, layer_id=i + 1,
+                    drop_path_rate=float(rates[i]), **block_kwargs)
+          for i in range(self.depth)]
     if self.patch_aggregation_layer:
       self.cls_pt_layers = self._patch_aggregation_blocks(block_cls)
     # unilm's mean-pooling fine-tuning model: no final norm, fc_norm instead.
@@ -400,6 +444,37 @@ class VisionTransformer(nn.Module):
                   init_std=self.init_std, truncate_init=self.truncate_init,
                   dtype=self.dtype)
         for j in range(n)]
+
+  def _scan_blocks(self, x: jax.Array, rel_pos_bias: jax.Array | None, train: bool,
+                   return_hidden: Sequence[int], return_attention: bool):
+    """The blocks as one nn.scan over depth: (x, early, hidden, attention) of the loop.
+
+    The carry holds the output of block `patch_aggregation_layer` (`early`); per layer
+    the scan outputs only what was asked, so stacked [depth, ...] hidden states or
+    attention maps exist only then.
+    """
+    keep, keep_hidden = self.patch_aggregation_layer, bool(return_hidden)
+
+    def step(block, carry, xs, rel_pos_bias):
+      x, early = carry
+      index, rate = xs  # this layer's 0-based index and drop-path rate
+      x, attn = block.forward(x, rel_pos_bias, train, (index, rate))
+      if keep:
+        early = jnp.where(index + 1 == keep, x, early)
+      return (x, early), (x if keep_hidden else None, attn if return_attention else None)
+
+    if self.remat:
+      step = nn.remat(step, prevent_cse=False,
+                      policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    scan = nn.scan(step, variable_axes={'params': 0},
+                   split_rngs={'params': True, 'dropout': True},
+                   in_axes=(0, nn.broadcast), length=self.depth)
+    rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
+    early = jnp.zeros_like(x) if keep else None
+    (x, early), (hidden, attention) = scan(
+        self.blocks, (x, early), (jnp.arange(self.depth), rates), rel_pos_bias)
+    hidden = {i: hidden[i] for i in return_hidden}
+    return x, early, hidden, list(attention) if return_attention else []
 
   def _mim_logits(self, x: jax.Array, mim_positions: jax.Array | None) -> jax.Array:
     """Normed tokens [B, N+1, D] -> MIM logits at `mim_positions` (all patches if None)."""
@@ -474,15 +549,18 @@ class VisionTransformer(nn.Module):
       x = x + self.pos_embed
     rel_pos_bias = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
 
-    hidden, attention = {}, []
-    early = None
-    for i, block in enumerate(self.blocks):
-      x, attn = block(x, rel_pos_bias, train)
-      if i in return_hidden:
-        hidden[i] = x
-      if i + 1 == self.patch_aggregation_layer:
-        early = x  # unilm: `if i + 1 == early_layers: early_states = x[:, 1:]`
-      attention.append(attn)
+    if self.scan_layers:
+      x, early, hidden, attention = self._scan_blocks(
+          x, rel_pos_bias, train, return_hidden, return_attention)
+    else:
+      hidden, attention, early = {}, [], None
+      for i, block in enumerate(self.blocks):
+        x, attn = block(x, rel_pos_bias, train)
+        if i in return_hidden:
+          hidden[i] = x
+        if i + 1 == self.patch_aggregation_layer:
+          early = x  # unilm: `if i + 1 == early_layers: early_states = x[:, 1:]`
+        attention.append(attn)
 
     last = x
     x = self.norm(x)

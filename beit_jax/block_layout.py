@@ -1,0 +1,97 @@
+"""The ViT's two parameter layouts, and conversion between them for any tree.
+
+Unscanned: one subtree per block, `blocks_<i>/...` (unilm's naming, what converters and
+checkpoints of earlier versions hold). Scanned (`model.scan_layers`): one subtree
+`blocks/...` whose leaves are the blocks' stacked along a leading [depth] axis. Params,
+optimizer states (whose moments mirror the params) and abstract trees
+(`jax.ShapeDtypeStruct`s with shardings) convert alike, so a checkpoint written in one
+layout resumes in the other.
+"""
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+SCANNED, UNSCANNED = "scanned", "unscanned"
+_BLOCK = re.compile(r"blocks_(\d+)")
+# A scanned leaf's path: `blocks/` then a part of a Block (not the dVAE's `blocks/group_*`).
+STACKED_PATH = re.compile(r"(^|/)blocks/(norm1|norm2|attn|mlp|gamma_1|gamma_2)(/|$)")
+
+
+def _is_unscanned(x) -> bool:
+  return isinstance(x, dict) and "blocks_0" in x
+
+
+def _is_scanned(x) -> bool:
+  return isinstance(x, dict) and isinstance(x.get("blocks"), dict) and "norm1" in x["blocks"]
+
+
+def layout(tree: Any) -> str | None:
+  """SCANNED, UNSCANNED, or None (a tree without ViT blocks)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: _is_scanned(x) or _is_unscanned(x))
+  if any(_is_scanned(x) for x in leaves):
+    return SCANNED
+  return UNSCANNED if any(_is_unscanned(x) for x in leaves) else None
+
+
+def _stack_leaves(leaves: list) -> Any:
+  first = leaves[0]
+  if isinstance(first, jax.ShapeDtypeStruct):
+    sharding = first.sharding
+    if isinstance(sharding, NamedSharding):
+      sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype,
+                                sharding=sharding)
+  return jnp.stack(leaves)
+
+
+def _unstack_leaf(leaf: Any, depth: int) -> list:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+      sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    one = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=sharding)
+    return [one] * depth
+  return [leaf[i] for i in range(depth)]
+
+
+def _stack_dict(d: dict) -> dict:
+  ids = sorted(int(m.group(1)) for k in d if (m := _BLOCK.fullmatch(k)))
+  if ids != list(range(len(ids))):
+    raise ValueError(f"blocks {ids} are not 0..{len(ids) - 1}")
+  blocks = [d[f"blocks_{i}"] for i in ids]
+  out = {k: v for k, v in d.items() if not _BLOCK.fullmatch(k)}
+  out["blocks"] = jax.tree.map(lambda *xs: _stack_leaves(list(xs)), *blocks)
+  return out
+
+
+def _unstack_dict(d: dict) -> dict:
+  stacked = d["blocks"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in d.items() if k != "blocks"}
+  per_leaf = jax.tree.map(lambda x: _unstack_leaf(x, depth), stacked)
+  for i in range(depth):
+    out[f"blocks_{i}"] = jax.tree.map(lambda parts: parts[i], per_leaf,
+                                      is_leaf=lambda x: isinstance(x, list))
+  return out
+
+
+def stacked(tree: Any) -> Any:
+  """`tree` with every dict of `blocks_<i>` subtrees in the scanned layout."""
+  return jax.tree.map(lambda x: _stack_dict(x) if _is_unscanned(x) else x, tree,
+                      is_leaf=_is_unscanned)
+
+
+def unstacked(tree: Any) -> Any:
+  """`tree` with every scanned `blocks` subtree split into `blocks_<i>` ones."""
+  return jax.tree.map(lambda x: _unstack_dict(x) if _is_scanned(x) else x, tree,
+                      is_leaf=_is_scanned)
+
+
+def to_layout(tree: Any, target: str | None) -> Any:
+  """`tree` converted to `target` (SCANNED or UNSCANNED; None: unchanged)."""
+  if target is None or layout(tree) in (None, target):
+    return tree
+  return stacked(tree) if target == SCANNED else unstacked(tree)
