@@ -2,6 +2,7 @@
 tests/tiny_config.py and compare what their workdirs hold."""
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -113,3 +114,19 @@ class Watched:
     self.proc.wait(timeout=timeout)
     self._reader.join(timeout=60)
     return self.proc.returncode, "".join(self.lines)
+
+
+def kill_mid_run(command: list[str], workdir, *, at_step: int, total_steps: int, env) -> int:
+  """Starts `command`, SIGKILLs it once checkpoint `at_step` exists in `workdir`; returns the
+  newest checkpoint left (asserted to be mid-run)."""
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not (workdir / "checkpoints" / str(at_step)).exists():
+    assert proc.poll() is None and time.time() < deadline, f"run ended before step {at_step}"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  ckpts = checkpoint.make_manager(str(workdir), every_steps=2, keep=10).all_steps()
+  assert 0 < max(ckpts) < total_steps, f"the kill did not land mid-run: {ckpts}"
+  return max(ckpts)

@@ -1,12 +1,9 @@
 """Kill a run with SIGKILL mid-way, rerun the same command: bit-identical to no crash."""
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
-from beit_jax import checkpoint
 from tests import runs
 from tests.runs import ROOT
 from tests.tiny_config import tiny_config
@@ -30,19 +27,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
                  capture_output=True, timeout=600)
 
   crashed = tmp_path / "crashed"
-  proc = subprocess.Popen(_cli(crashed, tok, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  while not (crashed / "checkpoints" / "6").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before step 6"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  ckpts = checkpoint.make_manager(str(crashed), every_steps=2, keep=10).all_steps()
-  assert 0 < max(ckpts) < steps, f"the kill did not land mid-run: {ckpts}"
+  last = runs.kill_mid_run(_cli(crashed, tok, steps), crashed, at_step=6, total_steps=steps, env=env)
   rerun = subprocess.run(_cli(crashed, tok, steps), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=600)
   # It continued from the checkpoint (a restart from 0 would also end identical).
-  assert f"Resumed from step {max(ckpts)}" in rerun.stderr
+  assert f"Resumed from step {last}" in rerun.stderr
 
   runs.assert_same_params(tmp_path / "straight", crashed)

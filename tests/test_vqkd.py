@@ -1,5 +1,7 @@
 """Tests of the BEiT v2 VQ-KD tokenizer (beit_jax/models/vqkd.py)."""
 import functools
+import subprocess
+import sys
 
 import flax
 import jax
@@ -11,6 +13,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from beit_jax.errors import ConfigError
 from beit_jax.models import vqkd
+from tests import codebook_case
+from tests import runs
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
             decoder_width=32, decoder_depth=1, decoder_num_heads=2, decoder_mlp_dim=64,
@@ -115,37 +119,40 @@ def test_ema_update_matches_numpy_and_keeps_unassigned_codes():
   assert bool(state['initted'])
 
 
+def _assert_close(got: dict, want: dict) -> None:
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k], np.float32), np.asarray(want[k], np.float32),
+                               atol=1e-6, err_msg=k)
+
+
+def _one_device() -> dict:
+  state, z, codes, key = codebook_case.inputs()
+  return codebook_case.flat(codebook_case.run_all(lambda fn, _: fn, state, z, codes, key))
+
+
 def test_codebook_updates_on_8_devices_equal_the_whole_batch_on_one():
+  """EMA, k-means init, restarts and usage psum over the devices' slices of the batch."""
   assert jax.device_count() == 8
-  rng = np.random.default_rng(3)
-  z = jnp.asarray(_unit(rng.normal(size=(8 * 12, C))), jnp.float32)  # 12 per device
-  state = _np_codebook(_unit(rng.normal(size=(K, C))), rng.uniform(0, 3, size=K))
-  codes = vqkd.nearest_code(z, state['embedding'])
+  state, z, codes, key = codebook_case.inputs()
   # Device 0 alone sees fewer codes than the batch: a missing psum would show.
   assert len(np.unique(np.asarray(codes[:12]))) < len(np.unique(np.asarray(codes)))
-  key = jax.random.key(4)
+  eight = codebook_case.run_all(_sharded, state, z, codes, key, axis_name='data')
+  _assert_close(codebook_case.flat(eight), _one_device())
 
-  def close(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), atol=1e-6), a, b)
 
-  ema = _sharded(lambda s, z, c: vqkd.ema_update(s, z, c, axis_name='data'),
-                 (P(), P('data'), P('data')))
-  close(ema(state, z, codes), vqkd.ema_update(state, z, codes))
-
-  fresh = dict(state, initted=jnp.asarray(False))
-  init = _sharded(lambda s, z, r: vqkd.init_codebook(s, z, r, axis_name='data'),
-                  (P(), P('data'), P()))
-  close(init(fresh, z, key), vqkd.init_codebook(fresh, z, key))
-
-  dead = dict(state, cluster_size=state['cluster_size'].at[::2].set(0.0))
-  restart = _sharded(lambda s, z, r: vqkd.restart_dead_codes(s, z, r, 1.0, 'data'),
-                     (P(), P('data'), P()))
-  close(restart(dead, z, key), vqkd.restart_dead_codes(dead, z, key, 1.0))
-
-  usage = _sharded(lambda s, c: vqkd.codebook_usage(s, c, axis_name='data'),
-                   (P(), P('data')))
-  close(usage(state, codes), vqkd.codebook_usage(state, codes))
+def test_codebook_updates_on_2_processes_equal_the_whole_batch_on_one(tmp_path):
+  """The same on 2 processes x 4 devices (two hosts, jax.distributed on 127.0.0.1): the
+  codebook every host keeps after a step is the one of the whole global batch."""
+  port, out = runs.free_port(), tmp_path / "two.npz"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.two_process_codebook", str(port), str(i), str(out)],
+      cwd=runs.ROOT, env=runs.cpu_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  _assert_close(dict(np.load(out)), _one_device())
 
 
 def test_cosine_kmeans_recovers_the_centres_of_a_separable_set():

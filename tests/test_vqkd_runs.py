@@ -4,10 +4,8 @@ The state of a VQ-KD run adds its EMA codebook (cluster sizes, embeddings, `init
 the params and Adam moments: both must survive a kill. (Its step on 8 devices equals 1
 device: tests/test_vqkd_trainer.py.)
 """
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -29,18 +27,9 @@ def test_sigkill_then_resume_is_bit_identical_ema_codebook_included(tmp_path):
   subprocess.run(_cli(tmp_path / "straight", steps), cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
   crashed = tmp_path / "crashed"
-  proc = subprocess.Popen(_cli(crashed, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  while not (crashed / "checkpoints" / "6").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before step 6"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  ckpts = checkpoint.make_manager(str(crashed), every_steps=2, keep=10).all_steps()
-  assert 0 < max(ckpts) < steps, f"the kill did not land mid-run: {ckpts}"
+  last = runs.kill_mid_run(_cli(crashed, steps), crashed, at_step=6, total_steps=steps, env=env)
   rerun = subprocess.run(_cli(crashed, steps), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=600)
-  assert f"Resumed from step {max(ckpts)}" in rerun.stderr
+  assert f"Resumed from step {last}" in rerun.stderr
   assert bool(checkpoint.load_params(str(crashed))["codebook"]["initted"])
   runs.assert_same_params(tmp_path / "straight", crashed)
