@@ -7,8 +7,9 @@ images; `--dataset=photos` for the photo tiles), for each method of `--method`:
 
   v1: a tiny dVAE tokenizer is trained on the training images (shared by all seeds);
   v2: a teacher ViT is trained with labels on the *photos* (`embedded:photos`, 20 classes:
-      it never sees a digit's label), then a tiny VQ-KD tokenizer distils its patch
-      features on the digits' training images (both shared by all seeds);
+      it never sees a digit's label; `--teacher` takes another, such as a v1 model), then a
+      tiny VQ-KD tokenizer distils its patch features on the digits' training images (both
+      shared by all seeds);
 
 then for each seed
 
@@ -57,6 +58,12 @@ _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 400,
 _VOCAB = flags.DEFINE_integer("vocab_size", 64, "Tokenizer codebook size (dVAE, VQ-KD).")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 500, "v2: the teacher's supervised "
                                       "training steps on embedded:photos.")
+_TEACHER = flags.DEFINE_string("teacher", "", "v2: a beit-jax ViT checkpoint (workdir) to "
+                               "distil instead of training one on the other embedded set, "
+                               "e.g. a v1 model pretrained on the digits (no labels).")
+_TEACHER_BLOCK = flags.DEFINE_integer("teacher_block", None, "v2: the teacher block (0-based, "
+                                      "negative from the end) whose patch outputs, before the "
+                                      "final norm, are distilled; default: after the norm.")
 _AGGREGATION = flags.DEFINE_integer("aggregation_layer", 3, "v2: the block (1-based) whose "
                                     "patch outputs the patch-aggregation head reads.")
 _RESTART = flags.DEFINE_bool("restart_dead_codes", False, "v2: restart the VQ-KD's dead codes.")
@@ -118,14 +125,23 @@ def teacher_config() -> ml_collections.ConfigDict:
 
 
 def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
-  """v2's tokenizer: distils the teacher's final patch tokens on the training images."""
-  steps, teacher_width = _TOKENIZER_STEPS.value, teacher_config().model.width
+  """v2's tokenizer: distils the teacher's patch tokens on the training images."""
+  steps = _TOKENIZER_STEPS.value
+  if _TEACHER.value:
+    from beit_jax import loop  # pylint: disable=g-import-not-at-top
+    if not (epath.Path(_TEACHER.value) / "config.json").exists():
+      sys.exit(f"pretraining_helps: error: --teacher={_TEACHER.value} holds no config.json; "
+               "give the workdir of a beit-jax run (e.g. <workdir>/seed_0/pretrain)")
+    teacher_width = loop.load_config(_TEACHER.value).model.width
+  else:
+    teacher_width = teacher_config().model.width
   c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width},"
                                  f"codes={_VOCAB.value}")
   _data(c)
   c.input.tokenizer_image_size = IMAGE_SIZE
   c.input.mask.update(dict(num_masking_patches=_MASK.value, min_num_patches=2))
   c.tokenizer.teacher.init_from = teacher
+  c.tokenizer.teacher.block = _TEACHER_BLOCK.value
   c.tokenizer.train.update(dict(images_every_steps=steps, crop_scale=(0.5, 1.0),
                                 restart_dead_codes=_RESTART.value))
   c.tokenizer.train.checkpoint.update(dict(every_steps=steps, keep=1))
@@ -184,7 +200,8 @@ def _settings() -> dict:
   """The flags its runs depend on (`--labels` runs have their own folder)."""
   return {f.name: f.value for f in (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB,
                                     _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS, _PROBE_STEPS,
-                                    _WIDTH, _TEACHER_STEPS, _AGGREGATION, _RESTART)}
+                                    _WIDTH, _TEACHER_STEPS, _AGGREGATION, _RESTART, _TEACHER,
+                                    _TEACHER_BLOCK)}
 
 
 def check_settings(root: epath.Path) -> None:
@@ -244,8 +261,9 @@ def run_experiment(workdir: str) -> dict:
                                                               "random_masking")
   pretrain["pixels"] = lambda seed: ablation_config(seed, "", "pixels")
   if "v2" in methods:
-    teacher, vqkd = str(root / "teacher"), str(root / "vqkd")
-    timed("v2 teacher", teacher_config(), teacher)
+    teacher, vqkd = _TEACHER.value or str(root / "teacher"), str(root / "vqkd")
+    if not _TEACHER.value:
+      timed("v2 teacher", teacher_config(), teacher)
     timed("v2 tokenizer", vqkd_config(teacher), vqkd)
     pretrain["v2"] = lambda seed: pretrain_v2_config(seed, vqkd, teacher)
 
