@@ -2,7 +2,7 @@ r"""BEiT-B/16 + UperNet semantic segmentation on ADE20K, unilm's recipe (docs/re
 
   python -m beit_jax.main --config=configs/seg_ade20k_base.py --workdir=gs://BUCKET/seg_base \
       --config.init_from=gs://BUCKET/beit_base \
-      --config.input.data_dir=gs://BUCKET/tensorflow_datasets
+      --config.input.dataset=folder:/data/ADEChallengeData2016
 
 unilm's `upernet_beit_base_12_512_slide_160k_ade20k_pt2ft.py`: 512x512 crops (32x32 patch
 grid: the checkpoint's relative position tables are resized to it, a shared one copied into
@@ -13,16 +13,15 @@ batch 16; training crops from images resized to (2048, 512) x 0.5..2.0, flips an
 photometric distortion. Validation: whole images resized to (2048, 512), sliding 512-px
 windows every 341 px; `ms=True` adds unilm's multi-scale + flip test (ratios 0.5..1.75).
 
-Data: TFDS `scene_parse150` (its 'test' split is ADE20K's 2000 validation images), label 0
-("other") ignored and the classes shifted down (`reduce_zero_label`). Beware: TFDS 4.9.10
-builds its `annotation` from the Places Challenge 2017 instance masks
+Data: ADE20K's SceneParsing release, ADEChallengeData2016, unpacked (images/ and
+annotations/, each with training/ and validation/: the 20210 training and 2000 validation
+images of the 150-class benchmark) at `input.dataset=folder:PATH` (the default PATH is
+/data/ADEChallengeData2016; gs:// works), label 0 ("other") ignored and the classes shifted
+down (`reduce_zero_label`). TFDS is accepted too (`--config.input.dataset=tfds:scene_parse150
+--config.input.split=train --config.input.eval_split=test`) but is not the default: TFDS
+4.9.10 builds its `annotation` from the Places Challenge 2017 instance masks
 (`annotations_instance.tar`), whose red channel is one of the instance task's 100
-categories, not one of the 150 SceneParsing classes the benchmark scores. For the
-benchmark, unpack ADEChallengeData2016 (images/ and annotations/, each with training/ and
-validation/) and add
-
-  --config.input.dataset=folder:/data/ADEChallengeData2016 \
-      --config.input.split=training --config.input.eval_split=validation
+categories, not one of the 150 SceneParsing classes the benchmark scores.
 """
 import ml_collections
 
@@ -52,7 +51,8 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
   c.upernet = dict(out_indices=(3, 5, 7, 11), channels=768, aux_channels=256,
                    pool_scales=(1, 2, 3, 6), dropout=0.1, aux_weight=0.4, norm_groups=32)
   c.input = dict(
-      dataset="tfds:scene_parse150", split="train", eval_dataset="", eval_split="test",
+      dataset="folder:/data/ADEChallengeData2016", split="training", eval_dataset="",
+      eval_split="validation",
       data_dir=common.unset(str), num_classes=150, reduce_zero_label=True,
       batch_size=16, image_size=image_size, patch_size=patch,
       scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip=True,
