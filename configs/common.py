@@ -25,6 +25,21 @@ def unset(kind: type):
   return config_dict.placeholder(kind)
 
 
+def model_config(variant: str, **fields) -> dict:
+  """The ViT's fields (models/vit.py): `variant` and the defaults of BEiT pretraining, with
+  `fields` on top. Sizes unset follow the variant.
+
+  remat: recompute each block in the backward pass, keeping what remat_policy names
+  (models/vit.py REMAT_POLICIES); scan_layers: the blocks as one nn.scan (compile time
+  independent of depth; params stacked, block_layout.py converts checkpoints).
+  """
+  return dict(dict(variant=variant, width=unset(int), depth=unset(int),
+                   num_heads=unset(int), mlp_dim=unset(int), drop_path_rate=0.1,
+                   layer_scale_init=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
+                   remat=False, remat_policy="nothing_saveable", scan_layers=False,
+                   dtype="bfloat16"), **fields)
+
+
 def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
                 kind: str = "blockwise") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -71,14 +86,7 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   # patch's normalised pixels, by MSE: the papers' regression ablation; no tokenizer).
   c.mim_target = "tokens"
 
-  # remat: recompute each block in the backward pass, keeping what remat_policy names
-  # (models/vit.py REMAT_POLICIES); scan_layers: the blocks as one nn.scan (compile time
-  # independent of depth; params stacked, block_layout.py converts checkpoints).
-  c.model = dict(variant=variant, width=unset(int), depth=unset(int),
-                 num_heads=unset(int), mlp_dim=unset(int),
-                 drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
-                 use_shared_rel_pos_bias=True, remat=False, remat_policy="nothing_saveable",
-                 scan_layers=False, dtype="bfloat16")
+  c.model = model_config(variant)
   c.tokenizer = dvae_config()
   c.input = dict(
       dataset="tfds:imagenet2012", split="train", data_dir=unset(str),

@@ -40,12 +40,9 @@ def finetune_config(variant: str = "B/16", rel: bool = False,
   c.label_smoothing = 0.1
   # timm Mixup(mode='batch'): CutMix or Mixup (half the time each) on every batch.
   c.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
-  c.model = dict(variant=variant, width=common.unset(int), depth=common.unset(int),
-                 num_heads=common.unset(int), mlp_dim=common.unset(int),
-                 drop_path_rate=0.1, layer_scale_init=0.1 if rel else 0.0,
-                 use_abs_pos_emb=not rel, use_shared_rel_pos_bias=False,
-                 use_rel_pos_bias=rel, head_init_scale=0.001, remat=False,
-                 remat_policy="nothing_saveable", scan_layers=False, dtype="bfloat16")
+  c.model = common.model_config(
+      variant, layer_scale_init=0.1 if rel else 0.0, use_abs_pos_emb=not rel,
+      use_shared_rel_pos_bias=False, use_rel_pos_bias=rel, head_init_scale=0.001)
   c.input = dict(
       dataset="tfds:imagenet2012", split="train", eval_dataset="", eval_split="validation",
       data_dir=common.unset(str), batch_size=1024, eval_batch_size=1024, image_size=image_size,

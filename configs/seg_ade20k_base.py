@@ -42,11 +42,8 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
   c.eval_every_steps = 16_000  # mmseg's evaluation interval
   c.max_bad_steps = 20
   c.inject_nan_steps = ()
-  c.model = dict(variant=variant, width=common.unset(int), depth=common.unset(int),
-                 num_heads=common.unset(int), mlp_dim=common.unset(int),
-                 drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
-                 use_shared_rel_pos_bias=False, use_rel_pos_bias=True, remat=False,
-                 remat_policy="nothing_saveable", scan_layers=False, dtype="bfloat16")
+  c.model = common.model_config(variant, use_shared_rel_pos_bias=False,
+                                use_rel_pos_bias=True)
   # The pyramid of blocks `out_indices` and the heads; GroupNorm where mmseg has SyncBN.
   c.upernet = dict(out_indices=(3, 5, 7, 11), channels=768, aux_channels=256,
                    pool_scales=(1, 2, 3, 6), dropout=0.1, aux_weight=0.4, norm_groups=32)
