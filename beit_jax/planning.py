@@ -137,6 +137,9 @@ class Plan:
   model_flops: float  # the ViT's forward + backward matmuls and attention, per device
   memory_bytes: int  # the device's
   peak_flops: float | None  # per device
+  # The compiler's own refusal (e.g. TPU's "Ran out of memory in memory space hbm"): then
+  # XLA gave no memory or cost analysis, and the plan does not fit.
+  compiler_refusal: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -145,7 +148,7 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.memory_bytes
+    return not self.compiler_refusal and self.total_bytes <= self.memory_bytes
 
   @property
   def step_seconds(self) -> float | None:
@@ -221,27 +224,36 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   built = runner.abstract_setup(config, task, mesh)
   batch = _batch_structs(config, config.input.batch_size, mesh)
 
-  t0 = time.perf_counter()
-  compiled = built.step.lower(built.state, batch, built.frozen).compile()
-  seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   peak = peak_tflops if peak_tflops is not None else target.device.peak_tflops
-  return Plan(
+  known = dict(
       target=target, compiler=compiler, stand_in=stand_in, mesh=dict(mesh.shape),
       batch_size=config.input.batch_size, epoch_size=replaced, dataset=dataset,
-      model=config.model.variant, compile_seconds=seconds,
-      params_bytes=_local_bytes(built.state.params),
+      model=config.model.variant, params_bytes=_local_bytes(built.state.params),
       opt_state_bytes=_local_bytes(built.state.opt_state),
       frozen_bytes=_local_bytes(built.frozen), batch_bytes=_local_bytes(batch),
-      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=hardware.step_flops(compiled, config, config.input.batch_size // data_parallel),
       model_flops=vit_train_flops(config, config.input.batch_size // data_parallel),
       memory_bytes=int((memory_gib if memory_gib is not None else target.device.memory_gib)
                        * GIB),
       peak_flops=peak * 1e12 if peak else None)
+  t0 = time.perf_counter()
+  try:
+    compiled = built.step.lower(built.state, batch, built.frozen).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    refusal = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(e))
+    if refusal is None:
+      raise
+    return Plan(**known, compile_seconds=time.perf_counter() - t0, argument_bytes=0,
+                output_bytes=0, alias_bytes=0, temp_bytes=0, code_bytes=0, flops=0.0,
+                compiler_refusal=refusal.group(1).strip())
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return Plan(
+      **known, compile_seconds=seconds,
+      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+      code_bytes=int(mem.generated_code_size_in_bytes),
+      flops=hardware.step_flops(compiled, config, config.input.batch_size // data_parallel))
 
 
 def _gib(n: float) -> str:
@@ -267,7 +279,11 @@ def format_plan(p: Plan, config_name: str = "") -> str:
       f"  parameters        {_gib(p.params_bytes)}   (from the state's shardings)",
       f"  optimizer state   {_gib(p.opt_state_bytes)}",
       f"  tokenizer params  {_gib(p.frozen_bytes)}   (frozen input)",
-      f"  batch             {_gib(p.batch_bytes)}",
+      f"  batch             {_gib(p.batch_bytes)}"]
+  if p.compiler_refusal:
+    return "\n".join(lines + [
+        f"verdict: does not fit (the compiler refused it: {p.compiler_refusal})"])
+  lines += [
       f"  arguments         {_gib(p.argument_bytes)}   (XLA memory analysis from here on)",
       f"  outputs           {_gib(p.output_bytes)}",
       f"  aliased (donated) {_gib(p.alias_bytes)}",

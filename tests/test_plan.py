@@ -126,3 +126,28 @@ def test_compiles_for_a_tpu_slice_with_libtpu():
   assert p.mesh == {"data": 4, "fsdp": 1}
   assert p.memory_bytes == 16 * plan.GIB and p.peak_flops == 197e12
   assert p.flops > 0 and p.temp_bytes > 0
+
+
+def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(monkeypatch):
+  """The TPU compiler itself fails a program larger than HBM (seen with libtpu for L/16 at
+  batch 2048 without FSDP or remat); the plan reports that as its verdict, not a traceback.
+  XLA:CPU never refuses, so its refusal is simulated here with libtpu's message."""
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (20.81G) exceeds available HBM (15.75G).")
+
+  def refuse(self, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError(message)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  p = _plan(_config())
+  assert not p.fits and p.params_bytes > 0 and p.temp_bytes == 0
+  text = plan.format_plan(p)
+  assert text.splitlines()[-1] == ("verdict: does not fit (the compiler refused it: Ran out "
+                                   "of memory on HBM, the total memory required for HLO "
+                                   "temporaries (20.81G) exceeds available HBM (15.75G).)")
+  assert "parameters" in text and "FLOPs" not in text
+
+  def fail(self, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+    _plan(_config())
