@@ -40,10 +40,10 @@ def test_summary_pairs_the_seeds():
 
 @pytest.mark.slow
 def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
-  def run(*flags, fails=False):
+  def run(*flags, fails=False, workdir=tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "beit_jax.experiments.pretraining_helps",
-         f"--workdir={tmp_path}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
+         f"--workdir={workdir}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
          "--finetune_steps=2", "--probe_steps=2", "--teacher_steps=2", "--width=32", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
@@ -68,3 +68,8 @@ def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
   # Other pretraining settings in the same workdir would reuse the runs: refused, one line.
   err = run("--mask_patches=4", fails=True)
   assert "--mask_patches=6 (this run: 4)" in err.strip().splitlines()[-1]
+  # A teacher that is no run's workdir: one line naming the flag, before any compute.
+  err = run("--method=v2", f"--teacher={tmp_path / 'nothing'}", fails=True,
+            workdir=tmp_path / "other_teacher")
+  assert err.strip().splitlines()[-1].startswith(
+      f"pretraining_helps: error: --teacher={tmp_path / 'nothing'} holds no config.json")
