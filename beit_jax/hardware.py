@@ -78,14 +78,21 @@ def block_forward_flops(size: dict, tokens: int) -> float:
   return 2 * tokens * (4 * d * d + 2 * d * mlp) + 4 * tokens * tokens * d
 
 
-def step_flops(compiled, config, batch_per_device: int) -> float:
+def step_flops(compiled, config, batch) -> float:
   """XLA's FLOPs of a compiled train step, per device; with `model.scan_layers`, plus the
   blocks XLA does not see: its cost analysis counts a loop's body once, so the other
-  depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything)."""
+  depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything).
+
+  `batch`: the step's (sharded arrays or ShapeDtypeStructs); its shards give the
+  per-device batch.
+  """
   flops = xla_flops(compiled)
   model = config.get("model")
   if flops and model is not None and model.get("scan_layers"):
+    import jax  # pylint: disable=g-import-not-at-top
     from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
+    leaf = jax.tree.leaves(batch)[0]
+    batch_per_device = leaf.sharding.shard_shape(leaf.shape)[0]
     size = vit.size_kwargs(model)
     tokens = (config.input.image_size // size["patch_size"])**2 + 1
     recompute = model.get("remat") and model.get("remat_policy") == "nothing_saveable"

@@ -253,7 +253,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=hardware.step_flops(compiled, config, config.input.batch_size // data_parallel))
+      flops=hardware.step_flops(compiled, config, batch))
 
 
 def _gib(n: float) -> str:

@@ -163,10 +163,7 @@ def compile_step(config: ml_collections.ConfigDict, built: Setup, desc: str,
   FLOPs per device of one call, and the devices' peak FLOP/s (None: unknown, said once)."""
   t0 = time.perf_counter()
   compiled = built.step.lower(state, batch, built.frozen).compile()
-  mesh = sharding.make_mesh(config.mesh)
-  batch_per_device = jax.tree.leaves(batch)[0].shape[0] // (mesh.shape["data"] *
-                                                            mesh.shape["fsdp"])
-  flops = hardware.step_flops(compiled, config, batch_per_device)
+  flops = hardware.step_flops(compiled, config, batch)
   peak, source = hardware.peak_flops(config.get("model", {}).get("dtype", "float32"))
   if not flops:
     peak, source = None, "XLA gave no FLOP count for this step"

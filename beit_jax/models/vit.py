@@ -370,6 +370,13 @@ class VisionTransformer(nn.Module):
     side = math.isqrt(num_patches(self.image_size, self.patch_size))
     return side, side
 
+  @property
+  def _remat_policy(self) -> Callable:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'model.remat_policy={self.remat_policy!r}; accepted: '
+                        f'{REMAT_POLICIES}')
+    return getattr(jax.checkpoint_policies, self.remat_policy)
+
   def setup(self):
     if self.width % self.num_heads:
       raise ConfigError(f'model.width={self.width} must be divisible by '
@@ -388,12 +395,8 @@ class VisionTransformer(nn.Module):
       self.pos_embed = self.param('pos_embed', init, (1, n + 1, self.width))
     if self.use_shared_rel_pos_bias:
       self.rel_pos_bias = RelativePositionBias(grid, self.num_heads)
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ConfigError(f'model.remat_policy={self.remat_policy!r}; accepted: '
-                        f'{REMAT_POLICIES}')
-    policy = getattr(jax.checkpoint_policies, self.remat_policy)
-    block_cls = (nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat
-                 else Block)
+    block_cls = (nn.remat(Block, static_argnums=(3,), policy=self._remat_policy)
+                 if self.remat else Block)
     block_kwargs = dict(layer_scale_init=self.layer_scale_init,
                         rel_pos_grid=grid if self.use_rel_pos_bias else None,
                         init_std=self.init_std, truncate_init=self.truncate_init,
@@ -457,15 +460,13 @@ class VisionTransformer(nn.Module):
 
     def step(block, carry, xs, rel_pos_bias):
       x, early = carry
-      index, rate = xs  # this layer's 0-based index and drop-path rate
-      x, attn = block.forward(x, rel_pos_bias, train, (index, rate))
+      x, attn = block.forward(x, rel_pos_bias, train, xs)  # xs: (0-based index, rate)
       if keep:
-        early = jnp.where(index + 1 == keep, x, early)
+        early = jnp.where(xs[0] + 1 == keep, x, early)
       return (x, early), (x if keep_hidden else None, attn if return_attention else None)
 
     if self.remat:
-      step = nn.remat(step, prevent_cse=False,
-                      policy=getattr(jax.checkpoint_policies, self.remat_policy))
+      step = nn.remat(step, prevent_cse=False, policy=self._remat_policy)
     scan = nn.scan(step, variable_axes={'params': 0},
                    split_rngs={'params': True, 'dropout': True},
                    in_axes=(0, nn.broadcast), length=self.depth)
