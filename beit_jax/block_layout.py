@@ -47,14 +47,14 @@ def _stack_leaves(leaves: list) -> Any:
   return jnp.stack(leaves)
 
 
-def _unstack_leaf(leaf: Any, depth: int) -> list:
+def _layer(leaf: Any, i: int) -> Any:
+  """Layer i of a stacked leaf (an array, or a ShapeDtypeStruct without the layer axis)."""
   if isinstance(leaf, jax.ShapeDtypeStruct):
     sharding = leaf.sharding
     if isinstance(sharding, NamedSharding):
       sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-    one = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=sharding)
-    return [one] * depth
-  return [leaf[i] for i in range(depth)]
+    return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=sharding)
+  return leaf[i]
 
 
 def _stack_dict(d: dict) -> dict:
@@ -69,12 +69,9 @@ def _stack_dict(d: dict) -> dict:
 
 def _unstack_dict(d: dict) -> dict:
   stacked = d["blocks"]
-  depth = jax.tree.leaves(stacked)[0].shape[0]
   out = {k: v for k, v in d.items() if k != "blocks"}
-  per_leaf = jax.tree.map(lambda x: _unstack_leaf(x, depth), stacked)
-  for i in range(depth):
-    out[f"blocks_{i}"] = jax.tree.map(lambda parts: parts[i], per_leaf,
-                                      is_leaf=lambda x: isinstance(x, list))
+  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+    out[f"blocks_{i}"] = jax.tree.map(lambda x: _layer(x, i), stacked)  # pylint: disable=cell-var-from-loop
   return out
 
 
