@@ -71,15 +71,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
     try:
       # A run may resume in the other block layout (model.scan_layers changed): read the
       # checkpoint in its own and convert.
-      saved = _saved_layout(manager, step) if want else None
+      saved_tree = _saved_tree(manager, step) if want else None
+      saved = block_layout.layout(saved_tree)
       target = block_layout.to_layout(abstract_state, saved)
+      # Earlier versions saved qkv fused as [D, 3D]: read it so, then split.
+      fused = saved_tree is not None and block_layout.has_fused_qkv(saved_tree)
+      if fused:
+        target = block_layout.fused_target(target)
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       state = restored.state
       if target is not abstract_state:
-        logging.info("Checkpoint %d is %s; converted to the run's %s blocks.", step, saved,
-                     want)
-        state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+        logging.info("Checkpoint %d is %s%s; converted to the run's %s blocks.", step,
+                     saved or "unscanned", ", qkv fused" if fused else "", want)
+        state = jax.tree.map(lambda x, a: jax.device_put(x.reshape(a.shape), a.sharding),
                              block_layout.to_layout(state, want), abstract_state)
       return state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
@@ -94,15 +99,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   return None
 
 
-def _saved_layout(manager: ocp.CheckpointManager, step: int) -> str | None:
-  """The block layout a checkpoint's state was saved in (None: unknown or no blocks)."""
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+  """A checkpoint's state metadata (shapes; None: unreadable, restored as the run's)."""
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      tree = ckptr.metadata(epath.Path(manager.directory) / str(step) / "state"
+      return ckptr.metadata(epath.Path(manager.directory) / str(step) / "state"
                             ).item_metadata.tree
-    return block_layout.layout(tree)
   except Exception:  # pylint: disable=broad-except
-    return None  # restored as the run's layout; a real mismatch fails there, named
+    return None  # a real mismatch fails in the restore, named
 
 
 def _unused_name(folder: epath.Path, name: str) -> epath.Path:
@@ -181,6 +185,8 @@ def check_and_cast(target: Any, loaded: Any, field: str) -> Any:
   loaded = block_layout.to_layout(loaded, block_layout.layout(target))
   want = traverse_util.flatten_dict(target, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
+  got = {k: v.reshape(want[k].shape) if k in want and block_layout.fused_shape(
+      k, tuple(want[k].shape)) == tuple(v.shape) else v for k, v in got.items()}
   missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
             for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]

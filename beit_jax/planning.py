@@ -216,6 +216,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   trainers.validate_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.input.batch_size, mesh)
+  sharding.check_tensor_split(config.model, config.mesh)
 
   tokenizer = tokenizers.build(config.tokenizer)
   image_size = tokenizers.view(config).size
@@ -224,7 +225,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   built = runner.abstract_setup(config, task, mesh)
   batch = _batch_structs(config, config.input.batch_size, mesh)
 
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_parallel = sharding.data_parallel_size(mesh)
   peak = peak_tflops if peak_tflops is not None else target.device.peak_tflops
   known = dict(
       target=target, compiler=compiler, stand_in=stand_in, mesh=dict(mesh.shape),
@@ -269,7 +270,7 @@ def format_plan(p: Plan, config_name: str = "") -> str:
     lines.append(f"  STAND-IN: {t.num_devices} fake CPU devices compiled this program; "
                  f"memory and FLOPs are XLA:CPU's analysis, not {t.device.kind}'s compiler's")
   lines += [f"  model {p.model}, global batch {p.batch_size} "
-            f"({p.batch_size // max(p.mesh['data'] * p.mesh['fsdp'], 1)} per device), "
+            f"({p.batch_size // max(sharding.data_parallel_size_of(p.mesh), 1)} per device), "
             f"mesh {p.mesh}, compile {p.compile_seconds:.1f} s"]
   if p.epoch_size is not None:
     lines.append(f"  data: none read; input.dataset={p.dataset} replaced by 'embedded' with "

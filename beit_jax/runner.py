@@ -96,16 +96,19 @@ def _jit_step(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.
               shardings: Any, frozen_shardings: Any):
   """The run's jitted step: donated state, rng `fold_in(fold_in(key(seed), 1), step)`."""
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def step(s, b, f):
+    with sharding.activation_rules(mesh, config.sharding):  # the models' constraints
+      return task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f)
   return jax.jit(
-      lambda s, b, f: task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f),
-      in_shardings=(shardings, sharding.batch_sharding(mesh), frozen_shardings),
+      step, in_shardings=(shardings, sharding.batch_sharding(mesh), frozen_shardings),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
   rng = jax.random.key(config.seed)
   state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
-                                        mesh, config.sharding_rules)
+                                        mesh, config.sharding)
   frozen = task.frozen(mesh) if task.frozen else ()
   step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
@@ -117,7 +120,7 @@ def abstract_setup(config: ml_collections.ConfigDict, task: Task,
   as ShapeDtypeStructs in their shardings, ready for `step.lower(state, batch, frozen)`
   (ahead-of-time plans, also for devices this host does not have). `task.frozen` is traced,
   not run, so its inputs may themselves be ShapeDtypeStructs."""
-  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding_rules)
+  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding)
   # Traced on the same devices with explicit axes, so that the shapes keep the placement
   # `task.frozen` gives them; then the same specs on `mesh`.
   explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
@@ -153,6 +156,8 @@ def preflight(config: ml_collections.ConfigDict, workdir: str, *, batch_size: in
   checkpoint.check_writable(workdir)
   sharding.check_batch_size(config.input.batch_size if batch_size is None else batch_size,
                             sharding.make_mesh(config.mesh), batch_field)
+  if config.get("model") is not None and "variant" in config.model:
+    sharding.check_tensor_split(config.model, config.mesh)
   if config.get("init_from") and not epath.Path(config.init_from).exists():
     raise ConfigError(f"init_from={config.init_from} does not exist")
 

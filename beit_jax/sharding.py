@@ -1,41 +1,114 @@
-"""Device mesh from the config, parameter sharding rules, host batches -> global arrays.
+"""Device mesh from the config, parameter shardings by logical axes, host batches -> arrays.
 
-The mesh has two axes: `data` (pure data parallelism: parameters replicated) and
-`fsdp` (data parallelism whose parameters and optimizer state are sharded, ZeRO-3
-style: XLA inserts the all-gathers). The batch is split over both. On a TPU pod slice
-`mesh = {'data': -1, 'fsdp': 1}` is plain data parallelism; ViT-L/H may want
-`{'data': -1, 'fsdp': 8}`.
+The mesh has four axes, outermost first:
+  slice   data parallelism over the data-center network: TPU slices, or GPU nodes
+  data    data parallelism, parameters replicated
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style;
+          XLA inserts the all-gathers)
+  tensor  tensor parallelism: attention heads, MLP hidden units and the vocabulary split
+          over devices (Megatron-style: qkv and fc1 by columns, proj and fc2 by rows)
+The batch is split over slice, data and fsdp; `tensor` devices share a batch shard.
+
+The models name the axes of their weights by role (`vit.PARAM_AXES`: embed, heads, mlp,
+vocab, ...) and of their activations at block boundaries (`nn.with_logical_constraint`);
+`config.sharding.rules` (configs/common.py) maps those logical names onto mesh axes. So plain data
+parallelism, FSDP, FSDP + tensor and multi-slice are config changes only:
+  mesh = dict(data=-1)                      # data parallel
+  mesh = dict(data=-1, fsdp=8)              # ViT-L/H: FSDP inside groups of 8
+  mesh = dict(data=-1, fsdp=4, tensor=2)    # + heads and MLP split in two
+  mesh = dict(slice=2, data=-1, fsdp=8)     # two TPU slices (or GPU nodes)
+Weights without a role (the dVAE's and segmentation heads' convolutions) shard their
+largest divisible dimension over `fsdp`; weights smaller than `sharding.min_size`
+elements (biases, norms, position tables) stay whole on every device.
 """
+import contextlib
 import re
-from typing import Any
+from typing import Any, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from beit_jax import block_layout
 from beit_jax.errors import ConfigError
+from beit_jax.models import vit
 from beit_jax.param_paths import path_str
 
-AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+AXES = ("slice", "data", "fsdp", "tensor")
+BATCH_AXES = ("slice", "data", "fsdp")
+
+
+def _rules(cfg: ml_collections.ConfigDict | dict) -> tuple:
+  """`config.sharding.rules` as flax logical axis rules (tuples: JSON gives back lists).
+
+  For each dimension the first rule of its name whose mesh axes are still free (and, for
+  weights, divide it) applies: 'embed' of activations finds fsdp taken by 'batch' and
+  stays whole.
+  """
+  def axes(a):
+    return tuple(a) if isinstance(a, (list, tuple)) else a
+  rules = tuple((str(name), axes(a)) for name, a in dict(cfg)["rules"])
+  for name, a in rules:
+    bad = [x for x in (a if isinstance(a, tuple) else (a,)) if x is not None and x not in AXES]
+    if bad:
+      raise ConfigError(f"sharding.rules: {name!r} maps to unknown mesh axes {bad}; "
+                        f"the mesh axes are {list(AXES)}")
+  return rules
+
+
+# --------------------------------------------------------------------------------- mesh
+
+
+def _granules(devices: list, n: int) -> list[list]:
+  """`devices` in `n` equal groups joined by the slow network: TPU slices, else processes.
+
+  On one process without slices (fake CPU devices, a single GPU host) the groups are
+  consecutive devices: a simulation of n slices.
+  """
+  key = (lambda d: d.slice_index) if hasattr(devices[0], "slice_index") else (
+      lambda d: d.process_index)
+  devices = sorted(devices, key=lambda d: (key(d), d.id))
+  size = len(devices) // n
+  groups = [devices[i * size:(i + 1) * size] for i in range(n)]
+  kinds = {key(d) for d in devices}
+  if len(kinds) > 1:
+    for g in groups:  # a group must be made of whole granules
+      for k in {key(d) for d in g}:
+        if sum(key(d) == k for d in g) != sum(key(d) == k for d in devices):
+          what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes"
+          raise ConfigError(f"mesh.slice={n}: the {len(devices)} devices are in "
+                            f"{len(kinds)} {what}, which do not split into {n} equal "
+                            "groups")
+  return groups
+
+
+def _ici_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+  """Devices of one slice laid out on `shape`, following the TPU torus where it can."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    logging.warning("mesh %s: no topology-aware layout (%s); devices in id order", shape, e)
+    return np.asarray(devices).reshape(shape)
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict,
               devices: list | None = None) -> Mesh:
-  """A Mesh with axes (data, fsdp); one size may be -1 (= the remaining devices)."""
-  devices = jax.devices() if devices is None else devices
-  sizes = {a: int(dict(mesh_cfg).get(a, 1)) for a in AXES}
+  """The Mesh of `config.mesh` (axes AXES, absent ones of size 1; one size may be -1)."""
+  devices = list(jax.devices() if devices is None else devices)
   unknown = set(dict(mesh_cfg)) - set(AXES)
   if unknown:
     raise ConfigError(f"mesh: unknown axes {sorted(unknown)}; accepted: {list(AXES)}")
+  sizes = {a: int(dict(mesh_cfg).get(a, 1)) for a in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if any(s == 0 or s < -1 for s in sizes.values()):
     raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if len(devices) % fixed:
       raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed "
@@ -44,7 +117,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict,
   if int(np.prod(list(sizes.values()))) != len(devices):
     raise ConfigError(f"mesh: {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
                       f"this run has {len(devices)}")
-  grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
+  ici = tuple(sizes[a] for a in AXES[1:])
+  grid = np.stack([_ici_grid(ici, g) for g in _granules(devices, sizes["slice"])])
   return Mesh(grid, AXES)
 
 
@@ -57,15 +131,65 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many shards the batch is split into (tensor devices share one)."""
+  return data_parallel_size_of(dict(mesh.shape))
+
+
+def data_parallel_size_of(shape: dict[str, int]) -> int:
+  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size"):
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  n = data_parallel_size(mesh)
   if global_batch % n or global_batch % jax.process_count():
     raise ConfigError(f"{field}={global_batch} must be divisible by the {n} data-parallel "
                       f"devices and {jax.process_count()} processes")
 
 
-def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
-  """Shards the largest dimension divisible by n over `fsdp` (else replicates)."""
+def check_tensor_split(model_cfg: ml_collections.ConfigDict, mesh_cfg) -> None:
+  """Heads and MLP units must split evenly over `tensor` (else XLA pads every block)."""
+  t = int(dict(mesh_cfg).get("tensor", 1))
+  if t <= 1:
+    return
+  sizes = vit.size_kwargs(model_cfg)
+  for field in ("num_heads", "mlp_dim"):
+    if sizes[field] % t:
+      raise ConfigError(f"mesh.tensor={t} must divide model.{field}={sizes[field]} "
+                        f"(model.variant={model_cfg.variant!r})")
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def _logical_axes(name: str, ndim: int) -> tuple[str | None, ...] | None:
+  """The role-given logical axes of the weight at path `name`, or None (no role)."""
+  for pattern, axes in vit.PARAM_AXES:
+    if re.search(pattern, name) and len(axes) == ndim:
+      return axes
+  return None
+
+
+def _spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+  """Per dimension the first rule of its name whose mesh axes are free and divide it."""
+  used, spec = set(), []
+  for name, dim in zip(logical, shape):
+    chosen = None
+    for rule_name, axes in rules:
+      if rule_name != name or axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      n = int(np.prod([mesh.shape[a] for a in axes]))
+      if used.isdisjoint(axes) and dim % n == 0:
+        chosen = axes if len(axes) > 1 else axes[0]
+        used.update(axes)
+        break
+    spec.append(chosen)
+  return P(*spec)
+
+
+def _fsdp_spec(shape: Sequence[int], n: int) -> P:
+  """The largest dimension divisible by n over `fsdp` (else whole): weights without a role."""
   if n == 1:
     return P()
   for dim in np.argsort(shape)[::-1]:
@@ -76,29 +200,42 @@ def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
   return P()
 
 
-def param_shardings(abstract_tree: Any, mesh: Mesh,
-                    rules: tuple[tuple[str, str], ...] = ((".*", "fsdp"),)) -> Any:
-  """NamedShardings for a tree of arrays, by the first regex rule matching its path.
+def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | dict
+                    ) -> Any:
+  """NamedShardings for a tree of arrays (params, optimizer state, a whole train state).
 
-  A rule's action is "fsdp" (largest divisible dim over the fsdp axis) or
-  "replicate". Trees are matched on '/'-joined key paths, e.g.
-  'opt_state/0/mu/blocks_3/mlp/fc1/kernel'.
+  Leaves are matched on '/'-joined paths, e.g. 'opt_state/0/mu/blocks_3/mlp/fc1/kernel';
+  a scanned model's stacked blocks keep their leading layer axis whole.
   """
+  rules, min_size = _rules(cfg), int(cfg["min_size"])
+  keep = [re.compile(r) for r in cfg["replicate"]]
+
   def spec(path, leaf):
     name = path_str(path)
-    for pattern, action in rules:
-      if re.search(pattern, name):
-        if action == "replicate":
-          return NamedSharding(mesh, P())
-        if action == "fsdp":
-          n = mesh.shape["fsdp"]
-          if block_layout.STACKED_PATH.search(name):  # scanned: keep the layer axis whole
-            return NamedSharding(mesh, P(None, *_fsdp_spec(tuple(leaf.shape[1:]), n)))
-          return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), n))
-        raise ConfigError(f"sharding rule {pattern!r}: unknown action {action!r}; "
-                          "accepted: 'fsdp', 'replicate'")
-    return NamedSharding(mesh, P())
+    shape = tuple(leaf.shape)
+    stacked = bool(block_layout.STACKED_PATH.search(name)) and len(shape) > 0
+    if stacked:
+      shape = shape[1:]
+    if int(np.prod(shape)) < max(min_size, 1) or any(r.search(name) for r in keep):
+      return NamedSharding(mesh, P())
+    logical = _logical_axes(name, len(shape))
+    s = (_fsdp_spec(shape, mesh.shape["fsdp"]) if logical is None
+         else _spec(logical, shape, mesh, rules))
+    return NamedSharding(mesh, P(None, *s) if stacked else s)
   return jax.tree_util.tree_map_with_path(spec, abstract_tree)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, cfg: ml_collections.ConfigDict | dict) -> Iterator:
+  """While a step is traced: the models' `nn.with_logical_constraint`s take effect.
+
+  Outside it (model.apply in a test, a converter) they are no-ops.
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(_rules(cfg)):
+    yield
 
 
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

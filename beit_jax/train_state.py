@@ -33,22 +33,22 @@ def _initial(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransfor
 
 
 def abstract(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-             mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
+             mesh: jax.sharding.Mesh, sharding_cfg) -> tuple[TrainState, Any]:
   """(shape-only state: ShapeDtypeStructs carrying their shardings, the shardings)."""
   shapes = jax.eval_shape(_initial(init_params, tx), jax.random.key(0))
-  shardings = sharding.param_shardings(shapes, mesh, rules)
+  shardings = sharding.param_shardings(shapes, mesh, sharding_cfg)
   structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          shapes, shardings)
   return structs, shardings
 
 
 def create(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-           rng: jax.Array, mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
+           rng: jax.Array, mesh: jax.sharding.Mesh, sharding_cfg) -> tuple[TrainState, Any]:
   """Initialises params and optimizer state directly in their shardings.
 
   Returns the state and its shardings (for the jitted step's in/out shardings).
   """
-  _, shardings = abstract(init_params, tx, mesh, rules)
+  _, shardings = abstract(init_params, tx, mesh, sharding_cfg)
   return jax.jit(_initial(init_params, tx), out_shardings=shardings)(rng), shardings
 
 

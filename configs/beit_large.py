@@ -8,9 +8,9 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="L/16", fsdp=8)
+  arg = common.parse_arg(arg, variant="L/16", fsdp=8, tensor=1)
   c = common.pretrain_config(arg.variant)
   c.model.layer_scale_init = 1e-5
   c.model.remat = True
-  c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
   return c

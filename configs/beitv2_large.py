@@ -10,9 +10,9 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, epochs=1600, fsdp=8)
+  arg = common.parse_arg(arg, epochs=1600, fsdp=8, tensor=1)
   c = beitv2_base.v2_config("L/16", arg.epochs, layer=21)
   c.model.layer_scale_init = 1e-5
   c.model.remat = True
-  c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
   return c

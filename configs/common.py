@@ -25,6 +25,26 @@ def unset(kind: type):
   return config_dict.placeholder(kind)
 
 
+def mesh_config(fsdp: int = 1, tensor: int = 1, slices: int = 1) -> dict:
+  """Device mesh axes (beit_jax/sharding.py): slices (TPU slices / GPU nodes, over the
+  data-center network), then data (-1: the remaining devices), fsdp, tensor."""
+  return dict(slice=slices, data=-1, fsdp=fsdp, tensor=tensor)
+
+
+def sharding_config() -> dict:
+  """How weights and activations map onto the mesh (beit_jax/sharding.py).
+
+  rules: logical axis (the models' names of weight and activation dimensions) -> mesh
+    axes; for each dimension the first rule whose axes are free and divide it.
+  min_size: weights with fewer elements stay whole on every device (biases, norms).
+  replicate: regexes of parameter paths kept whole, e.g. ('lm_head',).
+  """
+  return dict(rules=(("batch", ("slice", "data", "fsdp")), ("embed", "fsdp"),
+                     ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+                     ("classes", "tensor")),
+              min_size=2 ** 14, replicate=())
+
+
 def model_config(variant: str, **fields) -> dict:
   """The ViT's fields (models/vit.py): `variant` and the defaults of BEiT pretraining, with
   `fields` on top. Sizes unset follow the variant.
@@ -96,9 +116,7 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
       mask=mask_config())
   c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
                  b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
-  c.mesh = dict(data=-1, fsdp=1)
-  # (regex on the parameter path, action): 'fsdp' shards over the fsdp mesh axis
-  # (a no-op when it has size 1), 'replicate' keeps a full copy on every device.
-  c.sharding_rules = ((".*", "fsdp"),)
+  c.mesh = mesh_config()
+  c.sharding = sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)
   return c

@@ -17,10 +17,10 @@ from configs import finetune_base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="L/16", image_size=224, fsdp=8)
+  arg = common.parse_arg(arg, variant="L/16", image_size=224, fsdp=8, tensor=1)
   c = finetune_base.finetune_config(arg.variant, rel=True, image_size=arg.image_size)
   c.num_epochs = 50
   c.model.update(dict(drop_path_rate=0.2, layer_scale_init=1e-5, remat=True))
   c.optim.update(dict(lr=1e-3, warmup_epochs=5, layer_decay=0.75))
-  c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
   return c

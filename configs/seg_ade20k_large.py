@@ -14,10 +14,11 @@ from configs import seg_ade20k_base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="L/16", image_size=512, ms=False, fsdp=1)
+  arg = common.parse_arg(arg, variant="L/16", image_size=512, ms=False, fsdp=1,
+                          tensor=1)
   c = seg_ade20k_base.segmentation_config(arg.variant, arg.image_size, arg.ms)
   c.model.update(dict(drop_path_rate=0.2, layer_scale_init=1e-6, remat=True))
   c.upernet.update(dict(out_indices=(7, 11, 15, 23), channels=1024))
   c.optim.update(dict(lr=2e-5, layer_decay=0.95))
-  c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  c.mesh = common.mesh_config(fsdp=arg.fsdp, tensor=arg.tensor)
   return c

@@ -116,17 +116,23 @@ class Watched:
     return self.proc.returncode, "".join(self.lines)
 
 
-def kill_mid_run(command: list[str], workdir, *, at_step: int, total_steps: int, env) -> int:
-  """Starts `command`, SIGKILLs it once checkpoint `at_step` exists in `workdir`; returns the
-  newest checkpoint left (asserted to be mid-run)."""
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+def kill_mid_run(command: list[str] | list[list[str]], workdir, *, at_step: int,
+                 total_steps: int, env) -> int:
+  """Starts `command` (or the processes of one run: a list of commands), SIGKILLs it once
+  checkpoint `at_step` exists in `workdir`; returns the newest checkpoint left (asserted to
+  be mid-run)."""
+  commands = command if isinstance(command[0], list) else [command]
+  procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL) for c in commands]
   deadline = time.time() + 600
   while not (workdir / "checkpoints" / str(at_step)).exists():
-    assert proc.poll() is None and time.time() < deadline, f"run ended before step {at_step}"
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, (
+        f"run ended before step {at_step}")
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  for proc in procs:
+    proc.send_signal(signal.SIGKILL)
+  for proc in procs:
+    proc.wait()
   ckpts = checkpoint.make_manager(str(workdir), every_steps=2, keep=10).all_steps()
   assert 0 < max(ckpts) < total_steps, f"the kill did not land mid-run: {ckpts}"
   return max(ckpts)

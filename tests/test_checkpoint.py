@@ -75,3 +75,36 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   checkpoint.save(manager, 2, _state(seed=3))  # the run goes on from there
   manager.wait_until_finished()
   assert manager.all_steps() == [1, 2]
+
+
+def _vit_state():
+  """A ViT block's attention params and their Adam moments: qkv [D, 3, D] = [4, 3, 4]."""
+  params = {"blocks_0": {"attn": {"qkv": {"kernel": jax.random.normal(jax.random.key(0),
+                                                                      (4, 3, 4))},
+                                  "q_bias": jnp.arange(4.0)}}}
+  tx = optax.adam(1e-3)
+  opt_state = jax.tree.map(lambda x: x + 1.0, tx.init(params))  # moments != 0
+  return train_state.TrainState(step=jnp.array(5, jnp.int32), params=params,
+                                opt_state=opt_state, bad_steps=jnp.array(0, jnp.int32))
+
+
+def test_a_checkpoint_with_the_earlier_fused_qkv_resumes_and_initialises(tmp_path):
+  state = _vit_state()
+  fused = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.reshape(4, 12) if "qkv" in jax.tree_util.keystr(p) else x, state)
+  manager = checkpoint.make_manager(str(tmp_path), every_steps=1, keep=1, async_save=False)
+  checkpoint.save(manager, 5, fused, force=True)
+  manager.wait_until_finished()
+  mesh = sharding.make_mesh({"data": -1})
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  restored, start, _ = runner.restore_or_keep(manager, _vit_state(), shardings)
+  assert start == 5
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  assert manager.all_steps() == [5]  # read, not moved aside as unreadable
+  loaded = checkpoint.load_params(str(tmp_path))
+  assert loaded["blocks_0"]["attn"]["qkv"]["kernel"].shape == (4, 12)
+  cast = checkpoint.check_and_cast(state.params, loaded, "init_from")
+  np.testing.assert_array_equal(cast["blocks_0"]["attn"]["qkv"]["kernel"],
+                                state.params["blocks_0"]["attn"]["qkv"]["kernel"])

@@ -14,6 +14,7 @@ from beit_jax import checkpoint
 from beit_jax import optim
 from beit_jax import sharding
 from beit_jax.models import vit
+from configs import common
 from tests import runs
 from tests.runs import ROOT
 
@@ -45,7 +46,7 @@ def test_scanned_equals_unscanned_outputs_and_gradients(extra):
   stacked = block_layout.stacked(params)
   assert jax.tree.structure(stacked) == jax.tree.structure(
       jax.eval_shape(scanned.init, jax.random.key(0), images, mask)["params"])
-  assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 96)
+  assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 3, 32)
 
   kw = dict(return_hidden=(0, 2), return_attention=True)
   a = plain.apply({"params": params}, images, mask, **kw)
@@ -111,7 +112,7 @@ def test_layouts_convert_params_opt_state_and_abstract_trees():
   converted = block_layout.stacked(state)
   assert jax.tree.structure(converted["opt_state"]) == jax.tree.structure(tx.init(stacked))
   # Abstract trees keep their shardings, the layer axis unsharded.
-  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), sharding.AXES)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 1, 8, 1), sharding.AXES)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=NamedSharding(mesh, P(*([None] * (x.ndim - 1)),
@@ -142,10 +143,12 @@ def test_layer_decay_and_fsdp_shardings_of_scanned_params():
     y = jax.tree_util.tree_leaves_with_path(want)
     y = dict((jax.tree_util.keystr(p), v) for p, v in y)[jax.tree_util.keystr(path)]
     np.testing.assert_allclose(np.ravel(x), np.ravel(y), rtol=1e-6)  # [depth, 1, ..]
-  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8), sharding.AXES)
-  shardings = sharding.param_shardings(stacked, mesh)
-  # [depth, 32, 64]: the largest dim divisible by 8 after the layer axis (depth 3 is not).
-  assert shardings["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, None, "fsdp")
+  mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
+  shardings = sharding.param_shardings(stacked, mesh, dict(common.sharding_config(),
+                                                           min_size=0))
+  # [depth, 32, 64]: the layer axis whole, then the roles' axes.
+  assert shardings["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
+  assert shardings["blocks"]["attn"]["qkv"]["kernel"].spec == P(None, "fsdp", None, "tensor")
   assert shardings["blocks"]["norm1"]["scale"].spec == P(None, "fsdp")
 
 

@@ -8,6 +8,7 @@ import pytest
 from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
+from beit_jax.errors import ConfigError
 from beit_jax.trainers import mim
 from tests.tiny_config import tiny_config
 
@@ -53,23 +54,40 @@ def _setup(config, mesh):
 
 
 def _two_steps(config, mesh):
+  """(final state on the host, per-step metrics, the fraction of all parameter bytes one
+  device holds)."""
   built = _setup(config, mesh)
   state, step, tok_params = built.state, built.step, built.frozen
+  leaves = jax.tree.leaves(state.params)
+  held = sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
   metrics = []
   for seed in range(2):
     batch = sharding.host_to_global(_batch(config, seed), mesh)
     state, m = step(state, batch, tok_params)
     metrics.append(jax.device_get(m))
-  return jax.device_get(state), metrics
+  return jax.device_get(state), metrics, held
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=8), dict(data=2, fsdp=4)])
-def test_sharded_step_equals_single_device_step(mesh_cfg):
+# (mesh, the bounds of the fraction of the parameter bytes one device holds): data parallel
+# holds everything; fsdp and fsdp x tensor about 1/8 (the few weights no axis divides
+# whole); tensor alone halves the matrices the heads, MLP units and vocabulary split.
+LAYOUTS = {"data": (dict(data=8), 1.0, 1.0),
+           "fsdp": (dict(fsdp=8), 0.12, 0.2),
+           "fsdp+tensor": (dict(fsdp=4, tensor=2), 0.12, 0.2),
+           "data+tensor": (dict(data=4, tensor=2), 0.5, 0.7),
+           "2 slices x fsdp+tensor": (dict(slice=2, fsdp=2, tensor=2), 0.24, 0.4)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_step_equals_single_device_step(layout):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  mesh_cfg, low, high = LAYOUTS[layout]
   config = tiny_config()
   config.model.drop_path_rate = 0.1  # the per-example randomness must match too
-  single, m1 = _two_steps(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  sharded, m8 = _two_steps(config, sharding.make_mesh(mesh_cfg))
+  config.sharding.min_size = 0  # the tiny model's weights are all below the default
+  single, m1, _ = _two_steps(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  sharded, m8, held = _two_steps(config, sharding.make_mesh(mesh_cfg))
+  assert low <= held <= high, f"one device holds {held:.3f} of the parameter bytes"
   assert int(sharded.step) == 2
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single.params),
                           jax.tree.leaves(sharded.params)):
@@ -83,10 +101,48 @@ def test_sharded_step_equals_single_device_step(mesh_cfg):
   assert max(moved) > 0
 
 
-def test_fsdp_mesh_really_shards_parameters():
+def test_weights_shard_by_their_role_and_small_ones_stay_whole():
   config = tiny_config()
-  mesh = sharding.make_mesh(dict(data=2, fsdp=4))
-  state = _setup(config, mesh).state
-  fc1 = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # [32, 64]
-  assert fc1.sharding.spec != jax.sharding.PartitionSpec()
-  assert fc1.addressable_shards[0].data.size == fc1.size // 4
+  config.sharding.min_size = 500
+  mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
+  specs = jax.tree.map(lambda x: x.sharding.spec, _setup(config, mesh).state.params)
+  block = specs["blocks_0"]
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  assert block["attn"]["qkv"]["kernel"] == P("fsdp", None, "tensor")  # [D, 3, heads]
+  assert block["attn"]["proj"]["kernel"] == P("tensor", "fsdp")
+  assert block["mlp"]["fc1"]["kernel"] == P("fsdp", "tensor")
+  assert block["mlp"]["fc2"]["kernel"] == P("tensor", "fsdp")
+  assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+  assert block["mlp"]["fc1"]["bias"] == P()  # 64 elements < min_size
+  # 228 x 2 < min_size; it would shard its 228 rows over fsdp (no role: by size alone)
+  assert specs["rel_pos_bias"]["relative_position_bias_table"] == P()
+
+
+def test_the_step_constrains_activations_to_the_mesh():
+  config = tiny_config()
+  mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
+  built = _setup(config, mesh)
+  batch = sharding.host_to_global(_batch(config), mesh)
+  text = built.step.lower(built.state, batch, built.frozen).as_text()
+  constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+  batch_axes = '{"slice", "data", "fsdp"}'
+  # The residual stream [B, T, D] (batch split, D whole), per head [B, T, H, hd] (heads
+  # over tensor) and the MLP's hidden units [B, T, M] (over tensor).
+  for spec, shape in [(f"[{batch_axes}, {{}}, {{}}]", "8x17x32xf32"),
+                      (f'[{batch_axes}, {{}}, {{"tensor"}}, {{}}]', "8x17x2x16xf32"),
+                      (f'[{batch_axes}, {{}}, {{"tensor"}}]', "8x17x64xf32")]:
+    assert any(spec in line and shape in line for line in constraints), (spec, constraints)
+
+
+def test_a_head_count_the_tensor_axis_does_not_divide_is_a_config_error():
+  config = tiny_config()
+  config.mesh.tensor = 4  # tiny_config has 2 heads
+  with pytest.raises(ConfigError, match=r"mesh.tensor=4 must divide model.num_heads=2"):
+    sharding.check_tensor_split(config.model, config.mesh)
+
+
+def test_slices_are_the_outer_axis_of_consecutive_devices_on_one_host():
+  mesh = sharding.make_mesh(dict(slice=2, fsdp=4))
+  assert dict(mesh.shape) == dict(slice=2, data=1, fsdp=4, tensor=1)
+  assert [d.id for d in mesh.devices[0].ravel()] == [0, 1, 2, 3]
+  assert [d.id for d in mesh.devices[1].ravel()] == [4, 5, 6, 7]

@@ -242,7 +242,7 @@ def _reference_forward(p, images, mask, patch, num_heads):
     blk = p[f'blocks_{i}']
     a = blk['attn']
     y = _layer_norm(x, blk['norm1'])
-    qkv = y @ a['qkv']['kernel'] + np.concatenate(
+    qkv = y @ a['qkv']['kernel'].reshape(d, 3 * d) + np.concatenate(
         [a['q_bias'], np.zeros_like(a['v_bias']), a['v_bias']])
     qkv = qkv.reshape(b, t, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * (d // num_heads) ** -0.5, qkv[1], qkv[2]

@@ -48,21 +48,30 @@ _INDEX = re.compile(
 
 
 class Rule(NamedTuple):
-  """One beit-jax param <- one unilm tensor, transposed by `perm` (None: as is)."""
+  """One beit-jax param <- one unilm tensor, transposed by `perm` (None: as is).
+
+  `split3`: the fused qkv weight, whose [D, 3D] beit-jax keeps as [D, 3, D].
+  """
   path: str
   key: str
   perm: tuple[int, ...] | None = None
+  split3: bool = False
 
   def to_flax(self, value: np.ndarray) -> np.ndarray:
-    return np.asarray(value if self.perm is None else np.transpose(value, self.perm),
-                      np.float32)
+    value = np.asarray(value if self.perm is None else np.transpose(value, self.perm),
+                       np.float32)
+    return value.reshape(value.shape[0], 3, -1) if self.split3 else value
 
   def to_torch(self, value: np.ndarray) -> np.ndarray:
     value = np.asarray(value)
+    if self.split3:
+      value = value.reshape(value.shape[0], -1)
     return np.ascontiguousarray(
         value if self.perm is None else np.transpose(value, np.argsort(self.perm)))
 
   def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if self.split3:
+      flax_shape = (flax_shape[0], flax_shape[1] * flax_shape[2])
     if self.perm is None:
       return tuple(flax_shape)
     return tuple(flax_shape[i] for i in np.argsort(self.perm))
@@ -108,7 +117,7 @@ def block_rules(p: str, k: str, kw: dict[str, Any]) -> list[Rule]:
     return [Rule(f"{path}/scale", f"{key}.weight"), Rule(f"{path}/bias", f"{key}.bias")]
 
   out = norm(f"{p}/norm1", f"{k}.norm1") + norm(f"{p}/norm2", f"{k}.norm2")
-  out += [Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR),
+  out += [Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR, split3=True),
           Rule(f"{p}/attn/q_bias", f"{k}.attn.q_bias"),
           Rule(f"{p}/attn/v_bias", f"{k}.attn.v_bias")]
   out += linear(f"{p}/attn/proj", f"{k}.attn.proj")

@@ -41,6 +41,27 @@ VARIANTS: dict[str, dict] = {
 }
 _LN_EPS = 1e-6
 
+# The logical axes of each weight role, by a regex on its path ('blocks_3/attn/qkv/kernel',
+# also inside optimizer states and VQ-KD's blocks); `sharding.py` maps them onto the
+# mesh. Weights not listed are sharded by size alone.
+PARAM_AXES = (
+    (r'attn/qkv/kernel$', ('embed', None, 'heads')),  # [D, 3, H*hd]
+    (r'attn/[qv]_bias$', ('heads',)),
+    (r'attn/proj/kernel$', ('heads', 'embed')),
+    (r'mlp/fc1/kernel$', ('embed', 'mlp')),
+    (r'mlp/fc1/bias$', ('mlp',)),
+    (r'mlp/fc2/kernel$', ('mlp', 'embed')),
+    (r'(^|/)patch_embed/kernel$', (None, None, None, 'embed')),
+    (r'(^|/)(cls_token|mask_token|pos_embed)$', (None, None, 'embed')),
+    (r'(^|/)lm_head/kernel$', ('embed', 'vocab')),
+    (r'(^|/)lm_head/bias$', ('vocab',)),
+    (r'(^|/)head/kernel$', ('embed', 'classes')),
+    (r'(/|^)(proj|fc2|patch_embed)/bias$|norm\d?/(scale|bias)$|gamma_[12]$', ('embed',)),
+)
+# Activations: the residual stream at block boundaries, and per head inside attention.
+EMBED_ACT = ('batch', 'length', 'embed')
+_HEADS_ACT = ('batch', 'length', 'heads', 'kv')
+
 
 def variant_kwargs(variant: str, **overrides) -> dict:
   """VisionTransformer kwargs of a 'Ti|S|B|L|H/<patch>' name, e.g. 'B/16'.
@@ -207,14 +228,17 @@ class Attention(nn.Module):
       raise ConfigError(f'model.width={d} must be divisible by '
                         f'model.num_heads={self.num_heads}')
     head_dim = d // self.num_heads
-    qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype,
-                   kernel_init=self.kernel_init, name='qkv')(x)  # [B, T, 3D]
+    # Kernel [D, 3, D]: q, k, v apart, each head's columns contiguous, so `tensor` can
+    # split heads (unilm's fused [3D, D] weight reshaped).
+    qkv = nn.DenseGeneral((3, d), use_bias=False, dtype=self.dtype,
+                          kernel_init=self.kernel_init, name='qkv')(x)  # [B, T, 3, D]
     q_bias = self.param('q_bias', nn.initializers.zeros, (d,))
     v_bias = self.param('v_bias', nn.initializers.zeros, (d,))
-    qkv_bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv_bias = jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias])  # [3, D]
     qkv = qkv + qkv_bias.astype(qkv.dtype)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
+    q, k, v = (nn.with_logical_constraint(qkv[:, :, i], _HEADS_ACT)
+               for i in range(3))  # [B, T, H, hd]
     q = q * head_dim ** -0.5
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     if self.rel_pos_grid is not None:
@@ -226,6 +250,7 @@ class Attention(nn.Module):
       logits = logits + rel_pos_bias
     attn = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T] float32
     out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(self.dtype), v)
+    out = nn.with_logical_constraint(out, _HEADS_ACT)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=self.proj_kernel_init,
                    name='proj')(out.reshape(b, t, d))
     return out, attn
@@ -243,7 +268,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.kernel_init,
                  name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(nn.with_logical_constraint(x, ('batch', 'length', 'mlp')), approximate=False)
     return nn.Dense(d, dtype=self.dtype, kernel_init=self.fc2_kernel_init,
                     name='fc2')(x)
 
@@ -317,7 +342,7 @@ class Block(nn.Module):
       y = y * self.param('gamma_2', nn.initializers.constant(
           self.layer_scale_init), (self.width,))
     x = x + self._drop_path(y.astype(x.dtype), train, rate)
-    return x, attn
+    return nn.with_logical_constraint(x, EMBED_ACT), attn
 
 
 class VisionTransformer(nn.Module):
@@ -548,6 +573,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)  # [B, N+1, D]
     if self.use_abs_pos_emb:
       x = x + self.pos_embed
+    x = nn.with_logical_constraint(x, EMBED_ACT)
     rel_pos_bias = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
 
     if self.scan_layers:

@@ -159,7 +159,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
   def frozen_backbone(mesh):
     init = lambda r: backbone.init(r, dummy)["params"]
     shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                         config.sharding_rules)
+                                         config.sharding)
     params = jax.jit(init, out_shardings=shardings)(
         jax.random.fold_in(jax.random.key(config.seed), 2))
     if not config.get("init_from"):
