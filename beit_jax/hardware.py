@@ -84,7 +84,7 @@ def step_flops(compiled, config, batch) -> float:
   depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything).
 
   `batch`: the step's (sharded arrays or ShapeDtypeStructs); its shards give the
-  per-device batch.
+  per-device batch, and its mesh the `tensor` devices that split each block's work.
   """
   flops = xla_flops(compiled)
   model = config.get("model")
@@ -97,7 +97,8 @@ def step_flops(compiled, config, batch) -> float:
     tokens = (config.input.image_size // size["patch_size"])**2 + 1
     recompute = model.get("remat") and model.get("remat_policy") == "nothing_saveable"
     per_block = (4.0 if recompute else 3.0) * block_forward_flops(size, tokens)
-    flops += (size["depth"] - 1) * per_block * batch_per_device
+    tensor = dict(leaf.sharding.mesh.shape).get("tensor", 1)
+    flops += (size["depth"] - 1) * per_block * batch_per_device / tensor
   return flops
 
 

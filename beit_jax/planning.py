@@ -119,6 +119,7 @@ class Plan:
   compiler: str  # who compiled, e.g. "TPU compiler (libtpu 0.0.42.1)"
   stand_in: bool  # fake CPU devices stood in for the target's
   mesh: dict
+  data_parallel: int  # batch shards (tensor devices share one)
   batch_size: int
   epoch_size: int | None  # the schedule's epoch when input.dataset was replaced
   dataset: str
@@ -229,11 +230,14 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   peak = peak_tflops if peak_tflops is not None else target.device.peak_tflops
   known = dict(
       target=target, compiler=compiler, stand_in=stand_in, mesh=dict(mesh.shape),
+      data_parallel=data_parallel,
       batch_size=config.input.batch_size, epoch_size=replaced, dataset=dataset,
       model=config.model.variant, params_bytes=_local_bytes(built.state.params),
       opt_state_bytes=_local_bytes(built.state.opt_state),
       frozen_bytes=_local_bytes(built.frozen), batch_bytes=_local_bytes(batch),
-      model_flops=vit_train_flops(config, config.input.batch_size // data_parallel),
+      # per device: its batch shard's, split over the tensor devices
+      model_flops=vit_train_flops(config, config.input.batch_size // data_parallel)
+      / mesh.shape["tensor"],
       memory_bytes=int((memory_gib if memory_gib is not None else target.device.memory_gib)
                        * GIB),
       peak_flops=peak * 1e12 if peak else None)
@@ -270,7 +274,7 @@ def format_plan(p: Plan, config_name: str = "") -> str:
     lines.append(f"  STAND-IN: {t.num_devices} fake CPU devices compiled this program; "
                  f"memory and FLOPs are XLA:CPU's analysis, not {t.device.kind}'s compiler's")
   lines += [f"  model {p.model}, global batch {p.batch_size} "
-            f"({p.batch_size // max(sharding.data_parallel_size_of(p.mesh), 1)} per device), "
+            f"({p.batch_size // p.data_parallel} per data-parallel shard), "
             f"mesh {p.mesh}, compile {p.compile_seconds:.1f} s"]
   if p.epoch_size is not None:
     lines.append(f"  data: none read; input.dataset={p.dataset} replaced by 'embedded' with "

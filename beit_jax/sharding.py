@@ -133,11 +133,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   """How many shards the batch is split into (tensor devices share one)."""
-  return data_parallel_size_of(dict(mesh.shape))
-
-
-def data_parallel_size_of(shape: dict[str, int]) -> int:
-  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size"):

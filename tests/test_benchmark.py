@@ -1,6 +1,10 @@
 """The benchmark runs on a config whose data set is not on this machine (ImageNet's), and
-times the input pipeline per CPU core when the data are there."""
+times the input pipeline per CPU core when the data are there; `--compare-pytorch` prints
+both steps' rates and their ratio, its PyTorch step's loss reads the masked positions
+only, and without torch it is a one-line error."""
 import os
+import re
+import sys
 
 import pytest
 
@@ -64,3 +68,70 @@ def test_the_peak_of_cpu_devices_is_a_measured_ceiling_they_share():
   peak, source = hardware.peak_flops("float32", 128)
   assert peak > 0
   assert f"shared by {jax.local_device_count()} CPU device(s)" in source
+
+
+def _three_significant_digits(printed: str) -> bool:
+  """'0.862', '12.3', '8.00', '1230' (an integer rounded to its third digit) are."""
+  digits = printed.replace(".", "").lstrip("0")
+  return len(digits) == 3 or ("." not in printed and digits[3:].strip("0") == "")
+
+
+@pytest.mark.slow
+def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(tmp_path, capsys):
+  for package in ("torch", "transformers", "dall_e"):
+    pytest.importorskip(package)
+  config = _shrunk(beit_base.get_config())
+  config.input.data_dir = str(tmp_path)
+  config.model.dtype = "float32"
+  out = benchmark.compare_pytorch(config, steps=1, matmul_size=128)
+  printed = capsys.readouterr().out
+  jax_rate = re.search(r"JAX +(\S+) images/s", printed).group(1)
+  torch_rate = re.search(r"PyTorch +(\S+) images/s", printed).group(1)
+  ratio = re.search(r"JAX/PyTorch: (\S+)x", printed).group(1)
+  assert jax_rate == benchmark.sig3(out["jax_images_per_sec"])
+  assert torch_rate == benchmark.sig3(out["torch_images_per_sec"])
+  assert all(map(_three_significant_digits, (jax_rate, torch_rate, ratio)))
+  assert ratio == benchmark.sig3(out["jax_images_per_sec"] / out["torch_images_per_sec"])
+  assert float(ratio) == pytest.approx(float(jax_rate) / float(torch_rate), rel=0.011)
+  assert "XLA's count of the compiled JAX step" in printed
+  assert printed.count("% of the") == 2 and "where the time goes" in printed
+  assert out["jax_tokenizer_seconds"] > 0 and out["torch_tokenizer_seconds"] > 0
+
+
+def test_the_torch_reference_loss_reads_the_masked_positions_only():
+  pytest.importorskip("dall_e")
+  torch = pytest.importorskip("torch")
+  from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, image_size=16,
+            vocab_size=64, num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=False, layer_scale_init=0.0)
+  step = torch_reference.build(
+      hf.config_json(kw), drop_path_rate=0.0,
+      tokenizer=dict(n_hid=8, n_blk_per_group=1, vocab_size=64),
+      optim=dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0),
+      autocast=None)
+  images = torch.rand(2, 3, 16, 16)
+  mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+  tokens = torch.randint(0, 64, (2, 4))
+
+  def loss(tokens):
+    with torch.no_grad():
+      return torch_reference.masked_loss(step.model, images, mask, tokens).item()
+
+  unmasked, masked = tokens.clone(), tokens.clone()
+  unmasked[~mask] = (unmasked[~mask] + 1) % 64
+  masked[0, 3] = (masked[0, 3] + 1) % 64
+  assert loss(unmasked) == loss(tokens)
+  assert loss(masked) != loss(tokens)
+
+
+def test_compare_pytorch_without_torch_is_a_one_line_error(monkeypatch):
+  import beit_jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
+  monkeypatch.delitem(sys.modules, "beit_jax.torch_reference", raising=False)
+  monkeypatch.delattr(beit_jax, "torch_reference", raising=False)
+  with pytest.raises(ConfigError) as e:
+    benchmark.compare_pytorch(_shrunk(beit_base.get_config()))
+  assert "'torch'" in str(e.value) and "pip install -r requirements-interop.txt" in str(e.value)
+  assert "\n" not in str(e.value)

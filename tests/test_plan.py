@@ -22,6 +22,7 @@ def _config(batch=8, mesh=None):
   c.tokenizer.n_blk_per_group = 1
   c.input.batch_size = batch
   c.mesh = mesh or dict(data=8, fsdp=1)
+  c.sharding.min_size = 0  # the tiny model's weights are all below the default
   return c
 
 
@@ -47,7 +48,7 @@ def test_memory_grows_with_the_batch(base):
 
 def test_fsdp_shards_parameters_and_optimizer_state(base):
   fsdp = _plan(_config(mesh=dict(data=1, fsdp=8)))
-  assert fsdp.mesh == {"data": 1, "fsdp": 8}
+  assert fsdp.mesh == {"slice": 1, "data": 1, "fsdp": 8, "tensor": 1}
   state = lambda p: p.params_bytes + p.opt_state_bytes
   assert state(fsdp) < state(base) / 4  # most leaves split 8 ways, small ones replicated
   assert fsdp.opt_state_bytes < base.opt_state_bytes
@@ -123,7 +124,7 @@ def test_compiles_for_a_tpu_slice_with_libtpu():
   target = plan.parse_topology("v5e-4")
   p = plan.make_plan(_config(batch=8, mesh=dict(data=4, fsdp=1)), target,
                      plan.tpu_devices(target), compiler="libtpu", stand_in=False)
-  assert p.mesh == {"data": 4, "fsdp": 1}
+  assert p.mesh == {"slice": 1, "data": 4, "fsdp": 1, "tensor": 1}
   assert p.memory_bytes == 16 * plan.GIB and p.peak_flops == 197e12
   assert p.flops > 0 and p.temp_bytes > 0
 

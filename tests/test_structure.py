@@ -13,7 +13,8 @@ PACKAGE = "beit_jax"
 # Pinned though never imported: what the imported packages need at run time.
 # libtpu (requirements-tpu.txt): jax loads it as its TPU plugin; `beit_jax.plan` only asks
 # whether it is installed (importlib.util.find_spec), it never imports it by name.
-RUNTIME_ONLY = {"jaxlib", "libtpu"}
+# pytest-xdist (and its execnet): the pytest plugin that runs the tests on both cores.
+RUNTIME_ONLY = {"jaxlib", "libtpu", "pytest-xdist", "execnet"}
 
 
 def _module_name(path: pathlib.Path) -> str:
