@@ -60,6 +60,15 @@ def test_fsdp_shards_parameters_and_optimizer_state(base):
     assert state(p) <= p.argument_bytes
 
 
+def test_tensor_parallelism_splits_the_state_and_each_device_s_model_flops(base):
+  tensor = _plan(_config(mesh=dict(data=4, tensor=2)))
+  assert tensor.data_parallel == 4 and base.data_parallel == 8
+  state = lambda p: p.params_bytes + p.opt_state_bytes
+  assert state(tensor) < 0.8 * state(base)  # the block matrices and the MIM head halve
+  # Twice the images per shard, each split over 2 devices: the same FLOPs per device.
+  assert tensor.model_flops == pytest.approx(base.model_flops)
+
+
 def _printed(text):
   total, memory = map(int, re.search(r"\((\d+) bytes\) of .*\((\d+) bytes", text).groups())
   verdict = re.search(r"^verdict: (fits|does not fit)", text, re.M).group(1)
