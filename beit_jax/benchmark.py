@@ -168,15 +168,21 @@ def benchmark(config, *, steps: int = 10, pipeline_batches: int = 40,
       process_index=jax.process_index())
   for _ in range(_PIPELINE_WARMUP):
     next(it)
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), time.process_time()
   for _ in range(pipeline_batches):
     next(it)
-  rate = pipeline_batches * batch_size / jax.process_count() / (time.perf_counter() - t0)
+  images = pipeline_batches * batch_size / jax.process_count()
+  rate = images / (time.perf_counter() - t0)
+  # Images per second of this process's CPU time (all its threads): what one fully used
+  # core yields, whatever else the machine runs; x a host's vCPUs: that host's ceiling.
+  per_cpu_second = images / max(time.process_time() - cpu0, 1e-9)
   # tf.data's threads run on the cores this process may use (its thread pools' default).
   cores = len(os.sched_getaffinity(0))
-  out.update(pipeline_images_per_sec=rate, pipeline_images_per_sec_per_core=rate / cores)
+  out.update(pipeline_images_per_sec=rate, pipeline_images_per_sec_per_core=rate / cores,
+             pipeline_images_per_cpu_second=per_cpu_second)
   print(f"input pipeline ({config.input.dataset}): {rate:.1f} images/s on this host, "
-        f"{rate / cores:.1f} per CPU core ({cores} cores) -- the step takes "
+        f"{rate / cores:.1f} per CPU core ({cores} cores), {per_cpu_second:.1f} per "
+        f"CPU-second used -- the step takes "
         f"{batch_size / jax.process_count() / dt:.1f} images/s per host")
   return out
 

@@ -48,6 +48,9 @@ def test_the_pipeline_rate_per_core_when_the_data_are_here(capsys):
   assert out["pipeline_images_per_sec_per_core"] == pytest.approx(
       out["pipeline_images_per_sec"] / cores)
   assert f"per CPU core ({cores} cores)" in printed
+  # Per CPU-second of the process: at most what its cores could give in the wall time.
+  assert 0 < out["pipeline_images_per_cpu_second"]
+  assert f"{out['pipeline_images_per_cpu_second']:.1f} per CPU-second used" in printed
 
 
 def test_a_config_of_another_trainer_is_a_one_line_error():
