@@ -132,3 +132,10 @@ def fused_target(abstract: Any) -> Any:
   """`abstract` with its qkv kernels fused: the target to restore an earlier checkpoint."""
   return jax.tree_util.tree_map_with_path(lambda p, x: _fuse_abstract(path_str(p), x),
                                           abstract)
+
+
+def split_fused_qkv(flat: dict[str, Any]) -> dict[str, Any]:
+  """Flat unscanned ViT params ({'blocks_0/attn/qkv/kernel': ...}) with earlier versions'
+  fused [D, 3D] qkv kernels as [D, 3, D]; the others unchanged."""
+  return {k: v.reshape(v.shape[0], 3, v.shape[1] // 3)
+          if _QKV.search(k) and _is_fused(k, tuple(v.shape)) else v for k, v in flat.items()}

@@ -43,7 +43,7 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
   what = f"{field}={path}"
   if not epath.Path(path).exists():
     raise ConfigError(f"{what} does not exist")
-  params = layout.flat(checkpoint.load_params(path))
+  params = layout.read(path)
   config_file = epath.Path(path) / "config.json"
   saved = json.loads(config_file.read_text()) if config_file.exists() else None
   m = config.model

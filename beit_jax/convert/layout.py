@@ -11,6 +11,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from beit_jax import block_layout
 from beit_jax import checkpoint
 from beit_jax.convert import common
 from beit_jax.convert import relpos
@@ -103,6 +104,11 @@ def flat(params: Any) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
+def read(path: str) -> dict[str, np.ndarray]:
+  """The flat ViT params of a beit-jax checkpoint (earlier versions' fused qkv split)."""
+  return block_layout.split_fused_qkv(flat(checkpoint.load_params(path)))
+
+
 def nested(params: dict[str, np.ndarray]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(params, sep="/")
 
@@ -177,7 +183,7 @@ def load(path: str, *, num_heads: int | None = None,
          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A beit-jax checkpoint (a converter's output or a run's workdir) and its fields."""
   what = f"beit-jax checkpoint {path}"
-  params = flat(checkpoint.load_params(path))
+  params = read(path)
   config_file = epath.Path(path) / "config.json"
   config = json.loads(config_file.read_text()) if config_file.exists() else None
   kw = infer_model_kwargs(params, what, config=config, num_heads=num_heads,
