@@ -19,13 +19,17 @@ then for each seed
   2. it and a randomly initialised twin (same architecture, same seed) are fine-tuned with
      the same recipe and budget (`trainers/finetune.py`);
   3. both are linear-probed with the same budget (`trainers/linear_probe.py`; the random
-     twin's features are those of the untrained network).
+     twin's features are those of the untrained network);
+  4. both are trained for semantic segmentation (UperNet, `trainers/segmentation.py`) on
+     `embedded:digits`' segmentation set (digits pasted onto photos, 11 classes), the same
+     recipe and budget (`--segmentation_steps`; 0 skips it), and scored by validation mIoU.
 
 Every stage is an ordinary run of this codebase in `<workdir>/...` (rerunning resumes and
 skips finished stages). `--labels=train[:10%]` fine-tunes and probes on a tenth of the labels,
 reusing the tokenizers and the pretrained models of an earlier run in the same workdir. The
-table (mean ± std over seeds of the final validation top-1, and the paired differences) is
-printed and written to `<workdir>/results.{md,json,png}`.
+table (mean ± std over seeds of the final validation top-1 and mIoU, the paired differences,
+the per-seed scores) is printed and written to `<workdir>/results.{md,json,png}`. The
+segmentation runs do not depend on `--labels`: they live in `<workdir>/seed_*` either way.
 """
 import json
 import re
@@ -43,6 +47,7 @@ from beit_jax.experiments import summary as results_table
 from configs import beit_tiny_local
 from configs import finetune_tiny_local
 from configs import linear_probe as linear_probe_config
+from configs import seg_tiny_local
 from configs import vqkd_tiny_local
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the results go.")
@@ -71,6 +76,10 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 2000, "MIM steps per se
 _MASK = flags.DEFINE_integer("mask_patches", 6, "Patches masked (blockwise) of the 4x4 grid.")
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 500, "Fine-tuning steps per run.")
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Linear probe steps per run.")
+_SEG_STEPS = flags.DEFINE_integer(
+    "segmentation_steps", 1000, "Segmentation steps per run on the pixel labels of "
+    "embedded:digits (configs/seg_tiny_local.py's recipe and budget); 0: no segmentation.",
+    lower_bound=0)
 _WIDTH = flags.DEFINE_integer("width", 64, "ViT width (4 blocks, 4 heads, 8x8 patches).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "v1: a trained dVAE (workdir) to use "
                                  "instead of training one in <workdir>/tokenizer.")
@@ -124,18 +133,22 @@ def teacher_config() -> ml_collections.ConfigDict:
   return c
 
 
+def teacher_width() -> int:
+  """The width of v2's teacher: `--teacher`'s (from its config.json, without JAX: the
+  check runs before any import or compute) or `teacher_config`'s."""
+  if not _TEACHER.value:
+    return teacher_config().model.width
+  path = epath.Path(_TEACHER.value) / "config.json"
+  if not path.exists():
+    sys.exit(f"pretraining_helps: error: --teacher={_TEACHER.value} holds no config.json; "
+             "give the workdir of a beit-jax run (e.g. <workdir>/seed_0/pretrain)")
+  return json.loads(path.read_text())["model"]["width"]
+
+
 def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
   """v2's tokenizer: distils the teacher's patch tokens on the training images."""
   steps = _TOKENIZER_STEPS.value
-  if _TEACHER.value:
-    from beit_jax import loop  # pylint: disable=g-import-not-at-top
-    if not (epath.Path(_TEACHER.value) / "config.json").exists():
-      sys.exit(f"pretraining_helps: error: --teacher={_TEACHER.value} holds no config.json; "
-               "give the workdir of a beit-jax run (e.g. <workdir>/seed_0/pretrain)")
-    teacher_width = loop.load_config(_TEACHER.value).model.width
-  else:
-    teacher_width = teacher_config().model.width
-  c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width},"
+  c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width()},"
                                  f"codes={_VOCAB.value}")
   _data(c)
   c.input.tokenizer_image_size = IMAGE_SIZE
@@ -193,29 +206,44 @@ def probe_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
   return c
 
 
+def segmentation_config(seed: int, init_from: str) -> ml_collections.ConfigDict:
+  """UperNet on the backbone, `seg_tiny_local`'s recipe: 64-px crops (the 4x4 grid's
+  relative position tables resized to 8x8) with digits 28 to 56 px across at scale 1, near
+  the 32-px pretraining images' scale; one validation, at the end."""
+  steps = _SEG_STEPS.value
+  c = seg_tiny_local.get_config(f"steps={steps},batch=16")
+  c.seed, c.init_from = seed, init_from
+  c.eval_every_steps = steps
+  _model(c)
+  c.checkpoint.update(every_steps=steps, keep=1)
+  return c
+
+
 # --------------------------------------------------------------------------- the runs
 
 
 def _settings() -> dict:
-  """The flags its runs depend on (`--labels` runs have their own folder)."""
-  return {f.name: f.value for f in (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB,
-                                    _PRETRAIN_STEPS, _MASK, _FINETUNE_STEPS, _PROBE_STEPS,
-                                    _WIDTH, _TEACHER_STEPS, _AGGREGATION, _RESTART, _TEACHER,
-                                    _TEACHER_BLOCK)}
+  """The flags its runs depend on (`--labels` runs have their own folder; without
+  segmentation, `--segmentation_steps` reuses nothing)."""
+  flags_used = (_DATASET, _TOKENIZER, _TOKENIZER_STEPS, _VOCAB, _PRETRAIN_STEPS, _MASK,
+                _FINETUNE_STEPS, _PROBE_STEPS, _WIDTH, _TEACHER_STEPS, _AGGREGATION, _RESTART,
+                _TEACHER, _TEACHER_BLOCK) + ((_SEG_STEPS,) if _SEG_STEPS.value else ())
+  return {f.name: f.value for f in flags_used}
 
 
 def check_settings(root: epath.Path) -> None:
-  """Refuses a workdir whose runs were made with other flags (they would be reused)."""
+  """Refuses a workdir whose runs were made with other flags (they would be reused). A
+  flag one of the runs does not record (a newer one) or this run does not use is not
+  compared: both are kept."""
   path, settings = root / "settings.json", _settings()
-  if path.exists():
-    before = json.loads(path.read_text())
-    changed = [f"--{k}={v!r} (this run: {settings[k]!r})" for k, v in before.items()
-               if settings.get(k) != v]
-    if changed:
-      sys.exit(f"pretraining_helps: error: {root} holds runs made with "
-               f"{', '.join(changed)}; use another --workdir for other settings")
+  before = json.loads(path.read_text()) if path.exists() else {}
+  changed = [f"--{k}={v!r} (this run: {settings[k]!r})" for k, v in before.items()
+             if k in settings and settings[k] != v]
+  if changed:
+    sys.exit(f"pretraining_helps: error: {root} holds runs made with "
+             f"{', '.join(changed)}; use another --workdir for other settings")
   root.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(settings, indent=2))
+  path.write_text(json.dumps({**before, **settings}, indent=2))
 
 
 # Where each method's runs live (v1's names predate v2: earlier workdirs are reused).
@@ -227,15 +255,18 @@ _DIRS = {"v1": dict(pretrain="pretrain", downstream="pretrained"),
 
 
 def run_experiment(workdir: str) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from beit_jax.data import classification  # pylint: disable=g-import-not-at-top
-  from beit_jax import trainers  # pylint: disable=g-import-not-at-top
   methods = tuple(_METHOD.value)
   if not methods or set(methods) - set(_DIRS):
     sys.exit(f"pretraining_helps: error: --method={','.join(methods)}: give one or both of "
              f"{', '.join(_DIRS)}")
+  if "v2" in methods:
+    teacher_width()
   root = epath.Path(workdir)
   check_settings(root)
+  # After the checks: a mistaken flag costs no JAX or TensorFlow import.
+  import jax  # pylint: disable=g-import-not-at-top
+  from beit_jax.data import classification  # pylint: disable=g-import-not-at-top
+  from beit_jax import trainers  # pylint: disable=g-import-not-at-top
   start = time.time()
   # Runs of the same shapes (the pretrained and random twins) compile once.
   jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
@@ -247,6 +278,14 @@ def run_experiment(workdir: str) -> dict:
     out = trainers.run(config, str(run_dir))
     stage_minutes[stage] = stage_minutes.get(stage, 0.0) + (time.time() - t) / 60
     return out
+
+  def downstream_run(stage, config, run_dir) -> dict:
+    """Its final validation metrics: a finished run's from its results.json (resuming it
+    would only validate again, up to a minute per run on this CPU)."""
+    results = run_dir / "results.json"
+    if results.exists() and json.loads(results.read_text())["step"] == config.total_steps:
+      return json.loads(results.read_text())
+    return timed(stage, config, run_dir)
 
   # The tokenizers, shared by all seeds.
   pretrain = {}
@@ -268,7 +307,8 @@ def run_experiment(workdir: str) -> dict:
     pretrain["v2"] = lambda seed: pretrain_v2_config(seed, vqkd, teacher)
 
   inits = ("random",) + methods
-  runs: dict[str, list[float]] = {f"{t}/{i}": [] for t in results_table.TASKS for i in inits}
+  tasks = ("finetune", "probe") + (("segment",) if _SEG_STEPS.value else ())
+  runs: dict[str, list[float]] = {f"{t}/{i}": [] for t in tasks for i in inits}
   mim = {m: {"mim_accuracy": [], "majority_baseline": []} for m in methods}
   downstream = root
   if _LABELS.value != "train":
@@ -279,28 +319,33 @@ def run_experiment(workdir: str) -> dict:
     for m in methods:
       name = _DIRS[m]["pretrain"]
       init_from[m] = str(seed_dir / name)
-      metrics = timed(f"{m} pretrain", pretrain[m](seed), init_from[m])
-      if "loss" in metrics:
-        (seed_dir / f"{name}_metrics.json").write_text(json.dumps(metrics))
-      else:  # finished earlier: its last logged values
-        metrics = json.loads((seed_dir / f"{name}_metrics.json").read_text())
+      done = seed_dir / f"{name}_metrics.json"  # its last logged values, once finished
+      if not done.exists():
+        done.write_text(json.dumps(timed(f"{m} pretrain", pretrain[m](seed), init_from[m])))
+      metrics = json.loads(done.read_text())
       for k, v in mim[m].items():  # pixels: no accuracy
         v.append(metrics.get(k, float("nan")))
     for init in inits:
       name = _DIRS[init]["downstream"] if init in _DIRS else init
-      ft = timed("finetune", finetune_config(seed, init_from[init]),
-                 downstream / f"seed_{seed}" / f"finetune_{name}")
+      ft = downstream_run("finetune", finetune_config(seed, init_from[init]),
+                          downstream / f"seed_{seed}" / f"finetune_{name}")
       runs[f"finetune/{init}"].append(ft["val_top1"])
-      probe = timed("probe", probe_config(seed, init_from[init]),
-                    downstream / f"seed_{seed}" / f"probe_{name}")
+      probe = downstream_run("probe", probe_config(seed, init_from[init]),
+                             downstream / f"seed_{seed}" / f"probe_{name}")
       runs[f"probe/{init}"].append(probe["val_top1"])
       logging.info("seed %d, %s: fine-tuned %.4f, probed %.4f", seed, init, ft["val_top1"],
                    probe["val_top1"])
+      if _SEG_STEPS.value:  # its labels are pixels, not `--labels`: one run per workdir
+        miou = downstream_run("segmentation", segmentation_config(seed, init_from[init]),
+                              seed_dir / f"segment_{name}")["val_miou"]
+        runs[f"segment/{init}"].append(miou)
+        logging.info("seed %d, %s: segmentation mIoU %.4f", seed, init, miou)
 
   summary = results_table.summarise(runs, methods)
   info = classification.dataset_info(finetune_config(0, ""))
   meta = dict(dataset=_DATASET.value, seeds=_SEEDS.value, labels=_LABELS.value,
               method=list(methods), num_train=info.num_train, num_eval=info.num_eval,
+              segmentation_steps=_SEG_STEPS.value,
               mim={m: {k: results_table.mean_std(v) for k, v in d.items()}
                    for m, d in mim.items()},
               minutes=(time.time() - start) / 60, stage_minutes=stage_minutes,
