@@ -339,6 +339,8 @@ def test_mim_run_on_gcs_init_from_keep_n_and_fallback(gcs_dir, tmp_path, caplog)
     f.write_bytes(f.read_bytes()[: f.stat().length // 2])
   config.total_steps = 8
   caplog.set_level(logging.INFO)
+  # absl's own logger too: its level is WARNING until some run in this process parses flags.
+  caplog.set_level(logging.INFO, logger="absl")
   main.run(config, run)
   assert f"Checkpoint {run}/checkpoints/6 is unreadable" in caplog.text
   assert "Resumed from step 4" in caplog.text
