@@ -12,6 +12,7 @@ import time
 
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -118,6 +119,7 @@ def _parse_main_flags(argv, monkeypatch):
   monkeypatch.chdir(ROOT)  # config paths are relative to the repo, as on every host
   # config_flags reads its `--config.*` overrides from sys.argv.
   monkeypatch.setattr(sys, "argv", ["beit_jax.main", *argv])
+  verbosity = absl_logging.get_verbosity()  # unparse_flags resets it to WARNING
   try:
     flags.FLAGS(sys.argv)
     values = {name: flags.FLAGS[name].value for name in ("workdir", "multihost")}
@@ -128,6 +130,7 @@ def _parse_main_flags(argv, monkeypatch):
     flags.FLAGS.unparse_flags()
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # defined by this parse
       delattr(flags.FLAGS, name)
+    absl_logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------- launch/tpu_vm.sh
