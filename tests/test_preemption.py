@@ -67,10 +67,13 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identical(tokenizer, uninterrupte
     run.wait_for(REPORT.replace(r"(\d+)", "4"))
     run.proc.send_signal(signal.SIGTERM)
     run.wait_for("SIGTERM: saving a checkpoint")
-    run.proc.send_signal(signal.SIGTERM)  # while it saves: must change nothing
+    # While it saves: must change nothing. On a quiet machine the tiny run may have saved
+    # and exited already; then there is no second signal to ignore.
+    alive = run.proc.poll() is None
+    run.proc.send_signal(signal.SIGTERM)
     rc, stderr = run.finish()
   assert rc == 0, stderr[-3000:]
-  assert "SIGTERM again: ignored" in stderr
+  assert "SIGTERM again: ignored" in stderr or not alive, stderr[-3000:]
   step = _preempted_step(stderr, workdir)
   assert 4 <= step < STEPS, "the SIGTERM did not land mid-run"
   assert max(int(s) for s in re.findall(REPORT, stderr)) <= step  # it stopped there
