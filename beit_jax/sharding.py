@@ -74,15 +74,13 @@ def _granules(devices: list, n: int) -> list[list]:
   devices = sorted(devices, key=lambda d: (key(d), d.id))
   size = len(devices) // n
   groups = [devices[i * size:(i + 1) * size] for i in range(n)]
-  kinds = {key(d) for d in devices}
-  if len(kinds) > 1:
-    for g in groups:  # a group must be made of whole granules
-      for k in {key(d) for d in g}:
-        if sum(key(d) == k for d in g) != sum(key(d) == k for d in devices):
-          what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes"
-          raise ConfigError(f"mesh.slice={n}: the {len(devices)} devices are in "
-                            f"{len(kinds)} {what}, which do not split into {n} equal "
-                            "groups")
+  owners = [{key(d) for d in g} for g in groups]
+  granules = set().union(*owners)
+  # One granule: the simulation above; several: none may be split between two groups.
+  if len(granules) > 1 and sum(map(len, owners)) != len(granules):
+    what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes"
+    raise ConfigError(f"mesh.slice={n}: the {len(devices)} devices are in "
+                      f"{len(granules)} {what}, which do not split into {n} equal groups")
   return groups
 
 
