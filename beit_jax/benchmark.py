@@ -249,7 +249,6 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
   ViT forward + loss, backward (forward + backward minus forward), the optimizer update
   (donated, as in the step)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from beit_jax import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax import train_state  # pylint: disable=g-import-not-at-top
   from beit_jax import mim_objective as mim  # pylint: disable=g-import-not-at-top
@@ -261,10 +260,8 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
 
   def loss_fn(params, batch, tokens):
     positions, weights = mim.masked_positions(batch["mask"], max_masked)
-    targets = jnp.take_along_axis(tokens.reshape(tokens.shape[0], -1), positions, 1)
-    out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
-                      mim_positions=positions, rngs={"dropout": rng})
-    return mim.mim_loss(out["mim_logits"], targets, weights)[0]
+    targets = mim.targets_at(batch, positions, tokens, model.patch_size)
+    return mim.objective(params, model, batch, positions, targets, weights, rng)[0]
 
   def timed(fn, *args, donate: bool = False):
     """(mean seconds, XLA FLOPs, last output) of `fn` jitted; `donate`: its first argument

@@ -1,9 +1,11 @@
 """The MIM objective: the model a MIM config describes, the masked positions its head reads,
-and the two losses (visual tokens by cross-entropy, normalised pixels by MSE).
+their targets and the loss (visual tokens by cross-entropy, normalised pixels by MSE).
 
 A library module, so that the trainer (trainers/mim.py) and the benchmark's per-part timing
-share one definition.
+run the same loss.
 """
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -79,3 +81,32 @@ def masked_positions(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """
   order = jnp.argsort(~mask, axis=1, stable=True)[:, :k]  # [B, K], masked first
   return order.astype(jnp.int32), jnp.take_along_axis(mask, order, 1).astype(jnp.float32)
+
+
+def targets_at(batch: dict[str, jax.Array], positions: jax.Array, tokens: jax.Array | None,
+               patch_size: int) -> jax.Array:
+  """What the head predicts at `positions` [B, K]: the visual tokens [B, K] of view 2
+  (`tokens` [B, h, w], the tokenizer's output), or with `tokens=None` the normalised pixels
+  [B, K, P] of view 1's patches."""
+  if tokens is None:
+    pixels = patch_pixels(batch["image"], patch_size)  # [B, N, P]
+    return jnp.take_along_axis(pixels, positions[..., None], 1)
+  return jnp.take_along_axis(tokens.reshape(tokens.shape[0], -1), positions, 1)
+
+
+def objective(params: Any, model: vit.VisionTransformer, batch: dict[str, jax.Array],
+              positions: jax.Array, targets: jax.Array, weights: jax.Array, rng: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The MIM loss of `params` on `batch` and its metrics; BEiT v2 (`mim_logits_c`):
+  L_MIM + L_MIM^c, unweighted."""
+  loss_of: Callable = pixel_loss if targets.ndim == 3 else mim_loss
+  out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
+                    mim_positions=positions, rngs={"dropout": rng})
+  loss, metrics = loss_of(out["mim_logits"], targets, weights)
+  if "mim_logits_c" in out:
+    loss_c, metrics_c = loss_of(out["mim_logits_c"], targets, weights)
+    loss = loss + loss_c
+    metrics.update(loss=loss, loss_mim=metrics["loss"], loss_mim_c=loss_c)
+    if "mim_accuracy" in metrics_c:
+      metrics["mim_accuracy_c"] = metrics_c["mim_accuracy"]
+  return loss, metrics

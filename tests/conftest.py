@@ -33,10 +33,10 @@ def pretrained(tmp_path_factory):
   import numpy as np
   from flax import traverse_util
   from beit_jax import checkpoint
-  from beit_jax.trainers import mim
+  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config
   config = tiny_config()
-  model = mim.make_model(config)
+  model = mim_objective.make_model(config)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                           jnp.zeros((1, 16), bool))["params"]
   rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ from beit_jax.convert.__main__ import main
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 from beit_jax.models import vit
-from beit_jax.trainers import mim
+from beit_jax import mim_objective
 from tests.tiny_config import tiny_config
 
 HF_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -217,7 +217,7 @@ def test_converted_checkpoint_fits_the_mim_model_its_flags_describe(tmp_path):
            use_shared_rel_pos_bias=False)
   layout.save(str(tmp_path / "ckpt"), _random_vit_params(kw), kw, "test")
   loaded = checkpoint.load_params(str(tmp_path / "ckpt"))
-  model = mim.make_model(_with_flags(tiny_config(), layout.config_flags(kw)))
+  model = mim_objective.make_model(_with_flags(tiny_config(), layout.config_flags(kw)))
   want = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                         jnp.zeros((1, N), bool))["params"]
   assert jax.tree.structure(loaded) == jax.tree.structure(want)

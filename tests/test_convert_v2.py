@@ -25,6 +25,7 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models import vqkd as vqkd_model
 from beit_jax.trainers import mim
+from beit_jax import mim_objective
 from configs import vqkd_clip_base
 from tests.tiny_config import tiny_config
 
@@ -196,7 +197,7 @@ def test_v2_pretraining_checkpoint_keeps_its_decoder_and_matches_torch(tmp_path,
   config = tiny_config()
   config.model.patch_aggregation = dict(layer=9, depth=5)
   config = _apply_flags(config, printed, "the matching model:")
-  model = mim.make_model(config, train=False)
+  model = mim_objective.make_model(config, train=False)
   images, mask = _inputs()
   init = jax.jit(model.init)(jax.random.key(0), jnp.asarray(images), jnp.asarray(mask))[
       "params"]

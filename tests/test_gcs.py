@@ -294,9 +294,9 @@ def _flat(params) -> dict:
 
 def _random_vit(config, path: str) -> dict:
   """Random params of the MIM model of `config`, saved at `path` (for `init_from`)."""
-  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
-  shapes = jax.eval_shape(lambda: mim.make_model(config).init(
+  shapes = jax.eval_shape(lambda: mim_objective.make_model(config).init(
       {"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)),
       jnp.zeros((1, grid * grid), bool)))["params"]
   rng = np.random.default_rng(1)

@@ -10,6 +10,7 @@ from beit_jax import sharding
 from beit_jax import tokenizers
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import mim
+from beit_jax import mim_objective
 from tests.tiny_config import tiny_config
 
 
@@ -21,10 +22,10 @@ def test_mim_loss_is_mean_over_exactly_the_masked_positions():
     mask[i, rng.choice(n, count, replace=False)] = True
   logits_all = jnp.asarray(rng.normal(size=(b, n, v)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, v, size=(b, n)), jnp.int32)
-  positions, weights = mim.masked_positions(jnp.asarray(mask), k)
+  positions, weights = mim_objective.masked_positions(jnp.asarray(mask), k)
   logits = jnp.take_along_axis(logits_all, positions[..., None], 1)
   targets = jnp.take_along_axis(tokens, positions, 1)
-  loss, metrics = mim.mim_loss(logits, targets, weights)
+  loss, metrics = mim_objective.mim_loss(logits, targets, weights)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_all, tokens)
   np.testing.assert_allclose(loss, ce[mask].mean(), rtol=1e-6)
   assert float(metrics["masked_per_image"]) == pytest.approx(14 / 3)

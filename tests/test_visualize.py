@@ -18,7 +18,7 @@ from beit_jax import visuals
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
-from beit_jax.trainers import mim
+from beit_jax import mim_objective
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory):
   """A run's workdir without training: random ViT params, random dVAE in tokenizer/."""
   config = tiny_config()
   root = tmp_path_factory.mktemp("run")
-  model = mim.make_model(config, train=False)
+  model = mim_objective.make_model(config, train=False)
   params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
   # Zero init leaves the relative position bias out of the test; make it matter.
   params["rel_pos_bias"]["relative_position_bias_table"] = jax.random.normal(

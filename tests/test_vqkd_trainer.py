@@ -429,13 +429,13 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
   the token map of its VQ-KD tokenizer, through `python -m beit_jax.visualize`'s `run`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from beit_jax import visualize  # pylint: disable=g-import-not-at-top
-  from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
+  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   vq_config, _, tok_params, _ = saved
   config = tiny_config()
   config.tokenizer = vq_config.tokenizer.copy_and_resolve_references()
   config.model.patch_aggregation = dict(layer=1, depth=1)
-  model = mim.make_model(config, train=False)
+  model = mim_objective.make_model(config, train=False)
   params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   assert "cls_pt_layers_0" in params
   root = tmp_path / "run"

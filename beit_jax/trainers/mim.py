@@ -22,10 +22,9 @@ from beit_jax import checkpoint
 from beit_jax.mim_objective import MIM_TARGETS
 from beit_jax.mim_objective import make_model
 from beit_jax.mim_objective import masked_positions
-from beit_jax.mim_objective import mim_loss
-from beit_jax.mim_objective import patch_pixels
-from beit_jax.mim_objective import pixel_loss
+from beit_jax.mim_objective import objective
 from beit_jax.mim_objective import predicts_pixels
+from beit_jax.mim_objective import targets_at
 from beit_jax import optim
 from beit_jax import runner
 from beit_jax import sharding
@@ -125,29 +124,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   `tokenize=None`: predict the masked patches' normalised pixels of view 1 instead.
   """
   positions, weights = masked_positions(batch["mask"], max_masked)
-  if tokenize is None:
-    pixels = patch_pixels(batch["image"], model.patch_size)  # [B, N, P]
-    targets = jnp.take_along_axis(pixels, positions[..., None], 1)  # [B, K, P]
-    loss_of = pixel_loss
-  else:
-    tokens = tokenize(tok_params, batch["tokenizer_image"])  # [B, h, w]
-    tokens = tokens.reshape(tokens.shape[0], -1)  # [B, N]
-    targets = jnp.take_along_axis(tokens, positions, 1)  # [B, K]
-    loss_of = mim_loss
-
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
-                      mim_positions=positions, rngs={"dropout": rng})
-    loss, metrics = loss_of(out["mim_logits"], targets, weights)
-    if "mim_logits_c" in out:  # BEiT v2: L_MIM + L_MIM^c, unweighted
-      loss_c, metrics_c = loss_of(out["mim_logits_c"], targets, weights)
-      loss = loss + loss_c
-      metrics.update(loss=loss, loss_mim=metrics["loss"], loss_mim_c=loss_c)
-      if "mim_accuracy" in metrics_c:
-        metrics["mim_accuracy_c"] = metrics_c["mim_accuracy"]
-    return loss, metrics
-
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  tokens = None if tokenize is None else tokenize(tok_params, batch["tokenizer_image"])
+  targets = targets_at(batch, positions, tokens, model.patch_size)  # [B, K] or [B, K, P]
+  (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+      state.params, model, batch, positions, targets, weights, rng)
   new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
   metrics.update(update_metrics)
   metrics.update(param_norm=optax.global_norm(new_state.params),
