@@ -1,14 +1,33 @@
-"""Test set-up: 8 fake CPU devices (so sharding tests run anywhere), quiet TF, the
-optional PyTorch packages as fixtures (their tests skip without them), and a pretraining
-checkpoint the fine-tuning and segmentation tests start from."""
+"""Test set-up: 8 fake CPU devices (so sharding tests run anywhere), quiet TF, one XLA
+compilation cache for the session, the optional PyTorch packages as fixtures (their tests
+skip without them), and a pretraining checkpoint the fine-tuning and segmentation tests
+start from."""
 import os
+import tempfile
 
 import pytest
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before jax is imported anywhere. LLVM's optimisations off: they double the
+# compile time of the tests' tiny programs (most of a run's time) and change no result a
+# test compares (the runs it compares are compiled alike); `runs.cpu_env` passes them on.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The end-to-end tests start dozens of runs of the same tiny configs, each compiling the same
+# steps (a third of a run's time): every worker and every run it starts shares JAX's
+# persistent cache (keyed by the program, the flags and the versions, so a hit is the same
+# executable; an unreadable entry is recompiled).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "beit_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_collection_modifyitems(items):
+  """Files with end-to-end (slow) tests first: with `--dist loadfile` and no reordering by
+  test count (pytest.ini), the two workers then do not end on one long file each."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="module")

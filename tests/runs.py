@@ -30,9 +30,12 @@ def main_command(workdir, tokenizer, steps: int, *flags: str) -> list[str]:
 
 
 def cpu_env(devices: int) -> dict[str, str]:
-  """The environment of a subprocess on `devices` (fake) CPU devices."""
+  """The environment of a subprocess on `devices` (fake) CPU devices, with the tests' other
+  XLA flags (conftest.py)."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", "")).split()
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
 
 
 def free_port() -> int:

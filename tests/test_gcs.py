@@ -26,6 +26,7 @@ from etils import epath
 from beit_jax import checkpoint
 from beit_jax.errors import ConfigError
 from tests import gcs_emulator as gcs_emulator_module
+from tests import runs
 from tests.gcs_emulator import gcs_bucket, gcs_dir, gcs_emulator  # noqa: F401  pylint: disable=unused-import
 
 for _needed in ("gcp_storage_emulator", "gcsfs"):
@@ -372,7 +373,7 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   """tests/test_resume.py with --workdir=gs://: the CLI killed after its first checkpoint."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # os.environ: the fixture's
+  env = runs.cpu_env(1)  # os.environ holds the fixture's emulator address
   tok = _random_tokenizer(str(tmp_path / "tok"))
   steps = 8
   straight = subprocess.Popen(_cli(tmp_path / "straight", tok, steps), cwd=_REPO, env=env,

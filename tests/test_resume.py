@@ -1,5 +1,4 @@
 """Kill a run with SIGKILL mid-way, rerun the same command: bit-identical to no crash."""
-import os
 import subprocess
 
 import pytest
@@ -16,7 +15,7 @@ def _cli(workdir, tokenizer, steps):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = runs.cpu_env(1)
   # Stage 1 once; both runs predict the same frozen tokenizer.
   tok = tmp_path / "tok"
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
