@@ -32,7 +32,6 @@ from tests.gcs_emulator import gcs_bucket, gcs_dir, gcs_emulator  # noqa: F401  
 for _needed in ("gcp_storage_emulator", "gcsfs"):
   pytest.importorskip(_needed, reason="pip install -r requirements-gcs-test.txt")
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(seed: int) -> dict:
@@ -239,12 +238,12 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
   """
   if not _netns_available():
     pytest.skip("needs `unshare -n` (root) to keep TensorFlow off the network")
-  env = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=runs.ROOT, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   try:
     proc = subprocess.run(
         ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1"',
          sys.executable, _TF_PROBE],
-        cwd=_REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+        cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
   except subprocess.TimeoutExpired:
     pytest.fail("TensorFlow's GCS filesystem hung for 120 s (no network)")
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -376,10 +375,10 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   env = runs.cpu_env(1)  # os.environ holds the fixture's emulator address
   tok = _random_tokenizer(str(tmp_path / "tok"))
   steps = 8
-  straight = subprocess.Popen(_cli(tmp_path / "straight", tok, steps), cwd=_REPO, env=env,
+  straight = subprocess.Popen(_cli(tmp_path / "straight", tok, steps), cwd=runs.ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   crashed = f"{gcs_dir}/crashed"
-  proc = subprocess.Popen(_cli(crashed, tok, steps), cwd=_REPO, env=env,
+  proc = subprocess.Popen(_cli(crashed, tok, steps), cwd=runs.ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   ckpts = epath.Path(crashed) / "checkpoints"
@@ -395,7 +394,7 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   listed = sorted(p.name for p in ckpts.iterdir())
   saved = checkpoint.make_manager(crashed, every_steps=2, keep=2).all_steps()
   assert saved and max(saved) < steps, f"the kill did not land mid-run: {saved}, {listed}"
-  rerun = subprocess.run(_cli(crashed, tok, steps), cwd=_REPO, env=env, capture_output=True,
+  rerun = subprocess.run(_cli(crashed, tok, steps), cwd=runs.ROOT, env=env, capture_output=True,
                          text=True, timeout=600, check=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   said = [l for l in rerun.stderr.splitlines() if "esumed" in l or "nreadable" in l]

@@ -1,6 +1,5 @@
 """The pretrained-vs-random experiment: its summary, and a tiny run of it from the command line."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,6 @@ import pytest
 from beit_jax.experiments import summary as results_table
 from tests import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One device, as the experiment runs: with conftest's 8 host devices on 2 busy cores, the
 # segmentation evaluation's all-gather stalled past XLA's 40 s rendezvous limit (abort).
 ONE_DEVICE = runs.cpu_env(1)
@@ -60,7 +58,7 @@ def test_tiny_experiment_then_fewer_labels_reusing_pretraining(tmp_path):
          f"--workdir={workdir}", "--seeds=1", "--tokenizer_steps=2", "--pretrain_steps=2",
          "--finetune_steps=2", "--probe_steps=2", "--teacher_steps=2", "--width=32",
          "--segmentation_steps=2", *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=ONE_DEVICE)
+        cwd=runs.ROOT, capture_output=True, text=True, timeout=900, check=False, env=ONE_DEVICE)
     assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
     return proc.stderr if fails else proc.stdout
 
