@@ -257,19 +257,6 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
 # --------------------------------------------------------------------------- runs through main
 
 
-def _random_tokenizer(path: str) -> str:
-  """A dVAE of tests/tiny_config.py with random params, saved as a beit-jax checkpoint."""
-  from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
-  model = tokenizers.build(tiny_config().tokenizer).model
-  shapes = jax.eval_shape(lambda: model.init(  # shapes only: an eager init takes a minute
-      {"params": jax.random.key(0), "gumbel": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)),
-      temperature=1.0))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  return checkpoint.save_params(path, params)
-
-
 def _gcs_events(workdir: str, local: str, tag: str) -> list[int]:
   """Steps of scalar `tag` in the gs:// workdir's event files (read back by TensorBoard)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -311,7 +298,7 @@ def test_mim_run_on_gcs_init_from_keep_n_and_fallback(gcs_dir, tmp_path, caplog)
   from beit_jax import main  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  config.tokenizer.init_from = _random_tokenizer(f"{gcs_dir}/tok")
+  config.tokenizer.init_from = runs.random_tokenizer(f"{gcs_dir}/tok")
   source = _random_vit(config, f"{gcs_dir}/init")
   config.init_from = f"{gcs_dir}/init"
   config.checkpoint = dict(every_steps=2, keep=2)
@@ -373,7 +360,7 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   env = runs.cpu_env(1)  # os.environ holds the fixture's emulator address
-  tok = _random_tokenizer(str(tmp_path / "tok"))
+  tok = runs.random_tokenizer(str(tmp_path / "tok"))
   steps = 8
   straight = subprocess.Popen(_cli(tmp_path / "straight", tok, steps), cwd=runs.ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
