@@ -14,7 +14,9 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import runs
+
+ROOT = runs.ROOT
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith((".sh", ".sbatch")))
 
@@ -350,7 +352,7 @@ def test_slurm_environment_joins_two_processes_into_one_run(tmp_path):
   port = _free_slurm_port()
   job_id = port - 61440 + 4096  # jax: port = 61440 + job_id % 4096
   env = _slurm_env(tmp_path, FAKE_SRUN, job_id, ntasks=2, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                   XLA_FLAGS=runs.cpu_env(2)["XLA_FLAGS"])
   # A bad value that main reports only after jax.distributed.initialize(): both processes
   # join, say so, then stop with the one-line error, without compiling anything.
   proc = subprocess.run(
