@@ -34,6 +34,8 @@ def test_beit_base_without_imagenet_times_the_step_and_skips_the_pipeline(tmp_pa
   assert "pipeline_images_per_sec" not in out
   assert f"{out['images_per_sec']:.1f} images/s" in printed
   assert "% of ceiling" in printed
+  assert f"host: CPU {benchmark.sig3(out['cpu_seconds_per_step'])} s per step" in printed
+  assert 0 <= out["kernel_seconds_per_step"] <= out["cpu_seconds_per_step"]
   skipped = [line for line in printed.splitlines() if line.startswith("input pipeline")]
   assert len(skipped) == 1 and "skipped" in skipped[0]
   assert "tfds:imagenet2012" in skipped[0] and str(tmp_path) in skipped[0]
@@ -99,42 +101,27 @@ def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(tmp_path,
   assert "XLA's count of the compiled JAX step" in printed
   assert printed.count("% of the") == 2 and "where the time goes" in printed
   assert out["jax_tokenizer_seconds"] > 0 and out["torch_tokenizer_seconds"] > 0
+  for name, key in (("JAX", "jax"), ("PyTorch", "torch")):  # one step each: its time, its costs
+    line = re.search(rf"{name} +steps (\S+) s; CPU (\S+) s per step, (\d+)% of it in the "
+                     r"kernel; ([\d,]+) minor page faults", printed)
+    assert line, printed
+    assert line.group(1) == benchmark.sig3(8 / out[f"{key}_images_per_sec"])  # batch 8
+    assert line.group(2) == benchmark.sig3(out[f"{key}_cpu_seconds"])
+    assert line.group(4).replace(",", "") == f"{out[f'{key}_page_faults']:.0f}"
 
 
-def test_the_torch_reference_loss_reads_the_masked_positions_only():
-  pytest.importorskip("dall_e")
-  torch = pytest.importorskip("torch")
-  from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
-  from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
-  kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, image_size=16,
-            vocab_size=64, num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=False,
-            use_shared_rel_pos_bias=False, layer_scale_init=0.0)
-  step = torch_reference.build(
-      hf.config_json(kw), drop_path_rate=0.0,
-      tokenizer=dict(n_hid=8, n_blk_per_group=1, vocab_size=64),
-      optim=dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0),
-      autocast=None)
-  images = torch.rand(2, 3, 16, 16)
-  mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
-  tokens = torch.randint(0, 64, (2, 4))
+def test_host_cost_counts_the_first_touches_of_fresh_memory():
+  import mmap  # pylint: disable=g-import-not-at-top
+  pages = 16384  # 64 MiB of anonymous memory, not advised to use huge pages
 
-  def loss(tokens):
-    with torch.no_grad():
-      return torch_reference.masked_loss(step.model, images, mask, tokens).item()
+  def touch_each_page():
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+      for i in range(pages):
+        m[i * mmap.PAGESIZE] = 1
+    return pages
 
-  unmasked, masked = tokens.clone(), tokens.clone()
-  unmasked[~mask] = (unmasked[~mask] + 1) % 64
-  masked[0, 3] = (masked[0, 3] + 1) % 64
-  assert loss(unmasked) == loss(tokens)
-  assert loss(masked) != loss(tokens)
-
-
-def test_compare_pytorch_without_torch_is_a_one_line_error(monkeypatch):
-  import beit_jax  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
-  monkeypatch.delitem(sys.modules, "beit_jax.torch_reference", raising=False)
-  monkeypatch.delattr(beit_jax, "torch_reference", raising=False)
-  with pytest.raises(ConfigError) as e:
-    benchmark.compare_pytorch(_shrunk(beit_base.get_config()))
-  assert "'torch'" in str(e.value) and "pip install -r requirements-interop.txt" in str(e.value)
-  assert "\n" not in str(e.value)
+  touched, wall, cpu, kernel, faults = benchmark._host_cost(touch_each_page)  # pylint: disable=protected-access
+  assert touched == pages and wall > 0 and cpu >= kernel >= 0
+  assert faults >= pages  # each page faulted in on its first write
+  _, _, _, _, idle = benchmark._host_cost(lambda: sum(range(1000)))  # pylint: disable=protected-access
+  assert idle < 100
