@@ -4,7 +4,6 @@ both steps' rates and their ratio, its PyTorch step's loss reads the masked posi
 only, and without torch it is a one-line error."""
 import os
 import re
-import sys
 
 import pytest
 
