@@ -38,6 +38,9 @@ _PIPELINE_WARMUP = 10
 # Matmuls per ceiling sample of --compare-pytorch: about a second at 2048^2, so that load from
 # elsewhere averages out as over the steps it sits between.
 _CEILING_REPEATS = 10
+# Untimed rounds (a JAX step, then a PyTorch step) before --compare-pytorch times: the first
+# rounds also grow the host allocator's heaps (page faults a long run pays once).
+_WARMUP_ROUNDS = 2
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
@@ -331,8 +334,9 @@ def compare_pytorch(config, *, steps: int = 3, matmul_size: int = 2048) -> dict[
     b.state, metrics = compiled(b.state, b.batch, b.tok_params)
     return jax.block_until_ready(metrics)
 
-  jax_step()  # warm-up, each
-  ref(**torch_batch)
+  for _ in range(_WARMUP_ROUNDS):
+    jax_step()
+    ref(**torch_batch)
   # [steps] of (wall s, CPU s, kernel s, page faults) each, and torch's phases per step
   jax_costs, torch_costs, torch_phases, ceilings, torch_ceilings = [], [], [], [], []
   for _ in range(steps):  # in turns, each with its ceiling: load from elsewhere hits all alike
@@ -354,7 +358,7 @@ def compare_pytorch(config, *, steps: int = 3, matmul_size: int = 2048) -> dict[
   out["ratio"] = out["jax_images_per_sec"] / out["torch_images_per_sec"]
   autocast = "" if dtype == "float32" else f", torch autocast {dtype}"
   print(f"{dtype}{autocast}: batch {batch_size}, {steps} steps of each in turns "
-        f"(after one warm-up each)")
+        f"(after {_WARMUP_ROUNDS} warm-up rounds)")
   for name, dt, achieved, ceil, whose in (
       ("JAX    ", jax_dt, out["jax_flops_per_sec"], ceiling, "jnp"),
       ("PyTorch", torch_dt, out["torch_flops_per_sec"], torch_ceiling, "torch")):
