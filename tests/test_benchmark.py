@@ -4,6 +4,7 @@ both steps' rates and their ratio, its PyTorch step's loss reads the masked posi
 only, and without torch it is a one-line error."""
 import os
 import re
+import sys
 
 import pytest
 
@@ -124,3 +125,42 @@ def test_host_cost_counts_the_first_touches_of_fresh_memory():
   assert faults >= pages  # each page faulted in on its first write
   _, _, _, _, idle = benchmark._host_cost(lambda: sum(range(1000)))  # pylint: disable=protected-access
   assert idle < 100
+
+
+def test_the_torch_reference_loss_reads_the_masked_positions_only():
+  pytest.importorskip("dall_e")
+  torch = pytest.importorskip("torch")
+  from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, image_size=16,
+            vocab_size=64, num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=False, layer_scale_init=0.0)
+  step = torch_reference.build(
+      hf.config_json(kw), drop_path_rate=0.0,
+      tokenizer=dict(n_hid=8, n_blk_per_group=1, vocab_size=64),
+      optim=dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0),
+      autocast=None)
+  images = torch.rand(2, 3, 16, 16)
+  mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+  tokens = torch.randint(0, 64, (2, 4))
+
+  def loss(tokens):
+    with torch.no_grad():
+      return torch_reference.masked_loss(step.model, images, mask, tokens).item()
+
+  unmasked, masked = tokens.clone(), tokens.clone()
+  unmasked[~mask] = (unmasked[~mask] + 1) % 64
+  masked[0, 3] = (masked[0, 3] + 1) % 64
+  assert loss(unmasked) == loss(tokens)
+  assert loss(masked) != loss(tokens)
+
+
+def test_compare_pytorch_without_torch_is_a_one_line_error(monkeypatch):
+  import beit_jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
+  monkeypatch.delitem(sys.modules, "beit_jax.torch_reference", raising=False)
+  monkeypatch.delattr(beit_jax, "torch_reference", raising=False)
+  with pytest.raises(ConfigError) as e:
+    benchmark.compare_pytorch(_shrunk(beit_base.get_config()))
+  assert "'torch'" in str(e.value) and "pip install -r requirements-interop.txt" in str(e.value)
+  assert "\n" not in str(e.value)
