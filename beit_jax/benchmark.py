@@ -23,7 +23,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -145,18 +145,18 @@ def benchmark(config, *, steps: int = 10, pipeline_batches: int = 40,
     for _ in range(steps):
       state_, metrics_ = compiled(state_, b.batch, b.tok_params)
     return jax.block_until_ready(metrics_)
-  _, dt, cpu, kernel, faults = _host_cost(run)
-  dt, cpu, kernel, faults = dt / steps, cpu / steps, kernel / steps, faults / steps
+  cost = HostCost(*(x / steps for x in _host_cost(run)[1]))  # per step
+  dt = cost.wall
   achieved = flops / dt
   ceiling = hardware.matmul_ceiling(matmul_size, jnp.dtype(config.model.dtype))
   out = dict(step_seconds=dt, images_per_sec=batch_size / dt, flops_per_step=flops,
-             ceiling_flops=ceiling, cpu_seconds_per_step=cpu, kernel_seconds_per_step=kernel,
-             page_faults_per_step=faults)
+             ceiling_flops=ceiling, cpu_seconds_per_step=cost.cpu,
+             kernel_seconds_per_step=cost.kernel, page_faults_per_step=cost.faults)
   print(f"train step: {dt * 1e3:.1f} ms, {batch_size / dt:.1f} images/s "
         f"({batch_size / dt / jax.device_count():.1f} per device)")
   print(f"  {flops / 1e9:.2f} GFLOP per step per device (XLA count), "
         f"{achieved / 1e9:.2f} GFLOP/s per device")
-  print(f"  host: {_host_line(cpu, kernel, faults)}")
+  print(f"  host: {_host_line(cost)}")
   print(f"  matmul ceiling ({matmul_size}^2, {config.model.dtype}): {ceiling / 1e9:.2f} "
         f"GFLOP/s -> step at {100 * achieved / ceiling:.1f}% of ceiling")
   known = hardware.known_device(jax.devices()[0].device_kind)
@@ -202,23 +202,32 @@ def sig3(x: float) -> str:
   return f"{x:.{max(2 - math.floor(math.log10(abs(x))), 0)}f}" if x else "0.00"
 
 
-def _host_cost(fn):
-  """Runs `fn`; returns its result, the wall seconds, and over the call the process's CPU
-  seconds (all threads), the kernel's part of them and its minor page faults: on CPU, the
-  kernel's part of a step is mostly first touches of memory that the allocator handed back
-  to the OS (README, "Host memory on CPU")."""
+class HostCost(NamedTuple):
+  """A call's wall seconds, and over it the process's CPU seconds (all threads), the
+  kernel's part of them and its minor page faults: on CPU, the kernel's part of a step is
+  mostly first touches of memory that the allocator handed back to the OS (README, "Host
+  memory on CPU")."""
+  wall: float
+  cpu: float
+  kernel: float
+  faults: float
+
+
+def _host_cost(fn) -> tuple[Any, HostCost]:
+  """`fn()` and what the call cost the host."""
   import resource  # pylint: disable=g-import-not-at-top
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   out = fn()
   dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
   kernel = r1.ru_stime - r0.ru_stime
-  return out, dt, r1.ru_utime - r0.ru_utime + kernel, kernel, r1.ru_minflt - r0.ru_minflt
+  return out, HostCost(dt, r1.ru_utime - r0.ru_utime + kernel, kernel,
+                       r1.ru_minflt - r0.ru_minflt)
 
 
-def _host_line(cpu: float, kernel: float, faults: float) -> str:
-  return (f"CPU {sig3(cpu)} s per step, {100 * kernel / max(cpu, 1e-9):.0f}% of it in the "
-          f"kernel; {faults:,.0f} minor page faults per step "
-          f"({sig3(faults * 4096 / 2**30)} GiB of 4 KiB pages)")
+def _host_line(c: HostCost) -> str:
+  return (f"CPU {sig3(c.cpu)} s per step, {100 * c.kernel / max(c.cpu, 1e-9):.0f}% of it in "
+          f"the kernel; {c.faults:,.0f} minor page faults per step "
+          f"({sig3(c.faults * 4096 / 2**30)} GiB of 4 KiB pages)")
 
 
 def _import_torch_reference():
@@ -337,16 +346,15 @@ def compare_pytorch(config, *, steps: int = 3, matmul_size: int = 2048) -> dict[
   for _ in range(_WARMUP_ROUNDS):
     jax_step()
     ref(**torch_batch)
-  # [steps] of (wall s, CPU s, kernel s, page faults) each, and torch's phases per step
   jax_costs, torch_costs, torch_phases, ceilings, torch_ceilings = [], [], [], [], []
   for _ in range(steps):  # in turns, each with its ceiling: load from elsewhere hits all alike
-    jax_costs.append(_host_cost(jax_step)[1:])
+    jax_costs.append(_host_cost(jax_step)[1])
     ceilings.append(hardware.matmul_ceiling(matmul_size, jnp.dtype(dtype), _CEILING_REPEATS))
-    phases, *cost = _host_cost(lambda: ref(**torch_batch))
+    phases, cost = _host_cost(lambda: ref(**torch_batch))
     torch_costs.append(cost)
     torch_phases.append(phases)
     torch_ceilings.append(torch_reference.matmul_ceiling(matmul_size, dtype, _CEILING_REPEATS))
-  jax_times, torch_times = [c[0] for c in jax_costs], [c[0] for c in torch_costs]
+  jax_times, torch_times = [c.wall for c in jax_costs], [c.wall for c in torch_costs]
 
   flops = b.flops * jax.device_count()  # the whole batch's
   jax_dt, torch_dt = float(np.mean(jax_times)), float(np.mean(torch_times))
@@ -368,11 +376,10 @@ def compare_pytorch(config, *, steps: int = 3, matmul_size: int = 2048) -> dict[
           f"each step)")
   for name, key, times, costs in (("JAX", "jax", jax_times, jax_costs),
                                   ("PyTorch", "torch", torch_times, torch_costs)):
-    _, cpu, kernel, faults = map(float, np.mean(costs, axis=0))
-    out.update({f"{key}_cpu_seconds": cpu, f"{key}_kernel_seconds": kernel,
-                f"{key}_page_faults": faults})
-    print(f"  {name:<7} steps {', '.join(sig3(t) for t in times)} s; "
-          f"{_host_line(cpu, kernel, faults)}")
+    mean = HostCost(*map(float, np.mean(costs, axis=0)))
+    out.update({f"{key}_cpu_seconds": mean.cpu, f"{key}_kernel_seconds": mean.kernel,
+                f"{key}_page_faults": mean.faults})
+    print(f"  {name:<7} steps {', '.join(sig3(t) for t in times)} s; {_host_line(mean)}")
   print(f"  JAX/PyTorch: {sig3(out['ratio'])}x")
   print(f"  FLOP/s of both: XLA's count of the compiled JAX step, {sig3(flops / 1e9)} GFLOP "
         f"per step, over each one's step time: the two do the same work")

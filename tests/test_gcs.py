@@ -33,7 +33,6 @@ for _needed in ("gcp_storage_emulator", "gcsfs"):
   pytest.importorskip(_needed, reason="pip install -r requirements-gcs-test.txt")
 
 
-
 def _state(seed: int) -> dict:
   return {"params": {"dense": {"kernel": jax.random.normal(jax.random.key(seed), (4, 8)),
                                "bias": jnp.arange(8.0) + seed}},
