@@ -2,7 +2,9 @@ r"""BEiT-L/16 v1 pretraining on ImageNet-1K (unilm's large settings; docs/refere
 
 Shared relative position bias, LayerScale init 1e-5, drop path 0.1; otherwise the
 base recipe. Parameters and optimizer state are sharded over an `fsdp` mesh axis and
-blocks are rematerialised, so the 2048 batch fits on a v4/v5 pod slice.
+blocks are rematerialised, so that the 2048 batch fits a pod slice: compiled by the plan
+tool, it fits a v5e-64 slice, and a v4-32 one with `model.scan_layers` (docs/scaling.md).
+Args: `variant`, `fsdp` (default 8), `tensor` (default 1).
 """
 from configs import common
 

@@ -3,7 +3,7 @@ r"""BEiT v2 ViT-L/16 pretraining on ImageNet-1K, unilm beit2's recipe (docs/refe
 configs/beitv2_base.py with ViT-L/16: LayerScale init 1e-5, patch aggregation of block 21
 (`--early_layers 21 --head_layers 2`), the same VQ-KD tokenizer (ViT-B/16 encoder);
 parameters and optimizer state sharded over an `fsdp` mesh axis, blocks rematerialised.
-Args `epochs=300|1600` as for the base config, `fsdp`.
+Args `epochs=300|1600` as for the base config, `fsdp` (default 8) and `tensor` (default 1).
 """
 from configs import beitv2_base
 from configs import common

@@ -2,7 +2,8 @@ r"""BEiT v2 pretraining on the photos bundled with scikit-image/scikit-learn, on
 
   python -m beit_jax.main --config=configs/beitv2_tiny_local.py --workdir=/tmp/beitv2_tiny
 
-runs the three stages, each resumable, in about 10 minutes on 2 cores: the teacher (a ViT
+runs the three stages, each resumable, in about 10 minutes on 2 CPU cores (about 4, 1 and
+5 minutes; docs/beit_v2.md): the teacher (a ViT
 trained with the photos' labels, `<workdir>/tokenizer/teacher`), the VQ-KD tokenizer
 against it (`<workdir>/tokenizer`), then v2 pretraining (`<workdir>`).
 `--config.tokenizer.init_from=<a VQ-KD workdir>` skips the first two,

@@ -2,12 +2,16 @@ r"""BEiT-L/16 + UperNet on ADE20K, unilm's large recipe (docs/reference.md §6).
 
   python -m beit_jax.main --config=configs/seg_ade20k_large.py --workdir=gs://BUCKET/seg_large \
       --config.init_from=gs://BUCKET/beit_large \
-      --config.input.data_dir=gs://BUCKET/tensorflow_datasets
+      --config.input.dataset=folder:gs://BUCKET/ADEChallengeData2016
 
 unilm's `upernet_beit_large_24_512_slide_160k_ade20k_pt2ft.py`: as the base recipe
 (`configs/seg_ade20k_base.py`) with the features of blocks 7, 11, 15, 23, UperNet with 1024
 channels, drop path 0.2, LayerScale initialised at 1e-6, lr 2e-5 and layer decay 0.95.
-Blocks are rematerialised; `fsdp=8` shards parameters and optimizer state as in pretraining.
+Data as the base recipe: ADEChallengeData2016 unpacked at `input.dataset=folder:PATH`
+(default /data/ADEChallengeData2016). Blocks are rematerialised. Args: `variant`,
+`image_size`, `ms` (multi-scale + flip test) as the base config, and `fsdp` / `tensor`
+(mesh axes, default 1: plain data parallelism); `:fsdp=8` shards parameters and optimizer
+state over groups of 8 devices, as in pretraining.
 """
 from configs import common
 from configs import seg_ade20k_base

@@ -9,8 +9,8 @@ trained first, in `<workdir>/teacher`, by `tokenizer.teacher.recipe`: the model 
 `embedded:photos` at 64 px (about 4 minutes; the digits' labels, which the local
 evaluations use, are never seen). `:teacher=random` uses a random 1-block ViT instead.
 A 2-block encoder, 1-block decoder and 256 x 16 codebook on 64x64 crops (8x8 tokens of
-8x8 px); about 2 minutes on 2 cores. Arg: steps, batch, teacher (vit | random),
-teacher_dim (the teacher's width), codes.
+8x8 px); about a minute on 2 CPU cores (docs/beit_v2.md). Arg: steps, batch, teacher
+(vit | random), teacher_dim (the teacher's width), codes.
 """
 from configs import common
 from configs import finetune_tiny_local
