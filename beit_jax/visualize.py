@@ -6,7 +6,8 @@ r"""Look inside trained models: self-attention maps of a ViT, token maps of a dV
 
 Attention (`--checkpoint`, a run's workdir or a converter's output): one PNG per image and
 reference patch, `<name>_attention_r<row>c<col>.png`, a grid whose rows are the chosen
-heads and then their layer's mean over all heads, and whose columns are the chosen layers.
+heads and then their layer's mean over all heads, and whose columns are the chosen layers
+(labelled in the picture: 'head 3', 'mean'; 'layer 11', 0-based).
 Each cell is the image (in grey) with the attention of the reference patch (green box)
 to every patch in red, scaled so that the cell's most attended patch is full red (the paper's
 self-attention figure; [CLS] is left out of the picture but in the softmax).
@@ -14,7 +15,7 @@ self-attention figure; [CLS] is left out of the picture but in the softmax).
 Tokens (`--tokenizer`, a dVAE workdir, a run's workdir (its `tokenizer/` is used) or a
 converted DALL-E folder): one PNG per image, `<name>_tokens.png`: the image, its token
 map (one fixed colour per token id, the same in every picture) and the dVAE's
-reconstruction from those tokens.
+reconstruction from those tokens, each column labelled above it.
 
 Images are cut like the evaluation view of pretraining: the largest centred square,
 resized (bicubic for the ViT, Lanczos for the tokenizer) to the model's input size.
@@ -253,8 +254,8 @@ def cell_scale(size: int) -> int:
   return max(1, math.ceil(MIN_CELL_PIXELS / size))
 
 
-def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int,
-                      heads: list[int]) -> np.ndarray:
+def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int, heads: list[int],
+                      layers: list[int]) -> np.ndarray:
   """The grid of one image and reference patch.
 
   Args:
@@ -262,9 +263,12 @@ def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int,
     rows: [L, H, N+1] the reference patch's attention in each chosen layer and every head.
     ref: the reference patch index.
     heads: the heads to draw (one grid row each), before the row of the mean over all heads.
+    layers: the L block indices of `rows`, for the column labels.
 
   Returns:
-    [(len(heads) + 1) * (C + 2), L * (C + 2), 3] with C = S * cell_scale(S).
+    [top + (len(heads) + 1) * (C + 2), left + L * (C + 2), 3] with C = S * cell_scale(S):
+    rows labelled 'head <h>' and 'mean', columns 'layer <l>' (`visuals.label_margins`' top
+    and left margins).
   """
   grid = math.isqrt(rows.shape[-1] - 1)
   # Grey under the red heat, so that red in the photo does not read as attention.
@@ -275,7 +279,8 @@ def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int,
     heat = heat / np.maximum(heat.max(1, keepdims=True), 1e-12)
     cells = visuals.heat_overlay(np.broadcast_to(cell, (len(heat),) + cell.shape), heat)
     picture_rows.append(visuals.outline_patch(cells, ref, grid))
-  return visuals.image_grid(picture_rows)
+  return visuals.image_grid(picture_rows, row_labels=[f"head {h}" for h in heads] + ["mean"],
+                            col_labels=[f"layer {i}" for i in layers])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +323,8 @@ def write_attention_maps(job: AttentionJob, photos: list[Photo], out: epath.Path
         layers=tuple(job.layers)))[0]  # [L, H, R, N+1]
     for k, (r, c) in enumerate(job.refs):
       target = out / f"{photo.name}_attention_r{r}c{c}.png"
-      visuals.write_png(target, attention_picture(image, rows[:, :, k], refs[k], job.heads))
+      visuals.write_png(target, attention_picture(image, rows[:, :, k], refs[k], job.heads,
+                                                  job.layers))
       written.append(target)
   return written
 
@@ -360,21 +366,24 @@ def tokenizer_view(path: str, image_size: int | None) -> views.View:
 
 
 def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | None,
-                  vocab_size: int) -> np.ndarray:
-  """[image | token colours | reconstruction] of one image, enlarged like the attention cells.
+                  vocab_size: int, name: str = "dVAE") -> np.ndarray:
+  """[image | token colours | reconstruction] of one image, enlarged like the attention cells,
+  the columns labelled 'image', 'tokens' and '<name> recon.' (a top margin).
 
   Args:
     image: [T, T, 3] in [0, 1].
     tokens: int [h, w].
     recon: [T, T, 3] in [0, 1], or None (no decoder).
     vocab_size: number of token ids (fixes the palette).
+    name: the tokenizer's name, for the reconstruction's label.
   """
   k = cell_scale(image.shape[0])
   colors = visuals.upscale(visuals.token_colors(tokens, vocab_size),
                            k * image.shape[0] // tokens.shape[0])
   cells = [visuals.upscale(image, k), colors] + ([] if recon is None else
                                                  [visuals.upscale(recon, k)])
-  return visuals.image_grid([np.stack(cells)])
+  labels = ["image", "tokens", f"{name} recon."][:len(cells)]
+  return visuals.image_grid([np.stack(cells)], col_labels=labels)
 
 
 @functools.partial(jax.jit, static_argnames="tokenizer")
@@ -402,7 +411,8 @@ def write_token_maps(path: str, photos: list[Photo], out: epath.Path, view: view
                  tokens.size)
     target = out / f"{photo.name}_tokens.png"
     visuals.write_png(target, token_picture(
-        image, tokens[0], None if recon is None else recon[0], tokenizer.vocab_size(params)))
+        image, tokens[0], None if recon is None else recon[0], tokenizer.vocab_size(params),
+        tokenizer.entry.name))
     written.append(target)
   return written
 

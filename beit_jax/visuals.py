@@ -1,11 +1,14 @@
 """Pictures of a run, as PNG files in `<workdir>/images/` and as TensorBoard images.
 
 Tokenizer reconstructions, the masked input, what the MIM head predicts for the masked
-patches, and the self-attention map of a reference patch (the paper's figure). The
-pieces (heat overlays, patch outlines, token colours) also serve `beit_jax.visualize`.
+patches, and the self-attention map of a reference patch (the paper's figure). Every
+picture names its rows (and, where useful, its columns) in a white margin drawn into the
+image, so the PNG and the TensorBoard image say what they show. The pieces (grids with
+labels, heat overlays, patch outlines, token colours) also serve `beit_jax.visualize`.
 Tokenizers are used only through `beit_jax.tokenizers`' interface.
 """
 import io
+import math
 from typing import Any
 
 import jax
@@ -14,6 +17,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from beit_jax import tokenizers
 from beit_jax.data.views import View
@@ -24,16 +29,84 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
   return (np.clip(np.asarray(x, np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
-def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-  """Rows of [n, H, W, 3] images in [0, 1] -> one [R*(H+pad), n*(W+pad), 3] picture."""
+def image_grid(rows: list[np.ndarray], pad: int = 2, *, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None) -> np.ndarray:
+  """Rows of [n, H, W, 3] images in [0, 1] -> one [R*(H+pad), n*(W+pad), 3] picture.
+
+  With `row_labels` (one per row) and/or `col_labels` (one per column) the picture gets a
+  labelled left and/or top margin (`label_grid`); raises ValueError on a count mismatch.
+  """
   h = max(r.shape[1] for r in rows)
   w = max(r.shape[2] for r in rows)
+  if row_labels is not None and len(row_labels) != len(rows):
+    raise ValueError(f"image_grid: {len(row_labels)} row labels {list(row_labels)} for "
+                     f"{len(rows)} rows")
+  if col_labels is not None and len(col_labels) != rows[0].shape[0]:
+    raise ValueError(f"image_grid: {len(col_labels)} column labels {list(col_labels)} for "
+                     f"{rows[0].shape[0]} columns")
   out = np.ones((len(rows) * (h + pad), rows[0].shape[0] * (w + pad), 3), np.float32)
   for i, row in enumerate(rows):
     for j, img in enumerate(row):
       img = _resize_nearest(img, h, w)
       out[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = img
-  return out
+  return label_grid(out, row_labels, col_labels, row_height=h + pad, col_width=w + pad)
+
+
+LABEL_GAP = 3  # pixels between a label and the margin's edges
+
+
+def label_font(cell_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+  """Pillow's built-in font at 1/8 of a grid cell's height, 10 to 18 pixels."""
+  return ImageFont.load_default(size=int(np.clip(cell_height // 8, 10, 18)))
+
+
+def label_margins(row_labels: list[str] | None, col_labels: list[str] | None,
+                  row_height: int) -> tuple[int, int]:
+  """(top, left) margins in pixels that `label_grid` adds for these labels."""
+  font = label_font(row_height)
+  ascent, descent = font.getmetrics()
+  top = ascent + descent + 2 * LABEL_GAP if col_labels else 0
+  left = (max(math.ceil(font.getlength(t)) for t in row_labels) + 2 * LABEL_GAP
+          if row_labels else 0)
+  return top, left
+
+
+def label_grid(grid: np.ndarray, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, *, row_height: int,
+               col_width: int) -> np.ndarray:
+  """A white left margin naming each row and a white top margin naming each column.
+
+  Args:
+    grid: [R * row_height, C * col_width, 3] in [0, 1] (e.g. `image_grid`'s, enlarged).
+    row_labels: R short names, written left-aligned beside the middle of each row.
+    col_labels: C short names, written centred above each column.
+    row_height, col_width: a cell's size with its padding; the text scales with row_height.
+
+  Returns:
+    [top + R * row_height, left + C * col_width, 3], `label_margins`' (top, left); the grid
+    itself unchanged at its bottom right. Raises ValueError when a label count does not
+    match the grid.
+  """
+  for labels, size, step, what in ((row_labels, grid.shape[0], row_height, "row"),
+                                   (col_labels, grid.shape[1], col_width, "column")):
+    if labels is not None and (size % step or size // step != len(labels)):
+      raise ValueError(f"label_grid: {len(labels)} {what} labels {list(labels)} for a grid "
+                       f"of {size / step:g} {what}s ({size} pixels, {step} per {what})")
+  top, left = label_margins(row_labels, col_labels, row_height)
+  if not top and not left:
+    return grid
+  out = np.ones((top + grid.shape[0], left + grid.shape[1], 3), np.float32)
+  out[top:, left:] = grid
+  text = Image.new("L", (out.shape[1], out.shape[0]), 255)
+  draw, font = ImageDraw.Draw(text), label_font(row_height)
+  line = sum(font.getmetrics())
+  for i, label in enumerate(row_labels or []):
+    draw.text((LABEL_GAP, top + i * row_height + (row_height - line) // 2), label, fill=0,
+              font=font)
+  for j, label in enumerate(col_labels or []):
+    x = left + j * col_width + (col_width - font.getlength(label)) / 2
+    draw.text((max(0.0, x), LABEL_GAP), label, fill=0, font=font)
+  return out * (np.asarray(text, np.float32)[..., None] / 255.0)
 
 
 def _resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -141,19 +214,21 @@ def upscale(images: np.ndarray, factor: int) -> np.ndarray:
 
 def write_tokenizer_images(image_dir: epath.Path, writer, step: int, images: np.ndarray, *,
                            tokenizer: tokenizers.Tokenizer, params: Any) -> None:
-  """Originals (top) and their decoding from their tokens (bottom)."""
+  """Originals (top, 'input') and their decoding from their tokens (bottom, '<name> recon.')."""
   images = jnp.asarray(images)
   recon = tokenizer.decode(params, tokenizer.tokenize(params, images))
   if recon is None:
     return
   name = f"{tokenizer.kind}_reconstructions"
-  save(image_dir, writer, step, name, image_grid([np.asarray(images), np.asarray(recon)]))
+  save(image_dir, writer, step, name, image_grid(
+      [np.asarray(images), np.asarray(recon)],
+      row_labels=["input", f"{tokenizer.entry.name} recon."]))
 
 
 def write_mim_images(image_dir: epath.Path, writer, step: int, batch: dict[str, np.ndarray],
                      *, model: vit.VisionTransformer, params: Any,
                      tokenizer: tokenizers.Tokenizer, tok_params: Any, vit_view: View) -> None:
-  """Rows: input, masked input, tokenizer reconstruction, MIM prediction, attention.
+  """Rows, labelled so: input, masked, tokenizer reconstruction, prediction, attention.
 
   The MIM prediction decodes the tokens the model predicts at masked patches (true tokens
   elsewhere) with the tokenizer's decoder (both rows are left out if it has none); the
@@ -171,10 +246,13 @@ def write_mim_images(image_dir: epath.Path, writer, step: int, batch: dict[str, 
   masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
   ref = (g // 2) * g + g // 2
   attention = np.asarray(out["attention"][-1], np.float32)
-  decoded = [tokenizer.decode(tok_params, t) for t in (tokens, predicted)]
-  rows = [original, masked] + [np.asarray(d) for d in decoded if d is not None]
-  save(image_dir, writer, step, "mim", image_grid(
-      rows + [attention_overlay(original, attention, ref)]))
+  decoded = {f"{tokenizer.entry.name} recon.": tokenizer.decode(tok_params, tokens),
+             "prediction": tokenizer.decode(tok_params, predicted)}
+  rows = {"input": original, "masked": masked}
+  rows.update({k: np.asarray(d) for k, d in decoded.items() if d is not None})
+  rows["attention"] = attention_overlay(original, attention, ref)
+  save(image_dir, writer, step, "mim", image_grid(list(rows.values()),
+                                                  row_labels=list(rows)))
 
 
 def code_patches(images: np.ndarray, tokens: np.ndarray, *, num_codes: int = 8,
@@ -213,9 +291,10 @@ def write_code_images(image_dir: epath.Path, writer, step: int, images: np.ndarr
                       num_images: int = 8, num_codes: int = 8, per_code: int = 8) -> None:
   """Two pictures of what a tokenizer's codes mean (for VQ-KD, which cannot draw).
 
-  `<kind>_token_maps`: the first `num_images` images (top) and the code of each patch
-  (bottom; one fixed colour per code, as `token_colors`). `<kind>_code_patches`: one row
-  per frequent code of all `images`: its colour, then `per_code` patches that get it.
+  `<kind>_token_maps`: the first `num_images` images (top, 'input') and the code of each
+  patch (bottom, 'codes'; one fixed colour per code, as `token_colors`).
+  `<kind>_code_patches`: one row per frequent code of all `images`, labelled 'code <id>':
+  its colour, then `per_code` patches that get it.
 
   Args:
     images: [n, S, S, 3] in the tokenizer's `view` (e.g. [-1, 1] for VQ-KD).
@@ -225,14 +304,18 @@ def write_code_images(image_dir: epath.Path, writer, step: int, images: np.ndarr
   pixels = np.clip(view.to_pixels(np.asarray(images, np.float32)), 0, 1)
   k = min(num_images, len(pixels))
   save(image_dir, writer, step, f"{tokenizer.kind}_token_maps",
-       image_grid([pixels[:k], token_colors(tokens[:k], vocab)]))
+       image_grid([pixels[:k], token_colors(tokens[:k], vocab)],
+                  row_labels=["input", "codes"]))
   codes, rows = code_patches(pixels, tokens, num_codes=num_codes, per_code=per_code)
   p = rows[0].shape[1]
   swatches = [np.broadcast_to(token_colors(np.asarray([c]), vocab)[0], (1, p, p, 3))
               for c in codes]
   picture = image_grid([np.concatenate([s, r]) for s, r in zip(swatches, rows)])
-  save(image_dir, writer, step, f"{tokenizer.kind}_code_patches",
-       upscale(picture, max(1, 32 // p)))
+  scale = max(1, 32 // p)
+  save(image_dir, writer, step, f"{tokenizer.kind}_code_patches", label_grid(
+      upscale(picture, scale), [f"code {c}" for c in codes],
+      row_height=picture.shape[0] // len(codes) * scale,
+      col_width=picture.shape[1] // (1 + per_code) * scale))
 
 
 def segmentation_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -247,7 +330,8 @@ def segmentation_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def write_segmentation_images(image_dir: epath.Path, writer, step: int,
                               samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                               num_classes: int) -> None:
-  """One row per validation image: the image, the predicted classes, the true classes.
+  """One row per validation image: the image, the predicted classes, the true classes
+  (columns labelled 'image', 'prediction', 'truth').
 
   Args:
     samples: (image uint8 [H, W, 3], prediction int [H, W], label int [H, W]) triples, of
@@ -262,4 +346,7 @@ def write_segmentation_images(image_dir: epath.Path, writer, step: int,
     row = [image.astype(np.float32) / 255.0, segmentation_colors(pred, num_classes),
            segmentation_colors(label, num_classes)]
     rows.append(np.stack([_resize_nearest(x, h, w) for x in row]))
-  save(image_dir, writer, step, "segmentation", upscale(image_grid(rows), max(1, 256 // h)))
+  scale, pad = max(1, 256 // h), 2  # image_grid's default gap
+  save(image_dir, writer, step, "segmentation", label_grid(
+      upscale(image_grid(rows, pad), scale), col_labels=["image", "prediction", "truth"],
+      row_height=(h + pad) * scale, col_width=(w + pad) * scale))

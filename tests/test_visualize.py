@@ -81,9 +81,23 @@ def _png(path):
   return np.asarray(Image.open(path), np.int32)
 
 
-def _cell(picture, row, col):
-  return picture[row * (CELL + PAD):row * (CELL + PAD) + CELL,
-                 col * (CELL + PAD):col * (CELL + PAD) + CELL]
+def _shape(rows, cols):
+  """A labelled attention grid's / token picture's shape: the label margins, then the cells."""
+  top, left = visuals.label_margins(rows, cols, CELL + PAD)
+  return (top + len(rows or [None]) * (CELL + PAD), left + len(cols) * (CELL + PAD), 3)
+
+
+def _cell(picture, row, col, grid):
+  """Cell (row, col) of a grid of `grid` = (rows, cols) cells below and right of its labels."""
+  top = picture.shape[0] - grid[0] * (CELL + PAD)
+  left = picture.shape[1] - grid[1] * (CELL + PAD)
+  return picture[top + row * (CELL + PAD):top + row * (CELL + PAD) + CELL,
+                 left + col * (CELL + PAD):left + col * (CELL + PAD) + CELL]
+
+
+def _has_text(region):
+  """Dark pixels (a label's strokes) in a part of a white margin."""
+  return (np.asarray(region) < 128).any()
 
 
 def test_cli_writes_one_grid_per_image_and_reference_patch(run_dir, image_dir, tmp_path):
@@ -100,16 +114,29 @@ def test_cli_writes_one_grid_per_image_and_reference_patch(run_dir, image_dir, t
   assert names == sorted(f"{stem}_{kind}.png" for stem in ("square", "wide") for kind in
                          ("attention_r2c2", "attention_r0c0", "tokens"))
   # Rows: head 1 and the mean over heads; columns: layers 0 and 1.
-  assert _png(out / "wide_attention_r0c0.png").shape == (2 * (CELL + PAD), 2 * (CELL + PAD), 3)
+  attention = _png(out / "wide_attention_r0c0.png")
+  assert attention.shape == _shape(["head 1", "mean"], ["layer 0", "layer 1"])
   # Image, token map, reconstruction.
-  assert _png(out / "wide_tokens.png").shape == (CELL + PAD, 3 * (CELL + PAD), 3)
+  tokens = _png(out / "wide_tokens.png")
+  assert tokens.shape == _shape(None, ["image", "tokens", "dVAE recon."])
+  # The labels are drawn: text in the left margin beside each row, above each column.
+  top, left = visuals.label_margins(["head 1", "mean"], ["layer 0", "layer 1"], CELL + PAD)
+  assert top > 0 and left > 0
+  for i in range(2):
+    assert _has_text(attention[top + i * (CELL + PAD):top + (i + 1) * (CELL + PAD), :left])
+    assert _has_text(attention[:top, left + i * (CELL + PAD):left + (i + 1) * (CELL + PAD)])
+  assert not _has_text(attention[top:, :left][-PAD:])  # the last row's gap: blank
+  top = tokens.shape[0] - (CELL + PAD)
+  assert top > 0 and tokens.shape[1] == 3 * (CELL + PAD)  # column labels only
+  for j in range(3):
+    assert _has_text(tokens[:top, j * (CELL + PAD):(j + 1) * (CELL + PAD)])
 
 
 def test_attention_cells_equal_a_manual_computation(run_dir, image_dir, tmp_path):
   visualize.run(checkpoint_dir=str(run_dir["path"]), images=str(image_dir / "square.png"),
                 out=str(tmp_path), layers="1", heads="1", ref_patches="1,2")
   picture = _png(tmp_path / "square_attention_r1c2.png")
-  assert picture.shape == (2 * (CELL + PAD), CELL + PAD, 3)
+  assert picture.shape == _shape(["head 1", "mean"], ["layer 1"])
 
   image = np.asarray(Image.open(image_dir / "square.png"), np.float32) / 255
   normalized = ((image - np.array(views.IMAGENET_MEAN))
@@ -129,7 +156,7 @@ def test_attention_cells_equal_a_manual_computation(run_dir, image_dir, tmp_path
     want = 0.4 * gray + 0.6 * heat * np.array([1.0, 0.0, 0.0])
     want = np.where(outline[..., None], np.array([0.0, 1.0, 0.0]), want)
     want = np.round(np.clip(want, 0, 1) * 255)
-    np.testing.assert_allclose(_cell(picture, grid_row, 0), want, atol=1)
+    np.testing.assert_allclose(_cell(picture, grid_row, 0, (2, 1)), want, atol=1)
   assert not np.allclose(rows[0], rows[1], atol=1e-3)  # the two rows test different things
 
 
@@ -142,11 +169,11 @@ def test_token_map_has_one_colour_per_token_id(run_dir, image_dir, tmp_path):
   tokens = np.asarray(dvae.tokenize(params, jnp.asarray(image), model=tok))[0]  # [4, 4]
   recon = np.asarray(tok.apply({"params": params}, jnp.asarray(tokens[None]),
                                method=tok.decode_tokens))[0]
-  np.testing.assert_allclose(_cell(picture, 0, 0), np.kron(image[0] * 255, np.ones((4, 4, 1))),
-                             atol=1)
-  np.testing.assert_allclose(_cell(picture, 0, 2),
+  np.testing.assert_allclose(_cell(picture, 0, 0, (1, 3)),
+                             np.kron(image[0] * 255, np.ones((4, 4, 1))), atol=1)
+  np.testing.assert_allclose(_cell(picture, 0, 2, (1, 3)),
                              np.round(np.kron(recon, np.ones((4, 4, 1))) * 255), atol=1)
-  token_cells = _cell(picture, 0, 1).reshape(4, PATCH, 4, PATCH, 3).transpose(0, 2, 1, 3, 4)
+  token_cells = _cell(picture, 0, 1, (1, 3)).reshape(4, PATCH, 4, PATCH, 3).transpose(0, 2, 1, 3, 4)
   assert (token_cells == token_cells[:, :, :1, :1]).all()  # one flat colour per token
   colours = token_cells[:, :, 0, 0].reshape(16, 3)
   ids = tokens.reshape(16)
@@ -174,10 +201,141 @@ def test_converted_checkpoints(run_dir, image_dir, tmp_path):
     visualize.run(tokenizer_dir=str(tok_dir), images=images, out=str(tmp_path / "out"))
   visualize.run(checkpoint_dir=str(vit_dir), tokenizer_dir=str(tok_dir), images=images,
                 out=str(tmp_path / "out"), image_size=32, heads="0")
-  assert _png(tmp_path / "out" / "square_attention_r2c2.png").shape == (
-      2 * (CELL + PAD), 2 * (CELL + PAD), 3)
+  assert _png(tmp_path / "out" / "square_attention_r2c2.png").shape == _shape(
+      ["head 0", "mean"], ["layer 0", "layer 1"])
   # Image and token map: no decoder, no reconstruction.
-  assert _png(tmp_path / "out" / "square_tokens.png").shape == (CELL + PAD, 2 * (CELL + PAD), 3)
+  assert _png(tmp_path / "out" / "square_tokens.png").shape == _shape(None, ["image", "tokens"])
+
+
+@pytest.mark.parametrize("tile", [32, 128])
+def test_label_grid_writes_each_label_into_a_margin(tile):
+  rows = [np.zeros((3, tile, tile, 3), np.float32) + v for v in (0.2, 0.5, 0.8)]
+  labels, columns = ["input", "masked", "dVAE recon."], ["a", "b", "layer 11"]
+  picture = visuals.image_grid(rows, row_labels=labels, col_labels=columns)
+  cell = tile + PAD
+  top, left = visuals.label_margins(labels, columns, cell)
+  assert top > 0 and left > 0
+  assert picture.shape == (top + 3 * cell, left + 3 * cell, 3)
+  np.testing.assert_array_equal(picture[top:, left:], visuals.image_grid(rows))
+  for i in range(3):
+    assert _has_text(picture[top + i * cell:top + (i + 1) * cell, :left]), labels[i]
+    assert _has_text(picture[:top, left + i * cell:left + (i + 1) * cell]), columns[i]
+  assert (picture[:top, :left] == 1).all()  # the corner stays white
+  # Text scales with the cells: longer labels, wider margin; bigger cells, bigger text.
+  assert visuals.label_margins(["dVAE recon."], None, cell)[1] > visuals.label_margins(
+      ["input"], None, cell)[1]
+  assert visuals.label_margins(None, ["x"], 258)[0] > visuals.label_margins(None, ["x"], 34)[0]
+  # No labels, no margin.
+  assert visuals.image_grid(rows).shape == (3 * cell, 3 * cell, 3)
+
+
+def test_label_counts_must_match_the_grid():
+  rows = [np.zeros((4, 8, 8, 3), np.float32)] * 3
+  with pytest.raises(ValueError, match=r"2 row labels \['input', 'masked'\] for 3 rows"):
+    visuals.image_grid(rows, row_labels=["input", "masked"])
+  with pytest.raises(ValueError, match="5 column labels .* for 4 columns"):
+    visuals.image_grid(rows, col_labels=list("abcde"))
+  with pytest.raises(ValueError, match=r"4 row labels .* for a grid of 3 rows \(30 pixels"):
+    visuals.label_grid(np.ones((30, 40, 3)), list("abcd"), row_height=10, col_width=10)
+  with pytest.raises(ValueError, match="1 column labels .* grid of 4 columns"):
+    visuals.label_grid(np.ones((30, 40, 3)), col_labels=["a"], row_height=10, col_width=10)
+
+
+class _Writer:
+  """The TensorBoard writer's one method the pictures use."""
+
+  def __init__(self):
+    self.images = {}
+
+  def write_images(self, step, images):
+    self.images.update(images)
+
+
+def test_segmentation_picture_labels_its_columns(tmp_path):
+  rng = np.random.default_rng(0)
+  samples = [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+              rng.integers(0, 3, (16, 16)), rng.integers(0, 3, (16, 16))) for _ in range(2)]
+  writer = _Writer()
+  visuals.write_segmentation_images(tmp_path, writer, 7, samples, num_classes=3)
+  picture = _png(tmp_path / "segmentation_0000007.png")
+  np.testing.assert_array_equal(writer.images["segmentation"][0], picture)  # same in TB
+  cell = (16 + PAD) * 16  # enlarged to 256 pixels
+  top, _ = visuals.label_margins(None, ["image", "prediction", "truth"], cell)
+  assert picture.shape == (top + 2 * cell, 3 * cell, 3)
+  for j in range(3):
+    assert _has_text(picture[:top, j * cell:(j + 1) * cell])
+
+
+def _row_labels_drawn(picture, rows, cell):
+  """Text in the left margin beside each of `rows` rows of `cell` pixels (no top margin)."""
+  left = picture.shape[1] - (picture.shape[1] // cell) * cell
+  assert left > 0 and picture.shape[0] == rows * cell
+  return all(_has_text(picture[i * cell:(i + 1) * cell, :left]) for i in range(rows))
+
+
+def test_mim_picture_labels_its_five_rows(run_dir, tmp_path):
+  config = run_dir["config"]
+  tokenizer = tokenizers.build(config.tokenizer)
+  view_specs = tokenizers.pretrain_views(config)
+  rng = np.random.default_rng(1)
+  pixels = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+  batch = {"image": view_specs["image"].to_model(pixels),
+           "tokenizer_image": view_specs["tokenizer_image"].to_model(pixels),
+           "mask": rng.uniform(size=(8, 16)) < 0.4}
+  writer = _Writer()
+  visuals.write_mim_images(tmp_path, writer, 3, batch, model=run_dir["model"],
+                           params=run_dir["params"], tokenizer=tokenizer,
+                           tok_params=run_dir["tok_params"], vit_view=view_specs["image"])
+  picture = _png(tmp_path / "mim_0000003.png")
+  np.testing.assert_array_equal(writer.images["mim"][0], picture)
+  labels = ["input", "masked", "dVAE recon.", "prediction", "attention"]
+  _, left = visuals.label_margins(labels, None, 32 + PAD)
+  assert picture.shape == (5 * (32 + PAD), left + 8 * (32 + PAD), 3)
+  assert _row_labels_drawn(picture, 5, 32 + PAD)
+
+
+def test_tokenizer_picture_labels_input_and_reconstruction(run_dir, tmp_path):
+  config = run_dir["config"]
+  pixels = np.random.default_rng(4).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
+  writer = _Writer()
+  visuals.write_tokenizer_images(tmp_path, writer, 2, tokenizers.view(config).to_model(pixels),
+                                 tokenizer=tokenizers.build(config.tokenizer),
+                                 params=run_dir["tok_params"])
+  picture = _png(tmp_path / "dvae_reconstructions_0000002.png")
+  np.testing.assert_array_equal(writer.images["dvae_reconstructions"][0], picture)
+  _, left = visuals.label_margins(["input", "dVAE recon."], None, 32 + PAD)
+  assert picture.shape == (2 * (32 + PAD), left + 3 * (32 + PAD), 3)
+  assert _row_labels_drawn(picture, 2, 32 + PAD)
+
+
+class _BrightnessTokenizer:
+  """A stand-in tokenizer: a 2x2 grid of codes, the patch's mean brightness in 4 levels."""
+  kind = "fake"
+
+  def tokenize(self, params, images):
+    del params
+    patches = np.asarray(images).reshape(len(images), 2, 8, 2, 8, 3).mean((2, 4, 5))
+    return np.clip((patches + 1) * 2, 0, 3).astype(np.int32)
+
+  def vocab_size(self, params):
+    del params
+    return 4
+
+
+def test_code_pictures_label_their_rows(tmp_path):
+  levels = np.linspace(-0.9, 0.9, 6)[:, None, None, None]  # codes 0, 0, 1, 2, 3, 3
+  noise = np.random.default_rng(2).uniform(-0.05, 0.05, (6, 16, 16, 3))
+  images = (levels + noise).astype(np.float32)
+  writer = _Writer()
+  visuals.write_code_images(tmp_path, writer, 5, images, tokenizer=_BrightnessTokenizer(),
+                            params=None, view=views.View(16, normalization="signed"),
+                            num_images=4, num_codes=3, per_code=4)
+  maps = _png(tmp_path / "fake_token_maps_0000005.png")
+  np.testing.assert_array_equal(writer.images["fake_token_maps"][0], maps)
+  assert _row_labels_drawn(maps, 2, 16 + PAD)  # input, codes
+  codes = _png(tmp_path / "fake_code_patches_0000005.png")
+  cell = (8 + PAD) * 4  # 8-pixel patches enlarged 4x
+  assert codes.shape[0] == 3 * cell and _row_labels_drawn(codes, 3, cell)
 
 
 def test_token_colors_are_distinct_png_colours_for_a_dalle_vocabulary():

@@ -429,6 +429,7 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
   the token map of its VQ-KD tokenizer, through `python -m beit_jax.visualize`'s `run`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from beit_jax import visualize  # pylint: disable=g-import-not-at-top
+  from beit_jax import visuals  # pylint: disable=g-import-not-at-top
   from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   vq_config, _, tok_params, _ = saved
@@ -449,9 +450,13 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
                 images=str(tmp_path / "x.png"), out=str(out), layers="0,1", heads="0")
   cell = (SIZE * 4 + 2)  # 4x enlarged cells and visuals.image_grid's 2-pixel gap
   attention = np.asarray(Image.open(out / "x_attention_r2c2.png"))
-  assert attention.shape == (2 * cell, 2 * cell, 3)  # head 0 and the mean; layers 0 and 1
+  top, left = visuals.label_margins(["head 0", "mean"], ["layer 0", "layer 1"], cell)
+  # Head 0 and the mean; layers 0 and 1; the label margins.
+  assert attention.shape == (top + 2 * cell, left + 2 * cell, 3)
   tokens = np.asarray(Image.open(out / "x_tokens.png"))
-  assert tokens.shape == (cell, 2 * cell, 3)  # image and token map: VQ-KD decodes no pixels
+  top, _ = visuals.label_margins(None, ["image", "tokens"], cell)
+  # Image and token map: VQ-KD decodes no pixels.
+  assert tokens.shape == (top + cell, 2 * cell, 3)
 
 
 def test_the_pipeline_gives_both_views_of_one_crop():
