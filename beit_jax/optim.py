@@ -1,7 +1,8 @@
-"""Learning-rate schedules, AdamW with BEiT's weight-decay rules (docs/reference.md §4), layer
-decay (§5)."""
+"""The one optimizer builder of every trainer (`make_optimizer`): its learning-rate schedules
+(cosine; mmcv's poly for segmentation), AdamW with BEiT's weight-decay rules
+(docs/reference.md §4), per-parameter lr scales (layer decay, §5) and frozen parameters."""
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +22,34 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")
 _EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "patch_embed")
 
 
+# The schedule kinds `make_optimizer` builds.
+SCHEDULES = ("cosine", "poly")
+# mmcv's linear warmup starts at this fraction of the scheduled lr (unilm's segmentation).
+WARMUP_RATIO = 1e-6
+
 _n = validate.number
-RULES = (
-    ("optim.lr", _n(0, lo_open=True), "a number > 0"),
-    ("optim.min_lr", _n(0), "a number >= 0"),
-    ("optim.warmup_epochs", _n(0), "a number >= 0"),
-    ("optim.warmup_steps", _n(0, integer=True), "an integer >= 0"),
-    ("optim.b1", _n(0, 1, hi_open=True), "a number in [0, 1)"),
-    ("optim.b2", _n(0, 1, hi_open=True), "a number in [0, 1)"),
-    ("optim.eps", _n(0), "a number >= 0"),
-    ("optim.weight_decay", _n(0), "a number >= 0"),
-    ("optim.grad_clip", _n(0), "a number >= 0 (0: off)"),
+# The fields every optimizer group reads (`config.optim`, a tokenizer's `train.optim`).
+_FIELDS = (
+    ("lr", _n(0, lo_open=True), "a number > 0"),
+    ("min_lr", _n(0), "a number >= 0"),
+    ("warmup_epochs", _n(0), "a number >= 0"),
+    ("warmup_steps", _n(0, integer=True), "an integer >= 0"),
+    ("b1", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("b2", _n(0, 1, hi_open=True), "a number in [0, 1)"),
+    ("eps", _n(0), "a number >= 0"),
+    ("weight_decay", _n(0), "a number >= 0"),
+    ("grad_clip", _n(0), "a number >= 0 (0: off)"),
+)
+
+
+def rules(group: str) -> tuple[validate.Rule, ...]:
+  """The field rules of the optimizer group at `group` (e.g. 'tokenizer.train.optim')."""
+  return tuple((f"{group}.{name}", test, accepted) for name, test, accepted in _FIELDS)
+
+
+RULES = rules("optim") + (
     ("optim.layer_decay", _n(0, 1, lo_open=True), "a number in (0, 1] (1: no decay)"),
+    ("optim.power", _n(0, lo_open=True), "a number > 0 (1: linear decay)"),
 )
 
 
@@ -49,6 +66,36 @@ def lr_schedule(base_lr: float, *, total_steps: int, warmup_steps: int,
       decay_steps=total_steps, end_value=min_lr)
 
 
+def poly_schedule(lr: float, *, total_steps: int, warmup_steps: int, power: float,
+                  min_lr: float = 0.0) -> optax.Schedule:
+  """mmcv's `poly` policy with linear warmup, per step:
+
+  lr_t = ((lr - min_lr) * (1 - t / total_steps) ** power + min_lr) * w_t with
+  w_t = 1 - (1 - t / warmup_steps) * (1 - WARMUP_RATIO) during the warmup, then 1.
+  """
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    poly = (lr - min_lr) * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power + min_lr
+    if warmup_steps <= 0:
+      return poly
+    warm = WARMUP_RATIO + (1.0 - WARMUP_RATIO) * t / warmup_steps  # w_t, exact in float32
+    return poly * jnp.where(t < warmup_steps, warm, 1.0)
+  return schedule
+
+
+def make_schedule(kind: str, optim: ml_collections.ConfigDict, *, total_steps: int,
+                  warmup_steps: int) -> optax.Schedule:
+  """The `kind` schedule of `optim`'s lr and min_lr: 'cosine' (`lr_schedule`) or 'poly'
+  (`poly_schedule` with power `optim.power`)."""
+  if kind == "cosine":
+    return lr_schedule(optim.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                       min_lr=optim.min_lr)
+  if kind == "poly":
+    return poly_schedule(optim.lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                         power=optim.power, min_lr=optim.min_lr)
+  raise ValueError(f"schedule={kind!r}: one of {SCHEDULES}")
+
+
 def weight_decay_mask(params: Any,
                       no_decay_names=NO_DECAY_NAMES) -> Any:
   """True where AdamW applies weight decay."""
@@ -61,16 +108,25 @@ def weight_decay_mask(params: Any,
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int,
-                   warmup_steps: int,
-                   lr_scale_fn: Callable[[Any], Any] | None = None
+                   warmup_steps: int, schedule: str = "cosine",
+                   lr_scale_fn: Callable[[Any], Any] | None = None,
+                   frozen: Sequence[str] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (+ global-norm clipping) for `config.optim`.
+  """AdamW for an optimizer group (`config.optim`, a tokenizer's `train.optim`): every
+  trainer's optimizer.
+
+  In order: global-norm clipping (`grad_clip` > 0), Adam, decoupled weight decay where
+  `weight_decay_mask`, the per-parameter lr scales, the schedule.
 
   Args:
-    optim: fields lr, min_lr, b1, b2, eps, weight_decay, grad_clip (<= 0: off).
-    total_steps: length of the cosine schedule.
+    optim: fields lr, min_lr, b1, b2, eps, weight_decay, grad_clip (<= 0: off); power for
+      the 'poly' schedule.
+    total_steps: length of the schedule.
     warmup_steps: linear warmup steps.
+    schedule: its kind, one of SCHEDULES.
     lr_scale_fn: params -> per-leaf lr multipliers (layer-wise decay), or None.
+    frozen: top-level keys of the params that get no update at all: no moments, no weight
+      decay (VQ-KD's codebook, which its trainer moves by EMA).
   Returns:
     (transformation, schedule) -- the schedule is returned for logging.
   """
@@ -78,8 +134,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int,
     raise ConfigError(f"optim.lr must be > 0, got {optim.lr}")
   if not 0 <= optim.b1 < 1 or not 0 <= optim.b2 < 1:
     raise ConfigError(f"optim.b1/optim.b2 must be in [0, 1), got {optim.b1}, {optim.b2}")
-  schedule = lr_schedule(optim.lr, total_steps=total_steps,
-                         warmup_steps=warmup_steps, min_lr=optim.min_lr)
+  lr = make_schedule(schedule, optim, total_steps=total_steps, warmup_steps=warmup_steps)
+  tx = _adamw(optim, lr, lr_scale_fn)
+  if frozen:
+    frozen = tuple(frozen)
+    if "train" in frozen:
+      raise ValueError("frozen: 'train' names the trained parameters' transformation")
+    labels = lambda tree: {k: jax.tree.map(lambda _, k=k: k if k in frozen else "train", v)
+                           for k, v in tree.items()}
+    tx = optax.multi_transform({"train": tx, **{k: optax.set_to_zero() for k in frozen}},
+                               labels)
+  return tx, lr
+
+
+def _adamw(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+           lr_scale_fn: Callable[[Any], Any] | None) -> optax.GradientTransformation:
   parts = []
   if optim.grad_clip and optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
@@ -90,7 +159,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int,
   if lr_scale_fn is not None:
     parts.append(_scale_by_tree(lr_scale_fn))
   parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts)
 
 
 def _scale_by_tree(scale_fn) -> optax.GradientTransformation:

@@ -75,3 +75,39 @@ def test_bad_values_name_the_field():
     optim.make_optimizer(_optim_cfg(lr=0.0), total_steps=10, warmup_steps=0)
   with pytest.raises(ConfigError, match="total_steps"):
     optim.lr_schedule(1.0, total_steps=0, warmup_steps=0)
+
+
+def test_one_builder_schedules_scales_and_frozen_keys():
+  """`make_optimizer`'s knobs: the schedule kind, per-leaf lr scales, frozen top-level keys."""
+  cfg = _optim_cfg(weight_decay=0.0, power=1.0)
+  poly_tx, poly = optim.make_optimizer(cfg, total_steps=10, warmup_steps=0, schedule="poly")
+  np.testing.assert_allclose(float(poly(5)), 1e-2 * 0.5, rtol=1e-6)
+  _, cosine = optim.make_optimizer(cfg, total_steps=10, warmup_steps=0)
+  np.testing.assert_allclose(float(cosine(5)), 1e-2 * 0.5, rtol=1e-6)
+  assert float(poly(2)) != float(cosine(2))
+  with pytest.raises(ValueError, match="schedule='step'"):
+    optim.make_optimizer(cfg, total_steps=10, warmup_steps=0, schedule="step")
+
+  params = {"train": {"w": jnp.ones((2, 2))}, "frozen": {"w": jnp.ones((2, 2))},
+            "codebook": {"e": jnp.ones((3, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx, schedule = optim.make_optimizer(
+      _optim_cfg(), total_steps=10, warmup_steps=0, frozen=("codebook",),
+      lr_scale_fn=lambda p: {k: jax.tree.map(lambda _: 0.5, v) for k, v in p.items()})
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  # Frozen: no update, no Adam moments, no weight decay.
+  np.testing.assert_array_equal(updates["codebook"]["e"], 0.0)
+  assert not any(x.shape == (3, 2) for x in jax.tree.leaves(state))
+  # Trained: Adam's first step is the gradient's sign, plus decay, times scale and lr.
+  lr = float(schedule(0))
+  np.testing.assert_allclose(updates["train"]["w"], -lr * 0.5 * (1.0 + 0.5), rtol=1e-5)
+  np.testing.assert_allclose(updates["frozen"]["w"], updates["train"]["w"])
+  with pytest.raises(ValueError, match="train"):
+    optim.make_optimizer(_optim_cfg(), total_steps=10, warmup_steps=0, frozen=("train",))
+
+
+def test_an_optimizer_group_anywhere_has_the_same_rules():
+  assert [r[1:] for r in optim.rules("tokenizer.train.optim")] == [
+      r[1:] for r in optim.rules("optim")]
+  assert {f for f, _, _ in optim.rules("a.optim")} >= {"a.optim.lr", "a.optim.grad_clip"}

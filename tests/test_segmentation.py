@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from beit_jax import checkpoint
 from beit_jax import main
+from beit_jax import optim
 from beit_jax import segmentation
 from beit_jax import sharding
 from beit_jax.convert import relpos
@@ -206,14 +207,14 @@ def test_overlapping_windows_average_to_the_whole_image():
 
 
 def test_poly_schedule_with_mmcv_warmup():
-  schedule = trainer.poly_schedule(1e-3, total_steps=100, warmup_steps=10, power=1.0)
+  schedule = optim.poly_schedule(1e-3, total_steps=100, warmup_steps=10, power=1.0)
   assert float(schedule(0)) == pytest.approx(1e-3 * 1e-6)
   # During warmup: poly(t) * (1 - (1 - t / 10) * (1 - 1e-6)).
   assert float(schedule(5)) == pytest.approx(1e-3 * 0.95 * (1 - 0.5 * (1 - 1e-6)), rel=1e-5)
   assert float(schedule(10)) == pytest.approx(1e-3 * 0.9, rel=1e-6)
   assert float(schedule(55)) == pytest.approx(1e-3 * 0.45, rel=1e-5)
   assert float(schedule(100)) == 0.0
-  squared = trainer.poly_schedule(1.0, total_steps=10, warmup_steps=0, power=2.0, min_lr=0.1)
+  squared = optim.poly_schedule(1.0, total_steps=10, warmup_steps=0, power=2.0, min_lr=0.1)
   assert float(squared(5)) == pytest.approx(0.9 * 0.25 + 0.1)
 
 
@@ -226,7 +227,8 @@ def test_layer_decay_reaches_the_backbone_only():
   assert scales["backbone/blocks_0/attn/qkv/kernel"] == pytest.approx(0.25)
   assert scales["backbone/blocks_1/mlp/fc1/kernel"] == pytest.approx(0.5)
   assert {v for k, v in scales.items() if not k.startswith("backbone/")} == {1.0}
-  tx, schedule = trainer.make_optimizer(config.optim, total_steps=10, depth=2)
+  task = trainer.make_task(config)  # the poly schedule, the backbone's layer decay
+  tx, schedule = task.tx, task.train_step.keywords["schedule"]
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
   updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p))(
       zeros)

@@ -27,8 +27,7 @@ RULES = (
     ("tokenizer.train.batch_size", *validate.POSITIVE_INT),
     ("tokenizer.train.kl_weight", validate.number(0), "a number >= 0"),
     ("tokenizer.train.temperature_end", validate.number(0, lo_open=True), "a number > 0"),
-    ("tokenizer.train.optim.lr", validate.number(0, lo_open=True), "a number > 0"),
-)
+) + optim.rules("tokenizer.train.optim")
 
 
 def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

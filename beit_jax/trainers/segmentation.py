@@ -3,11 +3,11 @@
 Starts from any beit-jax ViT checkpoint (`config.init_from`) as fine-tuning does: a shared
 relative position bias is copied into every block and the tables are resized to the crop's
 patch grid (512 / 16 = 32); the pyramid and the heads start from scratch. AdamW with
-layer-wise lr decay and mmseg's poly schedule (power `optim.power`) after a linear warmup;
-the loss is the decode head's pixel cross-entropy plus `upernet.aux_weight` times the
-auxiliary head's, both ignoring label 255. Validation (whole images, sliding windows) every
-`eval_every_steps` and at the end; `checkpoints/` keeps the latest states, `best/` the
-params of the best mIoU.
+layer-wise lr decay and mmseg's poly schedule (`optim.poly_schedule`, power `optim.power`)
+after a linear warmup; the loss is the decode head's pixel cross-entropy plus
+`upernet.aux_weight` times the auxiliary head's, both ignoring label 255. Validation (whole
+images, sliding windows) every `eval_every_steps` and at the end; `checkpoints/` keeps the
+latest states, `best/` the params of the best mIoU.
 """
 import functools
 from typing import Any
@@ -30,9 +30,6 @@ from beit_jax.models import segmentation as seg_model
 from beit_jax.models import vit
 from beit_jax.train_state import TrainState
 
-# mmcv's linear warmup starts at this fraction of the scheduled lr (unilm's configs).
-WARMUP_RATIO = 1e-6
-
 
 def _index_tuple(n: int):
   return lambda v: (isinstance(v, (tuple, list)) and len(v) == n
@@ -49,7 +46,6 @@ RULES = (
     ("upernet.dropout", validate.number(0, 1, hi_open=True), "a number in [0, 1)"),
     ("upernet.aux_weight", validate.number(0), "a number >= 0 (0: no auxiliary loss)"),
     ("upernet.norm_groups", *validate.POSITIVE_INT),
-    ("optim.power", validate.number(0, lo_open=True), "a number > 0 (1: linear decay)"),
 )
 
 
@@ -100,49 +96,11 @@ def make_model(config: ml_collections.ConfigDict) -> seg_model.Segmenter:
 # --------------------------------------------------------------------------- optimizer
 
 
-def poly_schedule(lr: float, *, total_steps: int, warmup_steps: int, power: float,
-                  min_lr: float = 0.0) -> optax.Schedule:
-  """mmcv's `poly` policy with linear warmup, per step:
-
-  lr_t = ((lr - min_lr) * (1 - t / total_steps) ** power + min_lr) * w_t with
-  w_t = 1 - (1 - t / warmup_steps) * (1 - WARMUP_RATIO) during the warmup, then 1.
-  """
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    poly = (lr - min_lr) * (1.0 - jnp.minimum(t, total_steps) / total_steps) ** power + min_lr
-    if warmup_steps <= 0:
-      return poly
-    warm = WARMUP_RATIO + (1.0 - WARMUP_RATIO) * t / warmup_steps  # w_t, exact in float32
-    return poly * jnp.where(t < warmup_steps, warm, 1.0)
-  return schedule
-
-
 def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
   """Per-parameter lr multipliers: `optim.layer_decay_scales` within the backbone; 1 for the
   pyramid and the heads (unilm: the last layer, as a classifier's head)."""
   return {k: optim.layer_decay_scales(v, depth=depth, decay=decay) if k == "backbone"
           else jax.tree.map(lambda _: 1.0, v) for k, v in params.items()}
-
-
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, total_steps: int, depth: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with BEiT's decay mask (`optim.weight_decay_mask`) and layer-wise lr decay
-  decay^(depth + 1 - layer), on the poly schedule (`optim.make_optimizer` is cosine-only)."""
-  schedule = poly_schedule(optim_cfg.lr, total_steps=total_steps,
-                           warmup_steps=optim_cfg.warmup_steps, power=optim_cfg.power,
-                           min_lr=optim_cfg.min_lr)
-  parts = []
-  if optim_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-  parts.append(optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps))
-  if optim_cfg.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(optim_cfg.weight_decay,
-                                           mask=optim.weight_decay_mask))
-  scales = functools.partial(layer_decay_scales, depth=depth, decay=optim_cfg.layer_decay)
-  parts.append(optax.stateless(lambda updates, _: jax.tree.map(
-      lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales(updates))))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule
 
 
 # --------------------------------------------------------------------------- steps
@@ -187,7 +145,10 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
   model = make_model(config)
   depth = vit.size_kwargs(config.model)["depth"]
   total_steps = config.total_steps
-  tx, schedule = make_optimizer(config.optim, total_steps=total_steps, depth=depth)
+  tx, schedule = optim.make_optimizer(
+      config.optim, total_steps=total_steps, warmup_steps=config.optim.warmup_steps,
+      schedule="poly", lr_scale_fn=functools.partial(layer_decay_scales, depth=depth,
+                                                     decay=config.optim.layer_decay))
   size = config.input.image_size
   logging.info("Segmentation %s: %s, %d classes, crops of %d, %d steps (warmup %d), layer "
                "decay %s, blocks %s", config.model.variant, config.input.dataset,

@@ -8,7 +8,7 @@ commitment. AdamW on the encoder and decoder; the codebook is not trained by gra
 The codebook lives in the train state's params next to the module's params,
 `{'params': ..., 'codebook': {embedding, cluster_size, initted}}` (what
 `tokenizers.load` reads back as a VQ-KD tokenizer). The optimizer leaves it alone
-(`optax.multi_transform` with `set_to_zero`, so no Adam moments and no weight decay);
+(`optim.make_optimizer(frozen=('codebook',))`: no Adam moments and no weight decay);
 each step it is k-means-initialised on the first batch (cosine k-means, unilm's
 `kmeans_init`), then moved by EMA (decay 0.99) with the step's assignments, after the
 optimizer update and only on a finite step: a step `train_state.apply_gradients` skips
@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 from etils import epath
 
@@ -78,17 +77,9 @@ RULES = (
     ("tokenizer.train.kmeans_iters", _n(0, integer=True), "an integer >= 0"),
     ("tokenizer.train.restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
     ("tokenizer.train.dead_threshold", _n(0, lo_open=True), "a number > 0"),
-    ("tokenizer.train.optim.min_lr", _n(0), "a number >= 0"),
-    ("tokenizer.train.optim.warmup_epochs", _n(0), "a number >= 0"),
-    ("tokenizer.train.optim.warmup_steps", _n(0, integer=True), "an integer >= 0"),
-    ("tokenizer.train.optim.b1", _n(0, 1, hi_open=True), "a number in [0, 1)"),
-    ("tokenizer.train.optim.b2", _n(0, 1, hi_open=True), "a number in [0, 1)"),
-    ("tokenizer.train.optim.eps", _n(0), "a number >= 0"),
-    ("tokenizer.train.optim.weight_decay", _n(0), "a number >= 0"),
-    ("tokenizer.train.optim.grad_clip", _n(0), "a number >= 0 (0: off)"),
     ("tokenizer.train.checkpoint.every_steps", *validate.POSITIVE_INT),
     ("tokenizer.train.checkpoint.keep", *validate.POSITIVE_INT),
-)
+) + optim.rules("tokenizer.train.optim")
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
@@ -239,18 +230,6 @@ def teacher_view(teacher: teachers.Teacher) -> View:
   return View(teacher.image_size, "bicubic", teacher.normalization)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, *, total_steps: int,
-                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (BEiT's decay mask: none on ndim <= 1, pos_embed, cls_token) on 'params';
-  nothing at all on 'codebook' (no moments, no decay: EMA moves it)."""
-  inner, schedule = optim.make_optimizer(optim_cfg, total_steps=total_steps,
-                                         warmup_steps=warmup_steps)
-  labels = lambda tree: {k: jax.tree.map(lambda _: "codebook" if k == "codebook"
-                                         else "train", v) for k, v in tree.items()}
-  return optax.multi_transform({"train": inner, "codebook": optax.set_to_zero()},
-                               labels), schedule
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: Any, *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
                train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
@@ -311,8 +290,9 @@ def make_task(config: ml_collections.ConfigDict, *,
   views = {"image": tokenizers.view(config), "teacher_image": teacher_view(teacher)}
   total_steps, warmup_steps = train_state.steps_from_config(
       config, data.num_train_examples(config))
-  tx, schedule = make_optimizer(config.optim, total_steps=total_steps,
-                                warmup_steps=warmup_steps)
+  # No gradient update at all on the codebook (no moments, no decay): EMA moves it.
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
+                                      warmup_steps=warmup_steps, frozen=("codebook",))
 
   def hooks(ctx: runner.Context):
     images = data.make_eval_batch(config, {"image": views["image"]}, n=16,
