@@ -205,8 +205,8 @@ def sig3(x: float) -> str:
 class HostCost(NamedTuple):
   """A call's wall seconds, and over it the process's CPU seconds (all threads), the
   kernel's part of them and its minor page faults: on CPU, the kernel's part of a step is
-  mostly first touches of memory that the allocator handed back to the OS (README, "Host
-  memory on CPU")."""
+  mostly first touches of memory that the allocator handed back to the OS (docs/performance.md,
+  "Host memory on CPU: the allocator settings")."""
   wall: float
   cpu: float
   kernel: float

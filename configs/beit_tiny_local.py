@@ -5,7 +5,7 @@ r"""Both BEiT stages on the photos that ship with scikit-image/scikit-learn, on 
 Stage 1 trains a small dVAE (512 codes) on 64x64 crops, stage 2 a 4-block ViT with
 8x8 patches against its tokens, with 26 of 64 patches masked blockwise (the paper's
 40%). About 7 minutes on 2 CPU cores (the README's first command line; what it ends at:
-README.md, "Results at a glance"); the point is to see every piece work, not accuracy.
+README.md, "Quickstart"); the point is to see every piece work, not accuracy.
 """
 from configs import common
 
