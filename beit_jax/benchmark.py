@@ -7,8 +7,9 @@ a fraction of a matmul ceiling measured in the same run on the same device (a la
 square matmul in the model's compute dtype) and of the device's peak when it is a known
 accelerator, then the input pipeline's images/s, in all and per CPU core. The step runs on
 synthetic batches with random tokenizer weights: it measures compute, not data loading, so
-it runs on any MIM config; when the config's data set is not on this machine, the pipeline
-part is skipped with a note.
+it runs on any MIM config, and without TensorFlow; when the config's data set is not on this
+machine, or TensorFlow (which the input pipeline needs) is not installed, the pipeline part
+is skipped with a note.
 
   python -m beit_jax.benchmark --config=configs/beit_base.py --batch=8 --steps=3 \
       --compare-pytorch --dtypes=float32,bfloat16
@@ -71,7 +72,7 @@ def host_random(shapes, seed: int = 0):
 class _Built:
   """beit-jax's MIM step compiled for `config`, with what it runs on."""
   config: Any  # with input.dataset 'embedded' when the config's data are not here
-  missing: str | None  # why the config's data set is not usable here, or None
+  missing: str | None  # why the input pipeline cannot read the config's data here, or None
   tokenizer: Any
   tx: Any
   state: Any
@@ -103,7 +104,10 @@ def _build(config) -> _Built:
     pretrain.num_train_examples(config)
     missing = None
   except ConfigError as e:  # the step needs the data only for its schedule's epoch length
-    missing = str(e)
+    missing = f"its data are not here ({e})"
+  except ImportError as e:  # reading them needs TensorFlow; the step does not
+    missing = f"it needs TensorFlow ({e})"
+  if missing:
     config = config.copy_and_resolve_references()
     config.input.dataset = "embedded"
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
@@ -168,11 +172,15 @@ def benchmark(config, *, steps: int = 10, pipeline_batches: int = 40,
   if not pipeline_batches:
     return out
   if b.missing:
-    print(f"input pipeline: skipped, its data are not here ({b.missing})")
+    print(f"input pipeline: skipped, {b.missing}")
     return out
-  it = pretrain.make_pretrain_iterator(
-      config, tokenizers.pretrain_views(config), seed=0, process_count=jax.process_count(),
-      process_index=jax.process_index())
+  try:
+    it = pretrain.make_pretrain_iterator(
+        config, tokenizers.pretrain_views(config), seed=0, process_count=jax.process_count(),
+        process_index=jax.process_index())
+  except ImportError as e:  # the embedded set's count needed no TensorFlow, its pipeline does
+    print(f"input pipeline: skipped, it needs TensorFlow ({e})")
+    return out
   for _ in range(_PIPELINE_WARMUP):
     next(it)
   t0, cpu0 = time.perf_counter(), time.process_time()

@@ -5,6 +5,8 @@ metrics (with the MFU of the compiled step), checkpoints and hooks, the stop aft
 non-finite steps, and the stop at a preemption notice with a checkpoint every process saves
 at the same step.
 """
+from __future__ import annotations
+
 import collections
 import contextlib
 import json
@@ -12,22 +14,23 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
 from beit_jax import checkpoint
-from beit_jax import events
 from beit_jax import sharding
 from beit_jax.errors import Preempted
 from beit_jax.errors import TrainingError
+
+if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
+  from clu import metric_writers
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -50,6 +53,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard events (through epath: local or gs://) + log lines on process 0; log lines
   elsewhere. Written in a background thread."""
+  # Imported by a run, not at the top: clu's metric_writers package imports TensorFlow.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from beit_jax import events  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.LoggingWriter()]
   if jax.process_index() == 0:
     writers.append(events.EventWriter(workdir))

@@ -5,12 +5,17 @@
 every restart. `make_mask_np` is a plain NumPy transcription of unilm's `MaskingGenerator` that
 serves as the reference the TF version is tested against.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax.errors import ConfigError
 

@@ -9,17 +9,18 @@ notice). `setup` is the part that builds the state and step without running, for
 and tests; `abstract_setup` builds the same step without allocating anything, for
 ahead-of-time plans (`beit_jax.plan`).
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from beit_jax import checkpoint
@@ -30,6 +31,9 @@ from beit_jax import train_state
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 from beit_jax.train_state import TrainState
+
+if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
+  from clu import metric_writers
 
 RULES = (
     ("seed", validate.number(integer=True), "an integer"),

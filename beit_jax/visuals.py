@@ -7,14 +7,15 @@ image, so the PNG and the TensorBoard image say what they show. The pieces (grid
 labels, heat overlays, patch outlines, token colours) also serve `beit_jax.visualize`.
 Tokenizers are used only through `beit_jax.tokenizers`' interface.
 """
+from __future__ import annotations
+
 import io
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers
 from etils import epath
 from PIL import Image
 from PIL import ImageDraw
@@ -23,6 +24,9 @@ from PIL import ImageFont
 from beit_jax import tokenizers
 from beit_jax.data.views import View
 from beit_jax.models import vit
+
+if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
+  from clu import metric_writers
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The code's structure, read from its imports (ast): no cycles, trainers stay apart, every
-import is pinned and every pin imported."""
+"""The code's structure, read from its imports (ast): no cycles, trainers stay apart,
+TensorFlow only in the input pipelines and loaded at first use, every import is pinned and
+every pin imported."""
 import ast
 import importlib.metadata
 import pathlib
@@ -125,6 +126,62 @@ def test_trainers_are_imported_only_by_the_dispatch():
   modules = package_modules()
   assert f"{PACKAGE}.trainers.mim" in modules  # the check looks at the real tree
   assert trainer_violations(import_graph(modules)) == []
+
+
+# TensorFlow belongs to the input pipelines: only beit_jax/data/ and masking.py (its tf.data
+# mask ops) import it, and they load it at its first use (`with epy.lazy_imports():`), so
+# that models, trainers, the benchmark and the plan tool import without it
+# (tests/test_tf_free.py runs them where `import tensorflow` fails).
+TF_PACKAGES = ("tensorflow", "tensorflow_datasets")
+
+
+def _tf_allowed(module: str) -> bool:
+  return module.startswith(f"{PACKAGE}.data.") or module == f"{PACKAGE}.masking"
+
+
+def tf_import_violations(trees: dict[str, ast.AST]) -> list[str]:
+  """Imports of TensorFlow outside the input pipelines, or inside them but not lazy."""
+  bad = []
+  for name, tree in trees.items():
+    lazy = {id(node) for with_ in ast.walk(tree) if isinstance(with_, ast.With)
+            and any(isinstance(i.context_expr, ast.Call)
+                    and isinstance(i.context_expr.func, ast.Attribute)
+                    and i.context_expr.func.attr == "lazy_imports" for i in with_.items)
+            for node in ast.walk(with_)}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        targets = [node.module or ""]
+      else:
+        continue
+      for target in targets:
+        if target.split(".")[0] not in TF_PACKAGES:
+          continue
+        if not _tf_allowed(name):
+          bad.append(f"{name} imports {target}: only the input pipelines may")
+        elif id(node) not in lazy:
+          bad.append(f"{name} imports {target} at import time, not in epy.lazy_imports()")
+  return sorted(bad)
+
+
+def test_the_checker_sees_tensorflow_imports():
+  lazy = "from etils import epy\nwith epy.lazy_imports():\n  import tensorflow as tf\n"
+  trees = {"beit_jax.data.ops": ast.parse(lazy),
+           "beit_jax.masking": ast.parse("import tensorflow as tf\n"),
+           "beit_jax.runner": ast.parse("def f():\n  from tensorflow_datasets import core\n"),
+           "beit_jax.models.vit": ast.parse(lazy)}
+  assert tf_import_violations(trees) == [
+      "beit_jax.masking imports tensorflow at import time, not in epy.lazy_imports()",
+      "beit_jax.models.vit imports tensorflow: only the input pipelines may",
+      "beit_jax.runner imports tensorflow_datasets: only the input pipelines may"]
+
+
+def test_tensorflow_is_loaded_by_the_input_pipelines_only_at_first_use():
+  modules = package_modules()
+  assert f"{PACKAGE}.data.pretrain" in modules  # the check looks at the real tree
+  trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+  assert tf_import_violations(trees) == []
 
 
 # --------------------------------------------------------------------------- requirements

@@ -2,10 +2,15 @@
 
 Settings come from `config.input`; their rules live here, next to the code that reads them.
 """
+from __future__ import annotations
+
 import dataclasses
 
 import ml_collections
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax import validate
 from beit_jax.data import ops

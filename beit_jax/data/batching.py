@@ -8,18 +8,22 @@ to decode is dropped and counted on the iterator; its slot is filled with a new 
 of another image of the same group (refill rounds), so a bad file never shifts later batches.
 Nothing here touches jax or devices.
 """
+from __future__ import annotations
+
 import collections
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax.data import ops
 from beit_jax.data import sources
 from beit_jax.errors import ConfigError
 
-AUTOTUNE = tf.data.AUTOTUNE
 # A batch is refilled from its own decodable images in up to this many rounds, so it survives
 # up to 7 undecodable images in 8; more than that means the data is broken.
 MAX_ROUNDS = 8
@@ -27,7 +31,7 @@ MAX_ROUNDS = 8
 EXAMPLE_SALT = 2
 
 # (seed, payload, decode_crop) -> dict of tensors: one training example.
-ExampleFn = Callable[[tf.Tensor, tf.Tensor, ops.DecodeCrop], dict]
+ExampleFn = Callable[["tf.Tensor", "tf.Tensor", ops.DecodeCrop], dict]
 
 
 def base_seed(seed: int) -> tf.Tensor:
@@ -125,7 +129,8 @@ def make_iterator(source: sources.Source, example_fn: ExampleFn, *, batch_size: 
                              payload, source.decode_crop)
         return {**example, "_id": example_id, "_fresh": tf.equal(round_, 0)}
       examples = tf.data.Dataset.from_tensor_slices((group["id"], group["payload"]))
-      return examples.map(one, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+      return examples.map(one, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).ignore_errors()
     return one_batch(tf.data.Dataset.range(MAX_ROUNDS).flat_map(round_examples), b)
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(ops.graph_only(epoch_groups))

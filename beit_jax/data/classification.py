@@ -14,13 +14,18 @@ RandAugment is off, as timm) -> normalise -> random erasing. Mixup / CutMix and 
 smoothing run on device in the train step. Evaluation: shorter side resized (bicubic) to
 image_size / eval_crop_pct, centre crop. Training batches resume like pretraining's.
 """
+from __future__ import annotations
+
 from collections.abc import Iterator
 import dataclasses
 import math
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax import validate
 from beit_jax.data import augment
@@ -173,7 +178,7 @@ class EvalData:
     padding = tf.data.Dataset.from_tensors(
         {"image": tf.zeros([s, s, 3]), "label": tf.constant(0, tf.int32),
          "valid": tf.constant(False)}).repeat()
-    ds = records.map(one, num_parallel_calls=batching.AUTOTUNE, deterministic=True)
+    ds = records.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors().concatenate(padding).take(self.num_batches * self.batch_size)
     ds = ds.batch(self.batch_size).prefetch(2).with_options(batching.options())
     return ds.as_numpy_iterator()

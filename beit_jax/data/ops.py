@@ -4,24 +4,34 @@ An op is `(image, seed) -> image` (or takes no seed when it is deterministic), s
 built from them is a pure function of (seed, example): that is what makes a resumed run see
 the batches of an uninterrupted one. Images are float [h, w, 3] in [0, 1] unless said.
 """
+from __future__ import annotations
+
 import functools
 import math
 from typing import Callable
 
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 # torchvision's RandomResizedCrop tries this many crops before its centre-crop fallback.
 _CROP_ATTEMPTS = 10
 # torchvision's rgb_to_grayscale weights (used by ColorJitter's contrast and saturation).
 _GRAY = (0.2989, 0.587, 0.114)
 
-# Pipeline functions are plain TF graph code (explicit tf.while_loop / tf.cond): AutoGraph
-# has nothing to convert, and fails noisily on closures and lambdas when it tries.
-graph_only = tf.autograph.experimental.do_not_convert
-
 # (payload, window_fn) -> uint8 [h, w, 3]: decodes one record and crops it to the window that
 # window_fn picks from the image's [height, width].
-DecodeCrop = Callable[[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]], tf.Tensor]
+DecodeCrop = Callable[["tf.Tensor", Callable[["tf.Tensor"], "tf.Tensor"]], "tf.Tensor"]
+
+
+def graph_only(fn: Callable) -> Callable:
+  """`fn`, marked for tf.data not to convert it with AutoGraph.
+
+  Pipeline functions are plain TF graph code (explicit tf.while_loop / tf.cond): AutoGraph
+  has nothing to convert, and fails noisily on closures and lambdas when it tries.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
 
 
 def fold(seed: tf.Tensor, *data) -> tf.Tensor:

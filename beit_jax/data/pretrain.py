@@ -4,8 +4,13 @@ One jittered random crop per example, shown through each of the views the caller
 (e.g. `{"image": the ViT's view, "tokenizer_image": the tokenizer's}`), all flipped alike,
 plus a blockwise mask over the ViT's patch grid. Yields host NumPy batches for this process.
 """
+from __future__ import annotations
+
 import ml_collections
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax import masking
 from beit_jax import validate
@@ -25,9 +30,13 @@ _EVAL_SALT = 3
 def num_train_examples(config: ml_collections.ConfigDict) -> int:
   """Examples in one epoch of `input.dataset` (embedded: `input.embedded_epoch_size`).
 
-  For a folder this counts files, undecodable ones included.
+  For a folder this counts files, undecodable ones included. The embedded set's count is
+  read from the config without building its source: plans and benchmarks need no TF.
   """
-  return sources.make_source(config.input).num_examples
+  cfg = config.input
+  if cfg.get("dataset") == "embedded" and cfg.get("embedded_epoch_size"):
+    return cfg.embedded_epoch_size
+  return sources.make_source(cfg).num_examples
 
 
 def _mask_spec(cfg: ml_collections.ConfigDict) -> masking.MaskSpec:
@@ -113,7 +122,7 @@ def make_eval_batch(config: ml_collections.ConfigDict, views: dict[str, View], n
     out = _views_and_mask(crop, ops.fold(base, _EVAL_SALT, example_id), views, False, spec)
     return {**out, "_id": example_id}
 
-  examples = source.in_order().map(one, num_parallel_calls=batching.AUTOTUNE).ignore_errors()
+  examples = source.in_order().map(one, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
   batch = next(batching.one_batch(examples, n).with_options(batching.options())
                .as_numpy_iterator())
   if len(batch.pop("_id")) < n:

@@ -6,11 +6,16 @@ N(9, 0.5) clipped to [0, 10]. Pixel ops reproduce PIL's arithmetic on uint8 valu
 are float32 holding integers 0..255 here); geometric ops sample bilinearly (TF has no
 bicubic projective transform; timm uses the training interpolation, bicubic in BEiT).
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 import re
 
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax.errors import ConfigError
 

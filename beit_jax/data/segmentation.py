@@ -22,15 +22,20 @@ more than `input.cat_max_ratio` of it); flip; photometric distortion; normalise;
 (`beit_jax.segmentation`). An image whose label does not fit (another size, a value that is
 no class) is skipped and counted, in training as in evaluation.
 """
+from __future__ import annotations
+
 from collections.abc import Iterator
 import dataclasses
 import functools
 
 import ml_collections
 import numpy as np
+from etils import epy
 from PIL import Image
-import tensorflow as tf
-import tensorflow_datasets as tfds
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
 from beit_jax import validate
 from beit_jax.data import batching
@@ -298,8 +303,10 @@ class TfdsPairs(_Pairs, sources.TfdsSource):
     if "annotation" not in self._features:
       raise ConfigError(f"input.dataset='tfds:{name}' has no 'annotation' feature "
                         f"(features: {list(self._features)})")
+    # Plain graph code, kept from AutoGraph (wrapped here, not by a decorator: a decorator
+    # would load TensorFlow when this module is imported).
+    self._payload = ops.graph_only(self._payload)
 
-  @ops.graph_only
   def _payload(self, example_id, record):
     skip = tfds.decode.SkipDecoding()
     example = self._features.deserialize_example(
@@ -500,7 +507,7 @@ class EvalData:
     self.source = make_source(config.input, train=False)
     self.num_examples = self.source.num_examples
     ds = self.source.in_order().map(ops.graph_only(self._example),
-                                    num_parallel_calls=batching.AUTOTUNE, deterministic=True)
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     self._ds = ds.ignore_errors().prefetch(2).with_options(batching.options())
 
   def _example(self, example_id, payload) -> dict:

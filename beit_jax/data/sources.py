@@ -9,21 +9,25 @@ uninterrupted one:
     skips consumed examples for free;
   * TFDS reads its files in a seeded order through a seeded shuffle buffer.
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 from typing import Protocol
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
 from beit_jax import validate
 from beit_jax.data import embedded
 from beit_jax.data import ops
 from beit_jax.errors import ConfigError
 
-AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EMBEDDED = ("embedded",) + tuple(f"embedded:{n}" for n in embedded.LABELLED)
 LABELLED_DATASETS = "'embedded:digits', 'embedded:photos', 'tfds:NAME' or 'folder:PATH'"
@@ -102,7 +106,8 @@ class _Indexed:
           position, order_seed, tf.constant(self.num_examples - 1, tf.int64))
 
     ids = tf.data.Dataset.range(start, shard.epoch_length).map(ops.graph_only(example_id))
-    return ids.map(ops.graph_only(lambda i: (i, self.load(i))), num_parallel_calls=AUTOTUNE)
+    return ids.map(ops.graph_only(lambda i: (i, self.load(i))),
+                   num_parallel_calls=tf.data.AUTOTUNE)
 
   def in_order(self):
     return tf.data.Dataset.range(self.num_examples).map(
@@ -271,13 +276,13 @@ class TfdsSource:
 
     records = tf.data.Dataset.from_tensor_slices(order).interleave(
         read, cycle_length=min(_FILE_CYCLE, len(instructions)),
-        num_parallel_calls=AUTOTUNE, deterministic=True)
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     records = records.shuffle(
         self._buffer, reshuffle_each_iteration=False,
         seed=tf.random.stateless_uniform([], buffer_seed, minval=None, maxval=None,
                                          dtype=tf.int64))
     return records.take(shard.epoch_length).skip(start).map(
-        self._payload, num_parallel_calls=AUTOTUNE)
+        self._payload, num_parallel_calls=tf.data.AUTOTUNE)
 
   def in_order(self):
     files, skips, takes, firsts = _instruction_tensors(self._instructions)

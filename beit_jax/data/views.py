@@ -6,10 +6,15 @@ Lanczos, [0, 1]; VQ-KD: 224 in [-1, 1]). A view is data -- a size, a resize meth
 value mapping -- so a new tokenizer or teacher declares its view instead of adding a
 pipeline function. Every view of an example shares its flip.
 """
+from __future__ import annotations
+
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
+# Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from beit_jax.data import ops
 
