@@ -6,6 +6,7 @@ One place for the ahead-of-time plans (`planning`), the benchmark and the MFU a 
 """
 import dataclasses
 import functools
+import re
 import time
 
 
@@ -29,6 +30,8 @@ DEVICES = {
     "v6e": Device("TPU v6e", 32, 918, "Cloud TPU v6e docs"),
     # NVIDIA H100 datasheet (SXM): 80 GB HBM3, 989 TFLOP/s bf16 dense (1979 is with sparsity)
     "h100": Device("NVIDIA H100 SXM 80GB", 80, 989, "NVIDIA H100 datasheet"),
+    # NVIDIA H200 datasheet (SXM): 141 GB HBM3e, 989 TFLOP/s bf16 dense, as the H100 SXM
+    "h200": Device("NVIDIA H200 SXM 141GB", 141, 989, "NVIDIA H200 datasheet"),
     # NVIDIA A100 datasheet: 40 or 80 GB HBM2e, 312 TFLOP/s bf16 dense
     "a100": Device("NVIDIA A100 80GB", 80, 312, "NVIDIA A100 datasheet"),
     "a100-40": Device("NVIDIA A100 40GB", 40, 312, "NVIDIA A100 datasheet"),
@@ -39,6 +42,7 @@ DEVICES = {
 _KINDS = {
     "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
     "TPU v6 lite": "v6e", "TPU v6e": "v6e", "NVIDIA H100 80GB HBM3": "h100",
+    "NVIDIA H200": "h200",
     "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA A100 80GB PCIe": "a100",
     "NVIDIA A100-SXM4-40GB": "a100-40", "NVIDIA A100-PCIE-40GB": "a100-40",
 }
@@ -52,10 +56,36 @@ def known_device(device_kind: str) -> Device | None:
 
 def xla_flops(compiled) -> float:
   """XLA's FLOP count of one call of a compiled program, per device (the partitioned
-  program each device runs)."""
+  program each device runs), plus the cuDNN fused attention calls it counts as none."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
+  flops = float(cost.get("flops", 0.0))
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return flops
+  return flops + fused_attention_flops(text or "")
+
+
+_FMHA_CALL = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
+_FMHA_Q = re.compile(r"custom-call\((?:bf16|f16|f8\w*)\[(\d+),(\d+),(\d+),(\d+)\]")
+
+
+def fused_attention_flops(hlo_text: str) -> float:
+  """FLOPs of the cuDNN fused attention calls (`__cudnn$fmha*` custom calls) in a compiled
+  program's HLO text, which XLA's cost analysis leaves out: per call of a [B, T, H, hd]
+  query (BTNH, the first operand), forward 4 B H T^2 hd (q k^T and p v), backward twice
+  that. Like XLA's count, a call inside a loop body counts once."""
+  flops = 0.0
+  for line in hlo_text.splitlines():
+    if not _FMHA_CALL.search(line):
+      continue
+    shape = _FMHA_Q.search(line)
+    if shape is None:
+      continue
+    b, t, h, hd = map(int, shape.groups())
+    flops += (8.0 if 'Backward"' in line else 4.0) * b * h * t * t * hd
+  return flops
 
 
 def matmul_ceiling(size: int, dtype, repeats: int = 5) -> float:

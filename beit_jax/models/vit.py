@@ -9,7 +9,12 @@ plain renames and transposes.
 
 Precision: Dense/Conv compute in `dtype`; parameters, the residual stream,
 LayerNorm, attention softmax and all returned outputs are float32.
+
+Attention (`dot_product_attention`): on a CUDA GPU in bfloat16/float16, cuDNN's fused
+kernel through `jax.nn.dot_product_attention`; elsewhere, and whenever the attention
+maps are asked for, explicit logits and a float32 softmax under XLA.
 """
+import functools
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -211,6 +216,90 @@ class RelativePositionBias(nn.Module):
     return _gather_rel_pos_bias(table, self.grid)  # [H, N+1, N+1]
 
 
+ATTENTION_IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn')
+_BIAS_ACT = (None, 'heads', None, None)  # [1, H, T, T]: heads split as q's
+
+
+@functools.cache
+def _on_cuda() -> bool:
+  """Whether the default backend is a CUDA GPU (cuDNN's fused attention possible)."""
+  try:
+    if jax.default_backend() != 'gpu':
+      return False
+    from jax.extend import backend  # pylint: disable=g-import-not-at-top
+    return 'cuda' in backend.get_backend().platform_version.lower()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def attention_implementation(dtype: Any, head_dim: int, return_probs: bool = False) -> str:
+  """What `dot_product_attention` runs for these arguments when not told: 'cudnn' on a
+  CUDA GPU for bfloat16/float16 at head dims it takes (a multiple of 8, at most 128) and
+  without the maps; else 'einsum'."""
+  fused = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+           and head_dim % 8 == 0 and head_dim <= 128 and not return_probs)
+  return 'cudnn' if fused and _on_cuda() else 'einsum'
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+                     implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` ('xla' or 'cudnn') of [B, T, H, hd] q, k, v.
+
+  cuDNN's kernel takes the bias in the compute dtype, and trains with one only at an even
+  length: at an odd T (BEiT's N+1) one padding token is appended, masked as a key and
+  cut from the output, so it changes nothing but the shapes.
+  """
+  t = q.shape[1]
+  mask = None
+  if bias is not None:
+    bias = nn.with_logical_constraint(bias.astype(q.dtype)[None], _BIAS_ACT)
+    if t % 2:
+      pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+      q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 1)))
+      mask = jnp.broadcast_to(jnp.arange(t + 1) < t, (1, 1, t + 1, t + 1))
+  out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=q.shape[-1] ** -0.5,
+                                     implementation=implementation)
+  return out[:, :t]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          bias: jax.Array | None = None, *, return_probs: bool = False,
+                          implementation: str | None = None
+                          ) -> tuple[jax.Array, jax.Array | None]:
+  """softmax(q k^T / sqrt(hd) + bias) v per head, the softmax in float32.
+
+  Args:
+    q, k, v: [B, T, H, hd] in the compute dtype.
+    bias: [H, T, T] float32 added to the logits (relative positions), a sequence of
+      them (added one after the other), or None.
+    return_probs: also return the softmax (visualisation); only 'einsum' has it.
+    implementation: 'einsum' (explicit logits, XLA: the formulation the CPU figures
+      were recorded with), 'xla' or 'cudnn' (`jax.nn.dot_product_attention`'s); None
+      picks by `attention_implementation`.
+
+  Returns:
+    ([B, T, H, hd] in the compute dtype, [B, H, T, T] float32 probabilities or None).
+  """
+  if implementation is None:
+    implementation = attention_implementation(q.dtype, q.shape[-1], return_probs)
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f'attention implementation {implementation!r}; accepted: '
+                      f'{ATTENTION_IMPLEMENTATIONS}')
+  biases = [] if bias is None else [bias] if hasattr(bias, 'shape') else list(bias)
+  if implementation != 'einsum':
+    bias = functools.reduce(jnp.add, biases) if biases else None
+    if return_probs:
+      raise ConfigError(f'attention implementation {implementation!r} has no '
+                        'probabilities; use einsum')
+    return _fused_attention(q, k, v, bias, implementation), None
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+  for b in biases:
+    logits = logits + b
+  probs = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T] float32
+  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v), probs
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with q/v biases (no k bias), as in BEiT."""
   num_heads: int
@@ -221,8 +310,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array,
-               rel_pos_bias: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array]:
+               rel_pos_bias: jax.Array | None = None,
+               return_probs: bool = False
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """[B, T, D] -> ([B, T, D], softmax [B, H, T, T] float32, or None where the fused
+    kernel ran: always there with `return_probs`)."""
     b, t, d = x.shape
     if d % self.num_heads:
       raise ConfigError(f'model.width={d} must be divisible by '
@@ -239,17 +331,15 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], _HEADS_ACT)
                for i in range(3))  # [B, T, H, hd]
-    q = q * head_dim ** -0.5
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    biases = []
     if self.rel_pos_grid is not None:
       table = self.param(
           'relative_position_bias_table', nn.initializers.zeros,
           (_num_relative_distance(self.rel_pos_grid), self.num_heads))
-      logits = logits + _gather_rel_pos_bias(table, self.rel_pos_grid)
+      biases.append(_gather_rel_pos_bias(table, self.rel_pos_grid))
     if rel_pos_bias is not None:
-      logits = logits + rel_pos_bias
-    attn = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T] float32
-    out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(self.dtype), v)
+      biases.append(rel_pos_bias)
+    out, attn = dot_product_attention(q, k, v, biases, return_probs=return_probs)
     out = nn.with_logical_constraint(out, _HEADS_ACT)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=self.proj_kernel_init,
                    name='proj')(out.reshape(b, t, d))
@@ -309,14 +399,17 @@ class Block(nn.Module):
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
   def __call__(self, x: jax.Array, rel_pos_bias: jax.Array | None = None,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Returns the block output [B, T, D] and its attention [B, H, T, T]."""
-    return self.forward(x, rel_pos_bias, train)
+               train: bool = False, return_attention: bool = False
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """Returns the block output [B, T, D] and its attention [B, H, T, T] (float32; None
+    where the fused kernel ran, never with `return_attention`)."""
+    return self.forward(x, rel_pos_bias, train, return_attention=return_attention)
 
   @nn.compact
   def forward(self, x: jax.Array, rel_pos_bias: jax.Array | None, train: bool,
-              scanned: tuple[jax.Array, jax.Array] | None = None
-              ) -> tuple[jax.Array, jax.Array]:
+              scanned: tuple[jax.Array, jax.Array] | None = None,
+              return_attention: bool = False
+              ) -> tuple[jax.Array, jax.Array | None]:
     """The block; under scan, `scanned` is this layer's (0-based index, drop-path rate),
     traced, in place of `layer_id` and `drop_path_rate`."""
     init = _weight_init(self.init_std, self.truncate_init)
@@ -331,7 +424,7 @@ class Block(nn.Module):
         return init(key, shape, dtype) * jax.lax.rsqrt(2.0 * (index + 1.0)).astype(dtype)
     y = nn.LayerNorm(_LN_EPS, dtype=jnp.float32, name='norm1')(x)
     y, attn = Attention(self.num_heads, self.rel_pos_grid, init, out_init,
-                        self.dtype, name='attn')(y, rel_pos_bias)
+                        self.dtype, name='attn')(y, rel_pos_bias, return_attention)
     if self.layer_scale_init > 0:
       y = y * self.param('gamma_1', nn.initializers.constant(
           self.layer_scale_init), (self.width,))
@@ -420,7 +513,7 @@ class VisionTransformer(nn.Module):
       self.pos_embed = self.param('pos_embed', init, (1, n + 1, self.width))
     if self.use_shared_rel_pos_bias:
       self.rel_pos_bias = RelativePositionBias(grid, self.num_heads)
-    block_cls = (nn.remat(Block, static_argnums=(3,), policy=self._remat_policy)
+    block_cls = (nn.remat(Block, static_argnums=(3, 4), policy=self._remat_policy)
                  if self.remat else Block)
     block_kwargs = dict(layer_scale_init=self.layer_scale_init,
                         rel_pos_grid=grid if self.use_rel_pos_bias else None,
@@ -485,7 +578,8 @@ class VisionTransformer(nn.Module):
 
     def step(block, carry, xs, rel_pos_bias):
       x, early = carry
-      x, attn = block.forward(x, rel_pos_bias, train, xs)  # xs: (0-based index, rate)
+      x, attn = block.forward(x, rel_pos_bias, train, xs,  # xs: (0-based index, rate)
+                              return_attention=return_attention)
       if keep:
         early = jnp.where(xs[0] + 1 == keep, x, early)
       return (x, early), (x if keep_hidden else None, attn if return_attention else None)
@@ -528,7 +622,7 @@ class VisionTransformer(nn.Module):
       rel_pos_bias = self.rel_pos_bias()
     x = jnp.concatenate([cls_token, patches], axis=1)  # [B, N+1, D]
     for block in self.cls_pt_layers:
-      x, _ = block(x, rel_pos_bias, train)
+      x, _ = block(x, rel_pos_bias, train, False)  # remat's static args: all passed
     return self._mim_logits(self.norm(x), mim_positions)
 
   def __call__(self, images: jax.Array,
@@ -582,7 +676,7 @@ class VisionTransformer(nn.Module):
     else:
       hidden, attention, early = {}, [], None
       for i, block in enumerate(self.blocks):
-        x, attn = block(x, rel_pos_bias, train)
+        x, attn = block(x, rel_pos_bias, train, return_attention)
         if i in return_hidden:
           hidden[i] = x
         if i + 1 == self.patch_aggregation_layer:
