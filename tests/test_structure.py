@@ -15,7 +15,9 @@ PACKAGE = "beit_jax"
 # libtpu (requirements-tpu.txt): jax loads it as its TPU plugin; `beit_jax.plan` only asks
 # whether it is installed (importlib.util.find_spec), it never imports it by name.
 # pytest-xdist (and its execnet): the pytest plugin that runs the tests on both cores.
-RUNTIME_ONLY = {"jaxlib", "libtpu", "pytest-xdist", "execnet"}
+# jax-cuda12-plugin and -pjrt (requirements-gpu.txt): jax loads them as its CUDA plugin.
+RUNTIME_ONLY = {"jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "pytest-xdist",
+                "execnet"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -213,7 +215,7 @@ def _pins() -> dict[str, str]:
       if line and not line.startswith("-"):
         name, sep, _ = re.split(r"(==)", line, maxsplit=1)
         assert sep, f"{path.name}: {line!r} is not pinned with =="
-        pins[norm(name)] = path.name
+        pins[norm(name.split("[")[0])] = path.name  # jax[cuda12] pins jax
   # Installed by the README's test line (with --no-deps), not by a requirements file.
   for name in re.findall(r"pip install --no-deps ([\w.-]+)==", (ROOT / "README.md").read_text()):
     pins[norm(name)] = "README.md"
