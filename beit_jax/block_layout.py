@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from beit_jax.models.vit import SCANNED_BLOCKS
 from beit_jax.param_paths import path_str
 
 SCANNED, UNSCANNED = "scanned", "unscanned"
 _BLOCK = re.compile(r"blocks_(\d+)")
-# A scanned leaf's path: `blocks/` then a part of a Block (not the dVAE's `blocks/group_*`).
-STACKED_PATH = re.compile(r"(^|/)blocks/(norm1|norm2|attn|mlp|gamma_1|gamma_2)(/|$)")
 
 
 def _is_unscanned(x) -> bool:
@@ -27,7 +26,9 @@ def _is_unscanned(x) -> bool:
 
 
 def _is_scanned(x) -> bool:
-  return isinstance(x, dict) and isinstance(x.get("blocks"), dict) and "norm1" in x["blocks"]
+  """A dict holding a ViT's scanned blocks (a Block has `norm1`; the dVAE's `blocks` not)."""
+  return (isinstance(x, dict) and isinstance(x.get(SCANNED_BLOCKS), dict)
+          and "norm1" in x[SCANNED_BLOCKS])
 
 
 def layout(tree: Any) -> str | None:
@@ -36,6 +37,17 @@ def layout(tree: Any) -> str | None:
   if any(_is_scanned(x) for x in leaves):
     return SCANNED
   return UNSCANNED if any(_is_unscanned(x) for x in leaves) else None
+
+
+def stacked_mask(tree: Any) -> Any:
+  """`tree`'s structure with a bool per leaf: whether it is [depth, ...], a leaf anywhere
+  below a scanned ViT's SCANNED_BLOCKS (params, and the optimizer state's mirrors of them)."""
+  def mark(x):
+    if not _is_scanned(x):
+      return False  # a leaf
+    return {k: jax.tree.map(lambda _: True, v) if k == SCANNED_BLOCKS else stacked_mask(v)
+            for k, v in x.items()}
+  return jax.tree.map(mark, tree, is_leaf=_is_scanned)
 
 
 def _stack_leaves(leaves: list) -> Any:
@@ -65,13 +77,13 @@ def _stack_dict(d: dict) -> dict:
     raise ValueError(f"blocks {ids} are not 0..{len(ids) - 1}")
   blocks = [d[f"blocks_{i}"] for i in ids]
   out = {k: v for k, v in d.items() if not _BLOCK.fullmatch(k)}
-  out["blocks"] = jax.tree.map(lambda *xs: _stack_leaves(list(xs)), *blocks)
+  out[SCANNED_BLOCKS] = jax.tree.map(lambda *xs: _stack_leaves(list(xs)), *blocks)
   return out
 
 
 def _unstack_dict(d: dict) -> dict:
-  stacked = d["blocks"]
-  out = {k: v for k, v in d.items() if k != "blocks"}
+  stacked = d[SCANNED_BLOCKS]
+  out = {k: v for k, v in d.items() if k != SCANNED_BLOCKS}
   for i in range(jax.tree.leaves(stacked)[0].shape[0]):
     out[f"blocks_{i}"] = jax.tree.map(lambda x: _layer(x, i), stacked)  # pylint: disable=cell-var-from-loop
   return out
@@ -97,10 +109,11 @@ def to_layout(tree: Any, target: str | None) -> Any:
 
 
 _QKV = re.compile(r"(^|/)attn/qkv/kernel$")
+_STACKED_QKV = re.compile(rf"(^|/){SCANNED_BLOCKS}/attn/qkv/kernel$")
 
 
 def _is_fused(name: str, shape: tuple[int, ...]) -> bool:
-  return len(shape) == 2 + bool(STACKED_PATH.search(name))
+  return len(shape) == 2 + bool(_STACKED_QKV.search(name))
 
 
 def has_fused_qkv(tree: Any) -> bool:

@@ -114,12 +114,13 @@ def step_flops(compiled, config, batch) -> float:
   depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything).
 
   `batch`: the step's (sharded arrays or ShapeDtypeStructs); its shards give the
-  per-device batch, and its mesh the `tensor` devices that split each block's work.
+  per-device batch, and its mesh the devices that split each block's work (`tensor`).
   """
   flops = xla_flops(compiled)
   model = config.get("model")
   if flops and model is not None and model.get("scan_layers"):
     import jax  # pylint: disable=g-import-not-at-top
+    from beit_jax import sharding  # pylint: disable=g-import-not-at-top
     from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
     leaf = jax.tree.leaves(batch)[0]
     batch_per_device = leaf.sharding.shard_shape(leaf.shape)[0]
@@ -127,8 +128,8 @@ def step_flops(compiled, config, batch) -> float:
     tokens = (config.input.image_size // size["patch_size"])**2 + 1
     recompute = model.get("remat") and model.get("remat_policy") == "nothing_saveable"
     per_block = (4.0 if recompute else 3.0) * block_forward_flops(size, tokens)
-    tensor = dict(leaf.sharding.mesh.shape).get("tensor", 1)
-    flops += (size["depth"] - 1) * per_block * batch_per_device / tensor
+    flops += ((size["depth"] - 1) * per_block * batch_per_device
+              / sharding.model_parallel_size(leaf.sharding.mesh))
   return flops
 
 

@@ -192,10 +192,10 @@ def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
   A scanned block leaf ([depth, ...] under `blocks`) gets one multiplier per layer,
   shaped [depth, 1, ...] to broadcast.
   """
-  def scale(path, leaf):
+  def scale(path, leaf, stacked):
     name = path_str(path)
-    if block_layout.STACKED_PATH.search(name):
+    if stacked:
       per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))  # layers 1..depth
       return per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1))
     return decay ** (depth + 1 - layer_id(name, depth))
-  return jax.tree_util.tree_map_with_path(scale, params)
+  return jax.tree_util.tree_map_with_path(scale, params, block_layout.stacked_mask(params))

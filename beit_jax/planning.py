@@ -235,9 +235,9 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
       model=config.model.variant, params_bytes=_local_bytes(built.state.params),
       opt_state_bytes=_local_bytes(built.state.opt_state),
       frozen_bytes=_local_bytes(built.frozen), batch_bytes=_local_bytes(batch),
-      # per device: its batch shard's, split over the tensor devices
+      # per device: its batch shard's, split over the devices that share the shard
       model_flops=vit_train_flops(config, config.input.batch_size // data_parallel)
-      / mesh.shape["tensor"],
+      / sharding.model_parallel_size(mesh),
       memory_bytes=int((memory_gib if memory_gib is not None else target.device.memory_gib)
                        * GIB),
       peak_flops=peak * 1e12 if peak else None)

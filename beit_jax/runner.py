@@ -30,6 +30,7 @@ from beit_jax import sharding
 from beit_jax import train_state
 from beit_jax import validate
 from beit_jax.errors import ConfigError
+from beit_jax.param_paths import AxesTable
 from beit_jax.train_state import TrainState
 
 if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
@@ -68,6 +69,7 @@ class Task:
   """What a trainer hands to `run`."""
   desc: str  # names the run in logs and errors, e.g. "MIM"
   init_params: Callable[[jax.Array], Any]  # rng -> params (traced)
+  param_axes: AxesTable  # the logical axes of the model's weights: its module's PARAM_AXES
   tx: optax.GradientTransformation
   # (state, global batch, rng, frozen) -> (state, metrics of scalars)
   train_step: Callable[[TrainState, dict, jax.Array, Any], tuple[TrainState, dict]]
@@ -112,7 +114,7 @@ def _jit_step(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.
 def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
   rng = jax.random.key(config.seed)
   state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
-                                        mesh, config.sharding)
+                                        mesh, config.sharding, task.param_axes)
   frozen = task.frozen(mesh) if task.frozen else ()
   step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
@@ -124,7 +126,8 @@ def abstract_setup(config: ml_collections.ConfigDict, task: Task,
   as ShapeDtypeStructs in their shardings, ready for `step.lower(state, batch, frozen)`
   (ahead-of-time plans, also for devices this host does not have). `task.frozen` is traced,
   not run, so its inputs may themselves be ShapeDtypeStructs."""
-  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding)
+  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding,
+                                          task.param_axes)
   # Traced on the same devices with explicit axes, so that the shapes keep the placement
   # `task.frozen` gives them; then the same specs on `mesh`.
   explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,

@@ -1,27 +1,34 @@
 """Device mesh from the config, parameter shardings by logical axes, host batches -> arrays.
 
-The mesh has four axes, outermost first:
+The mesh has four axes (AXES), outermost first:
   slice   data parallelism over the data-center network: TPU slices, or GPU nodes
   data    data parallelism, parameters replicated
   fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style;
           XLA inserts the all-gathers)
   tensor  tensor parallelism: attention heads, MLP hidden units and the vocabulary split
           over devices (Megatron-style: qkv and fc1 by columns, proj and fc2 by rows)
-The batch is split over slice, data and fsdp; `tensor` devices share a batch shard.
+The batch is split over slice, data and fsdp (BATCH_AXES); `tensor` devices share a batch
+shard. A new mesh axis is named here (AXES, and BATCH_AXES if the batch is split over it)
+and given a size and the logical names it takes in configs/common.py (`mesh_config`,
+`sharding_config`'s rules); nothing else lists the axes.
 
-The models name the axes of their weights by role (`vit.PARAM_AXES`: embed, heads, mlp,
-vocab, ...) and of their activations at block boundaries (`nn.with_logical_constraint`);
-`config.sharding.rules` (configs/common.py) maps those logical names onto mesh axes. So plain data
-parallelism, FSDP, FSDP + tensor and multi-slice are config changes only:
+Each model module names the axes of its weights by role (its `PARAM_AXES`, e.g.
+`vit.PARAM_AXES`: embed, heads, mlp, vocab, ...; see `param_paths`), which the caller of
+`param_shardings` passes, and the ViT those of its activations at block boundaries
+(`nn.with_logical_constraint`); `config.sharding.rules` (configs/common.py) maps those
+logical names onto mesh axes. So plain data parallelism, FSDP, FSDP + tensor and
+multi-slice are config changes only:
   mesh = dict(data=-1)                      # data parallel
   mesh = dict(data=-1, fsdp=8)              # ViT-L/H: FSDP inside groups of 8
   mesh = dict(data=-1, fsdp=4, tensor=2)    # + heads and MLP split in two
   mesh = dict(slice=2, data=-1, fsdp=8)     # two TPU slices (or GPU nodes)
 Weights without a role (the dVAE's and segmentation heads' convolutions) shard their
 largest divisible dimension over `fsdp`; weights smaller than `sharding.min_size`
-elements (biases, norms, position tables) stay whole on every device.
+elements (biases, norms, position tables) stay whole on every device. A scanned ViT's
+stacked blocks keep their layer axis whole (`block_layout.stacked_mask`).
 """
 import contextlib
+import functools
 import re
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from beit_jax import block_layout
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
-from beit_jax.param_paths import path_str
+from beit_jax.param_paths import AxesTable, path_str
 
 AXES = ("slice", "data", "fsdp", "tensor")
 BATCH_AXES = ("slice", "data", "fsdp")
@@ -134,6 +141,11 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def model_parallel_size(mesh) -> int:
+  """How many devices share one batch shard and split its work (the non-batch axes)."""
+  return int(np.prod([n for a, n in dict(mesh.shape).items() if a not in BATCH_AXES]))
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size"):
   n = data_parallel_size(mesh)
   if global_batch % n or global_batch % jax.process_count():
@@ -156,10 +168,17 @@ def check_tensor_split(model_cfg: ml_collections.ConfigDict, mesh_cfg) -> None:
 # ---------------------------------------------------------------------------- parameters
 
 
-def _logical_axes(name: str, ndim: int) -> tuple[str | None, ...] | None:
-  """The role-given logical axes of the weight at path `name`, or None (no role)."""
-  for pattern, axes in vit.PARAM_AXES:
-    if re.search(pattern, name) and len(axes) == ndim:
+@functools.cache
+def _path_end(pattern: str) -> re.Pattern:
+  return re.compile(rf"(^|/)(?:{pattern})$")
+
+
+def _logical_axes(name: str, ndim: int, param_axes: AxesTable
+                  ) -> tuple[str | None, ...] | None:
+  """The role-given logical axes of the weight at path `name`, or None (no role): those of
+  the first entry of the model's table whose pattern ends the path and has `ndim` axes."""
+  for pattern, axes in param_axes:
+    if len(axes) == ndim and _path_end(pattern).search(name):
       return axes
   return None
 
@@ -194,29 +213,31 @@ def _fsdp_spec(shape: Sequence[int], n: int) -> P:
   return P()
 
 
-def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | dict
-                    ) -> Any:
+def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | dict,
+                    param_axes: AxesTable) -> Any:
   """NamedShardings for a tree of arrays (params, optimizer state, a whole train state).
 
-  Leaves are matched on '/'-joined paths, e.g. 'opt_state/0/mu/blocks_3/mlp/fc1/kernel';
+  `param_axes`: the model's PARAM_AXES (e.g. `vit.PARAM_AXES`; () for a model whose weights
+  have no roles), matched on '/'-joined paths, e.g. 'opt_state/0/mu/blocks_3/mlp/fc1/kernel';
   a scanned model's stacked blocks keep their leading layer axis whole.
   """
   rules, min_size = _rules(cfg), int(cfg["min_size"])
   keep = [re.compile(r) for r in cfg["replicate"]]
 
-  def spec(path, leaf):
+  def spec(path, leaf, stacked):
     name = path_str(path)
     shape = tuple(leaf.shape)
-    stacked = bool(block_layout.STACKED_PATH.search(name)) and len(shape) > 0
+    stacked = stacked and len(shape) > 0
     if stacked:
       shape = shape[1:]
     if int(np.prod(shape)) < max(min_size, 1) or any(r.search(name) for r in keep):
       return NamedSharding(mesh, P())
-    logical = _logical_axes(name, len(shape))
+    logical = _logical_axes(name, len(shape), param_axes)
     s = (_fsdp_spec(shape, mesh.shape["fsdp"]) if logical is None
          else _spec(logical, shape, mesh, rules))
     return NamedSharding(mesh, P(None, *s) if stacked else s)
-  return jax.tree_util.tree_map_with_path(spec, abstract_tree)
+  return jax.tree_util.tree_map_with_path(spec, abstract_tree,
+                                          block_layout.stacked_mask(abstract_tree))
 
 
 # --------------------------------------------------------------------------- activations

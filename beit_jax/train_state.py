@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from beit_jax import sharding
+from beit_jax.param_paths import AxesTable
 
 
 @flax.struct.dataclass
@@ -33,22 +34,27 @@ def _initial(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransfor
 
 
 def abstract(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-             mesh: jax.sharding.Mesh, sharding_cfg) -> tuple[TrainState, Any]:
-  """(shape-only state: ShapeDtypeStructs carrying their shardings, the shardings)."""
+             mesh: jax.sharding.Mesh, sharding_cfg, param_axes: AxesTable
+             ) -> tuple[TrainState, Any]:
+  """(shape-only state: ShapeDtypeStructs carrying their shardings, the shardings).
+
+  `param_axes`: the logical axes of the model's weights (its module's PARAM_AXES).
+  """
   shapes = jax.eval_shape(_initial(init_params, tx), jax.random.key(0))
-  shardings = sharding.param_shardings(shapes, mesh, sharding_cfg)
+  shardings = sharding.param_shardings(shapes, mesh, sharding_cfg, param_axes)
   structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          shapes, shardings)
   return structs, shardings
 
 
 def create(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-           rng: jax.Array, mesh: jax.sharding.Mesh, sharding_cfg) -> tuple[TrainState, Any]:
+           rng: jax.Array, mesh: jax.sharding.Mesh, sharding_cfg, param_axes: AxesTable
+           ) -> tuple[TrainState, Any]:
   """Initialises params and optimizer state directly in their shardings.
 
   Returns the state and its shardings (for the jitted step's in/out shardings).
   """
-  _, shardings = abstract(init_params, tx, mesh, sharding_cfg)
+  _, shardings = abstract(init_params, tx, mesh, sharding_cfg, param_axes)
   return jax.jit(_initial(init_params, tx), out_shardings=shardings)(rng), shardings
 
 

@@ -145,7 +145,7 @@ def test_layer_decay_and_fsdp_shardings_of_scanned_params():
     np.testing.assert_allclose(np.ravel(x), np.ravel(y), rtol=1e-6)  # [depth, 1, ..]
   mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
   shardings = sharding.param_shardings(stacked, mesh, dict(common.sharding_config(),
-                                                           min_size=0))
+                                                           min_size=0), vit.PARAM_AXES)
   # [depth, 32, 64]: the layer axis whole, then the roles' axes.
   assert shardings["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
   assert shardings["blocks"]["attn"]["qkv"]["kernel"].spec == P(None, "fsdp", None, "tensor")

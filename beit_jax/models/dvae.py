@@ -29,6 +29,9 @@ Dtype = Any
 
 LOGIT_LAPLACE_EPS = 0.1
 NUM_GROUPS = 4  # dall_e always builds 4 groups; `group_count` only sets the post-gain.
+# Sharding (`param_paths`): convolutions only, no weight has a role; `sharding.py` splits
+# each one's largest divisible dimension over fsdp.
+PARAM_AXES = ()
 
 
 def map_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:

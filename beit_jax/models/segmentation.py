@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beit_jax import param_paths
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
@@ -33,6 +34,9 @@ _GN_EPS = 1e-5
 # cls_seg starts at normal(0.01).
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _SEG_INIT = nn.initializers.normal(0.01)
+# Sharding (`param_paths`): the backbone's weights are the ViT's; the neck's and heads'
+# convolutions and norms have no roles (sharded by size).
+PARAM_AXES = param_paths.nested('backbone', vit.PARAM_AXES)
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -30,6 +30,13 @@ import jax.numpy as jnp
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
+# Sharding (`param_paths`): DINO keeps the ViT's (timm's) names, so the ViT's roles apply
+# (its fused qkv [D, 3D] matches none and is sharded by size); CLIP's weights have no roles.
+# A beit-jax ViT teacher: vit.PARAM_AXES.
+DINO_PARAM_AXES = vit.PARAM_AXES
+CLIP_PARAM_AXES = ()
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x); its weights expect it."""
   return x * jax.nn.sigmoid(1.702 * x)

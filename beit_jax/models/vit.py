@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from beit_jax import param_paths
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 
@@ -46,22 +47,30 @@ VARIANTS: dict[str, dict] = {
 }
 _LN_EPS = 1e-6
 
-# The logical axes of each weight role, by a regex on its path ('blocks_3/attn/qkv/kernel',
-# also inside optimizer states and VQ-KD's blocks); `sharding.py` maps them onto the
-# mesh. Weights not listed are sharded by size alone.
-PARAM_AXES = (
-    (r'attn/qkv/kernel$', ('embed', None, 'heads')),  # [D, 3, H*hd]
-    (r'attn/[qv]_bias$', ('heads',)),
-    (r'attn/proj/kernel$', ('heads', 'embed')),
-    (r'mlp/fc1/kernel$', ('embed', 'mlp')),
-    (r'mlp/fc1/bias$', ('mlp',)),
-    (r'mlp/fc2/kernel$', ('mlp', 'embed')),
-    (r'(^|/)patch_embed/kernel$', (None, None, None, 'embed')),
-    (r'(^|/)(cls_token|mask_token|pos_embed)$', (None, None, 'embed')),
-    (r'(^|/)lm_head/kernel$', ('embed', 'vocab')),
-    (r'(^|/)lm_head/bias$', ('vocab',)),
-    (r'(^|/)head/kernel$', ('embed', 'classes')),
-    (r'(/|^)(proj|fc2|patch_embed)/bias$|norm\d?/(scale|bias)$|gamma_[12]$', ('embed',)),
+# Sharding: the logical axes of each weight role (`param_paths`: a regex of the path below
+# the module, also found inside optimizer states and under a parent model such as VQ-KD's
+# encoder); `sharding.py` maps them onto the mesh. Weights not listed are sharded by size.
+BLOCK_PARAM_AXES = (  # a Block's, below the block
+    ('attn/qkv/kernel', ('embed', None, 'heads')),  # [D, 3, H*hd]
+    ('attn/[qv]_bias', ('heads',)),
+    ('attn/proj/kernel', ('heads', 'embed')),
+    ('mlp/fc1/kernel', ('embed', 'mlp')),
+    ('mlp/fc1/bias', ('mlp',)),
+    ('mlp/fc2/kernel', ('mlp', 'embed')),
+    ('(attn/proj|mlp/fc2)/bias|norm[12]/(scale|bias)|gamma_[12]', ('embed',)),
+)
+# The subtree of the blocks as one nn.scan (`scan_layers`): every leaf below it is stacked
+# [depth, ...], its layer axis never sharded (`block_layout.stacked_mask`); unscanned, the
+# blocks are `blocks_<i>`.
+SCANNED_BLOCKS = 'blocks'
+PARAM_AXES = param_paths.nested(rf'{SCANNED_BLOCKS}(_\d+)?|cls_pt_layers_\d+',
+                                BLOCK_PARAM_AXES) + (
+    ('patch_embed/kernel', (None, None, None, 'embed')),
+    ('cls_token|mask_token|pos_embed', (None, None, 'embed')),
+    ('lm_head/kernel', ('embed', 'vocab')),
+    ('lm_head/bias', ('vocab',)),
+    ('head/kernel', ('embed', 'classes')),
+    ('patch_embed/bias|(fc_)?norm/(scale|bias)', ('embed',)),
 )
 # Activations: the residual stream at block boundaries, and per head inside attention.
 EMBED_ACT = ('batch', 'length', 'embed')
@@ -519,6 +528,7 @@ class VisionTransformer(nn.Module):
                         rel_pos_grid=grid if self.use_rel_pos_bias else None,
                         init_std=self.init_std, truncate_init=self.truncate_init,
                         dtype=self.dtype)
+    # The attribute's name is the params' (SCANNED_BLOCKS; `blocks_<i>` unscanned).
     if self.scan_layers:  # one Block whose params `_scan_blocks` stacks over depth
       self.blocks = Block(self.width, self.num_heads, self.mlp_dim, layer_id=1,
                           drop_path_rate=self.drop_path_rate, **block_kwargs)

@@ -40,10 +40,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beit_jax import param_paths
 from beit_jax.errors import ConfigError
+from beit_jax.models import vit
 from beit_jax.models.vit import Block, num_patches
 
 Codebook = dict[str, jax.Array]  # {'embedding': [K, C], 'cluster_size': [K], 'initted': []}
+# Sharding (`param_paths`): the encoder and decoder (`FeatureViT`) name their weights as the
+# ViT does; the task layers and the codebook have no roles (sharded by size).
+PARAM_AXES = param_paths.nested('encoder|decoder', vit.PARAM_AXES)
 
 _LN_EPS = 1e-6
 _NORM_EPS = 1e-12  # torch F.normalize's default

@@ -96,6 +96,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
 
   return runner.Task(
       desc="dVAE", init_params=lambda rng: tokenizer.init(rng, view.size), tx=tx,
+      param_axes=dvae.PARAM_AXES,
       train_step=functools.partial(train_step, model=tokenizer.model, tx=tx,
                                    schedule=schedule, train_cfg=train_cfg),
       total_steps=train_cfg.num_steps, batch_size=config.input.batch_size,

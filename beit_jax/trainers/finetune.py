@@ -170,7 +170,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
     return model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
   return runner.Task(
-      desc="Fine-tune", init_params=init_params, tx=tx,
+      desc="Fine-tune", init_params=init_params, tx=tx, param_axes=vit.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule, mix=mix),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_train_iterator(

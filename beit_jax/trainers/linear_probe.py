@@ -159,7 +159,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
   def frozen_backbone(mesh):
     init = lambda r: backbone.init(r, dummy)["params"]
     shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                         config.sharding)
+                                         config.sharding, vit.PARAM_AXES)
     params = jax.jit(init, out_shardings=shardings)(
         jax.random.fold_in(jax.random.key(config.seed), 2))
     if not config.get("init_from"):
@@ -173,6 +173,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
       desc="Linear probe",
       init_params=lambda r: heads.init(r, {i: jnp.zeros((1, 2, width)) for i in layers})[
           "params"],
+      param_axes=(),  # ProbeHeads: Dense heads without roles, sharded by size
       tx=tx,
       train_step=functools.partial(train_step, backbone=backbone, heads=heads, tx=tx,
                                    schedule=schedule),

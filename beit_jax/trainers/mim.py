@@ -188,7 +188,7 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
     return (runner.Hook(config.images_every_steps, write_images),) if tokenizer else ()
 
   return runner.Task(
-      desc="MIM", init_params=init_params, tx=tx,
+      desc="MIM", init_params=init_params, tx=tx, param_axes=vit.PARAM_AXES,
       train_step=functools.partial(train_step, model=model,
                                    tokenize=tokenizer.tokenize if tokenizer else None,
                                    tx=tx, schedule=schedule, max_masked=max_masked),

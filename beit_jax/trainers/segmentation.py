@@ -161,7 +161,7 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
     return model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
   return runner.Task(
-      desc="Segmentation", init_params=init_params, tx=tx,
+      desc="Segmentation", init_params=init_params, tx=tx, param_axes=seg_model.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                    aux_weight=config.upernet.aux_weight),
       total_steps=total_steps, batch_size=config.input.batch_size,

@@ -306,6 +306,7 @@ def make_task(config: ml_collections.ConfigDict, *,
 
   return runner.Task(
       desc="VQ-KD", init_params=lambda rng: tokenizer.init(rng, size), tx=tx,
+      param_axes=vqkd.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, teacher=teacher, tx=tx,
                                    schedule=schedule, train_cfg=train_cfg),
       total_steps=total_steps, batch_size=config.input.batch_size,
