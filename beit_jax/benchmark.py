@@ -14,11 +14,16 @@ is skipped with a note.
   python -m beit_jax.benchmark --config=configs/beit_base.py --batch=8 --steps=3 \
       --compare-pytorch --dtypes=float32,bfloat16
 
-times instead, in one process and alternating step by step (so load from elsewhere hits
-both alike), beit-jax's step and the unilm-equivalent PyTorch step
-(`beit_jax/torch_reference.py`: DALL-E encoder + HF BEiT, AdamW) on the same batch, once
-per `--dtypes` entry (`model.dtype`; torch autocast for bfloat16), and where each one's
-time goes. Needs the optional packages of requirements-interop.txt.
+times instead beit-jax's step and the unilm-equivalent PyTorch step
+(`beit_jax/torch_reference.py`: DALL-E encoder + HF BEiT, AdamW) as users run them: each
+framework in processes of its own, alternating (JAX, PyTorch, JAX, PyTorch, ...: `--rounds`
+of each, so that load from elsewhere hits both alike), each process warming up and then
+timing `--steps` steps on the same batch, once per `--dtypes` entry (`model.dtype`; torch
+autocast for bfloat16). It prints each one's median step time, images/s, share of its own
+framework's matmul ceiling, the ratio and where each one's time goes, and ends with one
+`json:` line holding all of it. On a GPU the PyTorch step runs on the GPU too (bf16
+autocast, scaled_dot_product_attention). Needs the optional packages of
+requirements-interop.txt.
 """
 import dataclasses
 import os
@@ -36,12 +41,14 @@ DTYPES = ("float32", "bfloat16", "float16")  # model.dtype's, as --dtypes takes 
 
 # Batches drawn before timing: start-up, and the buffers the pipeline fills ahead.
 _PIPELINE_WARMUP = 10
-# Matmuls per ceiling sample of --compare-pytorch: about a second at 2048^2, so that load from
-# elsewhere averages out as over the steps it sits between.
+# Matmuls per ceiling sample of --compare-pytorch (about a second at 2048^2 on a CPU), and the
+# samples each process takes after its steps (their median is its ceiling).
 _CEILING_REPEATS = 10
-# Untimed rounds (a JAX step, then a PyTorch step) before --compare-pytorch times: the first
-# rounds also grow the host allocator's heaps (page faults a long run pays once).
-_WARMUP_ROUNDS = 2
+_CEILING_SAMPLES = 3
+# --compare-pytorch's processes: the framework names it prints, and the prefix of a child's
+# one-line ConfigError on its stderr (the parent raises it again).
+_NAMES = {"jax": "JAX", "torch": "PyTorch"}
+_CHILD_ERROR = "beit_jax.benchmark child error: "
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
@@ -83,6 +90,12 @@ class _Built:
   flops: float  # XLA's count per device
 
 
+def _check_trainer(config) -> None:
+  if config.get("trainer") != "mim":
+    raise ConfigError(f"trainer={config.get('trainer')!r}: the benchmark times MIM "
+                      "pretraining configs (trainer='mim') only")
+
+
 def _build(config) -> _Built:
   """Compiles `config`'s MIM step on synthetic batches, random tokenizer weights."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -93,9 +106,7 @@ def _build(config) -> _Built:
   from beit_jax import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
 
-  if config.get("trainer") != "mim":
-    raise ConfigError(f"trainer={config.get('trainer')!r}: the benchmark times MIM "
-                      "pretraining configs (trainer='mim') only")
+  _check_trainer(config)
   trainers.validate_config(config)
   batch_size = config.input.batch_size
   mesh = sharding.make_mesh(config.mesh)
@@ -243,7 +254,8 @@ def _import_torch_reference():
   try:
     from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
-    raise ConfigError(f"--compare-pytorch needs the {e.name!r} package, not installed here: "
+    what = f"the {e.name!r} package" if e.name else f"what failed to import ({e})"
+    raise ConfigError(f"--compare-pytorch needs {what}, not installed here: "
                       "pip install -r requirements-interop.txt (and, for dall_e, "
                       "pip install --no-deps DALL-E==0.1)") from e
   return torch_reference
@@ -266,8 +278,9 @@ def _check_comparable(config) -> None:
                       f"position bias); this config has {', '.join(why)}")
 
 
-def _torch_step(torch_reference, config):
-  """The PyTorch reference step of the same model, tokenizer and optimizer as `config`."""
+def _torch_kwargs(config) -> dict[str, Any]:
+  """`torch_reference.build`'s arguments for the same model, tokenizer and optimizer as
+  `config`: plain values, so that the PyTorch process needs no config and imports no JAX."""
   from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
   from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
   m, tok, opt = config.model, config.tokenizer, config.optim
@@ -277,13 +290,12 @@ def _torch_step(torch_reference, config):
             layer_scale_init=m.layer_scale_init)
   # The tokenizer config has no dtype: the dVAE runs in float32 in both (unilm: outside
   # autocast).
-  return torch_reference.build(
-      hf.config_json(kw), drop_path_rate=m.drop_path_rate,
+  return dict(
+      hf_config=hf.config_json(kw), drop_path_rate=float(m.drop_path_rate),
       tokenizer=dict(n_hid=tok.n_hid, n_blk_per_group=tok.n_blk_per_group,
                      vocab_size=tok.vocab_size),
-      optim=dict(lr=opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                 weight_decay=opt.weight_decay, grad_clip=opt.grad_clip),
-      autocast=None if m.dtype == "float32" else m.dtype, seed=config.seed)
+      optim={k: float(opt[k]) for k in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip")},
+      autocast=None if m.dtype == "float32" else m.dtype, seed=int(config.seed))
 
 
 def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -330,89 +342,265 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
   return seconds, flops
 
 
-def compare_pytorch(config, *, steps: int = 3, matmul_size: int = 2048) -> dict[str, float]:
-  """Times `config`'s JAX MIM step and the PyTorch reference step in turns, on one batch;
-  prints both rates, their ratio, FLOP/s, ceilings and where the time goes; returns them."""
+def _fingerprint(batch: dict) -> dict[str, str]:
+  """Each array's shape, dtype and SHA-1 of its bytes: the processes of --compare-pytorch
+  show that they timed the same batch."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {k: f"{list(v.shape)} {v.dtype} "
+             f"sha1 {hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()[:12]}"
+          for k, v in sorted(batch.items())}
+
+
+def _costs(costs: list[HostCost]) -> dict[str, list[float]]:
+  return {field: [float(getattr(c, field)) for c in costs] for field in HostCost._fields}
+
+
+def _time_jax(spec: dict) -> dict[str, Any]:
+  """The JAX process of --compare-pytorch: builds the step, warms up, times the steps,
+  samples the jnp matmul ceiling, and (if asked) where the step's time goes."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  b = _build(spec["config"])
 
-  torch_reference = _import_torch_reference()
-  _check_comparable(config)
-  b = _build(config)
-  config, compiled, dtype = b.config, b.compiled, config.model.dtype
-  batch_size = config.input.batch_size
-  ref = _torch_step(torch_reference, config)
-  torch_batch = torch_reference.to_torch(b.host_batch)
-  print(torch_reference.describe(ref))
-
-  def jax_step():
-    b.state, metrics = compiled(b.state, b.batch, b.tok_params)
+  def step():
+    b.state, metrics = b.compiled(b.state, b.batch, b.tok_params)
     return jax.block_until_ready(metrics)
 
-  for _ in range(_WARMUP_ROUNDS):
-    jax_step()
-    ref(**torch_batch)
-  jax_costs, torch_costs, torch_phases, ceilings, torch_ceilings = [], [], [], [], []
-  for _ in range(steps):  # in turns, each with its ceiling: load from elsewhere hits all alike
-    jax_costs.append(_host_cost(jax_step)[1])
-    ceilings.append(hardware.matmul_ceiling(matmul_size, jnp.dtype(dtype), _CEILING_REPEATS))
-    phases, cost = _host_cost(lambda: ref(**torch_batch))
-    torch_costs.append(cost)
-    torch_phases.append(phases)
-    torch_ceilings.append(torch_reference.matmul_ceiling(matmul_size, dtype, _CEILING_REPEATS))
-  jax_times, torch_times = [c.wall for c in jax_costs], [c.wall for c in torch_costs]
-
-  flops = b.flops * jax.device_count()  # the whole batch's
-  jax_dt, torch_dt = float(np.mean(jax_times)), float(np.mean(torch_times))
-  ceiling, torch_ceiling = float(np.mean(ceilings)), float(np.mean(torch_ceilings))
-  out = dict(jax_images_per_sec=batch_size / jax_dt, torch_images_per_sec=batch_size / torch_dt,
-             flops_per_step=flops, jax_flops_per_sec=flops / jax_dt,
-             torch_flops_per_sec=flops / torch_dt, ceiling_flops=ceiling,
-             torch_ceiling_flops=torch_ceiling)
-  out["ratio"] = out["jax_images_per_sec"] / out["torch_images_per_sec"]
-  autocast = "" if dtype == "float32" else f", torch autocast {dtype}"
-  print(f"{dtype}{autocast}: batch {batch_size}, {steps} steps of each in turns "
-        f"(after {_WARMUP_ROUNDS} warm-up rounds)")
-  for name, dt, achieved, ceil, whose in (
-      ("JAX    ", jax_dt, out["jax_flops_per_sec"], ceiling, "jnp"),
-      ("PyTorch", torch_dt, out["torch_flops_per_sec"], torch_ceiling, "torch")):
-    print(f"  {name} {sig3(batch_size / dt)} images/s ({sig3(dt)} s per step), "
-          f"{sig3(achieved / 1e9)} GFLOP/s = {100 * achieved / ceil:.1f}% of the {whose} "
-          f"matmul ceiling ({sig3(ceil / 1e9)} GFLOP/s, {matmul_size}^2 {dtype}, one after "
-          f"each step)")
-  for name, key, times, costs in (("JAX", "jax", jax_times, jax_costs),
-                                  ("PyTorch", "torch", torch_times, torch_costs)):
-    mean = HostCost(*map(float, np.mean(costs, axis=0)))
-    out.update({f"{key}_cpu_seconds": mean.cpu, f"{key}_kernel_seconds": mean.kernel,
-                f"{key}_page_faults": mean.faults})
-    print(f"  {name:<7} steps {', '.join(sig3(t) for t in times)} s; {_host_line(mean)}")
-  print(f"  JAX/PyTorch: {sig3(out['ratio'])}x")
-  print(f"  FLOP/s of both: XLA's count of the compiled JAX step, {sig3(flops / 1e9)} GFLOP "
-        f"per step, over each one's step time: the two do the same work")
-
-  jax_parts, part_flops = _jax_breakdown(b, steps)
-  part_flops["rest"] = b.flops - sum(part_flops.values())  # per device, as the parts'
-  jax_parts["rest"] = jax_dt - sum(jax_parts.values())
-  torch_parts = {k: float(np.mean([p[k] for p in torch_phases]))
-                 for k in torch_reference.PHASES}
-  torch_parts["rest"] = torch_dt - sum(torch_parts.values())
-  out.update({f"jax_{k}_seconds": v for k, v in jax_parts.items()})
-  out.update({f"torch_{k}_seconds": v for k, v in torch_parts.items()})
-  print("  where the time goes, s per step (JAX: each part jitted alone, mean of "
-        f"{steps}; rest = step - parts: mask positions, metrics, dispatch, fusion across "
-        "parts; PyTorch: timed inside its steps)")
-  print("    " + " " * 9 + "".join(f"{k:>11}" for k in jax_parts))
-  for name, parts in (("JAX", jax_parts), ("PyTorch", torch_parts)):
-    print(f"    {name:<9}" + "".join(f"{sig3(v):>11}" for v in parts.values()))
-  print(f"    {'GFLOP':<9}" + "".join(f"{sig3(v / 1e9):>11}" for v in part_flops.values())
-        + "  (XLA's count of each JAX part, per device)")
-  print(f"    {'JAX %':<9}" + "".join(
-      f"{100 * part_flops[k] / jax_parts[k] / ceiling:>10.1f}%" for k in jax_parts
-      if k != "rest") + "  (of the jnp matmul ceiling)")
+  for _ in range(spec["warmup"]):
+    step()
+  costs = [_host_cost(step)[1] for _ in range(spec["steps"])]
+  print(f"steps: {', '.join(sig3(c.wall) for c in costs)} s", flush=True)
+  dtype = jnp.dtype(spec["dtype"])
+  ceiling = float(np.median([hardware.matmul_ceiling(spec["matmul_size"], dtype,
+                                                     _CEILING_REPEATS)
+                             for _ in range(_CEILING_SAMPLES)]))
+  device = jax.devices()[0]
+  known = hardware.known_device(device.device_kind)
+  out = dict(_costs(costs), ceiling=ceiling, flops=b.flops * jax.device_count(),
+             platform=device.platform, device_kind=device.device_kind,
+             devices=jax.device_count(), batch=_fingerprint(b.host_batch))
+  if known is not None:
+    out.update(peak=known.peak_tflops * 1e12 * jax.device_count(),
+               peak_source=f"{known.kind}, {known.source}")
+  if spec["breakdown"]:
+    parts, part_flops = _jax_breakdown(b, spec["steps"])
+    out.update(parts=parts, part_flops=part_flops)
   return out
 
+
+def _time_torch(spec: dict) -> dict[str, Any]:
+  """The PyTorch process of --compare-pytorch (no JAX imported): builds the reference step
+  on `spec['device']`, warms up, times the steps (each with its phases), samples the torch
+  matmul ceiling."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  torch_reference = _import_torch_reference()
+  device = spec["device"]
+  if device == "cuda" and not torch_reference.torch.cuda.is_available():
+    raise ConfigError("the JAX step ran on a GPU but this torch sees no CUDA device "
+                      f"(torch {torch_reference.torch.__version__}): install a CUDA build "
+                      "of torch to compare on the GPU")
+  ref = torch_reference.build(**spec["torch"], device=device)
+  print(torch_reference.describe(ref), flush=True)
+  with np.load(spec["batch"]) as f:
+    host_batch = {k: f[k] for k in f.files}
+  batch = torch_reference.to_torch(host_batch, device)
+  for _ in range(spec["warmup"]):
+    ref(**batch)
+  phases, costs = [], []
+  for _ in range(spec["steps"]):
+    p, c = _host_cost(lambda: ref(**batch))
+    phases.append(p)
+    costs.append(c)
+  print(f"steps: {', '.join(sig3(c.wall) for c in costs)} s", flush=True)
+  ceiling = float(np.median([torch_reference.matmul_ceiling(
+      spec["matmul_size"], spec["dtype"], _CEILING_REPEATS, device)
+                             for _ in range(_CEILING_SAMPLES)]))
+  return dict(_costs(costs), ceiling=ceiling, device_kind=torch_reference.device_kind(device),
+              parts={k: [p[k] for p in phases] for k in torch_reference.PHASES},
+              batch=_fingerprint(host_batch), loaded_jax="jax" in sys.modules)
+
+
+def _child(role: str, spec_path: str, result_path: str) -> None:
+  """A process of --compare-pytorch (`role` 'jax' or 'torch'): times that framework's step
+  as the pickled `spec_path` says and writes its figures to `result_path` (JSON). Says its
+  role and pid first; a ConfigError is one line on stderr."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  print(f"{role} process: pid {os.getpid()}", flush=True)
+  with open(spec_path, "rb") as f:
+    spec = pickle.load(f)
+  try:
+    out = (_time_jax if role == "jax" else _time_torch)(spec)
+  except ConfigError as e:
+    sys.exit(f"{_CHILD_ERROR}{e}")
+  out.update(role=role, pid=os.getpid())
+  with open(result_path, "w") as f:
+    json.dump(out, f)
+
+
+def _run_child(role: str, spec: dict, tmp: str, index: int) -> dict[str, Any]:
+  """Runs `_child` in a new Python process, its output indented into ours; its figures."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  spec_path, result_path, err_path = (os.path.join(tmp, f"{role}{index}.{ext}")
+                                      for ext in ("pkl", "json", "err"))
+  with open(spec_path, "wb") as f:
+    pickle.dump(spec, f)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # beit_jax's parent
+  env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  code = "import sys; from beit_jax import benchmark; benchmark._child(*sys.argv[1:])"
+  with open(err_path, "w+") as err:
+    proc = subprocess.Popen([sys.executable, "-c", code, role, spec_path, result_path],
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    for line in proc.stdout:
+      print(f"    {line.rstrip()}", flush=True)
+    status = proc.wait()
+    if status:
+      err.seek(0)
+      lines = err.read().splitlines()
+      said = [l[len(_CHILD_ERROR):] for l in lines if l.startswith(_CHILD_ERROR)]
+      if said:
+        raise ConfigError(said[-1])
+      raise RuntimeError(f"the {_NAMES[role]} process of --compare-pytorch (pid {proc.pid}) "
+                         f"exited with status {status}; its stderr ends:\n"
+                         + "\n".join(lines[-40:]))
+  with open(result_path) as f:
+    return json.load(f)
+
+
+def compare_pytorch(config, *, steps: int = 3, rounds: int = 2, warmup: int = 1,
+                    matmul_size: int = 2048, breakdown: bool = True) -> dict[str, Any]:
+  """Times `config`'s JAX MIM step and the PyTorch reference step each in processes of its
+  own, in turns (JAX, PyTorch, JAX, PyTorch, ...: `rounds` processes of each), on the same
+  batch: each process runs `warmup` untimed steps, times `steps` steps and samples its own
+  framework's matmul ceiling. Prints each one's median step time, images/s, FLOP/s and
+  share of its ceiling (and MFU on a known accelerator), the ratio, and where the time goes
+  (the first JAX process's parts, if `breakdown`); ends with a summary block whose last line
+  is `json: {...}`; returns that dict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax import trainers  # pylint: disable=g-import-not-at-top
+
+  _import_torch_reference()  # a missing package: one line, before any process starts
+  _check_trainer(config)
+  _check_comparable(config)
+  trainers.validate_config(config)
+  if min(steps, rounds) < 1 or warmup < 0:
+    raise ConfigError(f"--compare-pytorch needs --steps >= 1, --rounds >= 1 and "
+                      f"--warmup_steps >= 0 (got {steps}, {rounds}, {warmup})")
+  dtype, batch_size = config.model.dtype, config.input.batch_size
+  autocast = "" if dtype == "float32" else f", torch autocast {dtype}"
+  print(f"compare-pytorch: {dtype}{autocast}, batch {batch_size}: {rounds} round(s) of a JAX "
+        f"process then a PyTorch process; each process: {warmup} warm-up step(s), then "
+        f"{steps} timed", flush=True)
+  results, order = {"jax": [], "torch": []}, []
+  with tempfile.TemporaryDirectory(prefix="beit_jax_compare_") as tmp:
+    batch_path = os.path.join(tmp, "batch.npz")
+    np.savez(batch_path, **synthetic_batch(config, batch_size))
+    common = dict(steps=steps, warmup=warmup, matmul_size=matmul_size, dtype=dtype)
+    for r in range(rounds):
+      for role in ("jax", "torch"):
+        if role == "jax":
+          spec = dict(common, config=config, breakdown=breakdown and r == 0)
+        else:  # on the JAX process's platform
+          gpu = results["jax"][-1]["platform"] == "gpu"
+          spec = dict(common, batch=batch_path, torch=_torch_kwargs(config),
+                      device="cuda" if gpu else "cpu")
+        print(f"  round {r + 1}/{rounds}: {_NAMES[role]} process", flush=True)
+        res = _run_child(role, spec, tmp, r)
+        results[role].append(res)
+        order.append((role, res["pid"]))
+
+  batches = {json.dumps(res["batch"], sort_keys=True) for res in results["jax"] + results["torch"]}
+  if len(batches) != 1:
+    raise RuntimeError(f"the processes timed different batches: {sorted(batches)}")
+  first = results["jax"][0]
+  flops = first["flops"]  # the whole batch's
+  out: dict[str, Any] = dict(dtype=dtype, batch_size=batch_size, rounds=rounds, steps=steps,
+                             warmup_steps=warmup, flops_per_step=flops,
+                             order=[list(o) for o in order])
+  ceiling_name = {"jax": "jnp", "torch": "torch"}
+  for key, res in results.items():
+    times = [t for p in res for t in p["wall"]]
+    dt = float(np.median(times))
+    out.update({
+        f"{key}_step_seconds": dt, f"{key}_images_per_sec": batch_size / dt,
+        f"{key}_flops_per_sec": flops / dt,
+        f"{key}_steps": [p["wall"] for p in res],
+        f"{key}_ceiling_flops": float(np.median([p["ceiling"] for p in res])),
+        f"{key}_cpu_seconds": float(np.mean([x for p in res for x in p["cpu"]])),
+        f"{key}_kernel_seconds": float(np.mean([x for p in res for x in p["kernel"]])),
+        f"{key}_page_faults": float(np.mean([x for p in res for x in p["faults"]])),
+        f"{key}_device": res[0]["device_kind"]})
+  out["ceiling_flops"] = out["jax_ceiling_flops"]  # the jnp one, as benchmark() names it
+  out["torch_process_loaded_jax"] = any(p["loaded_jax"] for p in results["torch"])
+  out["ratio"] = out["jax_images_per_sec"] / out["torch_images_per_sec"]
+  peaks = {}
+  if first.get("peak"):
+    peaks["jax"] = (first["peak"], first["peak_source"])
+  known = hardware.known_device(results["torch"][0]["device_kind"])
+  if known is not None:
+    peaks["torch"] = (known.peak_tflops * 1e12, f"{known.kind}, {known.source}")
+  for key, (peak, _) in peaks.items():
+    out[f"{key}_mfu"] = out[f"{key}_flops_per_sec"] / peak
+
+  devices = (f"JAX on {first['devices']} x {first['device_kind']}, PyTorch on "
+             f"{results['torch'][0]['device_kind']}")
+  print(f"summary: JAX vs PyTorch, {dtype}{autocast}, batch {batch_size}, {devices}; each in "
+        f"{rounds} process(es) of its own, alternating; medians of {rounds * steps} timed "
+        f"steps each")
+  for key in ("jax", "torch"):
+    dt, achieved = out[f"{key}_step_seconds"], out[f"{key}_flops_per_sec"]
+    ceil = out[f"{key}_ceiling_flops"]
+    print(f"  {_NAMES[key]:<7} {sig3(batch_size / dt)} images/s ({sig3(dt)} s per step), "
+          f"{sig3(achieved / 1e9)} GFLOP/s = {100 * achieved / ceil:.1f}% of the "
+          f"{ceiling_name[key]} matmul ceiling ({sig3(ceil / 1e9)} GFLOP/s, {matmul_size}^2 "
+          f"{dtype}, measured in its processes)")
+  print(f"  JAX/PyTorch: {sig3(out['ratio'])}x")
+  for key, res in results.items():
+    mean = HostCost(*(float(np.mean([x for p in res for x in p[f]])) for f in HostCost._fields))
+    steps_text = " | ".join(", ".join(sig3(t) for t in p["wall"]) for p in res)
+    print(f"  {_NAMES[key]:<7} steps {steps_text} s (| between processes); "
+          f"{_host_line(mean)}")
+  print(f"  FLOP/s of both: XLA's count of the compiled JAX step, {sig3(flops / 1e9)} GFLOP "
+        f"per step, over each one's median step time: the two do the same work")
+  for key, (peak, source) in peaks.items():
+    print(f"  {_NAMES[key]:<7} MFU {100 * out[f'{key}_mfu']:.1f}% (peak {sig3(peak / 1e12)} "
+          f"TFLOP/s bf16 dense: {source})")
+
+  if breakdown:
+    jax_parts = dict(first["parts"])
+    part_flops = dict(first["part_flops"])
+    part_flops["rest"] = first["flops"] / first["devices"] - sum(part_flops.values())
+    jax_parts["rest"] = out["jax_step_seconds"] - sum(jax_parts.values())
+    torch_parts = {k: float(np.median([x for p in results["torch"] for x in p["parts"][k]]))
+                   for k in results["torch"][0]["parts"]}
+    torch_parts["rest"] = out["torch_step_seconds"] - sum(torch_parts.values())
+    out.update({f"jax_{k}_seconds": v for k, v in jax_parts.items()})
+    out.update({f"torch_{k}_seconds": v for k, v in torch_parts.items()})
+    print("  where the time goes, s per step (JAX: each part jitted alone in the first JAX "
+          f"process, mean of {steps}; rest = median step - parts: mask positions, metrics, "
+          "dispatch, fusion across parts; PyTorch: medians of the phases timed inside its "
+          "steps)")
+    print("    " + " " * 9 + "".join(f"{k:>11}" for k in jax_parts))
+    for name, parts in (("JAX", jax_parts), ("PyTorch", torch_parts)):
+      print(f"    {name:<9}" + "".join(f"{sig3(v):>11}" for v in parts.values()))
+    print(f"    {'GFLOP':<9}" + "".join(f"{sig3(v / 1e9):>11}" for v in part_flops.values())
+          + "  (XLA's count of each JAX part, per device)")
+    ceiling = out["jax_ceiling_flops"]  # one device's, as the parts' FLOPs are
+    print(f"    {'JAX %':<9}" + "".join(
+        f"{100 * part_flops[k] / jax_parts[k] / ceiling:>10.1f}%" for k in jax_parts
+        if k != "rest") + "  (of the jnp matmul ceiling)")
+  print("  processes, in order: " + ", ".join(f"{role} pid {pid}" for role, pid in order))
+  print("json: " + json.dumps(out, sort_keys=True), flush=True)
+  return out
 
 def main(argv):
   del argv
@@ -427,7 +615,9 @@ def main(argv):
     for dtype in _DTYPES.value or [config.model.dtype]:
       config.model.dtype = dtype
       if _COMPARE.value:
-        compare_pytorch(config, steps=_STEPS.value, matmul_size=_MATMUL.value)
+        compare_pytorch(config, steps=_STEPS.value, rounds=_ROUNDS.value,
+                        warmup=_WARMUP.value, matmul_size=_MATMUL.value,
+                        breakdown=_BREAKDOWN.value)
       else:
         benchmark(config, steps=_STEPS.value, pipeline_batches=_PIPELINE_BATCHES.value,
                   matmul_size=_MATMUL.value)
@@ -439,13 +629,23 @@ if __name__ == "__main__":
   # Flags only when run as a program: tests import `benchmark` beside `main`'s flags.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
-  _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+  _STEPS = flags.DEFINE_integer(
+      "steps", 10, "Timed steps (after one warm-up step; with --compare-pytorch, in each "
+      "process, after --warmup_steps).")
   _PIPELINE_BATCHES = flags.DEFINE_integer(
       "pipeline_batches", 40, "Batches timed from the input pipeline (0: skip).")
   _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the ceiling's square matmul.")
   _COMPARE = flags.DEFINE_bool(
-      "compare-pytorch", False, "Time the unilm-equivalent PyTorch step in turns with the "
-      "JAX step (needs requirements-interop.txt) instead of the input pipeline.")
+      "compare-pytorch", False, "Time the unilm-equivalent PyTorch step against the JAX "
+      "step, each in processes of its own, alternating (needs requirements-interop.txt), "
+      "instead of the input pipeline.")
+  _ROUNDS = flags.DEFINE_integer(
+      "rounds", 2, "--compare-pytorch: processes of each framework (JAX, PyTorch, JAX, ...).")
+  _WARMUP = flags.DEFINE_integer(
+      "warmup_steps", 1, "--compare-pytorch: untimed steps each process runs first.")
+  _BREAKDOWN = flags.DEFINE_bool(
+      "breakdown", True, "--compare-pytorch: time the JAX step's parts (tokenizer, forward, "
+      "backward, optimizer) in the first JAX process, after its steps.")
   _DTYPES = flags.DEFINE_list(
       "dtypes", [], f"model.dtype values to time one after the other, of {DTYPES} "
       "(default: the config's).")

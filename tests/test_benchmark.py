@@ -1,7 +1,11 @@
 """The benchmark runs on a config whose data set is not on this machine (ImageNet's), and
-times the input pipeline per CPU core when the data are there; `--compare-pytorch` prints
-both steps' rates and their ratio, its PyTorch step's loss reads the masked positions
-only, and without torch it is a one-line error."""
+times the input pipeline per CPU core when the data are there; `--compare-pytorch` runs each
+framework in processes of its own, alternating, and prints both steps' rates, their ratio and
+a final json line; its PyTorch step's loss reads the masked positions only, and without torch
+it is a one-line error."""
+import contextlib
+import io
+import json
 import os
 import re
 import sys
@@ -81,33 +85,78 @@ def _three_significant_digits(printed: str) -> bool:
   return len(digits) == 3 or ("." not in printed and digits[3:].strip("0") == "")
 
 
-@pytest.mark.slow
-def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  """One `compare_pytorch` of a seconds-sized B/16 recipe, 2 rounds of 1 step: (what it
+  returned, what it printed)."""
   for package in ("torch", "transformers", "dall_e"):
     pytest.importorskip(package)
   config = _shrunk(beit_base.get_config())
-  config.input.data_dir = str(tmp_path)
+  config.input.data_dir = str(tmp_path_factory.mktemp("no_imagenet"))
   config.model.dtype = "float32"
-  out = benchmark.compare_pytorch(config, steps=1, matmul_size=128)
-  printed = capsys.readouterr().out
-  jax_rate = re.search(r"JAX +(\S+) images/s", printed).group(1)
-  torch_rate = re.search(r"PyTorch +(\S+) images/s", printed).group(1)
-  ratio = re.search(r"JAX/PyTorch: (\S+)x", printed).group(1)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    out = benchmark.compare_pytorch(config, steps=1, rounds=2, matmul_size=128)
+  return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(compared):
+  out, printed = compared
+  summary = printed[printed.index("\nsummary: "):]  # the block after the processes' output
+  jax_rate = re.search(r"JAX +(\S+) images/s", summary).group(1)
+  torch_rate = re.search(r"PyTorch +(\S+) images/s", summary).group(1)
+  ratio = re.search(r"JAX/PyTorch: (\S+)x", summary).group(1)
   assert jax_rate == benchmark.sig3(out["jax_images_per_sec"])
   assert torch_rate == benchmark.sig3(out["torch_images_per_sec"])
   assert all(map(_three_significant_digits, (jax_rate, torch_rate, ratio)))
   assert ratio == benchmark.sig3(out["jax_images_per_sec"] / out["torch_images_per_sec"])
   assert float(ratio) == pytest.approx(float(jax_rate) / float(torch_rate), rel=0.011)
-  assert "XLA's count of the compiled JAX step" in printed
-  assert printed.count("% of the") == 2 and "where the time goes" in printed
+  assert "XLA's count of the compiled JAX step" in summary
+  assert summary.count("% of the") == 2 and "where the time goes" in summary
   assert out["jax_tokenizer_seconds"] > 0 and out["torch_tokenizer_seconds"] > 0
-  for name, key in (("JAX", "jax"), ("PyTorch", "torch")):  # one step each: its time, its costs
-    line = re.search(rf"{name} +steps (\S+) s; CPU (\S+) s per step, (\d+)% of it in the "
-                     r"kernel; ([\d,]+) minor page faults", printed)
-    assert line, printed
-    assert line.group(1) == benchmark.sig3(8 / out[f"{key}_images_per_sec"])  # batch 8
-    assert line.group(2) == benchmark.sig3(out[f"{key}_cpu_seconds"])
-    assert line.group(4).replace(",", "") == f"{out[f'{key}_page_faults']:.0f}"
+  for name, key in (("JAX", "jax"), ("PyTorch", "torch")):  # each process's step, the costs
+    line = re.search(rf"{name} +steps (\S+) \| (\S+) s \(\| between processes\); CPU (\S+) s "
+                     r"per step, (\d+)% of it in the kernel; ([\d,]+) minor page faults",
+                     summary)
+    assert line, summary
+    steps = out[f"{key}_steps"]
+    assert [len(s) for s in steps] == [1, 1]
+    assert line.group(1, 2) == tuple(benchmark.sig3(s[0]) for s in steps)
+    median = (steps[0][0] + steps[1][0]) / 2
+    assert out[f"{key}_step_seconds"] == pytest.approx(median)
+    assert out[f"{key}_images_per_sec"] == pytest.approx(8 / median)  # batch 8
+    assert line.group(3) == benchmark.sig3(out[f"{key}_cpu_seconds"])
+    assert line.group(5).replace(",", "") == f"{out[f'{key}_page_faults']:.0f}"
+  # The output ends with all of it on one line.
+  last = printed.rstrip("\n").splitlines()[-1]
+  assert last.startswith("json: ") and json.loads(last[len("json: "):]) == out
+
+
+@pytest.mark.slow
+def test_compare_pytorch_alternates_processes_of_each_framework(compared):
+  out, printed = compared
+  order = [tuple(o) for o in out["order"]]
+  assert [role for role, _ in order] == ["jax", "torch", "jax", "torch"]
+  pids = [pid for _, pid in order]
+  assert len(set(pids)) == 4 and os.getpid() not in pids
+  said = re.findall(r"^ +(jax|torch) process: pid (\d+)$", printed, re.M)  # each child, first
+  assert [(role, int(pid)) for role, pid in said] == order
+  assert not out["torch_process_loaded_jax"]  # the PyTorch processes import no JAX
+  # Both frameworks' processes timed the same batch (the parent checks their fingerprints).
+  assert re.search(r"^  round 2/2: PyTorch process$", printed, re.M)
+
+
+def test_a_childs_config_error_comes_back_as_one_line(tmp_path):
+  torch = pytest.importorskip("torch")
+  for package in ("transformers", "dall_e"):
+    pytest.importorskip(package)
+  if torch.cuda.is_available():
+    pytest.skip("needs a torch without CUDA")
+  spec = dict(device="cuda", steps=1, warmup=0, matmul_size=64, dtype="float32")
+  with pytest.raises(ConfigError) as e:
+    benchmark._run_child("torch", spec, str(tmp_path), 0)  # pylint: disable=protected-access
+  assert "sees no CUDA device" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_host_cost_counts_the_first_touches_of_fresh_memory():
