@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 
@@ -66,26 +66,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   kept for inspection, no longer listed) and the next older one is tried. None when
   there is nothing to resume.
   """
-  want = block_layout.layout(abstract_state)
+  want = blocks.layout(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       # A run may resume in the other block layout (model.scan_layers changed): read the
       # checkpoint in its own and convert.
       saved_tree = _saved_tree(manager, step) if want else None
-      saved = block_layout.layout(saved_tree)
-      target = block_layout.to_layout(abstract_state, saved)
-      # Earlier versions saved qkv fused as [D, 3D]: read it so, then split.
-      fused = saved_tree is not None and block_layout.has_fused_qkv(saved_tree)
-      if fused:
-        target = block_layout.fused_target(target)
+      saved = blocks.layout(saved_tree)
+      target = blocks.to_layout(abstract_state, saved)
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       state = restored.state
       if target is not abstract_state:
-        logging.info("Checkpoint %d is %s%s; converted to the run's %s blocks.", step,
-                     saved or "unscanned", ", qkv fused" if fused else "", want)
-        state = jax.tree.map(lambda x, a: jax.device_put(x.reshape(a.shape), a.sharding),
-                             block_layout.to_layout(state, want), abstract_state)
+        logging.info("Checkpoint %d is %s; converted to the run's %s blocks.", step,
+                     saved or "unscanned", want)
+        state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+                             blocks.to_layout(state, want), abstract_state)
       return state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       path = epath.Path(manager.directory) / str(step)
@@ -154,7 +150,7 @@ def load_params(path: str) -> Any:
     state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-  return block_layout.unstacked(jax.device_get(state["params"]))
+  return blocks.unstacked(jax.device_get(state["params"]))
 
 
 def save_params(path: str, params: Any, config: dict | None = None) -> str:
@@ -182,11 +178,9 @@ def check_and_cast(target: Any, loaded: Any, field: str) -> Any:
   and shape mismatches, rather than failing inside a trace.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  loaded = block_layout.to_layout(loaded, block_layout.layout(target))
+  loaded = blocks.to_layout(loaded, blocks.layout(target))
   want = traverse_util.flatten_dict(target, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
-  got = {k: v.reshape(want[k].shape) if k in want and block_layout.fused_shape(
-      k, tuple(want[k].shape)) == tuple(v.shape) else v for k, v in got.items()}
   missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
             for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 from beit_jax.param_paths import path_str
@@ -198,4 +198,4 @@ def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
       per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))  # layers 1..depth
       return per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1))
     return decay ** (depth + 1 - layer_id(name, depth))
-  return jax.tree_util.tree_map_with_path(scale, params, block_layout.stacked_mask(params))
+  return jax.tree_util.tree_map_with_path(scale, params, blocks.stacked_mask(params))

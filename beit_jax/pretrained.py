@@ -13,7 +13,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax import checkpoint
 from beit_jax.convert import layout
 from beit_jax.errors import ConfigError
@@ -58,7 +58,7 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
     logging.info("%s: position parameters resized from %d to %d pixels", what,
                  source["image_size"], kw["image_size"])
 
-  want = traverse_util.flatten_dict(block_layout.unstacked(target), sep="/")  # as params
+  want = traverse_util.flatten_dict(blocks.unstacked(target), sep="/")  # as params
   top = lambda k: k.split("/")[0]
   misshapen_head = [k for k in params if top(k) in fresh and k in want
                     and tuple(params[k].shape) != tuple(want[k].shape)]

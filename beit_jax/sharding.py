@@ -25,7 +25,7 @@ multi-slice are config changes only:
 Weights without a role (the dVAE's and segmentation heads' convolutions) shard their
 largest divisible dimension over `fsdp`; weights smaller than `sharding.min_size`
 elements (biases, norms, position tables) stay whole on every device. A scanned ViT's
-stacked blocks keep their layer axis whole (`block_layout.stacked_mask`).
+stacked blocks keep their layer axis whole (`blocks.stacked_mask`).
 """
 import contextlib
 import functools
@@ -40,7 +40,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.param_paths import AxesTable, path_str
@@ -237,7 +237,7 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDi
          else _spec(logical, shape, mesh, rules))
     return NamedSharding(mesh, P(None, *s) if stacked else s)
   return jax.tree_util.tree_map_with_path(spec, abstract_tree,
-                                          block_layout.stacked_mask(abstract_tree))
+                                          blocks.stacked_mask(abstract_tree))
 
 
 # --------------------------------------------------------------------------- activations

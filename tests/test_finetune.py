@@ -1,6 +1,5 @@
 """Fine-tuning and linear probing: layer decay, Mixup/CutMix, accuracy, loading checkpoints."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from beit_jax import optim
 from beit_jax import pretrained as pretrained_weights
 from beit_jax import runner
 from beit_jax import sharding
-from beit_jax.convert import layout
 from beit_jax.convert import relpos
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import finetune
@@ -190,40 +188,6 @@ def test_position_tables_are_resized_for_another_resolution(pretrained):
                                rtol=1e-6)
   np.testing.assert_array_equal(loaded["blocks_1/mlp/fc1/kernel"],
                                 source["blocks_1/mlp/fc1/kernel"])
-
-
-def test_a_checkpoint_of_an_earlier_version_with_fused_qkv_initialises(pretrained, tmp_path):
-  """Earlier versions saved the qkv kernel as unilm's fused [D, 3D]; it still loads."""
-  path, source = pretrained
-  fused = {k: v.reshape(v.shape[0], -1) if k.endswith("attn/qkv/kernel") else v
-           for k, v in source.items()}
-  assert fused["blocks_0/attn/qkv/kernel"].shape == (32, 96)
-  old = checkpoint.save_params(str(tmp_path / "old"), traverse_util.unflatten_dict(
-      fused, sep="/"), json.loads((pathlib.Path(path) / "config.json").read_text()))
-  config = tiny_finetune_config()
-  loaded = _flat(pretrained_weights.load_pretrained(old, _target(config), config))
-  np.testing.assert_array_equal(loaded["blocks_1/attn/qkv/kernel"],
-                                source["blocks_1/attn/qkv/kernel"])  # [32, 3, 32]
-  params, _ = layout.load(old)  # the converters' reader
-  np.testing.assert_array_equal(params["blocks_0/attn/qkv/kernel"],
-                                source["blocks_0/attn/qkv/kernel"])
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("layer_scale_init", 0.0, "the model has no place for 4 parameters .*gamma_1"),
-    ("use_abs_pos_emb", True, "the checkpoint lacks 1 parameters \\(pos_embed\\)"),
-    ("depth", 3, "the checkpoint lacks .*blocks_2/"),
-])
-def test_a_checkpoint_of_another_model_is_a_config_error(pretrained, field, value, message):
-  path, _ = pretrained
-  config = tiny_finetune_config()
-  config.model[field] = value
-  target = jax.eval_shape(lambda: _target(config))
-  with pytest.raises(ConfigError, match=rf"^init_from=.*: {message}.*--config.model"):
-    pretrained_weights.load_pretrained(path, target, config)
-
-
-# --------------------------------------------------------------------------- end to end
 
 
 def _scalars(logdir, tag):

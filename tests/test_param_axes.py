@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax import optim
 from beit_jax import sharding
 from beit_jax import train_state
@@ -135,8 +135,8 @@ def test_a_new_block_submodule_keeps_its_layer_axis_whole():
   assert scales[vit.SCANNED_BLOCKS]["adapter"]["kernel"].shape == (4, 1, 1)  # one per layer
   # The dVAE's `blocks/group_*` are not a ViT's blocks: nothing of it is stacked.
   dvae_params, _ = _models()["dvae"]
-  assert block_layout.layout(dvae_params) is None
-  assert not any(jax.tree.leaves(block_layout.stacked_mask(dvae_params)))
+  assert blocks.layout(dvae_params) is None
+  assert not any(jax.tree.leaves(blocks.stacked_mask(dvae_params)))
 
 
 # The shardings (fsdp=4, tensor=2, min_size=0) of the tiny models above, as computed at commit

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from beit_jax import block_layout
+from beit_jax.params import blocks
 from beit_jax import checkpoint
 from beit_jax import optim
 from beit_jax import sharding
@@ -43,7 +43,7 @@ def test_scanned_equals_unscanned_outputs_and_gradients(extra):
   plain = vit.VisionTransformer(**_KW, **extra)
   scanned = vit.VisionTransformer(**_KW, **extra, scan_layers=True)
   params = plain.init(jax.random.key(0), images, mask)["params"]
-  stacked = block_layout.stacked(params)
+  stacked = blocks.stacked(params)
   assert jax.tree.structure(stacked) == jax.tree.structure(
       jax.eval_shape(scanned.init, jax.random.key(0), images, mask)["params"])
   assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 3, 32)
@@ -62,7 +62,7 @@ def test_scanned_equals_unscanned_outputs_and_gradients(extra):
     out = model.apply({"params": p}, images, mask)
     return sum(jnp.mean(out[k] ** 2) for k in ("mim_logits", "mim_logits_c") if k in out)
   grads = jax.grad(loss)(params, plain)
-  assert _max_diff(block_layout.stacked(grads), jax.grad(loss)(stacked, scanned)) < 1e-6
+  assert _max_diff(blocks.stacked(grads), jax.grad(loss)(stacked, scanned)) < 1e-6
 
 
 def test_scanned_init_scales_each_layer_as_unilm():
@@ -98,18 +98,18 @@ def test_layouts_convert_params_opt_state_and_abstract_trees():
   images, mask = _inputs()
   params = vit.VisionTransformer(**_KW, patch_aggregation_layer=2).init(
       jax.random.key(0), images, mask)["params"]
-  assert block_layout.layout(params) == block_layout.UNSCANNED
-  stacked = block_layout.stacked(params)
-  assert block_layout.layout(stacked) == block_layout.SCANNED
+  assert blocks.layout(params) == blocks.UNSCANNED
+  stacked = blocks.stacked(params)
+  assert blocks.layout(stacked) == blocks.SCANNED
   assert "cls_pt_layers_0" in stacked and "blocks_0" not in stacked  # the decoder stays
-  back = block_layout.unstacked(stacked)
+  back = blocks.unstacked(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
   # Adam's moments mirror the params: the whole optimizer state converts.
   tx, _ = optim.make_optimizer(_optim(), total_steps=10, warmup_steps=2)
   state = {"params": params, "opt_state": tx.init(params)}
-  converted = block_layout.stacked(state)
+  converted = blocks.stacked(state)
   assert jax.tree.structure(converted["opt_state"]) == jax.tree.structure(tx.init(stacked))
   # Abstract trees keep their shardings, the layer axis unsharded.
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 1, 8, 1), sharding.AXES)
@@ -119,9 +119,9 @@ def test_layouts_convert_params_opt_state_and_abstract_trees():
                                                                    "fsdp")
                                                            if x.ndim and x.shape[-1] % 8 == 0
                                                            else P())), params)
-  up = block_layout.stacked(abstract)["blocks"]["mlp"]["fc1"]["kernel"]
+  up = blocks.stacked(abstract)["blocks"]["mlp"]["fc1"]["kernel"]
   assert up.shape == (3, 32, 64) and up.sharding.spec == P(None, None, "fsdp")
-  down = block_layout.unstacked(block_layout.stacked(abstract))
+  down = blocks.unstacked(blocks.stacked(abstract))
   assert down["blocks_1"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp")
 
 
@@ -135,10 +135,10 @@ def test_layer_decay_and_fsdp_shardings_of_scanned_params():
   images, _ = _inputs()
   params = vit.VisionTransformer(**_KW, num_classes=5).init(jax.random.key(0), images)[
       "params"]
-  stacked = block_layout.stacked(params)
+  stacked = blocks.stacked(params)
   plain = optim.layer_decay_scales(params, depth=3, decay=0.65)
   scanned = optim.layer_decay_scales(stacked, depth=3, decay=0.65)
-  want = block_layout.stacked(jax.tree.map(np.asarray, plain))
+  want = blocks.stacked(jax.tree.map(np.asarray, plain))
   for path, x in jax.tree_util.tree_leaves_with_path(scanned):
     y = jax.tree_util.tree_leaves_with_path(want)
     y = dict((jax.tree_util.keystr(p), v) for p, v in y)[jax.tree_util.keystr(path)]
@@ -161,7 +161,7 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path):
   checkpoint.save(manager, 3, state, force=True)
   manager.wait_until_finished()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  want = block_layout.stacked(state)
+  want = blocks.stacked(state)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           want)
   restored, meta = checkpoint.restore_latest(manager, abstract)
@@ -170,7 +170,7 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path):
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(want)):
     np.testing.assert_array_equal(x, y)
   # init_from / converters read the unscanned layout from either.
-  checkpoint.save_params(str(tmp_path / "scanned"), block_layout.stacked(params))
+  checkpoint.save_params(str(tmp_path / "scanned"), blocks.stacked(params))
   loaded = checkpoint.load_params(str(tmp_path / "scanned"))
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
 

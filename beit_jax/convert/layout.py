@@ -11,7 +11,6 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from beit_jax import block_layout
 from beit_jax import checkpoint
 from beit_jax.convert import common
 from beit_jax.convert import relpos
@@ -105,8 +104,8 @@ def flat(params: Any) -> dict[str, np.ndarray]:
 
 
 def read(path: str) -> dict[str, np.ndarray]:
-  """The flat ViT params of a beit-jax checkpoint (earlier versions' fused qkv split)."""
-  return block_layout.split_fused_qkv(flat(checkpoint.load_params(path)))
+  """The flat ViT params of a beit-jax checkpoint."""
+  return flat(checkpoint.load_params(path))
 
 
 def nested(params: dict[str, np.ndarray]) -> dict[str, Any]:

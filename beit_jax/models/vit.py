@@ -60,7 +60,7 @@ BLOCK_PARAM_AXES = (  # a Block's, below the block
     ('(attn/proj|mlp/fc2)/bias|norm[12]/(scale|bias)|gamma_[12]', ('embed',)),
 )
 # The subtree of the blocks as one nn.scan (`scan_layers`): every leaf below it is stacked
-# [depth, ...], its layer axis never sharded (`block_layout.stacked_mask`); unscanned, the
+# [depth, ...], its layer axis never sharded (`params.blocks.stacked_mask`); unscanned, the
 # blocks are `blocks_<i>`.
 SCANNED_BLOCKS = 'blocks'
 PARAM_AXES = param_paths.nested(rf'{SCANNED_BLOCKS}(_\d+)?|cls_pt_layers_\d+',
@@ -466,7 +466,7 @@ class VisionTransformer(nn.Module):
 
   `scan_layers` runs the blocks as one `nn.scan` (compile time and program size
   independent of depth): the params of block i are `blocks/...[i]`, the unscanned
-  `blocks_<i>/...` stacked (`beit_jax/block_layout.py` converts either way; the same
+  `blocks_<i>/...` stacked (`beit_jax/params/blocks.py` converts either way; the same
   init distribution, other random draws).
   """
   patch_size: int = 16

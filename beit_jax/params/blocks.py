@@ -1,4 +1,4 @@
-"""The ViT's parameter layouts, and conversion between them for any tree.
+"""A ViT's blocks scanned or unscanned, and conversion between the two for any tree.
 
 Unscanned: one subtree per block, `blocks_<i>/...` (unilm's naming, what converters and
 checkpoints of earlier versions hold). Scanned (`model.scan_layers`): one subtree
@@ -106,49 +106,3 @@ def to_layout(tree: Any, target: str | None) -> Any:
   if target is None or layout(tree) in (None, target):
     return tree
   return stacked(tree) if target == SCANNED else unstacked(tree)
-
-
-_QKV = re.compile(r"(^|/)attn/qkv/kernel$")
-_STACKED_QKV = re.compile(rf"(^|/){SCANNED_BLOCKS}/attn/qkv/kernel$")
-
-
-def _is_fused(name: str, shape: tuple[int, ...]) -> bool:
-  return len(shape) == 2 + bool(_STACKED_QKV.search(name))
-
-
-def has_fused_qkv(tree: Any) -> bool:
-  """Whether `tree` (arrays, or a checkpoint's metadata) holds fused [.., D, 3D] qkv kernels."""
-  return any(_is_fused(path_str(p), tuple(x.shape))
-             for p, x in jax.tree_util.tree_leaves_with_path(tree)
-             if _QKV.search(path_str(p)) and hasattr(x, "shape"))
-
-
-def fused_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-  """The fused twin [.., D, 3D] of a split qkv kernel's shape; None for other leaves."""
-  if not _QKV.search(name) or _is_fused(name, shape):
-    return None
-  return tuple(shape[:-2]) + (3 * shape[-1],)
-
-
-def _fuse_abstract(name: str, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-  shape = fused_shape(name, tuple(leaf.shape))
-  if shape is None:
-    return leaf
-  sharding = leaf.sharding
-  if isinstance(sharding, NamedSharding):  # the fused dim keeps the output dim's axes
-    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-    sharding = NamedSharding(sharding.mesh, P(*spec[:-2], spec[-1]))
-  return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
-
-
-def fused_target(abstract: Any) -> Any:
-  """`abstract` with its qkv kernels fused: the target to restore an earlier checkpoint."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: _fuse_abstract(path_str(p), x),
-                                          abstract)
-
-
-def split_fused_qkv(flat: dict[str, Any]) -> dict[str, Any]:
-  """Flat unscanned ViT params ({'blocks_0/attn/qkv/kernel': ...}) with earlier versions'
-  fused [D, 3D] qkv kernels as [D, 3, D]; the others unchanged."""
-  return {k: v.reshape(v.shape[0], 3, v.shape[1] // 3)
-          if _QKV.search(k) and _is_fused(k, tuple(v.shape)) else v for k, v in flat.items()}
