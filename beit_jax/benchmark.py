@@ -309,8 +309,7 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
   from beit_jax import mim_objective as mim  # pylint: disable=g-import-not-at-top
   config = b.config
   model = mim.make_model(config)
-  mask = config.input.mask
-  max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+  max_masked = mim.max_masked(config)
   rng = jax.random.key(0)
 
   def loss_fn(params, batch, tokens):

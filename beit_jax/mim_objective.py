@@ -83,6 +83,12 @@ def masked_positions(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return order.astype(jnp.int32), jnp.take_along_axis(mask, order, 1).astype(jnp.float32)
 
 
+def max_masked(config: ml_collections.ConfigDict) -> int:
+  """The `k` of `masked_positions`: the most patches `config.input.mask` can mask."""
+  mask = config.input.mask
+  return max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+
+
 def targets_at(batch: dict[str, jax.Array], positions: jax.Array, tokens: jax.Array | None,
                patch_size: int) -> jax.Array:
   """What the head predicts at `positions` [B, K]: the visual tokens [B, K] of view 2

@@ -168,12 +168,12 @@ def vit_train_flops(config, batch_per_device: int) -> float:
   """The ViT's training FLOPs per device and step: 3x (forward + backward) its matmuls
   (patch embedding, qkv, projection, MLP, the MIM head on the masked positions) and
   attention; the tokenizer, norms and elementwise work are not counted (PaLM's MFU)."""
+  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
   from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
   size = vit.size_kwargs(config.model)
   d, depth, patch = size["width"], size["depth"], size["patch_size"]
   n = (config.input.image_size // patch)**2
-  mask = config.input.mask
-  masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+  masked = mim_objective.max_masked(config)
   forward = (2 * n * patch * patch * 3 * d + depth * hardware.block_forward_flops(size, n + 1)
              + 2 * masked * d * config.tokenizer.vocab_size)
   return 3.0 * forward * batch_per_device

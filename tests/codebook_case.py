@@ -1,9 +1,10 @@
-"""One batch of codebook updates (EMA, k-means init, restart, usage), run by one device, 8
-devices of one process, or 2 processes (tests/two_process_codebook.py) alike."""
+"""One batch of codebook updates (EMA, k-means init, restart, usage), run by one device, or
+jitted on the batch sharded over 8 devices of one process or 2 processes
+(tests/two_process_codebook.py), as the VQ-KD trainer's step runs them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from beit_jax.models import vqkd
 
@@ -21,19 +22,24 @@ def inputs():
   return state, z, vqkd.nearest_code(z, state['embedding']), jax.random.key(4)
 
 
-def run_all(wrap, state, z, codes, key, axis_name=None) -> dict:
-  """Each update; `wrap(fn, in_specs)` maps fn over the batch axis (identity: one device)."""
+def sharded(mesh):
+  """`wrap` for `run_all`: fn jitted with its batch arguments sharded over 'data'."""
+  def wrap(fn, specs):
+    return jax.jit(fn, in_shardings=tuple(NamedSharding(mesh, s) for s in specs),
+                   out_shardings=NamedSharding(mesh, P()))
+  return wrap
+
+
+def run_all(wrap, state, z, codes, key) -> dict:
+  """Each update; `wrap(fn, in_specs)` runs fn on arguments sharded as `in_specs` (the
+  identity: one device)."""
   fresh = dict(state, initted=jnp.asarray(False))
   dead = dict(state, cluster_size=state['cluster_size'].at[::2].set(0.0))
   return {
-      'ema': wrap(lambda s, z, c: vqkd.ema_update(s, z, c, axis_name=axis_name),
-                  (P(), P('data'), P('data')))(state, z, codes),
-      'init': wrap(lambda s, z, r: vqkd.init_codebook(s, z, r, axis_name=axis_name),
-                   (P(), P('data'), P()))(fresh, z, key),
-      'restart': wrap(lambda s, z, r: vqkd.restart_dead_codes(s, z, r, 1.0, axis_name),
-                      (P(), P('data'), P()))(dead, z, key),
-      'usage': wrap(lambda s, c: vqkd.codebook_usage(s, c, axis_name=axis_name),
-                    (P(), P('data')))(state, codes),
+      'ema': wrap(vqkd.ema_update, (P(), P('data'), P('data')))(state, z, codes),
+      'init': wrap(vqkd.init_codebook, (P(), P('data'), P()))(fresh, z, key),
+      'restart': wrap(vqkd.restart_dead_codes, (P(), P('data'), P()))(dead, z, key),
+      'usage': wrap(vqkd.codebook_usage, (P(), P('data')))(state, codes),
   }
 
 

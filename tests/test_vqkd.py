@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from beit_jax.errors import ConfigError
 from beit_jax.models import vqkd
@@ -32,15 +32,6 @@ def _np_codebook(embedding, cluster_size=None):
           'cluster_size': jnp.asarray(np.zeros(k) if cluster_size is None
                                       else cluster_size, jnp.float32),
           'initted': jnp.asarray(True)}
-
-
-def _mesh():
-  return Mesh(np.array(jax.devices()), ('data',))
-
-
-def _sharded(fn, in_specs):
-  """fn run by 8 devices, each on its slice of the P('data') args, output replicated."""
-  return jax.jit(jax.shard_map(fn, mesh=_mesh(), in_specs=in_specs, out_specs=P()))
 
 
 # --- quantizer --------------------------------------------------------------------------
@@ -132,12 +123,14 @@ def _one_device() -> dict:
 
 
 def test_codebook_updates_on_8_devices_equal_the_whole_batch_on_one():
-  """EMA, k-means init, restarts and usage psum over the devices' slices of the batch."""
+  """EMA, k-means init, restarts and usage jitted on the batch sharded over 8 devices (as
+  in the trainer's step) see the whole batch, not each device's slice."""
   assert jax.device_count() == 8
   state, z, codes, key = codebook_case.inputs()
-  # Device 0 alone sees fewer codes than the batch: a missing psum would show.
+  # Device 0 alone sees fewer codes than the batch: per-device statistics would show.
   assert len(np.unique(np.asarray(codes[:12]))) < len(np.unique(np.asarray(codes)))
-  eight = codebook_case.run_all(_sharded, state, z, codes, key, axis_name='data')
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  eight = codebook_case.run_all(codebook_case.sharded(mesh), state, z, codes, key)
   _assert_close(codebook_case.flat(eight), _one_device())
 
 

@@ -1,5 +1,6 @@
 """Worker of test_vqkd.py's two-process test: one of 2 processes (4 CPU devices each,
-`jax.distributed` on 127.0.0.1) runs the codebook updates on its half of the batch.
+`jax.distributed` on 127.0.0.1) holds its half of the global batch; the codebook updates
+are jitted on it, as the VQ-KD trainer's step runs them.
 
   python -m tests.two_process_codebook PORT PROCESS_ID OUT.npz
 """
@@ -21,9 +22,7 @@ def main(port: str, process_id: str, out: str) -> None:
   batch = NamedSharding(mesh, P("data"))
   z_g = jax.make_array_from_process_local_data(batch, np.asarray(z)[mine])
   codes_g = jax.make_array_from_process_local_data(batch, np.asarray(codes)[mine])
-  results = codebook_case.run_all(
-      lambda fn, specs: jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())),
-      state, z_g, codes_g, key, axis_name="data")
+  results = codebook_case.run_all(codebook_case.sharded(mesh), state, z_g, codes_g, key)
   if jax.process_index() == 0:
     np.savez(out, **{k: np.asarray(jax.device_get(v), np.float32)
                      for k, v in codebook_case.flat(results).items()})

@@ -23,15 +23,11 @@ changes only through the pure functions below (`init_codebook` once, on the firs
 then `ema_update` after every step), which a trainer applies to
 `variables['codebook']` next to its optimizer update.
 
-Data parallelism: `ema_update`, `kmeans_init`, `init_codebook`, `codebook_usage` and
-`restart_dead_codes` take `axis_name`. Inside `shard_map` / `pmap` over the batch, pass
-the mapped axis: counts and sums are `psum`med, and k-means and restarts draw their
-random rows from all devices' vectors, so with the same replicated `rng` every device
-computes the same new codebook, equal to the single-device result on the whole batch
-(the devices' shards concatenated in axis order; equal shard sizes). Under plain
-`jit` with sharded global arrays, pass no axis_name: the arrays already are the global
-batch. unilm instead initialises the codebook on each GPU's own batch; synchronising it
-is deliberate.
+Data parallelism: these functions take the global batch. Under `jit` with the batch
+sharded over devices and processes (the trainer's step), XLA sums the per-code counts
+and sums across all of them, so every device keeps the codebook of the whole batch.
+unilm instead initialises the codebook on each GPU's own batch; synchronising it is
+deliberate.
 """
 import math
 from typing import Any
@@ -98,9 +94,9 @@ def quantize(z: jax.Array, embedding: jax.Array, beta: float = 1.0
   return z_q, codes, commitment
 
 
-def _code_sums(z: jax.Array, codes: jax.Array, num_codes: int,
-               axis_name: Any) -> tuple[jax.Array, jax.Array]:
-  """Per-code sum of the assigned vectors [K, C] and counts [K], over all devices."""
+def _code_sums(z: jax.Array, codes: jax.Array, num_codes: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """Per-code sum of the assigned vectors [K, C] and counts [K]."""
   z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)  # [n, C]
   codes = codes.reshape(-1)  # [n]
   # segment_sum adds in f32 on every backend (a one-hot matmul would run at bf16
@@ -108,33 +104,20 @@ def _code_sums(z: jax.Array, codes: jax.Array, num_codes: int,
   sums = jax.ops.segment_sum(z, codes, num_segments=num_codes)  # [K, C]
   counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes,
                                num_segments=num_codes)  # [K]
-  if axis_name is not None:
-    sums, counts = jax.lax.psum((sums, counts), axis_name)
   return sums, counts
 
 
-def _sample_rows(x: jax.Array, num: int, rng: jax.Array, axis_name: Any) -> jax.Array:
-  """`num` random rows of x [..., C]; of the whole batch across devices with axis_name.
-
-  The rows are drawn from the concatenation of all devices' x in axis order (what
-  all_gather would give), but each device only contributes the rows it holds to a
-  psum, so the result is the same on every device without gathering the batch.
-  """
+def _sample_rows(x: jax.Array, num: int, rng: jax.Array) -> jax.Array:
+  """`num` random rows of x [..., C]."""
   x = x.reshape(-1, x.shape[-1])
-  n_local = x.shape[0]
-  n = n_local if axis_name is None else n_local * jax.lax.axis_size(axis_name)
+  n = x.shape[0]
   # Distinct rows when there are enough (unilm: randperm[:num], else randint).
   index = jax.random.choice(rng, n, (num,), replace=n < num)  # [num]
-  if axis_name is None:
-    return x[index]
-  local = index - jax.lax.axis_index(axis_name) * n_local
-  mine = (local >= 0) & (local < n_local)
-  rows = jnp.where(mine[:, None], x[jnp.clip(local, 0, n_local - 1)], 0.0)
-  return jax.lax.psum(rows, axis_name)  # [num, C]
+  return x[index]
 
 
 def ema_update(codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Array,
-               decay: float = 0.99, axis_name: Any = None) -> Codebook:
+               decay: float = 0.99) -> Codebook:
   """One EMA step of the codebook on a batch's assignments (unilm's training update).
 
   For every code with count n_k > 0 this step: mean_k = l2norm(sum of its z / n_k) and
@@ -146,15 +129,13 @@ def ema_update(codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Arr
     z_normalised: [..., C] the l2-normalised encoder outputs (`VQKD` output 'z').
     codes: int [...] their assigned codes (output 'codes').
     decay: EMA decay.
-    axis_name: mapped batch axis (shard_map / pmap); sums and counts are psummed over
-      it so every device applies the same update.
 
   Returns:
     the new codebook state (same structure; 'initted' unchanged).
   """
   embedding = codebook_state['embedding']
   z_normalised = jax.lax.stop_gradient(z_normalised)
-  sums, counts = _code_sums(z_normalised, codes, embedding.shape[0], axis_name)
+  sums, counts = _code_sums(z_normalised, codes, embedding.shape[0])
   used = counts > 0  # [K]
   mean = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])  # [K, C]
   moved = l2_normalize(decay * embedding + (1.0 - decay) * mean)
@@ -165,8 +146,7 @@ def ema_update(codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Arr
 
 
 def kmeans_init(z_normalised: jax.Array, num_codes: int, rng: jax.Array,
-                iters: int = 10, axis_name: Any = None
-                ) -> tuple[jax.Array, jax.Array]:
+                iters: int = 10) -> tuple[jax.Array, jax.Array]:
   """Cosine k-means (Lloyd) on l2-normalised vectors: unilm's codebook initialisation.
 
   Starts from `num_codes` distinct random rows (drawn with `rng`; with replacement if
@@ -174,30 +154,22 @@ def kmeans_init(z_normalised: jax.Array, num_codes: int, rng: jax.Array,
   similar mean and moves each mean to the l2-normalised average of its vectors (a mean
   with no vectors stays).
 
-  Across devices: inside shard_map / pmap pass `axis_name` and the same `rng` on every
-  device. The starting rows are drawn from all devices' rows and the per-mean sums
-  and counts are psummed, so each device keeps only its own [n_local, K] similarity
-  matrix and all end with the same means, those of k-means on the whole batch (the
-  concatenation in device order). Alternatively gather z on the host (or call this
-  under jit on the global sharded array) and run it without axis_name.
-
   Args:
     z_normalised: [..., C] unit vectors (a batch's encoder outputs).
     num_codes: K.
     rng: PRNG key; the result is a deterministic function of it and the data.
     iters: Lloyd iterations (unilm: 10); 0 returns the starting rows.
-    axis_name: mapped batch axis, or None.
 
   Returns:
     means [K, C] (unit rows) and counts [K] (float32) of the last assignment.
   """
   z = jax.lax.stop_gradient(z_normalised).reshape(-1, z_normalised.shape[-1])
   z = z.astype(jnp.float32)
-  means = _sample_rows(z, num_codes, rng, axis_name)  # [K, C]
+  means = _sample_rows(z, num_codes, rng)  # [K, C]
 
   def step(_, carry):
     means, _ = carry
-    sums, counts = _code_sums(z, nearest_code(z, means), num_codes, axis_name)
+    sums, counts = _code_sums(z, nearest_code(z, means), num_codes)
     new = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
     return jnp.where((counts > 0)[:, None], new, means), counts
 
@@ -206,7 +178,7 @@ def kmeans_init(z_normalised: jax.Array, num_codes: int, rng: jax.Array,
 
 
 def init_codebook(codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Array,
-                  iters: int = 10, axis_name: Any = None) -> Codebook:
+                  iters: int = 10) -> Codebook:
   """k-means initialisation of a codebook that is not 'initted' yet; else a no-op.
 
   Meant for the first training batch (jit-safe, so a trainer may call it every step:
@@ -215,8 +187,7 @@ def init_codebook(codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Ar
   starts its usage statistics at zero).
   """
   def initialise(state):
-    means, counts = kmeans_init(z_normalised, state['embedding'].shape[0], rng,
-                                iters, axis_name)
+    means, counts = kmeans_init(z_normalised, state['embedding'].shape[0], rng, iters)
     return dict(state, embedding=means.astype(state['embedding'].dtype),
                 cluster_size=counts, initted=jnp.ones_like(state['initted']))
 
@@ -225,15 +196,13 @@ def init_codebook(codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Ar
 
 
 def codebook_usage(codebook_state: Codebook, codes: jax.Array,
-                   dead_threshold: float = 1.0, axis_name: Any = None
-                   ) -> dict[str, jax.Array]:
+                   dead_threshold: float = 1.0) -> dict[str, jax.Array]:
   """How much of the codebook is in use: the statistics to watch for collapse.
 
   Args:
     codebook_state: the codebook (its EMA 'cluster_size').
     codes: int [...] a batch's assigned codes.
     dead_threshold: a code is dead when its EMA count per step is below this.
-    axis_name: mapped batch axis: the histogram covers the whole batch.
 
   Returns:
     'perplexity': exp(entropy) of the batch's code histogram (1 when one code takes
@@ -245,8 +214,6 @@ def codebook_usage(codebook_state: Codebook, codes: jax.Array,
   num_codes = cluster_size.shape[0]
   counts = jax.ops.segment_sum(jnp.ones(codes.size, jnp.float32), codes.reshape(-1),
                                num_segments=num_codes)  # [K]
-  if axis_name is not None:
-    counts = jax.lax.psum(counts, axis_name)
   p = counts / jnp.maximum(jnp.sum(counts), 1.0)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   dead = jnp.sum(cluster_size < dead_threshold)
@@ -257,7 +224,7 @@ def codebook_usage(codebook_state: Codebook, codes: jax.Array,
 
 
 def restart_dead_codes(codebook_state: Codebook, recent_z: jax.Array, rng: jax.Array,
-                       threshold: float = 1.0, axis_name: Any = None) -> Codebook:
+                       threshold: float = 1.0) -> Codebook:
   """Replaces dead codes (cluster_size < threshold) by random recent encoder outputs.
 
   A remedy for codebook collapse that unilm does not use (recipes keep it off). Each
@@ -268,15 +235,13 @@ def restart_dead_codes(codebook_state: Codebook, recent_z: jax.Array, rng: jax.A
   Args:
     codebook_state: the codebook.
     recent_z: [..., C] recent encoder outputs (e.g. this batch's 'z').
-    rng: PRNG key, the same on every device.
+    rng: PRNG key.
     threshold: the dead threshold of `codebook_usage`.
-    axis_name: mapped batch axis: rows are drawn from all devices' rows, so every
-      device revives the same codes with the same vectors.
   """
   embedding = codebook_state['embedding']
   cluster_size = codebook_state['cluster_size']
   fresh = l2_normalize(_sample_rows(jax.lax.stop_gradient(recent_z),
-                                    embedding.shape[0], rng, axis_name))  # [K, C]
+                                    embedding.shape[0], rng))  # [K, C]
   dead = cluster_size < threshold  # [K]
   return dict(codebook_state,
               embedding=jnp.where(dead[:, None], fresh.astype(embedding.dtype),
@@ -451,9 +416,37 @@ class VQKD(nn.Module):
     x = nn.tanh(self.decode_task_layer_0(x.astype(jnp.float32)))
     return self.decode_task_layer_2(x)  # [B, N, T] float32
 
+  def distill(self, z: jax.Array, embedding: jax.Array, teacher_features: jax.Array,
+              train: bool = False) -> dict[str, jax.Array]:
+    """Quantizes z with `embedding`, decodes and scores against the teacher: the loss.
+
+    The codebook is an argument so that a trainer can k-means-initialise it on the
+    batch's z (`init_codebook`) between `encode` and this, as unilm does.
+
+    Args:
+      z: [B, h, w, C] l2-normalised encoder outputs (`encode`).
+      embedding: [K, C] the codebook.
+      teacher_features: [B, N, T] the teacher's patch features ([CLS] dropped).
+      train: enables the decoder's drop path (needs the 'dropout' rng).
+
+    Returns:
+      'loss' = 'cosine_loss' + 'commitment_loss' (scalars); 'codes' int32 [B, h, w];
+      'reconstruction' [B, N, T].
+    """
+    z_q, codes, commitment = quantize(z, embedding, self.beta)
+    reconstruction = self.decode(z_q, train)  # [B, N, T]
+    if teacher_features.shape != reconstruction.shape:
+      raise ConfigError(f'vqkd teacher features are {teacher_features.shape}, '
+                        f'expected {reconstruction.shape} (batch, patches, '
+                        f'teacher_dim)')
+    rec = cosine_loss(reconstruction, jax.lax.stop_gradient(teacher_features))
+    return {'loss': rec + commitment, 'cosine_loss': rec,
+            'commitment_loss': commitment, 'codes': codes,
+            'reconstruction': reconstruction}
+
   def __call__(self, images: jax.Array, teacher_features: jax.Array,
                train: bool = False) -> dict[str, jax.Array]:
-    """Encodes, quantizes, decodes and scores against the teacher.
+    """Encodes, then `distill` with the model's codebook (`init` runs this).
 
     Args:
       images: [B, S, S, 3] in [-1, 1].
@@ -462,20 +455,10 @@ class VQKD(nn.Module):
         changed here: apply `ema_update(codebook, out['z'], out['codes'])`.
 
     Returns:
-      'loss' = 'cosine_loss' + 'commitment_loss' (scalars); 'codes' int32 [B, h, w];
-      'z' [B, h, w, C] l2-normalised encoder outputs; 'reconstruction' [B, N, T].
+      `distill`'s outputs and 'z' [B, h, w, C], the l2-normalised encoder outputs.
     """
     z = self.encode(images, train)  # [B, h, w, C]
-    z_q, codes, commitment = self.quantize(z)
-    reconstruction = self.decode(z_q, train)  # [B, N, T]
-    if teacher_features.shape != reconstruction.shape:
-      raise ConfigError(f'vqkd teacher features are {teacher_features.shape}, '
-                        f'expected {reconstruction.shape} (batch, patches, '
-                        f'teacher_dim)')
-    rec = cosine_loss(reconstruction, jax.lax.stop_gradient(teacher_features))
-    return {'loss': rec + commitment, 'cosine_loss': rec,
-            'commitment_loss': commitment, 'codes': codes, 'z': z,
-            'reconstruction': reconstruction}
+    return dict(self.distill(z, self.embedding.value, teacher_features, train), z=z)
 
 
 def tokenize(variables: Any, images: jax.Array, *, model: VQKD) -> jax.Array:

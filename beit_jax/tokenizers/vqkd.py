@@ -33,9 +33,6 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vqkd
 from beit_jax.tokenizers.base import Entry
 
-KIND = "vqkd"
-
-
 def _build(tok: ml_collections.ConfigDict) -> vqkd.VQKD:
   enc, dec = tok.encoder, tok.decoder
   return vqkd.VQKD(

@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from beit_jax import checkpoint
+from beit_jax import mim_objective
 from beit_jax.mim_objective import MIM_TARGETS
 from beit_jax.mim_objective import make_model
 from beit_jax.mim_objective import masked_positions
@@ -155,8 +156,7 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
   tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
-  mask = config.input.mask
-  max_masked = max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
+  max_masked = mim_objective.max_masked(config)
   view_specs = tokenizers.pretrain_views(config)
   if tokenizer is None:  # pixels: the ViT's view only
     view_specs = {"image": view_specs["image"]}

@@ -248,11 +248,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                     rngs={"dropout": enc_rng})  # [B, h, w, C], unit
     # k-means on the first batch (a branch once initialised), before the lookup, as unilm.
     cb = vqkd.init_codebook(codebook, z, init_rng, train_cfg.kmeans_iters)
-    z_q, codes, commitment = vqkd.quantize(z, cb["embedding"], model.beta)
-    reconstruction = model.apply(variables, z_q, True, method=vqkd.VQKD.decode,
-                                 rngs={"dropout": dec_rng})  # [B, N, T]
-    cosine = vqkd.cosine_loss(reconstruction, targets)
-    return cosine + commitment, (cosine, commitment, z, codes, cb)
+    out = model.apply(variables, z, cb["embedding"], targets, True, method=vqkd.VQKD.distill,
+                      rngs={"dropout": dec_rng})
+    return out["loss"], (out["cosine_loss"], out["commitment_loss"], z, out["codes"], cb)
 
   (loss, (cosine, commitment, z, codes, cb)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(params)
