@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: periodic async saves, keep-N, resume, and `init_from`.
+"""Orbax checkpoints of a run: periodic async saves, keep-N, resume (the train state).
 
 Layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
 temporary directory and renames it when complete, so a save cut short by a crash is
@@ -14,8 +14,13 @@ from absl import logging
 from etils import epath
 
 from beit_jax.params import blocks
+from beit_jax.params.cast import cast as check_and_cast  # pylint: disable=unused-import
+from beit_jax.params.read import read as load_params  # pylint: disable=unused-import
 from beit_jax import validate
 from beit_jax.errors import ConfigError
+
+# `load_params` / `check_and_cast` (imported above) stay for scripts and tests that inspect
+# a checkpoint; loading params into a model is `beit_jax.params`' business.
 
 RULES = (
     ("checkpoint.every_steps", *validate.POSITIVE_INT),
@@ -115,48 +120,10 @@ def _unused_name(folder: epath.Path, name: str) -> epath.Path:
   return path
 
 
-def _find_step_dir(path: str) -> epath.Path:
-  """A run's workdir, its checkpoints/ folder, or one step folder -> a step folder."""
-  p = epath.Path(path)
-  if (p / "state").exists():
-    return p
-  if (p / "checkpoints").exists():
-    p = p / "checkpoints"
-  steps = [c for c in p.iterdir() if c.name.isdigit() and (c / "state").exists()] \
-      if p.exists() else []
-  if not steps:
-    raise ConfigError(f"no beit-jax checkpoint found at {path} (expected a workdir with "
-                      "checkpoints/<step>/state, or a step folder)")
-  return max(steps, key=lambda c: int(c.name))
-
-
-def load_params(path: str) -> Any:
-  """The `params` of the latest checkpoint under `path` (host numpy arrays, blocks
-  unscanned: `check_and_cast` stacks them for a scanned model).
-
-  Used for `init_from` (e.g. the stage-1 tokenizer a MIM run starts from); the
-  optimizer state in that checkpoint is not needed and is dropped.
-  """
-  step_dir = _find_step_dir(path)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.metadata(step_dir / "state").item_metadata.tree
-    if "params" not in tree:
-      raise ConfigError(f"checkpoint {step_dir} holds no 'params' (keys: {list(tree)})")
-    # Onto one local device, whatever mesh wrote it (8 TPU cores, fsdp...); only the
-    # params are read, the optimizer state (twice their size) stays on disk.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
-    state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-  return blocks.unstacked(jax.device_get(state["params"]))
-
-
 def save_params(path: str, params: Any, config: dict | None = None) -> str:
   """Writes params alone as a beit-jax checkpoint (`<path>/checkpoints/0/state`).
 
-  What converters produce: `load_params(path)` (and so `init_from` /
+  What converters produce: `params.read(path)` (and so `init_from` /
   `tokenizer.init_from`) reads it like any run's checkpoint. `config` (JSON-able,
   e.g. the model fields) goes to `<path>/config.json` for the record.
   """
@@ -169,24 +136,3 @@ def save_params(path: str, params: Any, config: dict | None = None) -> str:
   if config is not None:
     (epath.Path(path) / "config.json").write_text(json.dumps(config, indent=2))
   return path
-
-
-def check_and_cast(target: Any, loaded: Any, field: str) -> Any:
-  """`loaded` laid out like `target` (dtype and sharding), after checking names and shapes.
-
-  Raises a ConfigError naming `field` and listing missing / unexpected parameters
-  and shape mismatches, rather than failing inside a trace.
-  """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  loaded = blocks.to_layout(loaded, blocks.layout(target))
-  want = traverse_util.flatten_dict(target, sep="/")
-  got = traverse_util.flatten_dict(loaded, sep="/")
-  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
-            for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]
-  if missing or unexpected or shapes:
-    raise ConfigError(f"{field}: parameters do not fit the model: missing {missing[:8]}, "
-                      f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
-  out = {k: jax.device_put(jax.numpy.asarray(got[k], want[k].dtype), want[k].sharding)
-         for k in want}
-  return traverse_util.unflatten_dict(out, sep="/")

@@ -14,7 +14,7 @@ from etils import epath
 from flax import traverse_util
 
 from beit_jax.params import blocks
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax.convert import layout
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
@@ -23,7 +23,7 @@ from beit_jax.models import vit
 CLASSIFIER_PARAMS = ("fc_norm", "head")
 # Params of a checkpoint a model may lack: heads and final norms of another use, and BEiT
 # v2's patch-aggregation decoder (`cls_pt_layers_<j>`, thrown away after pretraining).
-_DROPPABLE = ("lm_head", "norm", "fc_norm", "head", "cls_pt_layers_*")
+_DROPPABLE = ("lm_head", "norm", "fc_norm", "head", params_lib.DECODER)
 
 
 def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *,
@@ -79,7 +79,7 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
   if kept:
     logging.info("%s: initialised from scratch: %s", what, ", ".join(kept))
   full = {k: params.get(k, want[k]) for k in want}
-  return checkpoint.check_and_cast(target, traverse_util.unflatten_dict(full, sep="/"), field)
+  return params_lib.cast(target, traverse_util.unflatten_dict(full, sep="/"), field)
 
 
 def _listing(names: list[str]) -> str:

@@ -39,6 +39,7 @@ from PIL import Image
 
 from beit_jax import checkpoint
 from beit_jax import logs
+from beit_jax import params as params_lib
 from beit_jax import loop
 from beit_jax import tokenizers
 from beit_jax import visuals
@@ -224,9 +225,8 @@ def load_vit_params(path: str, model: vit.VisionTransformer) -> Any:
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))["params"])
   # v2's patch-aggregation decoder (`cls_pt_layers_<j>`) is not part of the backbone drawn.
-  loaded = {k: v for k, v in checkpoint.load_params(path).items()
-            if not k.startswith("cls_pt_layers_")}
-  return checkpoint.check_and_cast(abstract, loaded, f"--checkpoint={path}")
+  return params_lib.load_into(abstract, path, field=f"--checkpoint={path}",
+                              drop=(params_lib.DECODER,))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "refs", "layers"))

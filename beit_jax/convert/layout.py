@@ -12,6 +12,7 @@ from etils import epath
 from flax import traverse_util
 
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax.convert import common
 from beit_jax.convert import relpos
 from beit_jax.convert import unilm
@@ -105,7 +106,7 @@ def flat(params: Any) -> dict[str, np.ndarray]:
 
 def read(path: str) -> dict[str, np.ndarray]:
   """The flat ViT params of a beit-jax checkpoint."""
-  return flat(checkpoint.load_params(path))
+  return flat(params_lib.read(path))
 
 
 def nested(params: dict[str, np.ndarray]) -> dict[str, Any]:

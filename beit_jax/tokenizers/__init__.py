@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import validate
 from beit_jax.data.views import View, vit_view
 from beit_jax.errors import ConfigError
@@ -122,7 +122,7 @@ def load(tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init
   tokenizer = build(tok)
   if not epath.Path(path).exists():
     raise ConfigError(f"{field}={path} does not exist")
-  params = checkpoint.load_params(path)
+  params = params_lib.read(path)
   check_kind(tok.kind, params, f"{field}={path}")
   got = tokenizer.vocab_size(params)
   if got != tok.vocab_size:

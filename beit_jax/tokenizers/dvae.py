@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import validate
 from beit_jax.data.views import View
 from beit_jax.models import dvae
@@ -37,7 +37,7 @@ def _check_params(model: dvae.DiscreteVAE, params: Any, field: str) -> Any:
   abstract = jax.eval_shape(
       lambda: model.init(rngs, dummy, temperature=1.0, train=False) if "decoder" in params
       else model.init(rngs, dummy, method=dvae.DiscreteVAE.encode))["params"]
-  return checkpoint.check_and_cast(abstract, params, field)
+  return params_lib.cast(abstract, params, field)
 
 
 def _decode(model: dvae.DiscreteVAE, params: Any, tokens: jax.Array) -> jax.Array | None:

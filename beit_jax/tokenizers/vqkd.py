@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import validate
 from beit_jax.data.views import View
 from beit_jax.errors import ConfigError
@@ -128,7 +128,7 @@ def _check_params(model: vqkd.VQKD, params: Any, field: str) -> Any:
       raise ConfigError(f"{name}={want[name]} but the tokenizer at {field} has {value} "
                         f"(set --config.{name}={value})")
   abstract = jax.eval_shape(lambda rng: _init(model, rng, size), jax.random.key(0))
-  return checkpoint.check_and_cast(abstract, params, field)
+  return params_lib.cast(abstract, params, field)
 
 
 def tokenize(model: vqkd.VQKD, params: Any, images: jax.Array) -> jax.Array:

@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from etils import epath
 
-from beit_jax import checkpoint
 from beit_jax import mim_objective
 from beit_jax.mim_objective import MIM_TARGETS
 from beit_jax.mim_objective import make_model
@@ -27,6 +25,7 @@ from beit_jax.mim_objective import objective
 from beit_jax.mim_objective import predicts_pixels
 from beit_jax.mim_objective import targets_at
 from beit_jax import optim
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
@@ -166,15 +165,9 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
     return model.init({"params": rng}, dummy, jnp.zeros((1, grid * grid), bool))["params"]
 
   def load_params(params):
-    loaded = checkpoint.load_params(config.init_from)
     # A v2 run may start from a checkpoint without the shallow decoder (v1, or converted
     # with it dropped): the decoder then starts from its init.
-    fresh = [k for k in params if k.startswith("cls_pt_layers_") and k not in loaded]
-    if fresh and len(fresh) == sum(k.startswith("cls_pt_layers_") for k in params):
-      logging.info("init_from=%s has no patch-aggregation decoder; %s start from their "
-                   "init", config.init_from, ", ".join(sorted(fresh)))
-      loaded = dict(loaded, **{k: params[k] for k in fresh})
-    return checkpoint.check_and_cast(params, loaded, "init_from")
+    return params_lib.load_into(params, config.init_from, fresh=(params_lib.DECODER,))
 
   def hooks(ctx: runner.Context):
     eval_batch = data.make_eval_batch(config, view_specs, n=8, seed=config.seed)
