@@ -1,7 +1,7 @@
 """ViT weights of any beit-jax checkpoint, adapted to the ViT they start.
 
 Fine-tuning, linear probing and segmentation start from pretraining runs or imported
-weights whose layout differs from the model's: a shared relative position bias to copy
+weights arranged otherwise than the model: a shared relative position bias to copy
 into every block, position parameters of another resolution, heads the model lacks.
 """
 import fnmatch
@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from beit_jax.params import blocks
 from beit_jax import params as params_lib
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
@@ -38,22 +38,23 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
   init); any other missing or misshapen param is a ConfigError.
 
   Returns:
-    `target`'s tree with the loaded values, in its dtypes, shardings and block layout.
+    `target`'s tree with the loaded values, in its dtypes, shardings and scanned or
+    unscanned blocks.
   """
   what = f"{field}={path}"
   if not epath.Path(path).exists():
     raise ConfigError(f"{what} does not exist")
-  params = layout.read(path)
+  params = vit_params.read(path)
   config_file = epath.Path(path) / "config.json"
   saved = json.loads(config_file.read_text()) if config_file.exists() else None
   m = config.model
-  kw = layout.infer_model_kwargs(
+  kw = vit_params.infer_model_kwargs(
       params, what, config=saved, num_heads=vit.size_kwargs(m)["num_heads"],
       fallback_image_size=config.input.image_size)
   source = kw
   rel_pos = ("per_layer" if m.use_rel_pos_bias else
              "shared" if m.use_shared_rel_pos_bias else "keep")
-  params, kw = layout.adapt(params, kw, rel_pos=rel_pos, image_size=config.input.image_size)
+  params, kw = vit_params.adapt(params, kw, rel_pos=rel_pos, image_size=config.input.image_size)
   if kw["image_size"] != source["image_size"]:
     logging.info("%s: position parameters resized from %d to %d pixels", what,
                  source["image_size"], kw["image_size"])
@@ -72,7 +73,7 @@ def load_pretrained(path: str, target: Any, config: ml_collections.ConfigDict, *
     problem = (f"the checkpoint lacks {_listing(missing)}" if missing else
                f"the model has no place for {_listing(extra)}")
     raise ConfigError(f"{what}: {problem}; set the model fields to the checkpoint's: "
-                      f"{layout.config_flags(source)}")
+                      f"{vit_params.config_flags(source)}")
   if dropped:
     logging.info("%s: not used: %s", what, ", ".join(sorted(set(dropped))))
   kept = [k for k in want if k not in params]

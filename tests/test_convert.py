@@ -20,7 +20,7 @@ from beit_jax import checkpoint
 from beit_jax import tokenizers
 from beit_jax.convert import dalle
 from beit_jax.convert import hf
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.convert import relpos
 from beit_jax.convert import unilm
 from beit_jax.convert.__main__ import main
@@ -48,7 +48,7 @@ def _mask(seed=1, batch=2):
 
 def _ours(params, kw, images, mask=None):
   model = vit.VisionTransformer(**kw)
-  return model.apply({"params": layout.nested(params)}, jnp.asarray(images),
+  return model.apply({"params": vit_params.nested(params)}, jnp.asarray(images),
                      None if mask is None else jnp.asarray(mask))
 
 
@@ -146,43 +146,43 @@ def test_shared_and_per_layer_rel_pos_compute_the_same():
   kw = _kw()
   params = _random_vit_params(kw)
   images, mask = _images(), _mask()
-  per_layer, kw_pl = layout.set_rel_pos(params, kw, "per_layer")
+  per_layer, kw_pl = vit_params.set_rel_pos(params, kw, "per_layer")
   assert kw_pl["use_rel_pos_bias"] and not kw_pl["use_shared_rel_pos_bias"]
-  layout.check(per_layer, kw_pl, "per-layer params")
+  vit_params.check(per_layer, kw_pl, "per-layer params")
   np.testing.assert_allclose(_ours(per_layer, kw_pl, images, mask)["mim_logits"],
                              _ours(params, kw, images, mask)["mim_logits"], atol=1e-5)
-  shared, kw_sh = layout.set_rel_pos(per_layer, kw_pl, "shared")
+  shared, kw_sh = vit_params.set_rel_pos(per_layer, kw_pl, "shared")
   assert kw_sh == kw and shared.keys() == params.keys()
   for path in params:
     np.testing.assert_array_equal(shared[path], params[path])
   per_layer["blocks_1/attn/relative_position_bias_table"] += 1.0
   with pytest.raises(ConfigError, match=r"--rel_pos=shared: blocks 1 have"):
-    layout.set_rel_pos(per_layer, kw_pl, "shared")
+    vit_params.set_rel_pos(per_layer, kw_pl, "shared")
 
 
 def test_resize_to_another_image_size_gives_a_working_model():
   kw = _kw(use_abs_pos_emb=True)
-  params, kw48 = layout.adapt(_random_vit_params(kw), kw, image_size=48)
+  params, kw48 = vit_params.adapt(_random_vit_params(kw), kw, image_size=48)
   assert kw48["image_size"] == 48
-  layout.check(params, kw48, "resized")
+  vit_params.check(params, kw48, "resized")
   out = _ours(params, kw48, _images(size=48))
   assert out["mim_logits"].shape == (2, 36, VOCAB)
   with pytest.raises(ConfigError, match="image_size=36 must be a positive multiple"):
-    layout.adapt(params, kw48, image_size=36)
+    vit_params.adapt(params, kw48, image_size=36)
 
 
 def test_beit_jax_checkpoint_round_trip_and_its_fields(tmp_path):
   kw = _kw(vocab_size=0, num_classes=CLASSES, use_shared_rel_pos_bias=False,
            use_rel_pos_bias=True)
   params = _random_vit_params(kw)
-  layout.save(str(tmp_path / "ckpt"), params, kw, "test")
-  loaded, kw2 = layout.load(str(tmp_path / "ckpt"))
+  vit_params.save(str(tmp_path / "ckpt"), params, kw, "test")
+  loaded, kw2 = vit_params.load(str(tmp_path / "ckpt"))
   assert kw2 == kw
   for path in params:
     np.testing.assert_array_equal(loaded[path], params[path])
   # Without config.json the heads come from the per-layer tables, the rest from shapes.
   (tmp_path / "ckpt" / "config.json").unlink()
-  assert layout.load(str(tmp_path / "ckpt"))[1] == kw
+  assert vit_params.load(str(tmp_path / "ckpt"))[1] == kw
 
 
 def test_run_workdir_fields_come_from_its_config(tmp_path):
@@ -191,13 +191,13 @@ def test_run_workdir_fields_come_from_its_config(tmp_path):
   config.model.update(dict(use_abs_pos_emb=True, use_shared_rel_pos_bias=False))
   kw = _kw(vocab_size=config.tokenizer.vocab_size, use_abs_pos_emb=True,
            use_shared_rel_pos_bias=False)
-  checkpoint.save_params(str(tmp_path), layout.nested(_random_vit_params(kw)))
+  checkpoint.save_params(str(tmp_path), vit_params.nested(_random_vit_params(kw)))
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  assert layout.load(str(tmp_path))[1] == kw
+  assert vit_params.load(str(tmp_path))[1] == kw
   (tmp_path / "config.json").unlink()
   with pytest.raises(ConfigError, match="cannot tell the number of heads of width 32"):
-    layout.load(str(tmp_path))
-  assert layout.load(str(tmp_path), num_heads=2)[1] == kw
+    vit_params.load(str(tmp_path))
+  assert vit_params.load(str(tmp_path), num_heads=2)[1] == kw
 
 
 def _with_flags(config, flags):
@@ -215,9 +215,9 @@ def test_converted_checkpoint_fits_the_mim_model_its_flags_describe(tmp_path):
   """The printed `--config.*` flags build a MIM model of exactly the saved params."""
   kw = _kw(vocab_size=64, layer_scale_init=0.0, use_abs_pos_emb=True,
            use_shared_rel_pos_bias=False)
-  layout.save(str(tmp_path / "ckpt"), _random_vit_params(kw), kw, "test")
+  vit_params.save(str(tmp_path / "ckpt"), _random_vit_params(kw), kw, "test")
   loaded = checkpoint.load_params(str(tmp_path / "ckpt"))
-  model = mim_objective.make_model(_with_flags(tiny_config(), layout.config_flags(kw)))
+  model = mim_objective.make_model(_with_flags(tiny_config(), vit_params.config_flags(kw)))
   want = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                         jnp.zeros((1, N), bool))["params"]
   assert jax.tree.structure(loaded) == jax.tree.structure(want)
@@ -498,7 +498,7 @@ def test_cli_end_to_end(torch, transformers, hf_mim, tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"--config.init_from={ours_dir}" in out
   assert "--config.model.use_shared_rel_pos_bias=False" in out
-  params = layout.flat(checkpoint.load_params(ours_dir))
+  params = vit_params.flat(checkpoint.load_params(ours_dir))
   assert "blocks_1/attn/relative_position_bias_table" in params
   assert "rel_pos_bias/relative_position_bias_table" not in params
   assert json.loads((tmp_path / "beit_jax" / "config.json").read_text())["vit"][

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.convert import teachers as convert
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
@@ -171,13 +171,13 @@ def test_vit_teacher_patch_tokens_of_any_block():
 
 def test_load_teacher_from_beit_jax_checkpoint(tmp_path):
   _, params = _random_vit(seed=3)
-  flat = layout.flat(params)
-  kw = layout.infer_model_kwargs(flat, "test", num_heads=HEADS)
-  layout.save(str(tmp_path / "ckpt"), flat, kw, "test")
+  flat = vit_params.flat(params)
+  kw = vit_params.infer_model_kwargs(flat, "test", num_heads=HEADS)
+  vit_params.save(str(tmp_path / "ckpt"), flat, kw, "test")
   teacher, loaded = convert.load_teacher(str(tmp_path / "ckpt"), block=0)
   assert teacher == teachers.vit_teacher(kw, 0)
   assert teacher.module.use_abs_pos_emb and teacher.module.depth == DEPTH
-  loaded = layout.flat(loaded)
+  loaded = vit_params.flat(loaded)
   assert loaded.keys() == flat.keys()
   for path in flat:
     np.testing.assert_array_equal(loaded[path], flat[path])
@@ -302,7 +302,7 @@ def _run(teacher, params, images01):
 
 
 def _features(teacher_fn, params, kw, images01):
-  return np.asarray(_run(teacher_fn(**kw), layout.nested(params), jnp.asarray(images01)))
+  return np.asarray(_run(teacher_fn(**kw), vit_params.nested(params), jnp.asarray(images01)))
 
 
 @pytest.mark.parametrize("which", ["vision_with_projection", "clip_model"])
@@ -408,7 +408,7 @@ def test_openai_torchscript_archive(torch, hf_clip_vision, tmp_path):
   torch.jit.script(root).save(str(tmp_path / "ViT-tiny.pt"))
   teacher, params = convert.load_teacher(str(tmp_path / "ViT-tiny.pt"), num_heads=HEADS)
   assert isinstance(teacher.module, teachers.ClipVisionTower)
-  for path, value in layout.flat(params).items():
+  for path, value in vit_params.flat(params).items():
     np.testing.assert_array_equal(value, want[path])
 
 
@@ -509,7 +509,7 @@ def test_b16_defaults_match_hf_b16(torch, transformers, which):
   assert teacher.module == default
   x = _images01(seed=6, batch=1)
   x = np.asarray(jax.image.resize(x, (1, 224, 224, 3), "linear"))
-  ours = np.asarray(_run(teacher, layout.nested(params), jnp.asarray(x)))
+  ours = np.asarray(_run(teacher, vit_params.nested(params), jnp.asarray(x)))
   theirs = (_hf_clip_features if which == "clip" else _hf_dino_features)(torch, model, x)
   assert ours.shape == (1, 196, 512 if which == "clip" else 768)
   assert _max_abs(ours, theirs) < ATOL * max(1.0, float(np.abs(theirs).max()))

@@ -12,7 +12,7 @@ from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
 from beit_jax import trainers
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.data.views import View
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
@@ -130,12 +130,12 @@ def _vit_teacher_checkpoint(path, width=TEACHER_DIM, image_size=SIZE, seed=None)
   model = vit.VisionTransformer(**kw)
   shapes = jax.eval_shape(model.init, jax.random.key(5),
                           jnp.zeros((1, image_size, image_size, 3)))
-  flat = layout.flat(_zeros(shapes["params"]))
+  flat = vit_params.flat(_zeros(shapes["params"]))
   if seed is not None:  # LayerNorm scales 1, the rest N(0, 0.2): features vary with the image
     rng = np.random.default_rng(seed)
     flat = {k: (np.ones_like(v) if k.endswith("scale") else
                 rng.normal(0, 0.2, v.shape).astype(v.dtype)) for k, v in flat.items()}
-  layout.save(str(path), flat, layout.infer_model_kwargs(flat, "test", num_heads=2), "test")
+  vit_params.save(str(path), flat, vit_params.infer_model_kwargs(flat, "test", num_heads=2), "test")
   return str(path)
 
 
@@ -216,7 +216,7 @@ def test_a_teacher_recipe_trains_the_teacher_first_then_vqkd_reads_it(tmp_path):
   # The VQ-KD run distilled that checkpoint: its teacher loads with the trained weights.
   config.tokenizer.teacher.init_from = str(run / "teacher")
   loaded, params = vqkd.load_teacher(config)
-  ours, trained = layout.flat(params), layout.flat(teacher)
+  ours, trained = vit_params.flat(params), vit_params.flat(teacher)
   assert loaded.dim == TEACHER_DIM and set(ours) <= set(trained), (set(ours), set(trained))
   for key, value in ours.items():
     np.testing.assert_array_equal(value, trained[key], err_msg=key)

@@ -23,7 +23,7 @@ from typing import Any
 
 from beit_jax.convert import dalle
 from beit_jax.convert import hf
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.convert import unilm
 from beit_jax.convert import vqkd
 from beit_jax.errors import ConfigError
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--image_size", type=int, default=None,
                       help="image size of the output model: position parameters are "
                       "resized to its patch grid (default: the source's)")
-  parser.add_argument("--rel_pos", choices=layout.REL_POS_CHOICES, default="keep",
+  parser.add_argument("--rel_pos", choices=vit_params.REL_POS_CHOICES, default="keep",
                       help="relative position bias of the output: one table shared by all "
                       "blocks, or one per block (a shared one is copied to each)")
   parser.add_argument("--num_heads", type=int, default=None,
@@ -93,7 +93,7 @@ def _load_vit(args: argparse.Namespace, unilm_checkpoint: tuple | None = None
     return params, kw
   if args.source == "hf":
     return hf.load(args.src)
-  params, kw = layout.load(args.src, num_heads=heads, fallback_image_size=args.image_size,
+  params, kw = vit_params.load(args.src, num_heads=heads, fallback_image_size=args.image_size,
                            patch_aggregation_layer=args.patch_aggregation_layer)
   if args.patch_aggregation == "drop":
     params, kw = _drop_patch_aggregation(params, kw)
@@ -145,15 +145,15 @@ def convert(args: argparse.Namespace) -> str:
                       "heads")
   if args.variant:
     _check_variant(kw, args.variant)
-  params, kw = layout.adapt(params, kw, rel_pos=args.rel_pos, image_size=args.image_size)
+  params, kw = vit_params.adapt(params, kw, rel_pos=args.rel_pos, image_size=args.image_size)
   if args.target == "hf":
     params, kw = _drop_patch_aggregation(params, kw)
     arch = hf.save_pretrained(args.dst, params, kw)
     return (f"Wrote a HuggingFace folder to {args.dst}: "
             f"transformers.{arch}.from_pretrained({args.dst!r})")
-  layout.save(args.dst, params, kw, f"{args.source}:{args.src}")
+  vit_params.save(args.dst, params, kw, f"{args.source}:{args.src}")
   return (f"Wrote beit-jax params to {args.dst}. Start a run from them with "
-          f"--config.init_from={args.dst}; the matching model: {layout.config_flags(kw)}")
+          f"--config.init_from={args.dst}; the matching model: {vit_params.config_flags(kw)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from beit_jax import checkpoint
 from beit_jax.convert import common
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 
@@ -108,7 +108,7 @@ def to_params(sd: common.StateDict, module, x, what: str) -> dict[str, Any]:
       want = (shape[3], shape[2], shape[0], shape[1]) if path.endswith("/w") else shape
       raise ConfigError(f"{what}: {back(path)} has shape {tuple(sd[back(path)].shape)}, "
                         f"expected {want}")
-  return layout.nested({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  return vit_params.nested({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def load(src: str, *, encoder_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

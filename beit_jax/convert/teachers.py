@@ -7,7 +7,7 @@ Sources:
   file, or OpenAI's released TorchScript `.pt` archive.
 - DINO: a HuggingFace `ViTModel` folder (facebook/dino-vitb16's layout), or DINO's own
   `.pth` (timm names: `patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...).
-- beit-jax: a converter's output or a run's workdir (`layout.load`).
+- beit-jax: a converter's output or a run's workdir (`vit_params.load`).
 
 Each teacher's PyTorch source layout is the hub: HF CLIP is renamed to OpenAI's
 (q/k/v fused into `in_proj_weight`), HF ViT to timm's (fused into `attn.qkv`), and
@@ -27,7 +27,7 @@ from etils import epath
 from flax import traverse_util
 
 from beit_jax.convert import common
-from beit_jax.convert import layout
+from beit_jax.params import vit as vit_params
 from beit_jax.convert.unilm import Rule
 from beit_jax.errors import ConfigError
 from beit_jax.models import teachers
@@ -443,27 +443,27 @@ def load_teacher(path: str, *, num_heads: int | None = None, block: int | None =
     kind = config.get("model_type")
     if kind in CLIP_TYPES:
       params, kw = load_hf_clip(path)
-      return teachers.clip_teacher(**kw), layout.nested(params)
+      return teachers.clip_teacher(**kw), vit_params.nested(params)
     if kind in VIT_TYPES:
       params, kw = load_hf_dino(path)
-      return teachers.dino_teacher(**kw), layout.nested(params)
+      return teachers.dino_teacher(**kw), vit_params.nested(params)
     if kind is not None:
       raise ConfigError(f"teacher {path} is a HF {kind!r} folder; teachers are CLIP "
                         f"({', '.join(CLIP_TYPES)}), DINO ViT (vit) or beit-jax checkpoints "
                         "(convert BEiT ones with python -m beit_jax.convert first)")
     try:
-      params, kw = layout.load(path, num_heads=num_heads)
+      params, kw = vit_params.load(path, num_heads=num_heads)
     except ConfigError as e:
       raise ConfigError(f"teacher {path} is neither a HF folder (no config.json) nor a "
                         f"beit-jax checkpoint: {e}") from None
-    return teachers.vit_teacher(kw, block), layout.nested(params)
+    return teachers.vit_teacher(kw, block), vit_params.nested(params)
   what = f"teacher checkpoint {path}"
   sd = read_state_dict(path, what)
   if any(k.endswith("conv1.weight") for k in sd):
     params, kw = clip_params(sd, what, num_heads=num_heads)
-    return teachers.clip_teacher(**kw), layout.nested(params)
+    return teachers.clip_teacher(**kw), vit_params.nested(params)
   if any(k.endswith("patch_embed.proj.weight") for k in sd):
     params, kw = dino_params(sd, what, num_heads=num_heads)
-    return teachers.dino_teacher(**kw), layout.nested(params)
+    return teachers.dino_teacher(**kw), vit_params.nested(params)
   raise ConfigError(f"{what} is neither an OpenAI CLIP (visual.conv1.weight) nor a DINO "
                     f"(patch_embed.proj.weight) state dict (keys: {common.listing(sd)})")

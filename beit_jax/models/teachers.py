@@ -272,7 +272,7 @@ def vit_teacher(vit_kwargs: dict[str, Any], block: int | None = None) -> Teacher
   """A beit-jax VisionTransformer checkpoint as teacher, ImageNet-normalised view.
 
   Its params are those of `VisionTransformer(**vit_kwargs)` as trained (e.g. from
-  `convert.layout.load`); the target is the patch tokens, [CLS] dropped.
+  `params.vit.load`); the target is the patch tokens, [CLS] dropped.
 
   Args:
     vit_kwargs: the VisionTransformer fields.

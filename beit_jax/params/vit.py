@@ -1,7 +1,10 @@
-"""beit-jax ViT params between layouts: shared / per-layer relative position bias, image size.
+"""A ViT's params from a beit-jax checkpoint, adapted to another ViT: the model fields
+inferred from the weights (and config.json), the relative position bias shared or
+per-layer, the position tables resized for another image size.
 
 Params here are flat {'blocks_0/attn/qkv/kernel': array} dicts with the model fields
-`kw` of `unilm.infer_model_kwargs` next to them.
+`kw` of `unilm.infer_model_kwargs` next to them. Used by `pretrained` (fine-tuning,
+probing, segmentation), the converters and `beit_jax.load`.
 """
 import json
 import re
@@ -12,12 +15,12 @@ from etils import epath
 from flax import traverse_util
 
 from beit_jax import checkpoint
-from beit_jax import params as params_lib
 from beit_jax.convert import common
 from beit_jax.convert import relpos
 from beit_jax.convert import unilm
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
+from beit_jax.params.read import read as read_params
 
 REL_POS_CHOICES = ("keep", "shared", "per_layer")
 _SHARED = "rel_pos_bias/relative_position_bias_table"
@@ -47,7 +50,7 @@ def resize(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int
   return out, new_kw
 
 
-def set_rel_pos(params: dict[str, np.ndarray], kw: dict[str, Any], layout: str
+def set_rel_pos(params: dict[str, np.ndarray], kw: dict[str, Any], mode: str
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Shared <-> per-layer relative position bias.
 
@@ -55,20 +58,20 @@ def set_rel_pos(params: dict[str, np.ndarray], kw: dict[str, Any], layout: str
   does); 'shared' needs all blocks' tables to be equal (one table then computes
   the same function), which holds for such copies but not after fine-tuning.
   """
-  if layout not in REL_POS_CHOICES:
-    raise ConfigError(f"--rel_pos={layout!r} is not accepted; use one of {REL_POS_CHOICES}")
+  if mode not in REL_POS_CHOICES:
+    raise ConfigError(f"--rel_pos={mode!r} is not accepted; use one of {REL_POS_CHOICES}")
   # The backbone's blocks, then v2's patch-aggregation decoder (which uses the same bias).
   blocks = [f"blocks_{i}" for i in range(kw["depth"])] + [
       f"cls_pt_layers_{j}" for j in range(kw.get("patch_aggregation_depth", 0)
                                           if kw.get("patch_aggregation_layer") else 0)]
   out = dict(params)
-  if layout == "per_layer" and kw["use_shared_rel_pos_bias"]:
+  if mode == "per_layer" and kw["use_shared_rel_pos_bias"]:
     shared = out.pop(_SHARED)
     for block in blocks:
       key = _TABLE.format(block)
       out[key] = shared + out[key] if key in out else shared.copy()
     return out, dict(kw, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
-  if layout == "shared" and kw["use_rel_pos_bias"]:
+  if mode == "shared" and kw["use_rel_pos_bias"]:
     tables = [out.pop(_TABLE.format(block)) for block in blocks]
     differ = [blocks[i].removeprefix("blocks_") for i, t in enumerate(tables)
               if not np.array_equal(t, tables[0])]
@@ -106,7 +109,7 @@ def flat(params: Any) -> dict[str, np.ndarray]:
 
 def read(path: str) -> dict[str, np.ndarray]:
   """The flat ViT params of a beit-jax checkpoint."""
-  return flat(params_lib.read(path))
+  return flat(read_params(path))
 
 
 def nested(params: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def infer_model_kwargs(params: dict[str, np.ndarray], what: str, *,
     raise ConfigError(f"{what} holds no BEiT ViT params (no cls_token / patch_embed; "
                       f"keys: {common.listing(params)})")
   known = _kwargs_from_config(config or {}, what) or {}
-  # unilm's inference reads the shapes of the same tensors in torch layout (here
+  # unilm's inference reads the shapes of the same tensors in torch's shapes (here
   # zero-strided stand-ins: no copy).
   sd = {r.key: np.broadcast_to(np.float32(0), r.torch_shape(params[r.path].shape))
         for r in unilm.rules(_present_fields(params)) if r.path in params}
