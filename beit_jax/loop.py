@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import json
 import signal
 import sys
@@ -63,7 +64,8 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 class Progress:
-  """Step counter with ETA: a live bar on a terminal, periodic log lines otherwise."""
+  """Step counter with ETA: a live bar on a terminal and in a notebook, periodic log lines
+  otherwise."""
 
   def __init__(self, start: int, total: int, desc: str, log_every_secs: float = 30.0):
     self.total, self.desc = total, desc
@@ -71,9 +73,9 @@ class Progress:
     self.last_log = 0.0
     self.log_every_secs = log_every_secs
     self.bar = None
-    if sys.stderr.isatty() and jax.process_index() == 0:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm.tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+    bar = _bar_class()
+    if bar is not None and jax.process_index() == 0:
+      self.bar = bar(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
   def update(self, step: int, postfix: dict[str, float] | None = None) -> None:
     if self.bar is not None:
@@ -95,6 +97,19 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+
+
+def _bar_class():
+  """tqdm's bar on a terminal; in a Jupyter kernel (Colab, `beit_jax.train`) tqdm's widget
+  where ipywidgets is installed, else its text bar; None elsewhere."""
+  # pylint: disable=g-import-not-at-top
+  if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets"):
+    from tqdm import notebook
+    return notebook.tqdm
+  if sys.stderr.isatty() or "ipykernel" in sys.modules:
+    import tqdm
+    return tqdm.tqdm
+  return None
 
 
 def _fmt_secs(s: float) -> str:
