@@ -1,5 +1,6 @@
 """The launchers (launch/): the TPU script against a stand-in gcloud, its host-side helper,
 the SLURM script with SLURM's environment set by hand, the Colab notebook, the README's launcher section."""
+import ast
 import json
 import os
 import re
@@ -423,7 +424,8 @@ def test_launchers_install_the_jax_of_requirements_txt():
     assert found == {pinned}, (name, extra, found)
   uv = {name: set(re.findall(r"uv==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
         for name in ("launch/tpu_vm.sh", "launch/colab.ipynb")}
-  assert len(set.union(*uv.values())) == 1 and all(uv.values()), uv
+  # The notebook installs with pip into its kernel; if it ever uses uv, the same one.
+  assert len(set.union(*uv.values())) == 1 and uv["launch/tpu_vm.sh"], uv
 
 
 # ---------------------------------------------------------------- launch/colab.ipynb
@@ -458,21 +460,35 @@ def test_notebook_has_nbformat_4_structure():
       compile(re.sub(r"^(\s*)[!%].*$", r"\1pass", _source(cell), flags=re.M), "cell", "exec")
 
 
-def test_notebook_runs_the_readme_command_and_shows_tensorboard_and_pictures(monkeypatch, tmp_path):
-  code = "\n".join(_source(c) for c in _notebook()["cells"] if c["cell_type"] == "code")
-  (line,) = [l for l in code.splitlines() if "-m beit_jax.main" in l]
-  words = shlex.split(line.split("&&")[-1].replace("{WORKDIR}", str(tmp_path / "run")))
-  assert words[:3] == ["/content/venv/bin/python", "-m", "beit_jax.main"]
-  config, values = _parse_main_flags(words[3:], monkeypatch)
-  assert "--config=configs/beit_tiny_local.py" in words
-  assert values["workdir"] == str(tmp_path / "run")
+def test_notebook_trains_the_readme_config_in_its_kernel_and_shows_tensorboard_and_pictures():
+  import beit_jax  # pylint: disable=g-import-not-at-top
+  cells = _notebook()["cells"]
+  code = "\n".join(_source(c) for c in cells if c["cell_type"] == "code")
+  (parameters,) = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+  values = {}
+  exec(_source(parameters), {}, values)  # pylint: disable=exec-used
+  assert values["WORKDIR"].startswith("/content/drive/") and values["INSTALL"]
+  # The config it trains: the README's demo, at the lengths of the parameter cell.
+  (train,) = [c for c in cells if c.get("id") == "train"]
+  (assign,) = [n for n in ast.parse(_source(train)).body if isinstance(n, ast.Assign)
+               and n.targets[0].id == "config"]
+  expression = compile(ast.Expression(assign.value), "train", "eval")
+  spec = eval(expression, {}, values)  # pylint: disable=eval-used
+  assert spec.startswith("configs/beit_tiny_local.py:")
+  config = beit_jax.load_config(spec)
   assert config.input.dataset == "embedded"  # nothing to download
+  assert config.total_steps == values["STEPS"] == 600
+  assert config.tokenizer.train.num_steps == values["TOKENIZER_STEPS"]
+  assert "beit_jax.train(config, WORKDIR, overrides=OVERRIDES)" in _source(train)
   readme = open(os.path.join(ROOT, "README.md")).read()
   assert "python -m beit_jax.main --config=configs/beit_tiny_local.py --workdir=" in readme
-  for needed in ("-r requirements.txt", "%load_ext tensorboard", "%tensorboard --logdir {WORKDIR}",
-                 "drive.mount(", "auth.authenticate_user()", "from IPython.display import Image",
-                 "images/*.png"):
+  for needed in ('pip install -q --no-deps -e "{ROOT}"', "%load_ext tensorboard",
+                 "%tensorboard --logdir {WORKDIR}", "drive.mount(", "auth.authenticate_user()",
+                 "from IPython.display import Image", "images/*.png", "beit_jax.load(WORKDIR)",
+                 ".predict_masked(", ".attention(", ".features(", "beit_jax.load(CHECKPOINT)"):
     assert needed in code, needed
+  # No placeholder to edit but the workdir: the repository comes from the checkout.
+  assert "YOUR_ORG" not in code and values["REPO"] == ""
 
 
 # ---------------------------------------------------------------- the README
