@@ -86,7 +86,7 @@ class _Built:
   compiled: Any
   host_batch: dict
   batch: Any  # host_batch on the mesh
-  tok_params: Any
+  frozen: dict  # the step's: {'tokenizer': its params}
   flops: float  # XLA's count per device
 
 
@@ -128,7 +128,7 @@ def _build(config) -> _Built:
   tokenizer = tokenizers.build(config.tokenizer)
   size = tokenizers.view(config).size
   tok_params = host_random(jax.eval_shape(lambda k: tokenizer.init(k, size), jax.random.key(0)))
-  task = trainers.make_task(config, tokenizer=tokenizer, tok_params=tok_params)
+  task = trainers.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)})
   built = runner.setup(config, task, mesh)
   host_batch = synthetic_batch(config, batch_size)
   batch = sharding.host_to_global(host_batch, mesh)
@@ -153,12 +153,12 @@ def benchmark(config, *, steps: int = 10, pipeline_batches: int = 40,
   b = _build(config)
   config, state, compiled, flops = b.config, b.state, b.compiled, b.flops
   batch_size = config.input.batch_size
-  state, metrics = compiled(state, b.batch, b.tok_params)
+  state, metrics = compiled(state, b.batch, b.frozen)
   jax.block_until_ready(metrics)
   def run():
     state_, metrics_ = state, None
     for _ in range(steps):
-      state_, metrics_ = compiled(state_, b.batch, b.tok_params)
+      state_, metrics_ = compiled(state_, b.batch, b.frozen)
     return jax.block_until_ready(metrics_)
   cost = HostCost(*(x / steps for x in _host_cost(run)[1]))  # per step
   dt = cost.wall
@@ -330,8 +330,8 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
 
   seconds, flops = {}, {}
   images = b.batch["tokenizer_image"]
-  seconds["tokenizer"], flops["tokenizer"], tokens = timed(b.tokenizer.tokenize, b.tok_params,
-                                                           images)
+  seconds["tokenizer"], flops["tokenizer"], tokens = timed(
+      b.tokenizer.tokenize, b.frozen["tokenizer"], images)
   seconds["forward"], flops["forward"], _ = timed(loss_fn, b.state.params, b.batch, tokens)
   t, f, (loss, grads) = timed(jax.value_and_grad(loss_fn), b.state.params, b.batch, tokens)
   seconds["backward"], flops["backward"] = t - seconds["forward"], f - flops["forward"]
@@ -365,7 +365,7 @@ def _time_jax(spec: dict) -> dict[str, Any]:
   b = _build(spec["config"])
 
   def step():
-    b.state, metrics = b.compiled(b.state, b.batch, b.tok_params)
+    b.state, metrics = b.compiled(b.state, b.batch, b.frozen)
     return jax.block_until_ready(metrics)
 
   for _ in range(spec["warmup"]):

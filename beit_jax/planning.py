@@ -222,7 +222,7 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   tokenizer = tokenizers.build(config.tokenizer)
   image_size = tokenizers.view(config).size
   tok_params = jax.eval_shape(lambda k: tokenizer.init(k, image_size), jax.random.key(0))
-  task = trainers.make_task(config, tokenizer=tokenizer, tok_params=tok_params)
+  task = trainers.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)})
   built = runner.abstract_setup(config, task, mesh)
   batch = _batch_structs(config, config.input.batch_size, mesh)
 

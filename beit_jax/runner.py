@@ -1,24 +1,26 @@
 """One way to run any trainer: a `Task` in, a resumable, checkpointed, logged run out.
 
-A trainer says what is particular to it -- the model's init, the optimizer, the train step,
-its data, the frozen params its step reads (a tokenizer, a backbone), hooks such as pictures
-and evaluation -- and `run` does the rest the same way for all: workdir, mesh, sharded state,
+A trainer (a module with the `Trainer` protocol) says what is particular to it -- the
+model's init, the optimizer, the train step, its data, the frozen params its step reads (a
+tokenizer, a teacher, a backbone: always a dict by name), hooks such as pictures and
+evaluation -- and `run` does the rest the same way for all: workdir, mesh, sharded state,
 the jitted step (donated state; randomness `fold_in(seed, step)`), orbax checkpoints with
-resume, writers, progress and the guarded step loop (its MFU, its stop at a preemption
-notice). `setup` is the part that builds the state and step without running, for benchmarks
-and tests; `abstract_setup` builds the same step without allocating anything, for
-ahead-of-time plans (`beit_jax.plan`).
+resume, writers, progress and the step loop (its MFU, its stop after too many non-finite
+steps, its stop at a preemption notice). `setup` is the part that builds the state and step
+without running, for benchmarks and tests; `abstract_setup` builds the same step without
+allocating anything, for ahead-of-time plans (`beit_jax.plan`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -29,7 +31,10 @@ from beit_jax import loop
 from beit_jax import sharding
 from beit_jax import train_state
 from beit_jax import validate
+from beit_jax import workdir as workdir_lib
 from beit_jax.errors import ConfigError
+from beit_jax.errors import Preempted
+from beit_jax.errors import TrainingError
 from beit_jax.param_paths import AxesTable
 from beit_jax.train_state import TrainState
 
@@ -52,7 +57,7 @@ class Context:
   mesh: jax.sharding.Mesh
   writer: metric_writers.MetricWriter
   state_shardings: Any
-  frozen: Any
+  frozen: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +77,67 @@ class Task:
   param_axes: AxesTable  # the logical axes of the model's weights: its module's PARAM_AXES
   tx: optax.GradientTransformation
   # (state, global batch, rng, frozen) -> (state, metrics of scalars)
-  train_step: Callable[[TrainState, dict, jax.Array, Any], tuple[TrainState, dict]]
+  train_step: Callable[[TrainState, dict, jax.Array, dict[str, Any]], tuple[TrainState, dict]]
   total_steps: int
   batch_size: int  # global
   batches: Callable[[int], Iterator[dict]]  # start step -> this process's batches
-  # mesh -> arrays the step reads but does not train, already placed on the mesh
-  frozen: Callable[[jax.sharding.Mesh], Any] | None = None
+  # mesh -> {name: arrays} the step reads but does not train, already placed on the mesh
+  frozen: Callable[[jax.sharding.Mesh], dict[str, Any]] | None = None
   # A fresh run's initial params -> the params it starts from (`init_from`)
   load_params: Callable[[Any], Any] | None = None
   hooks: Callable[[Context], Sequence[Hook]] = lambda ctx: ()
   checkpoint: dict | None = None  # every_steps, keep; None: config.checkpoint
   log_every_steps: int | None = None  # None: config.log_every_steps
   batch_field: str = "input.batch_size"  # the field that sets batch_size, for errors
+
+
+# What `make_task` may be given in place of the frozen models it would load:
+# {name: (model, params)}, the names those of the step's frozen dict ('tokenizer', 'teacher').
+FrozenModels = Mapping[str, tuple[Any, Any]]
+
+
+@runtime_checkable
+class Trainer(Protocol):
+  """What a trainer module (`beit_jax/trainers/<name>.py`) provides; `trainers.run` starts
+  the one `config.trainer` names. Its train step is `train_step(state, batch, rng, frozen)`,
+  `frozen` the dict `Task.frozen` places (empty where it reads none)."""
+  RULES: tuple[validate.Rule, ...]  # its fields: (field, test, what is accepted)
+  CHECKS: tuple[validate.Check, ...]  # its checks across fields
+
+  def preflight(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """What needs the outside world (data, weights, devices), checked before any compute."""
+
+  def prerequisites(self, config: ml_collections.ConfigDict, workdir: str
+                    ) -> list[tuple[ml_collections.ConfigDict, str]]:
+    """The runs, (config, workdir), that must finish before this one: a tokenizer, a
+    teacher."""
+
+  def make_task(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
+                frozen: FrozenModels | None = None) -> Task:
+    """The run of `config` in `workdir`, built but not run; `frozen` in place of the frozen
+    models it would load from the config and the workdir (benchmarks, plans, tests)."""
+
+  def train_and_evaluate(self, config: ml_collections.ConfigDict, workdir: str
+                         ) -> dict[str, float]:
+    """Runs (or resumes) `config` in `workdir`; returns its last metrics."""
+
+
+def no_prerequisites(config: ml_collections.ConfigDict, workdir: str
+                     ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """`Trainer.prerequisites` of a trainer that needs no other run."""
+  del config, workdir
+  return []
+
+
+def given_frozen(frozen: FrozenModels | None, desc: str, *names: str
+                 ) -> dict[str, tuple[Any, Any]]:
+  """`make_task`'s `frozen`, checked against the `names` of the frozen models `desc` reads."""
+  frozen = dict(frozen or {})
+  unknown = sorted(set(frozen) - set(names))
+  if unknown:
+    raise ValueError(f"{desc} reads no frozen model named {unknown}; it reads "
+                     f"{list(names) or 'none'}")
+  return frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +169,7 @@ def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh
   rng = jax.random.key(config.seed)
   state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
                                         mesh, config.sharding, task.param_axes)
-  frozen = task.frozen(mesh) if task.frozen else ()
+  frozen = task.frozen(mesh) if task.frozen else {}
   step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
 
@@ -132,7 +186,7 @@ def abstract_setup(config: ml_collections.ConfigDict, task: Task,
   # `task.frozen` gives them; then the same specs on `mesh`.
   explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                axis_types=(jax.sharding.AxisType.Explicit,) * mesh.devices.ndim)
-  frozen = jax.eval_shape(lambda: task.frozen(explicit)) if task.frozen else ()
+  frozen = jax.eval_shape(lambda: task.frozen(explicit)) if task.frozen else {}
 
   def placed(x):
     if not isinstance(x.sharding, jax.sharding.NamedSharding):
@@ -169,8 +223,11 @@ def preflight(config: ml_collections.ConfigDict, workdir: str, *, batch_size: in
     raise ConfigError(f"init_from={config.init_from} does not exist")
 
 
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
 def compile_step(config: ml_collections.ConfigDict, built: Setup, desc: str,
-                 state: TrainState, batch: dict) -> tuple[loop.StepFn, float, float | None]:
+                 state: TrainState, batch: dict) -> tuple[StepFn, float, float | None]:
   """`built.step` compiled once for `batch` (the executable a jitted call would build), XLA's
   FLOPs per device of one call, and the devices' peak FLOP/s (None: unknown, said once)."""
   t0 = time.perf_counter()
@@ -198,7 +255,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
 
 def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
          preempted: Callable[[int], bool]) -> dict[str, float]:
-  loop.prepare_workdir(config, workdir)
+  """The state (initial, `init_from`'s or resumed), then the step loop to `total_steps`.
+
+  The loop (big_vision's shape): metrics every `log_every_steps` (means since the last
+  report, with the MFU of the compiled step, which is compiled at the first step so that a
+  finished run compiles nothing); a checkpoint when due, then the hooks, which also run
+  once at the end; a stop (`TrainingError`) once `max_bad_steps` consecutive steps were
+  skipped as non-finite, checked at every report and before every checkpoint; a stop with
+  a checkpoint at the step `preempted(step)` says. Each checkpoint's meta holds the input
+  pipeline's counts of skipped images over the whole run.
+  """
+  workdir_lib.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(task.batch_size, mesh, task.batch_field)
   built = setup(config, task, mesh)
@@ -208,22 +275,84 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
     state = state.replace(params=task.load_params(state.params))
   state, start_step, resumed_meta = restore_or_keep(manager, state, built.shardings)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("%s: %.2fM trained parameters, %d steps, mesh %s", task.desc, n_params / 1e6,
-               task.total_steps, dict(mesh.shape))
+  desc, total_steps = task.desc, task.total_steps
+  logging.info("%s: %.2fM trained parameters, %d steps, mesh %s", desc, n_params / 1e6,
+               total_steps, dict(mesh.shape))
 
   batches = task.batches(start_step)
   writer = loop.make_writer(workdir)
   hooks = task.hooks(Context(workdir, mesh, writer, built.shardings, built.frozen))
+  log_every_steps = task.log_every_steps or config.log_every_steps
+  max_bad_steps, inject_nan_steps = config.max_bad_steps, tuple(config.inject_nan_steps)
   try:
-    return loop.run(
-        desc=task.desc, state=state, start_step=start_step, total_steps=task.total_steps,
-        compile_step=functools.partial(compile_step, config, built, task.desc),
-        batches=batches, mesh=mesh, writer=writer, manager=manager,
-        log_every_steps=task.log_every_steps or config.log_every_steps,
-        global_batch_size=task.batch_size, workdir=workdir, preempted=preempted,
-        hooks=tuple((h.every_steps, h.fn) for h in hooks),
-        skipped_fn=batches.skipped_counts, resumed_meta=resumed_meta,
-        max_bad_steps=config.max_bad_steps, inject_nan_steps=tuple(config.inject_nan_steps))
+    progress = loop.Progress(start_step, total_steps, desc)
+    skipped_before = collections.Counter(resumed_meta.get("skipped_images", {}))
+    skipped_base = collections.Counter(batches.skipped_counts())
+
+    def meta() -> dict:
+      now = skipped_before + (collections.Counter(batches.skipped_counts()) - skipped_base)
+      return {"skipped_images": dict(now)}
+    history: list[dict[str, jax.Array]] = []
+    summary: dict[str, float] = {}
+    reported: dict[str, float] = {}  # the hooks'
+    t0, s0 = time.time(), start_step
+    train_step, flops, peak = None, 0.0, None
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(batches)
+      if step in inject_nan_steps:
+        batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                 for k, v in batch.items()}
+      batch = sharding.host_to_global(batch, mesh)
+      if train_step is None:
+        train_step, flops, peak = compile_step(config, built, desc, state, batch)
+        writer.write_scalars(step, {"flops_per_step": flops})
+      state, metrics = train_step(state, batch)
+      history.append(metrics)
+      if step == start_step + 1:  # leave compilation out of the throughput figures
+        jax.block_until_ready(metrics)
+        t0, s0 = time.time(), step
+      logged = step % log_every_steps == 0 or step == total_steps
+      if logged:
+        summary = loop.mean_metrics(history)
+        if step > s0:
+          dt = max(time.time() - t0, 1e-9)
+          summary["images_per_sec"] = (step - s0) * task.batch_size / dt
+          summary["steps_per_sec"] = (step - s0) / dt
+          if peak:  # the step's FLOPs at the measured rate, over what the device could do
+            summary["mfu"] = flops * summary["steps_per_sec"] / peak
+        writer.write_scalars(step, summary)
+        progress.update(step, {k: summary[k] for k in ("loss",) if k in summary})
+        history, t0, s0 = [], time.time(), step
+      else:
+        progress.update(step)
+      if (logged or manager.should_save(step)) and int(state.bad_steps) >= max_bad_steps:
+        manager.wait_until_finished()
+        raise TrainingError(
+            f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
+            f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
+            f"last checkpoint ({manager.latest_step()}) holds the last good parameters.")
+      stop = preempted(step)
+      if stop:
+        logging.warning("%s: preemption notice: saving a checkpoint at step %d, then "
+                        "stopping", desc, step)
+      checkpoint.save(manager, step, state, meta(), force=step == total_steps or stop)
+      if stop:
+        manager.wait_until_finished()
+        progress.close()
+        writer.flush()
+        raise Preempted(desc, step, workdir)
+      for h in hooks:
+        if step % h.every_steps == 0 and step != total_steps:
+          reported.update(h.fn(step, state) or {})
+    for h in hooks:
+      reported.update(h.fn(total_steps, state) or {})
+    progress.close()
+    skipped = meta()["skipped_images"]
+    logging.info("%s: finished at step %d; images skipped over the run: %s", desc,
+                 total_steps, ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none")
+    manager.wait_until_finished()
+    writer.flush()
+    return {**summary, **reported}
   finally:
     for h in hooks:
       h.close()

@@ -40,9 +40,9 @@ from PIL import Image
 from beit_jax import checkpoint
 from beit_jax import logs
 from beit_jax import params as params_lib
-from beit_jax import loop
 from beit_jax import tokenizers
 from beit_jax import visuals
+from beit_jax import workdir
 from beit_jax.data import embedded
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
@@ -205,7 +205,7 @@ def _load_config(path: str, flag: str) -> ml_collections.ConfigDict:
   if not (epath.Path(path) / "config.json").exists():
     raise ConfigError(f"{flag}={path} has no config.json (a run's workdir and a converter's "
                       "output folder hold one)")
-  return loop.load_config(path)
+  return workdir.load_config(path)
 
 
 def build_vit(path: str) -> vit.VisionTransformer:

@@ -256,7 +256,7 @@ def test_v2_decoder_layer_and_drop_options(tmp_path, capsys):
   config.model.patch_aggregation = dict(layer=2, depth=2)
   config.init_from = str(tmp_path / "o4")
   config.tokenizer.vocab_size = VOCAB
-  task = mim.make_task(config, tokenizer=types.SimpleNamespace(tokenize=None), tok_params=None)
+  task = mim.make_task(config, frozen={"tokenizer": (types.SimpleNamespace(tokenize=None), None)})
   init = jax.jit(task.init_params)(jax.random.key(0))
   loaded = task.load_params(init)
   np.testing.assert_array_equal(loaded["cls_pt_layers_1"]["mlp"]["fc1"]["kernel"],

@@ -182,11 +182,11 @@ def test_save_params_and_load_params(gcs_dir):  # pylint: disable=redefined-oute
 
 
 def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
-  from beit_jax import loop  # pylint: disable=g-import-not-at-top
+  from beit_jax import workdir  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({"model": {"variant": "tiny", "patch": (16, 16)}})
-  loop.prepare_workdir(config, gcs_dir)
-  assert loop.load_config(gcs_dir).to_dict() == config.to_dict()
+  workdir.prepare(config, gcs_dir)
+  assert workdir.load_config(gcs_dir).to_dict() == config.to_dict()
 
 
 def test_png_of_visuals(gcs_dir):  # pylint: disable=redefined-outer-name

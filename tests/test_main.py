@@ -104,8 +104,8 @@ def test_missing_init_from_is_a_config_error(tmp_path):
 
 
 def test_a_workdir_gives_back_its_exact_config(tmp_path):
-  from beit_jax import loop  # pylint: disable=g-import-not-at-top
+  from beit_jax import workdir  # pylint: disable=g-import-not-at-top
   from configs import from_workdir  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  loop.prepare_workdir(config, str(tmp_path))
+  workdir.prepare(config, str(tmp_path))
   assert from_workdir.get_config(str(tmp_path)).to_dict() == config.to_dict()

@@ -49,7 +49,7 @@ def test_a_pixel_run_needs_no_tokenizer_and_its_loss_falls():
   model = mim_objective.make_model(config)
   assert model.vocab_size == 8 * 8 * 3  # the head regresses one patch's pixels
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  built = runner.setup(config, mim.make_task(config, tokenizer=None, tok_params={}), mesh)
+  built = runner.setup(config, mim.make_task(config), mesh)  # pixels: no tokenizer
   rng = np.random.default_rng(0)
   b = config.input.batch_size
   mask = np.zeros((b, 16), bool)

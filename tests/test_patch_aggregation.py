@@ -185,8 +185,8 @@ def test_both_v2_losses_fall_on_a_tiny_run():
   tok_params = jnp.asarray(np.random.default_rng(2).normal(
       size=(3, config.tokenizer.vocab_size)), jnp.float32)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  built = runner.setup(config, mim.make_task(config, tokenizer=tokenizer,
-                                             tok_params=tok_params), mesh)
+  built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,
+                                                                            tok_params)}), mesh)
   assert {"cls_pt_layers_0", "cls_pt_layers_1"} <= set(built.state.params)
   rng = np.random.default_rng(0)
   b, s = config.input.batch_size, config.input.image_size

@@ -50,7 +50,7 @@ def _setup(config, mesh):
   t = config.input.tokenizer_image_size
   tok_params = tokenizer.model.init({"params": jax.random.key(1), "gumbel": jax.random.key(2)},
                                     jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
-  return runner.setup(config, mim.make_task(config, tokenizer=tokenizer, tok_params=tok_params),
+  return runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)}),
                       mesh)
 
 
@@ -58,13 +58,13 @@ def _two_steps(config, mesh):
   """(final state on the host, per-step metrics, the fraction of all parameter bytes one
   device holds)."""
   built = _setup(config, mesh)
-  state, step, tok_params = built.state, built.step, built.frozen
+  state, step, frozen = built.state, built.step, built.frozen
   leaves = jax.tree.leaves(state.params)
   held = sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
   metrics = []
   for seed in range(2):
     batch = sharding.host_to_global(_batch(config, seed), mesh)
-    state, m = step(state, batch, tok_params)
+    state, m = step(state, batch, frozen)
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics, held
 

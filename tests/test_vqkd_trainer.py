@@ -411,8 +411,8 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   trainers.validate_config(stage)
   tokenizer, tok_params = tokenizers.load(config.tokenizer, path)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  built = runner.setup(config, mim.make_task(config, tokenizer=tokenizer,
-                                             tok_params=tok_params), mesh)
+  built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,
+                                                                            tok_params)}), mesh)
   rng = np.random.default_rng(0)
   b = config.input.batch_size
   mask = np.zeros((b, GRID * GRID), bool)

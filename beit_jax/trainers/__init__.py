@@ -1,25 +1,30 @@
 """One trainer per module; `run` validates a config once and starts the trainer it names.
 
 Here, not in `main`, so that other entry points (experiments, benchmarks) can run configs
-without `main`'s command-line flags. A trainer module provides `RULES` (and maybe `CHECKS`)
-for its config fields, `preflight(config, workdir)` for what needs the outside world,
-`make_task(config, ...)`, `train_and_evaluate(config, workdir)` and, if other runs must
-finish first, `prerequisites(config, workdir)`. Trainers never import
-each other: what they share is in library modules.
+without `main`'s command-line flags. A trainer module has the `runner.Trainer` protocol:
+`RULES` and `CHECKS` for its config fields, `preflight(config, workdir)` for what needs the
+outside world, `prerequisites(config, workdir)` for the runs that must finish first,
+`make_task(config, workdir=None, *, frozen=None)` and `train_and_evaluate(config, workdir)`.
+Trainers never import each other: what they share is in library modules.
 """
+from __future__ import annotations
+
 import importlib
-import types
+from typing import TYPE_CHECKING
 
 import ml_collections
 from absl import logging
 
 from beit_jax import validate
 
+if TYPE_CHECKING:  # the runner imports JAX: not for `--help`
+  from beit_jax import runner
+
 TRAINERS = ("mim", "dvae", "finetune", "linear_probe", "vqkd", "segmentation")
 RULES = (("trainer", lambda v: v in TRAINERS, f"one of {TRAINERS}"),)
 
 
-def module(name: str) -> types.ModuleType:
+def module(name: str) -> runner.Trainer:
   """The trainer module `name` (imported on first use: `--help` pays for no TF/JAX)."""
   return importlib.import_module(f"beit_jax.trainers.{name}")
 
@@ -49,24 +54,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   checks = [c for part in _library() for c in getattr(part, "CHECKS", ())]
   validate.check(config, checks=dict.fromkeys(checks))
   if config.get("trainer") in TRAINERS:
-    validate.check(config, checks=getattr(module(config.trainer), "CHECKS", ()))
+    validate.check(config, checks=module(config.trainer).CHECKS)
 
 
-def make_task(config: ml_collections.ConfigDict, **inputs):
-  """The `runner.Task` of `config.trainer`, built but not run (benchmarks, plans, tests)."""
-  return module(config.trainer).make_task(config, **inputs)
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The `runner.Task` of `config.trainer`, built but not run (benchmarks, plans, tests);
+  `frozen` as `runner.Trainer.make_task` takes it."""
+  return module(config.trainer).make_task(config, workdir, frozen=frozen)
 
 
 def _runs(config: ml_collections.ConfigDict, workdir: str) -> list:
   """The runs a start makes, each config validated once, prerequisites first.
 
-  A trainer may name runs that must finish before it (`prerequisites(config, workdir) ->
+  A trainer names the runs that must finish before it (`prerequisites(config, workdir) ->
   [(config, workdir)]`): a MIM run without `tokenizer.init_from` trains its tokenizer first
   in `<workdir>/tokenizer`. A finished prerequisite is resumed and returns at once.
   """
   validate_config(config)
   trainer = module(config.trainer)
-  before = getattr(trainer, "prerequisites", lambda c, w: ())(config, workdir)
+  before = trainer.prerequisites(config, workdir)
   return [r for c, w in before for r in _runs(c, w)] + [(trainer, config, workdir)]
 
 

@@ -6,6 +6,7 @@ cosine decay. Reads `config.tokenizer` (architecture + `train`) and `config.inpu
 """
 import copy
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,8 @@ RULES = (
     ("tokenizer.train.kl_weight", validate.number(0), "a number >= 0"),
     ("tokenizer.train.temperature_end", validate.number(0, lo_open=True), "a number > 0"),
 ) + optim.rules("tokenizer.train.optim")
+CHECKS = ()
+prerequisites = runner.no_prerequisites
 
 
 def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -45,9 +48,9 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   data.num_train_examples(config)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, frozen=(), *,
-               model: dvae.DiscreteVAE, tx, schedule, train_cfg: ml_collections.ConfigDict
-               ) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               frozen: dict[str, Any], *, model: dvae.DiscreteVAE, tx, schedule,
+               train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
   del frozen
   temperature = dvae.gumbel_temperature(
       state.step, start=train_cfg.temperature_start, end=train_cfg.temperature_end,
@@ -76,7 +79,12 @@ def _code_perplexity(logits: jax.Array) -> jax.Array:
   return jnp.exp(-jnp.sum(counts * jnp.log(counts + 1e-10)))
 
 
-def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The dVAE run of `config` (`runner.Trainer`): no frozen model, nothing read
+  from `workdir`."""
+  del workdir
+  runner.given_frozen(frozen, "dVAE")
   config = stage_config(config)
   train_cfg = config.tokenizer.train
   tokenizer = tokenizers.build(config.tokenizer)
@@ -109,4 +117,4 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) the dVAE in `workdir`; returns the last metrics."""
-  return runner.run(stage_config(config), workdir, make_task(config))
+  return runner.run(stage_config(config), workdir, make_task(config, workdir))

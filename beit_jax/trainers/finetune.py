@@ -45,6 +45,7 @@ def _check_rel_pos(config: ml_collections.ConfigDict) -> None:
 
 
 CHECKS = (_check_rel_pos,)
+prerequisites = runner.no_prerequisites
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -115,8 +116,9 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, frozen=(), *,
-               model: vit.VisionTransformer, tx, schedule, mix: Callable
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               frozen: dict[str, Any], *, model: vit.VisionTransformer, tx, schedule,
+               mix: Callable
                ) -> tuple[TrainState, dict]:
   """One fine-tuning step: mix the batch, soft-target cross-entropy, AdamW update."""
   del frozen
@@ -137,14 +139,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, f
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], frozen=(), *,
+def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *,
               model: vit.VisionTransformer) -> dict[str, jax.Array]:
   del frozen
   logits = model.apply({"params": params}, batch["image"], train=False)["logits"]
   return classification.classification_sums(logits, batch["label"], batch["valid"])
 
 
-def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The fine-tuning run of `config` (`runner.Trainer`): no frozen model, nothing read
+  from `workdir`."""
+  del workdir
+  runner.given_frozen(frozen, "Fine-tune")
   info = data.dataset_info(config)
   total_steps, warmup_steps = train_state.steps_from_config(config, info.num_train)
   model = make_model(config, info.num_classes)
@@ -184,4 +191,4 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) fine-tuning in `workdir`; returns the last and best metrics."""
-  return runner.run(config, workdir, make_task(config))
+  return runner.run(config, workdir, make_task(config, workdir))

@@ -40,6 +40,8 @@ RULES = (
     ("probe.pool", lambda v: v in POOLS, f"one of {POOLS}"),
     ("probe.norm", lambda v: v in NORMS, f"one of {NORMS}"),
 )
+CHECKS = ()
+prerequisites = runner.no_prerequisites
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -98,11 +100,14 @@ def _features(backbone: vit.VisionTransformer, backbone_params: Any, images: jax
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               backbone_params: Any, *, backbone: vit.VisionTransformer, heads: ProbeHeads,
+               frozen: dict[str, Any], *, backbone: vit.VisionTransformer, heads: ProbeHeads,
                tx, schedule) -> tuple[TrainState, dict]:
-  """One step of every probe: the summed cross-entropy of the per-block classifiers."""
+  """One step of every probe: the summed cross-entropy of the per-block classifiers.
+
+  frozen: {'backbone': the ViT's params}.
+  """
   del rng  # no randomness on device: the backbone is frozen, the heads are linear
-  hidden = _features(backbone, backbone_params, batch["image"], heads.layers)
+  hidden = _features(backbone, frozen["backbone"], batch["image"], heads.layers)
   labels = batch["label"]
 
   def loss_fn(params):
@@ -120,9 +125,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], backbone_params: Any, *,
+def eval_step(params: Any, batch: dict[str, jax.Array], frozen: dict[str, Any], *,
               backbone: vit.VisionTransformer, heads: ProbeHeads) -> dict[str, jax.Array]:
-  hidden = _features(backbone, backbone_params, batch["image"], heads.layers)
+  hidden = _features(backbone, frozen["backbone"], batch["image"], heads.layers)
   logits = heads.apply({"params": params}, hidden)
   out = {}
   for i, x in logits.items():
@@ -141,7 +146,12 @@ def best_layer(layers: tuple[int, ...]):
   return derive
 
 
-def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The linear-probe run of `config` (`runner.Trainer`): its frozen backbone comes from
+  `init_from`; nothing is read from `workdir`."""
+  del workdir
+  runner.given_frozen(frozen, "Linear probe")
   info = data.dataset_info(config)
   total_steps, warmup_steps = train_state.steps_from_config(config, info.num_train)
   backbone = make_backbone(config)
@@ -156,7 +166,10 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
                "images, %d classes, %d steps", layers, config.probe.pool, config.probe.norm,
                info.num_train, info.num_eval, info.num_classes, total_steps)
 
-  def frozen_backbone(mesh):
+  def frozen_backbone(mesh):  # {'backbone': its params}
+    return {"backbone": backbone_params(mesh)}
+
+  def backbone_params(mesh):
     init = lambda r: backbone.init(r, dummy)["params"]
     shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
                                          config.sharding, vit.PARAM_AXES)
@@ -190,4 +203,4 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) linear probing in `workdir`; returns the last and best metrics."""
-  return runner.run(config, workdir, make_task(config))
+  return runner.run(config, workdir, make_task(config, workdir))

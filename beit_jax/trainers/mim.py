@@ -91,9 +91,14 @@ def _check_patch_aggregation(config: ml_collections.ConfigDict) -> None:
 CHECKS = (_check_token_grid, _check_patch_aggregation)
 
 
-def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   """`tokenizer.init_from`, or `<workdir>/tokenizer` where stage 1 trains one."""
-  return config.tokenizer.get("init_from") or str(epath.Path(workdir) / "tokenizer")
+  if config.tokenizer.get("init_from"):
+    return config.tokenizer.init_from
+  if workdir is None:
+    raise ValueError("MIM: no tokenizer: tokenizer.init_from is empty and no workdir holds "
+                     "one (give make_task a workdir or frozen={'tokenizer': ...})")
+  return str(epath.Path(workdir) / "tokenizer")
 
 
 def prerequisites(config: ml_collections.ConfigDict, workdir: str
@@ -117,14 +122,16 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               tok_params: Any, *, model: vit.VisionTransformer, tokenize, tx,
+               frozen: dict[str, Any], *, model: vit.VisionTransformer, tokenize, tx,
                schedule, max_masked: int) -> tuple[TrainState, dict]:
   """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1.
 
-  `tokenize=None`: predict the masked patches' normalised pixels of view 1 instead.
+  frozen: {'tokenizer': its params}. `tokenize=None`: predict the masked patches'
+  normalised pixels of view 1 instead (frozen: {}).
   """
   positions, weights = masked_positions(batch["mask"], max_masked)
-  tokens = None if tokenize is None else tokenize(tok_params, batch["tokenizer_image"])
+  tokens = (None if tokenize is None
+            else tokenize(frozen["tokenizer"], batch["tokenizer_image"]))
   targets = targets_at(batch, positions, tokens, model.patch_size)  # [B, K] or [B, K, P]
   (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params, model, batch, positions, targets, weights, rng)
@@ -145,10 +152,17 @@ def _majority_rate(targets: jax.Array, weights: jax.Array, vocab_size: int) -> j
   return counts.max() / jnp.maximum(weights.sum(), 1.0)
 
 
-def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokenizer | None,
-              tok_params: Any) -> runner.Task:
-  """The MIM run of `config` against `tokenizer` (its params are the step's frozen input);
-  `tokenizer=None` for `mim_target='pixels'`."""
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The MIM run of `config` against its tokenizer (`tokenizer_dir`), whose params are the
+  step's frozen input; `frozen={'tokenizer': (Tokenizer, params)}` in its place. No
+  tokenizer for `mim_target='pixels'`."""
+  frozen = runner.given_frozen(frozen, "MIM", "tokenizer")
+  tokenizer, tok_params = None, None
+  if "tokenizer" in frozen:
+    tokenizer, tok_params = frozen["tokenizer"]
+  elif not predicts_pixels(config):
+    tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
   model = make_model(config)
   total_steps, warmup_steps = train_state.steps_from_config(
       config, data.num_train_examples(config))
@@ -169,6 +183,9 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
     # with it dropped): the decoder then starts from its init.
     return params_lib.load_into(params, config.init_from, fresh=(params_lib.DECODER,))
 
+  def frozen_params(mesh):  # the tokenizer's, on every device
+    return {"tokenizer": jax.device_put(tok_params, sharding.replicated(mesh))}
+
   def hooks(ctx: runner.Context):
     eval_batch = data.make_eval_batch(config, view_specs, n=8, seed=config.seed)
     eval_model = make_model(config, train=False)
@@ -176,7 +193,8 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
 
     def write_images(step_no, st):
       visuals.write_mim_images(image_dir, ctx.writer, step_no, eval_batch, model=eval_model,
-                               params=st.params, tokenizer=tokenizer, tok_params=ctx.frozen,
+                               params=st.params, tokenizer=tokenizer,
+                               tok_params=ctx.frozen["tokenizer"],
                                vit_view=view_specs["image"])
     return (runner.Hook(config.images_every_steps, write_images),) if tokenizer else ()
 
@@ -189,14 +207,10 @@ def make_task(config: ml_collections.ConfigDict, *, tokenizer: tokenizers.Tokeni
       batches=lambda start: data.make_pretrain_iterator(
           config, view_specs, seed=config.seed, start_step=start,
           process_index=jax.process_index(), process_count=jax.process_count()),
-      frozen=lambda mesh: jax.device_put(tok_params, sharding.replicated(mesh)),
+      frozen=frozen_params if tokenizer is not None else None,
       load_params=load_params if config.get("init_from") else None, hooks=hooks)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) MIM pretraining in `workdir`; returns the last metrics."""
-  tokenizer, tok_params = None, {}
-  if not predicts_pixels(config):
-    tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
-  return runner.run(config, workdir, make_task(config, tokenizer=tokenizer,
-                                                tok_params=tok_params))
+  return runner.run(config, workdir, make_task(config, workdir))

@@ -72,6 +72,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
 
 
 CHECKS = (_check,)
+prerequisites = runner.no_prerequisites
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -106,8 +107,9 @@ def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, frozen=(), *,
-               model: seg_model.Segmenter, tx, schedule, aux_weight: float
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               frozen: dict[str, Any], *, model: seg_model.Segmenter, tx, schedule,
+               aux_weight: float
                ) -> tuple[TrainState, dict]:
   """One step: decode + aux_weight * auxiliary pixel cross-entropy, AdamW update."""
   del frozen
@@ -141,7 +143,12 @@ def load_backbone(params: Any, config: ml_collections.ConfigDict) -> Any:
   return {**params, "backbone": backbone}
 
 
-def make_task(config: ml_collections.ConfigDict) -> runner.Task:
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The segmentation run of `config` (`runner.Trainer`): no frozen model, nothing read
+  from `workdir`."""
+  del workdir
+  runner.given_frozen(frozen, "Segmentation")
   model = make_model(config)
   depth = vit.size_kwargs(config.model)["depth"]
   total_steps = config.total_steps
@@ -176,4 +183,4 @@ def make_task(config: ml_collections.ConfigDict) -> runner.Task:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) segmentation in `workdir`; returns the last and best metrics."""
-  return runner.run(config, workdir, make_task(config))
+  return runner.run(config, workdir, make_task(config, workdir))

@@ -231,7 +231,7 @@ def teacher_view(teacher: teachers.Teacher) -> View:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               frozen: Any, *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
+               frozen: dict[str, Any], *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
                train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
   """One VQ-KD step: distil the teacher's patch features through the quantised codes.
 
@@ -276,15 +276,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   return new_state, metrics
 
 
-def make_task(config: ml_collections.ConfigDict, *,
-              teacher: tuple[teachers.Teacher, Any] | None = None) -> runner.Task:
-  """The VQ-KD run of `config`; `teacher` = (Teacher, params), else loaded from config."""
-  config = stage_config(config)
+def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+              frozen: runner.FrozenModels | None = None) -> runner.Task:
+  """The VQ-KD run of `config`: the teacher (`teacher_dir`) is the step's frozen input;
+  `frozen={'teacher': (Teacher, params)}` in its place."""
+  frozen = runner.given_frozen(frozen, "VQ-KD", "teacher")
+  config = stage_config(_with_teacher_dir(config, workdir))
   train_cfg = config.tokenizer.train
   tokenizer = tokenizers.build(config.tokenizer)
   size = config.input.tokenizer_image_size
   model = tokenizer.model.clone(image_size=size)
-  teacher, teacher_params = teacher if teacher is not None else load_teacher(config)
+  teacher, teacher_params = frozen["teacher"] if frozen else load_teacher(config)
   views = {"image": tokenizers.view(config), "teacher_image": teacher_view(teacher)}
   total_steps, warmup_steps = train_state.steps_from_config(
       config, data.num_train_examples(config))
@@ -318,9 +320,18 @@ def make_task(config: ml_collections.ConfigDict, *,
       batch_field="tokenizer.train.batch_size")
 
 
+def _with_teacher_dir(config: ml_collections.ConfigDict, workdir: str | None
+                      ) -> ml_collections.ConfigDict:
+  """`config` whose `teacher.init_from` is the teacher a recipe made in `workdir`."""
+  if workdir is None:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.tokenizer.teacher.init_from = teacher_dir(config, workdir)
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) VQ-KD in `workdir`; returns the last metrics."""
-  config = copy.deepcopy(config)
-  with config.unlocked():  # the teacher a recipe made, for this run and its config.json
-    config.tokenizer.teacher.init_from = teacher_dir(config, workdir)
-  return runner.run(stage_config(config), workdir, make_task(config))
+  config = _with_teacher_dir(config, workdir)  # for this run and its config.json
+  return runner.run(stage_config(config), workdir, make_task(config, workdir))
