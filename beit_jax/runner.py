@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -283,7 +282,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   writer = loop.make_writer(workdir)
   hooks = task.hooks(Context(workdir, mesh, writer, built.shardings, built.frozen))
   log_every_steps = task.log_every_steps or config.log_every_steps
-  max_bad_steps, inject_nan_steps = config.max_bad_steps, tuple(config.inject_nan_steps)
+  max_bad_steps = config.max_bad_steps
   try:
     progress = loop.Progress(start_step, total_steps, desc)
     skipped_before = collections.Counter(resumed_meta.get("skipped_images", {}))
@@ -298,11 +297,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
     t0, s0 = time.time(), start_step
     train_step, flops, peak = None, 0.0, None
     for step in range(start_step + 1, total_steps + 1):
-      batch = next(batches)
-      if step in inject_nan_steps:
-        batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
-                 for k, v in batch.items()}
-      batch = sharding.host_to_global(batch, mesh)
+      batch = sharding.host_to_global(next(batches), mesh)
       if train_step is None:
         train_step, flops, peak = compile_step(config, built, desc, state, batch)
         writer.write_scalars(step, {"flops_per_step": flops})

@@ -100,7 +100,6 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
   c.max_bad_steps = 20
-  c.inject_nan_steps = ()  # testing only: steps whose batch is replaced by NaNs
   c.images_every_steps = 10_000
   # What MIM predicts: 'tokens' (the tokenizer's codes: BEiT) or 'pixels' (each masked
   # patch's normalised pixels, by MSE: the papers' regression ablation; no tokenizer).

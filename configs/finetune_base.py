@@ -36,7 +36,6 @@ def finetune_config(variant: str = "B/16", rel: bool = False,
   c.log_every_steps = 100
   c.eval_every_steps = 1251  # one ImageNet epoch at batch 1024, as unilm
   c.max_bad_steps = 20
-  c.inject_nan_steps = ()
   c.label_smoothing = 0.1
   # timm Mixup(mode='batch'): CutMix or Mixup (half the time each) on every batch.
   c.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)

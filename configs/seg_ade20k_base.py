@@ -41,7 +41,6 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
   c.log_every_steps = 50
   c.eval_every_steps = 16_000  # mmseg's evaluation interval
   c.max_bad_steps = 20
-  c.inject_nan_steps = ()
   c.model = common.model_config(variant, use_shared_rel_pos_bias=False,
                                 use_rel_pos_bias=True)
   # The pyramid of blocks `out_indices` and the heads; GroupNorm where mmseg has SyncBN.
