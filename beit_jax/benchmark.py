@@ -255,10 +255,26 @@ def _import_torch_reference():
     from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     what = f"the {e.name!r} package" if e.name else f"what failed to import ({e})"
-    raise ConfigError(f"--compare-pytorch needs {what}, not installed here: "
-                      "pip install -r requirements-interop.txt (and, for dall_e, "
-                      "pip install --no-deps DALL-E==0.1)") from e
+    raise ConfigError(_needs(what)) from e
   return torch_reference
+
+
+def _needs(what: str) -> str:
+  return (f"--compare-pytorch needs {what}, not installed here: pip install -r "
+          "requirements-interop.txt (and, for dall_e, pip install --no-deps DALL-E==0.1)")
+
+
+def _check_torch_packages() -> None:
+  """The packages the PyTorch process imports are installed (found, not imported: the
+  parent process stays light), else `_import_torch_reference`'s one-line error."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for name in ("torch", "transformers", "dall_e"):
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: a module without a spec
+      found = False
+    if not found:
+      raise ConfigError(_needs(f"the {name!r} package"))
 
 
 def _check_comparable(config) -> None:
@@ -487,7 +503,7 @@ def compare_pytorch(config, *, steps: int = 3, rounds: int = 2, warmup: int = 1,
   from beit_jax import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
 
-  _import_torch_reference()  # a missing package: one line, before any process starts
+  _check_torch_packages()  # a missing package: one line, before any process starts
   _check_trainer(config)
   _check_comparable(config)
   trainers.validate_config(config)

@@ -71,8 +71,9 @@ STATUS=0
 if ((DRY_RUN)); then
   # CPU, one device; TensorFlow (and the rest the GPU image lacks) made unimportable for
   # every Python process of the check, through a sitecustomize module on PYTHONPATH.
-  XLA_FLAGS="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<< "${XLA_FLAGS:-}")"
-  export JAX_PLATFORMS=cpu XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=1"
+  # LLVM's optimisations off, as in the tests: half the compile time of a tiny step.
+  XLA_FLAGS="$(sed -E 's/--xla_(force_host_platform_device_count|backend_optimization_level)=[0-9]+//g' <<< "${XLA_FLAGS:-}")"
+  export JAX_PLATFORMS=cpu XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
   mkdir -p "$TMP/absent"
   cat > "$TMP/absent/sitecustomize.py" <<'EOF'
 """What a GPU image of JAX, Flax, optax, orbax, PyTorch and transformers lacks of
@@ -112,33 +113,46 @@ else
 fi
 ROUNDS=${ROUNDS:-1}
 
-section() { echo; echo "== $* =="; }
+section() { echo; echo "== $* =="; echo "(at $((SECONDS - START)) s)"; }
 
 section environment
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ), mode: $( ((DRY_RUN)) && echo 'dry run (CPU)' || echo GPU)"
   echo "repository: $ROOT (commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown))"
   command -v nvidia-smi > /dev/null && nvidia-smi -L
-  "$PYTHON" - <<'EOF'
-import importlib, sys
+  DRY_RUN=$DRY_RUN "$PYTHON" - <<'EOF'
+import importlib.metadata, importlib.util, os, sys
 print("python", sys.version.split()[0], sys.executable)
-for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "transformers",
-             "ml_collections", "dall_e", "clu", "tensorflow"):
+# Versions from the installed metadata (no imports: faster); absent = not importable.
+for module, dists in (("jax", ["jax"]), ("jaxlib", ["jaxlib"]), ("flax", ["flax"]),
+                      ("optax", ["optax"]), ("orbax.checkpoint", ["orbax-checkpoint"]),
+                      ("torch", ["torch"]), ("transformers", ["transformers"]),
+                      ("ml_collections", ["ml-collections", "ml_collections"]),
+                      ("dall_e", ["DALL-E"]), ("clu", ["clu"]),
+                      ("tensorflow", ["tensorflow", "tensorflow-cpu"])):
   try:
-    module = importlib.import_module(name)
-    print(f"{name}: {getattr(module, '__version__', 'present')}")
-  except ImportError as e:
-    print(f"{name}: absent ({type(e).__name__}: {e})")
+    found = importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    found = False
+  version = None
+  for dist in dists:
+    try:
+      version = importlib.metadata.version(dist)
+      break
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  print(f"{module}: {version or 'present'}" if found else f"{module}: absent")
 try:
   import jax
   print("jax devices:", jax.devices())
 except Exception as e:  # pylint: disable=broad-except
   print(f"jax devices: none ({type(e).__name__}: {e})")
-try:
-  import torch
-  print("torch CUDA:", torch.cuda.is_available() and torch.cuda.get_device_name(0))
-except ImportError:
-  pass
+if os.environ["DRY_RUN"] != "1":
+  try:
+    import torch
+    print("torch CUDA:", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+  except ImportError:
+    pass
 EOF
 } 2>&1 | tee "$OUTDIR/environment.log"
 
@@ -158,20 +172,21 @@ if [[ -n $WHEELS ]]; then
 else
   echo "no wheel folder (--wheels DIR, or .whl in the repository): using what is installed"
 fi
-missing=()
-for module in ml_collections absl flax optax orbax.checkpoint; do
-  "$PYTHON" -c "import $module" 2> /dev/null || missing+=("$module")
-done
-if ((${#missing[@]})); then
-  echo "missing for the JAX step: ${missing[*]} (get the wheels: launch/device_check.sh --download-wheels .whl)"
+# Found, not imported (quicker); an import that fails anyway says so in its section.
+missing() { "$PYTHON" -c 'import importlib.util as u, sys
+print(" ".join(m for m in sys.argv[1:] if u.find_spec(m) is None))' "$@"; }
+lacking=$(missing ml_collections absl flax optax orbax)
+if [[ -n $lacking ]]; then
+  echo "missing for the JAX step: $lacking (get the wheels: launch/device_check.sh --download-wheels .whl)"
   STATUS=1
 fi
-if "$PYTHON" -c "import torch, transformers, dall_e" 2> /dev/null; then
+lacking=$(missing torch transformers dall_e)
+if [[ -z $lacking ]]; then
   COMPARE=(--compare-pytorch "--rounds=$ROUNDS" --nobreakdown)
-  echo "PyTorch reference: torch, transformers and dall_e import"
+  echo "PyTorch reference: torch, transformers and dall_e are installed"
 else
   COMPARE=()
-  echo "PyTorch reference: skipped, torch, transformers or dall_e does not import"
+  echo "PyTorch reference: skipped, $lacking not installed"
 fi
 
 remaining() { echo $((BUDGET_S - (SECONDS - START))); }
@@ -235,7 +250,13 @@ timed_out = "timed out after" in tests
 print("tests: " + (counts[-1] if counts else "no result")
       + (" (timed out)" if timed_out else ""))
 rows, mfus, ratios = [], [], []
-fmt = lambda x, spec="{:.3g}": "–" if x is None else spec.format(x)
+def fmt(x, spec=None):
+  """'–' for no figure; three significant digits, or a whole number from 100 on."""
+  if x is None:
+    return "–"
+  return spec.format(x) if spec else f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 for batch in os.environ["BATCHES"].split():
   path = os.path.join(out, f"benchmark_{batch}.log")
   text = open(path).read() if os.path.exists(path) else ""
