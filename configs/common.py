@@ -51,7 +51,7 @@ def model_config(variant: str, **fields) -> dict:
 
   remat: recompute each block in the backward pass, keeping what remat_policy names
   (models/vit.py REMAT_POLICIES); scan_layers: the blocks as one nn.scan (compile time
-  independent of depth; params stacked, block_layout.py converts checkpoints).
+  independent of depth; params stacked, beit_jax/params/blocks.py converts checkpoints).
   """
   return dict(dict(variant=variant, width=unset(int), depth=unset(int),
                    num_heads=unset(int), mlp_dim=unset(int), drop_path_rate=0.1,
