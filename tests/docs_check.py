@@ -435,6 +435,10 @@ def check_overrides(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
       # No config in this command (prose, or flags listed alone): the field must exist in
       # at least one of configs/*.py built with its default arg.
       configs = _default_configs(root)
+      if not configs:
+        failures.append(f"{name}:{unit.line}: no config of configs/ builds here, so "
+                        f"--config.{fields[0]} cannot be checked (is the venv active?)")
+        continue
       for field in fields:
         problems = {label: field_problem(config, field) for label, config in configs.items()}
         if all(problems.values()):
