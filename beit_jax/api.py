@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -463,12 +464,17 @@ def _device(tree: Any) -> Any:
   return jax.device_put(jax.tree.map(jnp.asarray, tree))
 
 
+def _without_decoder(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Flat params without v2's patch-aggregation decoder, which serves pretraining only."""
+  return {k: v for k, v in params.items() if not fnmatch.fnmatchcase(k, params_lib.DECODER)}
+
+
 def _vit_parts(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int | None,
                what: str) -> tuple[vit.VisionTransformer, Any]:
   """The ViT of flat params and model fields; position parameters resized to image_size."""
   if image_size and image_size != kw["image_size"]:
     params, kw = vit_params.adapt(params, kw, image_size=image_size)
-  params = {k: v for k, v in params.items() if not k.startswith("cls_pt_layers_")}
+  params = _without_decoder(params)
   kw = unilm.without_patch_aggregation(kw)  # v2's decoder serves pretraining only
   vit_params.check(params, kw, what)
   return vit.VisionTransformer(**kw), _device(vit_params.nested(params))
@@ -477,8 +483,7 @@ def _vit_parts(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: in
 def _beit_jax_vit(path: str, raw: dict | None, image_size: int | None,
                   num_heads: int | None) -> tuple[vit.VisionTransformer, Any]:
   what = f"beit-jax checkpoint {path}"
-  params = {k: v for k, v in vit_params.read(path).items()
-            if not k.startswith("cls_pt_layers_")}  # v2's decoder: see _vit_parts
+  params = _without_decoder(vit_params.read(path))
   kw = vit_params.infer_model_kwargs(params, what, config=raw, num_heads=num_heads,
                                      fallback_image_size=image_size)
   return _vit_parts(params, kw, image_size, what)
