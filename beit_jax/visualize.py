@@ -225,8 +225,7 @@ def load_vit_params(path: str, model: vit.VisionTransformer) -> Any:
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))["params"])
   # v2's patch-aggregation decoder (`cls_pt_layers_<j>`) is not part of the backbone drawn.
-  return params_lib.load_into(abstract, path, field=f"--checkpoint={path}",
-                              drop=(params_lib.DECODER,))
+  return params_lib.load_into(abstract, path, field="--checkpoint", drop=(params_lib.DECODER,))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "refs", "layers"))

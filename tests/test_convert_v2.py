@@ -17,8 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from beit_jax import checkpoint
-from beit_jax import pretrained
+from beit_jax import params as params_lib
 from beit_jax import tokenizers
 from beit_jax.convert.__main__ import main
 from beit_jax.errors import ConfigError
@@ -188,7 +187,7 @@ def test_v2_pretraining_checkpoint_keeps_its_decoder_and_matches_torch(tmp_path,
   printed = capsys.readouterr().out
   assert ("--config.model.patch_aggregation.layer=1 "
           "--config.model.patch_aggregation.depth=2") in printed
-  params = checkpoint.load_params(dst)
+  params = params_lib.read(dst)
   assert {"cls_pt_layers_0", "cls_pt_layers_1"} <= set(params)
   assert json.loads((tmp_path / "out" / "config.json").read_text())["vit"][
       "patch_aggregation_layer"] == 1
@@ -201,7 +200,7 @@ def test_v2_pretraining_checkpoint_keeps_its_decoder_and_matches_torch(tmp_path,
   images, mask = _inputs()
   init = jax.jit(model.init)(jax.random.key(0), jnp.asarray(images), jnp.asarray(mask))[
       "params"]
-  params = checkpoint.check_and_cast(init, params, "converted")
+  params = params_lib.cast(init, params, "converted")
   out = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(mask))
   want, want_c = _torch_v2(sd, images, mask, early_layers=1, depth=2)
   assert out["mim_logits_c"].shape == want_c.shape == (2, N, VOCAB)
@@ -219,11 +218,9 @@ def test_v2_pretraining_checkpoint_keeps_its_decoder_and_matches_torch(tmp_path,
                              use_shared_rel_pos_bias=False, use_rel_pos_bias=True,
                              truncate_init=False)
   target = jax.jit(ft.init)(jax.random.key(0), jnp.asarray(images))["params"]
-  ft_config = ml_collections.ConfigDict(dict(
-      model=dict(variant="Ti/8", width=WIDTH, depth=2, num_heads=HEADS, mlp_dim=MLP,
-                 use_rel_pos_bias=True, use_shared_rel_pos_bias=False),
-      input=dict(image_size=SIZE)))
-  loaded = pretrained.load_pretrained(dst, target, ft_config)
+  loaded = params_lib.load_into(
+      target, dst, vit=params_lib.ViTFit(image_size=SIZE, rel_pos="per_layer", num_heads=HEADS),
+      drop=params_lib.OTHER_USES, fresh=params_lib.CLASSIFIER)
   assert not any(k.startswith("cls_pt") for k in loaded)
   np.testing.assert_array_equal(loaded["blocks_1"]["attn"]["relative_position_bias_table"],
                                 sd["rel_pos_bias.relative_position_bias_table"])
@@ -250,7 +247,7 @@ def test_v2_decoder_layer_and_drop_options(tmp_path, capsys):
   assert main(["--from=unilm", "--to=beit_jax", "--patch_aggregation=drop", bare,
                str(tmp_path / "o4")]) == 0
   assert "patch_aggregation" not in capsys.readouterr().out
-  assert not any(k.startswith("cls_pt") for k in checkpoint.load_params(str(tmp_path / "o4")))
+  assert not any(k.startswith("cls_pt") for k in params_lib.read(str(tmp_path / "o4")))
   # A v2 run may start from it: its decoder then starts from the init, the rest is loaded.
   config = tiny_config()
   config.model.patch_aggregation = dict(layer=2, depth=2)

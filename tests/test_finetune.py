@@ -9,11 +9,10 @@ from flax import traverse_util
 from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
 
-from beit_jax import checkpoint
 from beit_jax import classification
 from beit_jax import main
 from beit_jax import optim
-from beit_jax import pretrained as pretrained_weights
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import sharding
 from beit_jax.convert import relpos
@@ -145,14 +144,15 @@ def _target(config):
 
 def test_one_step_from_a_pretraining_checkpoint_loads_every_backbone_weight(pretrained):
   path, source = pretrained
-  config = tiny_finetune_config()
+  config = tiny_finetune_config(init_from=path)
   # One device: the sharded step is main.run's (end-to-end tests); this one compiles faster.
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   config.total_steps, config.optim.warmup_steps, config.optim.warmup_epochs = 5, 0, 0
-  built = runner.setup(config, finetune.make_task(config), mesh)
+  task = finetune.make_task(config)
+  built = runner.setup(config, task, mesh)
   state, train_fn = built.state, lambda s, b: built.step(s, b, built.frozen)
   init = _flat(state.params)
-  state = state.replace(params=pretrained_weights.load_pretrained(path, state.params, config))
+  state = state.replace(params=task.load_params(state.params))  # the trainer's init_from
   loaded = _flat(state.params)
   shared = source["rel_pos_bias/relative_position_bias_table"]
   for name, value in loaded.items():
@@ -177,9 +177,9 @@ def test_one_step_from_a_pretraining_checkpoint_loads_every_backbone_weight(pret
 
 def test_position_tables_are_resized_for_another_resolution(pretrained):
   path, source = pretrained
-  config = tiny_finetune_config()
+  config = tiny_finetune_config(init_from=path)
   config.input.image_size = 48  # 6x6 patches; the checkpoint has 4x4
-  loaded = _flat(pretrained_weights.load_pretrained(path, _target(config), config))
+  loaded = _flat(finetune.make_task(config).load_params(_target(config)))
   want = relpos.resize_rel_pos_table(source["rel_pos_bias/relative_position_bias_table"],
                                      (4, 4), (6, 6))
   assert want.shape == (11 * 11 + 3, 2)
@@ -210,7 +210,7 @@ def test_tiny_fine_tune_at_another_resolution_through_main(pretrained, tmp_path)
   assert [s for s, _ in _scalars(workdir, "val_top1")] == [3, 6]
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
       ["3", "6"]
-  best = _flat(checkpoint.load_params(str(workdir / "best")))
+  best = _flat(params_lib.read(str(workdir / "best")))
   assert metrics["best_step"] in (3, 6) and best["head/kernel"].shape == (32, 10)
   assert json.loads((workdir / "results.json").read_text())["step"] == 6
 
@@ -225,7 +225,7 @@ def test_tiny_linear_probe_through_main(pretrained, tmp_path):
   metrics = main.run(config, str(workdir))
   assert metrics["val_top1"] == max(metrics["val_top1_layer0"], metrics["val_top1_layer1"])
   assert metrics["val_layer"] in (0, 1)
-  heads = _flat(checkpoint.load_params(str(workdir / "best")))
+  heads = _flat(params_lib.read(str(workdir / "best")))
   assert sorted(heads) == ["head_0/bias", "head_0/kernel", "head_1/bias", "head_1/kernel"]
   assert heads["head_0/kernel"].shape == (64, 10)  # [CLS] and mean, concatenated
 

@@ -3,18 +3,20 @@ inferred from the weights (and config.json), the relative position bias shared o
 per-layer, the position tables resized for another image size.
 
 Params here are flat {'blocks_0/attn/qkv/kernel': array} dicts with the model fields
-`kw` of `unilm.infer_model_kwargs` next to them. Used by `pretrained` (fine-tuning,
-probing, segmentation), the converters and `beit_jax.load`.
+`kw` of `unilm.infer_model_kwargs` next to them. Used by `params.load_into(..., vit=Fit(...))`
+(fine-tuning, probing, segmentation), the converters and `beit_jax.load`.
 """
+import dataclasses
 import json
 import re
 from typing import Any
 
+import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from beit_jax import checkpoint
 from beit_jax.convert import common
 from beit_jax.convert import relpos
 from beit_jax.convert import unilm
@@ -36,7 +38,9 @@ def _grid(kw: dict[str, Any]) -> tuple[int, int]:
 def resize(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int
            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Position parameters for `image_size` (relative tables and absolute embedding)."""
-  vit.num_patches(image_size, kw["patch_size"])  # checks divisibility
+  if image_size <= 0 or image_size % kw["patch_size"]:
+    raise ConfigError(f"image_size={image_size} must be a positive multiple of the patch "
+                      f"size {kw['patch_size']}")
   new_kw = dict(kw, image_size=image_size)
   src, dst = _grid(kw), _grid(new_kw)
   if src == dst:
@@ -92,6 +96,43 @@ def adapt(params: dict[str, np.ndarray], kw: dict[str, Any], *, rel_pos: str = "
   return set_rel_pos(params, kw, rel_pos)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """The ViT a checkpoint's ViT params are fitted to (`params.load_into(..., vit=)`).
+
+  image_size: the position tables are resized to it.
+  rel_pos: the relative position bias made 'per_layer' or 'shared', or kept as saved.
+  num_heads: the model's, when neither the weights nor the checkpoint's config.json tell.
+  """
+  image_size: int
+  rel_pos: str = "keep"
+  num_heads: int | None = None
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Fit":
+    """The ViT of `config.model` on `config.input` (fine-tuning, probing, segmentation)."""
+    m = config.model
+    return cls(image_size=config.input.image_size,
+               rel_pos=("per_layer" if m.use_rel_pos_bias else
+                        "shared" if m.use_shared_rel_pos_bias else "keep"),
+               num_heads=vit.size_kwargs(m)["num_heads"])
+
+
+def fit(params: dict[str, np.ndarray], path: str, what: str, to: Fit
+        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Flat ViT params of the checkpoint at `path`, adapted `to` a ViT; and the model fields
+  of the checkpoint (for `config_flags` in errors)."""
+  config_file = epath.Path(path) / "config.json"
+  saved = json.loads(config_file.read_text()) if config_file.exists() else None
+  source = infer_model_kwargs(params, what, config=saved, num_heads=to.num_heads,
+                              fallback_image_size=to.image_size)
+  params, kw = adapt(params, source, rel_pos=to.rel_pos, image_size=to.image_size)
+  if kw["image_size"] != source["image_size"]:
+    logging.info("%s: position parameters resized from %d to %d pixels", what,
+                 source["image_size"], kw["image_size"])
+  return params, source
+
+
 def check(params: dict[str, np.ndarray], kw: dict[str, Any], what: str) -> None:
   """Params are exactly those of `VisionTransformer(**kw)`: keys and shapes."""
   expected = unilm.expected_shapes(kw)
@@ -127,8 +168,8 @@ def _kwargs_from_config(config: dict[str, Any], what: str) -> dict[str, Any] | N
     sizes = vit.variant_kwargs(model["variant"], **{k: model.get(k) for k in
                                                     ("width", "depth", "num_heads",
                                                      "mlp_dim")})
-  except ConfigError as e:
-    raise ConfigError(f"{what}: {e}") from None
+  except ValueError as e:  # a bad variant
+    raise ConfigError(f"{what}: model.variant: {e}") from None
   return dict(sizes, image_size=inp.get("image_size"))
 
 
@@ -198,6 +239,8 @@ def load(path: str, *, num_heads: int | None = None,
 
 def save(path: str, params: dict[str, np.ndarray], kw: dict[str, Any], source: str) -> None:
   """A beit-jax checkpoint `config.init_from` starts from, with the fields in config.json."""
+  # Here, not at the top: `checkpoint` imports `params.blocks`, whose package imports this.
+  from beit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   common.ensure_new_dir(path, "output folder")
   checkpoint.save_params(path, nested(params), {"converted_from": source, "vit": kw})
 

@@ -20,7 +20,7 @@ from absl import logging
 
 from beit_jax import classification
 from beit_jax import optim
-from beit_jax import pretrained
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import train_state
 from beit_jax import validate
@@ -183,8 +183,10 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       batches=lambda start: data.make_train_iterator(
           config, seed=config.seed, start_step=start, process_index=jax.process_index(),
           process_count=jax.process_count()),
-      load_params=(functools.partial(pretrained.load_pretrained, config.init_from,
-                                     config=config) if config.get("init_from") else None),
+      load_params=(functools.partial(params_lib.load_into, path=config.init_from,
+                                     vit=params_lib.ViTFit.of(config),
+                                     drop=params_lib.OTHER_USES, fresh=params_lib.CLASSIFIER)
+                   if config.get("init_from") else None),
       hooks=lambda ctx: (classification.evaluation_hook(
           ctx, config, "Fine-tune", functools.partial(eval_step, model=eval_model)),))
 

@@ -19,7 +19,7 @@ from absl import logging
 
 from beit_jax import classification
 from beit_jax import optim
-from beit_jax import pretrained
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import train_state
@@ -180,7 +180,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       return params
     logging.info("Backbone from %s", config.init_from)
     # The final norm is unused (blocks' outputs are probed): it may be absent.
-    return pretrained.load_pretrained(config.init_from, params, config, fresh=("norm",))
+    return params_lib.load_into(params, config.init_from, vit=params_lib.ViTFit.of(config),
+                                drop=params_lib.OTHER_USES, fresh=("norm",))
 
   return runner.Task(
       desc="Linear probe",

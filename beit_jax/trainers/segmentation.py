@@ -19,7 +19,7 @@ import optax
 from absl import logging
 
 from beit_jax import optim
-from beit_jax import pretrained
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import segmentation
 from beit_jax import train_state
@@ -137,9 +137,9 @@ def predict(params: Any, windows: jax.Array, *, model: seg_model.Segmenter) -> j
 def load_backbone(params: Any, config: ml_collections.ConfigDict) -> Any:
   """`init_from`'s ViT weights in the backbone (the final norm, unused here, may be missing:
   fine-tuned checkpoints have none); the pyramid and the heads keep their init."""
-  backbone = pretrained.load_pretrained(
-      config.init_from, params["backbone"], config,
-      fresh=pretrained.CLASSIFIER_PARAMS + ("norm",))
+  backbone = params_lib.load_into(
+      params["backbone"], config.init_from, vit=params_lib.ViTFit.of(config),
+      drop=params_lib.OTHER_USES, fresh=params_lib.CLASSIFIER + ("norm",))
   return {**params, "backbone": backbone}
 
 
