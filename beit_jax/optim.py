@@ -43,7 +43,7 @@ _FIELDS = (
 
 
 def rules(group: str) -> tuple[validate.Rule, ...]:
-  """The field rules of the optimizer group at `group` (e.g. 'tokenizer.train.optim')."""
+  """The field rules of the optimizer group at `group` (e.g. 'optim')."""
   return tuple((f"{group}.{name}", test, accepted) for name, test, accepted in _FIELDS)
 
 

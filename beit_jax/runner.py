@@ -85,9 +85,6 @@ class Task:
   # A fresh run's initial params -> the params it starts from (`init_from`)
   load_params: Callable[[Any], Any] | None = None
   hooks: Callable[[Context], Sequence[Hook]] = lambda ctx: ()
-  checkpoint: dict | None = None  # every_steps, keep; None: config.checkpoint
-  log_every_steps: int | None = None  # None: config.log_every_steps
-  batch_field: str = "input.batch_size"  # the field that sets batch_size, for errors
 
 
 # What `make_task` may be given in place of the frozen models it would load:
@@ -209,13 +206,12 @@ def restore_or_keep(manager, state: TrainState, shardings) -> tuple[TrainState, 
   return state, int(meta["step"]), meta
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str, *, batch_size: int | None = None,
-              batch_field: str = "input.batch_size") -> None:
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The checks every run needs from the outside world before any compute: the workdir is
   writable, the devices split the batch, `init_from` exists."""
   checkpoint.check_writable(workdir)
-  sharding.check_batch_size(config.input.batch_size if batch_size is None else batch_size,
-                            sharding.make_mesh(config.mesh), batch_field)
+  sharding.check_batch_size(config.input.batch_size, sharding.make_mesh(config.mesh),
+                            "input.batch_size")
   if config.get("model") is not None and "variant" in config.model:
     sharding.check_tensor_split(config.model, config.mesh)
   if config.get("init_from") and not epath.Path(config.init_from).exists():
@@ -266,9 +262,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   """
   workdir_lib.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(task.batch_size, mesh, task.batch_field)
+  sharding.check_batch_size(task.batch_size, mesh, "input.batch_size")
   built = setup(config, task, mesh)
-  manager = checkpoint.make_manager(workdir, **(task.checkpoint or config.checkpoint))
+  manager = checkpoint.make_manager(workdir, **config.checkpoint)
   state = built.state
   if task.load_params is not None and manager.latest_step() is None:
     state = state.replace(params=task.load_params(state.params))
@@ -281,7 +277,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   batches = task.batches(start_step)
   writer = loop.make_writer(workdir)
   hooks = task.hooks(Context(workdir, mesh, writer, built.shardings, built.frozen))
-  log_every_steps = task.log_every_steps or config.log_every_steps
+  log_every_steps = config.log_every_steps
   max_bad_steps = config.max_bad_steps
   try:
     progress = loop.Progress(start_step, total_steps, desc)

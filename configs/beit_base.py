@@ -7,7 +7,9 @@ Position information as in the published ImageNet-1K 800-epoch BEiT-B (unilm fla
 `--abs_pos_emb --disable_rel_pos_bias --layer_scale_init_value 0`). Arg `rel=True`
 gives unilm README's variant instead: shared relative position bias and LayerScale 0.1.
 Needs a tokenizer: `--config.tokenizer.init_from=DIR` (a trained or imported dVAE),
-otherwise stage 1 trains a DALL-E-architecture dVAE on the same data first.
+otherwise stage 1 first runs `tokenizer.recipe`, the DALL-E-architecture dVAE of
+`configs/dvae.py`, a whole config with its own data
+(`--config.tokenizer.recipe.input.data_dir=gs://BUCKET/tensorflow_datasets`).
 """
 from configs import common
 

@@ -7,8 +7,10 @@ r"""BEiT v2 ViT-B/16 pretraining on ImageNet-1K, unilm beit2's recipe (docs/refe
 Targets: the codes of a trained VQ-KD tokenizer (`tokenizer.kind="vqkd"`), given with
 `--config.tokenizer.init_from` (a `trainer="vqkd"` workdir, or unilm's
 `vqkd_encoder_base_decoder_3x768x12_clip` converted with `python -m beit_jax.convert
---from=unilm`). Without it, stage 1 first trains a VQ-KD tokenizer, which needs its
-teacher (`tokenizer.teacher.init_from`, see configs/vqkd_clip_base.py).
+--from=unilm`). Without it, stage 1 first runs `tokenizer.recipe` (the whole config of
+configs/vqkd_clip_base.py), which needs its teacher
+(`--config.tokenizer.recipe.tokenizer.teacher.init_from`) and its data
+(`--config.tokenizer.recipe.input.data_dir`).
 
 unilm PRETRAINING.md: shared relative position bias, LayerScale 0.1, blockwise masking of
 exactly 75 patches, random resized crop scale 0.2-1 with the tokenizer's view at 224
@@ -35,7 +37,7 @@ def v2_config(variant: str, epochs: int, layer: int):
   c.model.update(dict(use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
                       layer_scale_init=0.1))
   c.model.patch_aggregation = dict(layer=layer, depth=2)
-  c.tokenizer = vqkd_clip_base.vqkd_tokenizer(patch_size=c.input.patch_size)
+  c.tokenizer = common.mim_tokenizer(vqkd_clip_base.vqkd_config("clip", 512))
   c.input.update(dict(tokenizer_image_size=224, crop_scale=(0.2, 1.0)))
   c.input.mask.exact = True  # exactly 75 of 196 patches
   return c

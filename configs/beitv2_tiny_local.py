@@ -7,7 +7,8 @@ runs the three stages, each resumable, in about 10 minutes on 2 CPU cores (about
 trained with the photos' labels, `<workdir>/tokenizer/teacher`), the VQ-KD tokenizer
 against it (`<workdir>/tokenizer`), then v2 pretraining (`<workdir>`).
 `--config.tokenizer.init_from=<a VQ-KD workdir>` skips the first two,
-`--config.tokenizer.teacher.init_from=<a ViT checkpoint>` the first.
+`--config.tokenizer.recipe.tokenizer.teacher.init_from=<a ViT checkpoint>` the first: the
+VQ-KD's run is `tokenizer.recipe`, the whole config of `configs/vqkd_tiny_local.py`.
 
 The model of `configs/beit_tiny_local.py` (4 blocks of width 128, 8x8 patches on 64x64
 crops) predicting the codes of the tiny VQ-KD of `configs/vqkd_tiny_local.py` (256 codes,
@@ -22,7 +23,7 @@ from configs import vqkd_tiny_local
 def get_config(arg=None):
   arg = common.parse_arg(arg, steps=600, batch=32, layer=3)
   c = beit_tiny_local.get_config(f"steps={arg.steps},batch={arg.batch}")
-  c.tokenizer = vqkd_tiny_local.get_config(f"batch={arg.batch}").tokenizer
+  c.tokenizer = common.mim_tokenizer(vqkd_tiny_local.get_config(f"batch={arg.batch}"))
   c.model.patch_aggregation = dict(layer=arg.layer, depth=2)
   c.input.update(dict(crop_scale=(0.2, 1.0)))
   c.input.mask.exact = True

@@ -67,24 +67,62 @@ def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
       max_num_patches=unset(int), min_aspect=0.3, max_aspect=unset(float), exact=False))
 
 
-def dvae_config(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
-                n_init: int = 128) -> ml_collections.ConfigDict:
-  """The DALL-E dVAE (docs/reference.md §3) and its stage-1 recipe (the DALL-E paper's)."""
+def pretrain_input(**fields) -> dict:
+  """`config.input` of ImageNet-1K's training crops, as pretraining and its tokenizers read
+  them (random resized crop, flip, colour jitter); `fields` add or replace."""
+  return dict(dict(
+      dataset="tfds:imagenet2012", split="train", data_dir=unset(str),
+      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.4, flip=True,
+      shuffle_buffer=50_000, embedded_epoch_size=10_000), **fields)
+
+
+def dvae_tokenizer(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
+                   n_init: int = 128) -> ml_collections.ConfigDict:
+  """`config.tokenizer` of the DALL-E dVAE (docs/reference.md §3): its kind and sizes."""
   return ml_collections.ConfigDict(dict(
       kind="dvae", vocab_size=vocab_size, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
-      n_init=n_init,
-      # A beit-jax checkpoint (workdir or step folder) of a trained tokenizer. Empty:
-      # stage 1 trains one in <workdir>/tokenizer first.
-      init_from="",
-      train=dict(
-          num_steps=150_000, batch_size=512, log_every_steps=100,
-          images_every_steps=5000,
-          temperature_start=1.0, temperature_end=1 / 16, temperature_anneal_steps=150_000,
-          kl_weight=6.6, kl_warmup_steps=5000,
-          optim=dict(lr=4.5e-4, min_lr=1.25e-6, warmup_steps=5000, b1=0.9, b2=0.999,
-                     eps=1e-8, weight_decay=1e-4, grad_clip=0.0),
-          checkpoint=dict(every_steps=5000, keep=3)),
-  ))
+      n_init=n_init))
+
+
+def dvae_config(**sizes) -> ml_collections.ConfigDict:
+  """The dVAE's training run (`trainer='dvae'`), the DALL-E paper's recipe on ImageNet-1K:
+  batch 512, 150k steps, AdamW lr 4.5e-4 with 5k warmup steps, the relaxation's temperature
+  annealed from 1 to 1/16 and its KL weight raised from 0 to 6.6. `sizes`: `dvae_tokenizer`'s.
+  As BEiT v1's stage 1 it is a MIM config's `tokenizer.recipe` (`mim_tokenizer`)."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "dvae"
+  c.seed = 0
+  c.total_steps = 150_000
+  c.log_every_steps = 100
+  c.max_bad_steps = 20
+  c.images_every_steps = 5000
+  c.temperature_start = 1.0
+  c.temperature_end = 1 / 16
+  c.temperature_anneal_steps = 150_000
+  c.kl_weight = 6.6
+  c.kl_warmup_steps = 5000
+  c.tokenizer = dvae_tokenizer(**sizes)
+  c.input = pretrain_input(batch_size=512, tokenizer_image_size=112)
+  c.optim = dict(lr=4.5e-4, min_lr=1.25e-6, warmup_epochs=0, warmup_steps=5000, b1=0.9,
+                 b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0)
+  c.mesh = mesh_config()
+  c.sharding = sharding_config()
+  c.checkpoint = dict(every_steps=5000, keep=3)
+  return c
+
+
+def mim_tokenizer(recipe: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A MIM run's `config.tokenizer`: the tokenizer `recipe` (a whole dVAE or VQ-KD run)
+  trains, its kind and sizes, with `init_from` (a trained one; empty: `recipe` runs first,
+  in `<workdir>/tokenizer`) and `recipe` itself. A change to the sizes is made to both
+  groups, `tokenizer.X` and `tokenizer.recipe.tokenizer.X`: the run checks they agree."""
+  tok = ml_collections.ConfigDict(
+      {k: v for k, v in recipe.tokenizer.to_dict().items() if k != "teacher"})
+  # A beit-jax checkpoint (workdir or step folder) of a trained tokenizer, or one converted
+  # from unilm / DALL-E. Empty: `recipe` trains one in <workdir>/tokenizer first.
+  tok.init_from = ""
+  tok.recipe = recipe
+  return tok
 
 
 def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
@@ -106,13 +144,9 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.mim_target = "tokens"
 
   c.model = model_config(variant)
-  c.tokenizer = dvae_config()
-  c.input = dict(
-      dataset="tfds:imagenet2012", split="train", data_dir=unset(str),
-      batch_size=2048, image_size=224, tokenizer_image_size=112, patch_size=patch,
-      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.4, flip=True,
-      shuffle_buffer=50_000, embedded_epoch_size=10_000,
-      mask=mask_config())
+  c.tokenizer = mim_tokenizer(dvae_config())
+  c.input = pretrain_input(batch_size=2048, image_size=224, tokenizer_image_size=112,
+                           patch_size=patch, mask=mask_config())
   c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
                  b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
   c.mesh = mesh_config()

@@ -9,8 +9,9 @@ trained first, in `<workdir>/teacher`, by `tokenizer.teacher.recipe`: the model 
 `embedded:photos` at 64 px (about 4 minutes; the digits' labels, which the local
 evaluations use, are never seen). `:teacher=random` uses a random 1-block ViT instead.
 A 2-block encoder, 1-block decoder and 256 x 16 codebook on 64x64 crops (8x8 tokens of
-8x8 px); about a minute on 2 CPU cores (docs/beit_v2.md). Arg: steps, batch, teacher
-(vit | random), teacher_dim (the teacher's width), codes.
+8x8 px); about a minute on 2 CPU cores (docs/beit_v2.md). As the first stage of
+`configs/beitv2_tiny_local.py` it is that config's `tokenizer.recipe`. Arg: steps, batch,
+teacher (vit | random), teacher_dim (the teacher's width), codes.
 """
 from configs import common
 from configs import finetune_tiny_local
@@ -26,22 +27,17 @@ def teacher_recipe(batch: int = 64):
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, steps=300, batch=32, teacher="vit", teacher_dim=128, codes=256)
-  c = common.pretrain_config("Ti/8")
-  c.trainer = "vqkd"
+  c = vqkd_clip_base.vqkd_config(arg.teacher, arg.teacher_dim)
+  c.total_steps = arg.steps
   c.log_every_steps = 25
-  c.input.update(dict(dataset="embedded", batch_size=arg.batch, image_size=64,
-                      tokenizer_image_size=64, shuffle_buffer=1000))
-  # Unused by VQ-KD; sized for the 8x8 grid so the config is valid.
-  c.input.mask.update(dict(num_masking_patches=26, min_num_patches=4))
-  c.checkpoint = dict(every_steps=100, keep=2)
+  c.images_every_steps = arg.steps
+  c.input.update(dict(dataset="embedded", batch_size=arg.batch, tokenizer_image_size=64,
+                      patch_size=8, shuffle_buffer=1000))
   c.tokenizer = vqkd_clip_base.vqkd_tokenizer(
       teacher=arg.teacher, vocab_size=arg.codes, code_dim=16, teacher_dim=arg.teacher_dim,
       patch_size=8, width=64, depth=2, num_heads=4, decoder_depth=1)
   if arg.teacher == "vit":
     c.tokenizer.teacher.recipe = teacher_recipe()
-  t = c.tokenizer.train
-  t.update(dict(batch_size=arg.batch, total_steps=arg.steps, log_every_steps=25,
-                images_every_steps=arg.steps))
-  t.optim.update(dict(lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 10))
-  t.checkpoint.update(dict(every_steps=max(arg.steps // 3, 1), keep=2))
+  c.optim.update(dict(lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 10))
+  c.checkpoint = dict(every_steps=max(arg.steps // 3, 1), keep=2)
   return c

@@ -147,7 +147,7 @@ def test_overrides(tmp_path):
       |---|---|
       | `configs/beit_large.py:tensor=2 --config.model.remat=True --config.model.scan_layer=1` | |
 
-      In prose: `--config.tokenizer.train.restart_dead_codes=True`, --config.mesh.fsdp=8
+      In prose: `--config.restart_dead_codes=True`, --config.mesh.fsdp=8
       and the misspelt `--config.input.batchsize=8`; placeholders: `--config.a.b=`,
       `--config.model.FIELD=1`, `python -m beit_jax.main --config=configs/beit_base.py
       --config.x=1`.

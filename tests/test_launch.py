@@ -478,7 +478,7 @@ def test_notebook_trains_the_readme_config_in_its_kernel_and_shows_tensorboard_a
   config = beit_jax.load_config(spec)
   assert config.input.dataset == "embedded"  # nothing to download
   assert config.total_steps == values["STEPS"] == 600
-  assert config.tokenizer.train.num_steps == values["TOKENIZER_STEPS"]
+  assert config.tokenizer.recipe.total_steps == values["TOKENIZER_STEPS"]
   assert "beit_jax.train(config, WORKDIR, overrides=OVERRIDES)" in _source(train)
   readme = open(os.path.join(ROOT, "README.md")).read()
   assert "python -m beit_jax.main --config=configs/beit_tiny_local.py --workdir=" in readme

@@ -16,10 +16,11 @@ from beit_jax.trainers import dvae
 from tests.tiny_config import tiny_config
 
 
-def _dvae_config(**kw):
-  c = tiny_config()
-  c.tokenizer.train.update(dict(log_every_steps=1, images_every_steps=100))
-  c.tokenizer.train.checkpoint.update(dict(every_steps=1, keep=10))
+def _dvae_config(config=None, **kw):
+  """The tiny MIM config's stage 1 (`tokenizer.recipe`), a checkpoint every step."""
+  c = (config or tiny_config()).tokenizer.recipe
+  c.update(dict(log_every_steps=1, images_every_steps=100))
+  c.checkpoint = dict(every_steps=1, keep=10)
   c.update(kw)
   return c
 
@@ -104,16 +105,14 @@ def test_bad_images_in_a_folder_are_handled_or_skipped_and_counted(tmp_path):
   (data / "huge.jpg").write_bytes(_jpeg(np.full((3000, 4000, 3), 128, np.uint8)))
   (data / "truncated.jpg").write_bytes(_jpeg(photo)[:200])
   (data / "garbage.png").write_bytes(b"not an image at all")
-  config = _dvae_config()
-  config.input.dataset = f"folder:{data}"
-  config.input.batch_size = 16  # the whole folder: every batch meets every file
-  config.tokenizer.train.update(dict(num_steps=3, batch_size=16))
+  # The whole folder in each batch (MIM's and the dVAE's): every batch meets every file.
+  config = tiny_config(dataset=f"folder:{data}", batch_size=16)
 
   it = pretrain.make_pretrain_iterator(config, tokenizers.pretrain_views(config), seed=0)
   batch = next(it)
   assert np.isfinite(batch["image"]).all() and batch["image"].shape == (16, 32, 32, 3)
   assert it.skipped_counts()["undecodable"] == 2
 
-  dvae.train_and_evaluate(config, str(tmp_path / "run"))
+  dvae.train_and_evaluate(_dvae_config(config, total_steps=3), str(tmp_path / "run"))
   meta = json.loads((tmp_path / "run" / "checkpoints" / "3" / "meta" / "metadata").read_text())
   assert meta["skipped_images"] == {"undecodable": 2 * 3}  # 2 bad files x 3 steps

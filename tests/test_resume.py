@@ -19,7 +19,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   # Stage 1 once; both runs predict the same frozen tokenizer.
   tok = tmp_path / "tok"
   from beit_jax.trainers import dvae  # pylint: disable=g-import-not-at-top
-  dvae.train_and_evaluate(tiny_config(), str(tok))
+  dvae.train_and_evaluate(tiny_config().tokenizer.recipe, str(tok))
 
   steps = 12
   subprocess.run(_cli(tmp_path / "straight", tok, steps), cwd=ROOT, env=env, check=True,

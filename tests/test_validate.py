@@ -19,9 +19,9 @@ BAD_VALUES = {
     "optim.b1": 1.0, "optim.b2": 1.5, "optim.eps": -1.0, "optim.weight_decay": -0.05,
     "optim.grad_clip": -3.0, "checkpoint.every_steps": 0, "checkpoint.keep": 0,
     "tokenizer.kind": "vqgan", "tokenizer.vocab_size": 1, "tokenizer.n_hid": 10,
-    "tokenizer.train.num_steps": 0, "tokenizer.train.batch_size": 0,
-    "tokenizer.train.kl_weight": -1.0, "tokenizer.train.temperature_end": 0.0,
-    "tokenizer.train.optim.lr": 0.0,
+    "tokenizer.recipe": "configs/dvae.py",
+    # The dVAE's run (configs/dvae.py).
+    "kl_weight": -1.0, "temperature_end": 0.0,
     # Fine-tuning and linear probing (tiny_finetune_config).
     "eval_every_steps": 0, "label_smoothing": 1.0, "mixup.mixup_alpha": -0.8,
     "mixup.cutmix_alpha": -1.0, "mixup.prob": 1.5, "mixup.switch_prob": -0.5,
@@ -43,16 +43,7 @@ BAD_VALUES = {
     "tokenizer.teacher.kind": "siglip", "tokenizer.teacher.init_from": None,
     "tokenizer.teacher.block": "last", "tokenizer.teacher.num_heads": 0,
     "tokenizer.teacher.recipe": "configs/finetune_tiny_local.py", "mim_target": "features",
-    "tokenizer.train.crop_scale": (0.5, 1.5), "tokenizer.train.color_jitter": -0.1,
-    "tokenizer.train.num_epochs": 0, "tokenizer.train.total_steps": -1,
-    "tokenizer.train.log_every_steps": 0, "tokenizer.train.images_every_steps": 0,
-    "tokenizer.train.ema_decay": 1.0, "tokenizer.train.kmeans_iters": -1,
-    "tokenizer.train.restart_dead_codes": "yes", "tokenizer.train.dead_threshold": 0.0,
-    "tokenizer.train.optim.min_lr": -1e-5, "tokenizer.train.optim.warmup_epochs": -1,
-    "tokenizer.train.optim.warmup_steps": 2.5, "tokenizer.train.optim.b1": 1.0,
-    "tokenizer.train.optim.b2": -0.1, "tokenizer.train.optim.eps": -1e-8,
-    "tokenizer.train.optim.weight_decay": -1e-4, "tokenizer.train.optim.grad_clip": -1.0,
-    "tokenizer.train.checkpoint.every_steps": 0, "tokenizer.train.checkpoint.keep": 0,
+    "ema_decay": 1.0, "kmeans_iters": -1, "restart_dead_codes": "yes", "dead_threshold": 0.0,
 }
 
 
@@ -73,6 +64,13 @@ def test_the_shipped_configs_pass():
   for module, arg in ((beitv2_base, "epochs=300"), (beitv2_base, "epochs=1600"),
                       (beitv2_large, None)):
     trainers.validate_config(module.get_config(arg))
+  trainers.validate_config(dvae.get_config("runlocal=True"))
+  # A MIM config's stage 1 is a whole config of its own, its tokenizer the MIM run's.
+  from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  for config in (beit_base.get_config(), beit_tiny_local.get_config(), tiny_config(),
+                 beitv2_base.get_config()):
+    trainers.validate_config(config.tokenizer.recipe)
+    tokenizers.check_recipe(config)
 
 
 def _config_with(field):
@@ -85,6 +83,11 @@ def _config_with(field):
   if missing(config):
     from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
     config = vqkd_tiny_local.get_config()
+  if missing(config):
+    from configs import dvae  # pylint: disable=g-import-not-at-top
+    config = dvae.get_config()
+  if missing(config):  # a field no shipped config sets (model.patch_aggregation): MIM's
+    config = tiny_config()
   return config
 
 
@@ -124,9 +127,8 @@ def test_tokenizer_view_size_is_a_multiple_of_its_kinds_unit():
     trainers.validate_config(config)
   from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
   vq = vqkd_tiny_local.get_config("teacher=random")
-  vq.input.update(dict(patch_size=14, image_size=28, tokenizer_image_size=28))
+  vq.input.update(dict(patch_size=14, tokenizer_image_size=28))
   vq.tokenizer.patch_size = 14
-  vq.model.variant = "Ti/14"
   trainers.validate_config(vq)  # 28 is no multiple of 8, and need not be for VQ-KD
   vq.input.tokenizer_image_size = 32
   with pytest.raises(ConfigError, match="multiple of 14 for a VQ-KD tokenizer"):

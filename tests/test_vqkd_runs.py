@@ -16,9 +16,9 @@ from tests.runs import ROOT
 
 def _cli(workdir, steps, *flags):
   return [sys.executable, "-m", "beit_jax.main", "--config=tests/tiny_vqkd_config.py",
-          f"--workdir={workdir}", f"--config.tokenizer.train.total_steps={steps}",
-          "--config.tokenizer.train.checkpoint.every_steps=2",
-          "--config.tokenizer.train.checkpoint.keep=10", *flags]
+          f"--workdir={workdir}", f"--config.total_steps={steps}",
+          "--config.checkpoint.every_steps=2",
+          "--config.checkpoint.keep=10", *flags]
 
 
 @pytest.mark.slow

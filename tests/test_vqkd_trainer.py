@@ -18,6 +18,7 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models import vqkd as vqkd_model
 from beit_jax.trainers import vqkd
+from configs import common
 from configs import finetune_tiny_local
 from configs import vqkd_clip_base, vqkd_dino_base, vqkd_tiny_local
 from tests.tiny_vqkd_config import CODE_DIM, CODES, GRID, PATCH, SIZE, TEACHER_DIM
@@ -228,14 +229,13 @@ def test_shipped_configs_pass_and_follow_unilm():
   c = vqkd_clip_base.get_config()
   t = c.tokenizer
   assert (t.vocab_size, t.code_dim, t.teacher_dim, t.decoder.depth) == (8192, 32, 512, 3)
-  assert (t.train.batch_size, t.train.num_epochs, t.train.optim.lr) == (512, 100, 2e-4)
-  assert (t.train.optim.b2, t.train.optim.weight_decay, t.train.optim.grad_clip) == (
-      0.99, 1e-4, 0.0)
-  assert (t.train.optim.warmup_epochs, t.train.optim.min_lr, t.train.ema_decay) == (
-      10, 1e-5, 0.99)
-  assert t.train.crop_scale == (0.08, 1.0) and t.train.color_jitter == 0 and c.input.flip
-  assert vqkd.stage_config(c).input.crop_scale == (0.08, 1.0)
-  assert not t.train.restart_dead_codes
+  assert (c.input.batch_size, c.num_epochs, c.total_steps, c.optim.lr) == (512, 100, 0, 2e-4)
+  assert (c.optim.b2, c.optim.weight_decay, c.optim.grad_clip) == (0.99, 1e-4, 0.0)
+  assert (c.optim.warmup_epochs, c.optim.min_lr, c.ema_decay) == (10, 1e-5, 0.99)
+  assert c.input.crop_scale == (0.08, 1.0) and c.input.color_jitter == 0 and c.input.flip
+  assert not c.restart_dead_codes
+  # A VQ-KD run reads no ViT and no masks: its config has neither.
+  assert "model" not in c and "mask" not in c.input
   assert vqkd_dino_base.get_config().tokenizer.teacher_dim == 768
 
 
@@ -244,7 +244,7 @@ def test_shipped_configs_pass_and_follow_unilm():
 
 def _batch(config, seed=0, nan=False):
   rng = np.random.default_rng(seed)
-  b = config.tokenizer.train.batch_size
+  b = config.input.batch_size
   images = rng.uniform(-1, 1, (b, SIZE, SIZE, 3)).astype(np.float32)
   if nan:
     images[0, 0, 0, 0] = np.nan
@@ -252,7 +252,7 @@ def _batch(config, seed=0, nan=False):
 
 
 def _setup(config, mesh):
-  return runner.setup(vqkd.stage_config(config), vqkd.make_task(config), mesh)
+  return runner.setup(config, vqkd.make_task(config), mesh)
 
 
 def _run(built, mesh, batches):
@@ -321,7 +321,7 @@ def test_non_finite_step_leaves_codebook_and_params_unchanged(single):
 
 def test_optimizer_never_touches_the_codebook():
   config = tiny_vqkd_config()
-  config.tokenizer.train.optim.update(weight_decay=0.5, warmup_steps=0, warmup_epochs=0)
+  config.optim.update(weight_decay=0.5, warmup_steps=0, warmup_epochs=0)
   task = vqkd.make_task(config)
   params = jax.jit(task.init_params)(jax.random.key(0))
   opt_state = task.tx.init(params)
@@ -374,8 +374,8 @@ def test_tiny_run_through_main_learns_and_leaves_pictures(tmp_path):
   config = tiny_vqkd_config(total_steps=30)
   config.tokenizer.teacher.update(kind="vit", init_from=_vit_teacher_checkpoint(
       tmp_path / "teacher", seed=0))
-  config.tokenizer.train.update(log_every_steps=5, images_every_steps=30)
-  config.tokenizer.train.optim.update(lr=2e-3, warmup_steps=4)
+  config.update(dict(log_every_steps=5, images_every_steps=30))
+  config.optim.update(lr=2e-3, warmup_steps=4)
   metrics = main.run(config, str(tmp_path / "run"))
   assert np.isfinite(metrics["cosine_loss"]) and np.isfinite(metrics["commitment_loss"])
   logged = _scalars(tmp_path / "run")
@@ -400,15 +400,21 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   vq_config, tokenizer, params, path = saved
   config = tiny_config()
-  config.tokenizer = vq_config.tokenizer.copy_and_resolve_references()
+  config.tokenizer = common.mim_tokenizer(vq_config.copy_and_resolve_references())
   trainers.validate_config(config)
   (stage, stage_dir), = mim.prerequisites(config, "/tmp/w")
   assert stage.trainer == "vqkd" and stage_dir == "/tmp/w/tokenizer"
-  # As a stage of the MIM run, VQ-KD keeps its own recipe's crops, not the MIM run's.
+  # Stage 1 is the recipe as it is: its own crops, not the MIM run's.
   config.input.update(dict(crop_scale=(0.2, 1.0), color_jitter=0.4))
-  seen = vqkd.stage_config(config).input
-  assert (seen.crop_scale, seen.color_jitter) == ((0.08, 1.0), 0.0)
+  (stage, _), = mim.prerequisites(config, "/tmp/w")
+  assert stage.to_dict() == vq_config.to_dict()
+  assert (stage.input.crop_scale, stage.input.color_jitter) == ((0.08, 1.0), 0.0)
   trainers.validate_config(stage)
+  # What the MIM run reads of its tokenizer is what the recipe trains.
+  config.tokenizer.recipe.tokenizer.encoder.depth = 2
+  with pytest.raises(ConfigError, match=r"^tokenizer.encoder.depth=1 but "
+                     r"tokenizer.recipe.tokenizer.encoder.depth=2: "):
+    mim.prerequisites(config, "/tmp/w")
   tokenizer, tok_params = tokenizers.load(config.tokenizer, path)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,
@@ -461,7 +467,7 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
 
 def test_the_pipeline_gives_both_views_of_one_crop():
   from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
-  config = vqkd.stage_config(tiny_vqkd_config())
+  config = tiny_vqkd_config()
   own = tokenizers.view(config)
   teacher = View(SIZE, "bicubic", "clip")
   both = next(pretrain.make_tokenizer_iterator(

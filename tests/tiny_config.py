@@ -3,6 +3,8 @@ from configs import beit_tiny_local
 
 
 def tiny_config(**input_overrides):
+  """The MIM config; its stage 1 (`tokenizer.recipe`) alike: the same sizes and data, and
+  `input_overrides` on both (those the recipe's input has)."""
   c = beit_tiny_local.get_config("steps=6,tokenizer_steps=4,batch=8")
   c.log_every_steps = 2
   c.images_every_steps = 100
@@ -13,7 +15,11 @@ def tiny_config(**input_overrides):
   c.input.update(input_overrides)
   c.tokenizer.update(dict(vocab_size=64, n_hid=8, n_init=16))
   c.checkpoint = dict(every_steps=3, keep=2)
-  c.tokenizer.train.checkpoint.update(dict(every_steps=4, keep=1))
+  r = c.tokenizer.recipe
+  r.input.update(dict(tokenizer_image_size=32, embedded_epoch_size=64, shuffle_buffer=64))
+  r.input.update({k: v for k, v in input_overrides.items() if k in r.input})
+  r.tokenizer.update(dict(vocab_size=64, n_hid=8, n_init=16))
+  r.checkpoint = dict(every_steps=4, keep=1)
   return c
 
 

@@ -102,8 +102,9 @@ def make_tokenizer_iterator(config: ml_collections.ConfigDict, view: View | dict
 
 
 def make_eval_batch(config: ml_collections.ConfigDict, views: dict[str, View], n: int,
-                    seed: int = 0) -> dict:
-  """A fixed batch for pictures, with the keys of pretraining.
+                    seed: int = 0, masks: bool = True) -> dict:
+  """A fixed batch for pictures, with the keys of pretraining (`masks=False`: no `mask`, and
+  no `input.mask` read: a tokenizer's run).
 
   The first n decodable images in source order (embedded: photo i % 20), centre square crop,
   no flip or jitter; only the masks depend on `seed`.
@@ -113,12 +114,14 @@ def make_eval_batch(config: ml_collections.ConfigDict, views: dict[str, View], n
   validate.check(config, RULES, CHECKS)
   batching.hide_accelerators()
   cfg = config.input
-  source, spec = sources.make_source(cfg), _mask_spec(cfg)
+  source, spec = sources.make_source(cfg), _mask_spec(cfg) if masks else None
   base = batching.base_seed(seed)
 
   def one(example_id, payload):
     crop = tf.image.convert_image_dtype(source.decode_crop(payload, ops.center_window),
                                         tf.float32)
+    if spec is None:  # no flip: the views need no seed
+      return {**{name: v.apply(crop, None) for name, v in views.items()}, "_id": example_id}
     out = _views_and_mask(crop, ops.fold(base, _EVAL_SALT, example_id), views, False, spec)
     return {**out, "_id": example_id}
 

@@ -45,6 +45,7 @@ from etils import epath
 from beit_jax import logs
 from beit_jax.experiments import summary as results_table
 from configs import beit_tiny_local
+from configs import common
 from configs import finetune_tiny_local
 from configs import linear_probe as linear_probe_config
 from configs import seg_tiny_local
@@ -98,11 +99,14 @@ def _model(c: ml_collections.ConfigDict) -> None:
                       mlp_dim=4 * width, dtype="float32"))
 
 
-def _data(c: ml_collections.ConfigDict) -> None:
-  c.input.update(dict(dataset=f"embedded:{_DATASET.value}", split="train",
-                      image_size=IMAGE_SIZE, patch_size=PATCH, batch_size=BATCH,
+def _data(c: ml_collections.ConfigDict, vit: bool = True) -> None:
+  """The training images; `vit`: and the ViT's crop size and patch (a tokenizer's run reads
+  neither)."""
+  c.input.update(dict(dataset=f"embedded:{_DATASET.value}", split="train", batch_size=BATCH,
                       crop_scale=(0.8, 1.0), flip=_DATASET.value == "photos",
                       shuffle_buffer=1000))
+  if vit:
+    c.input.update(dict(image_size=IMAGE_SIZE, patch_size=PATCH))
 
 
 def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
@@ -120,6 +124,11 @@ def pretrain_config(seed: int, tokenizer: str) -> ml_collections.ConfigDict:
   c.tokenizer.vocab_size = _VOCAB.value
   c.tokenizer.init_from = tokenizer
   c.checkpoint = dict(every_steps=steps, keep=1)
+  # v1's tokenizer: the dVAE's run (without `tokenizer`, trained once for all seeds).
+  r = c.tokenizer.recipe
+  _data(r, vit=False)
+  r.input.update(dict(tokenizer_image_size=IMAGE_SIZE, color_jitter=0.0, crop_scale=(0.5, 1.0)))
+  r.tokenizer.vocab_size = _VOCAB.value
   return c
 
 
@@ -150,14 +159,13 @@ def vqkd_config(teacher: str) -> ml_collections.ConfigDict:
   steps = _TOKENIZER_STEPS.value
   c = vqkd_tiny_local.get_config(f"steps={steps},batch={BATCH},teacher_dim={teacher_width()},"
                                  f"codes={_VOCAB.value}")
-  _data(c)
-  c.input.tokenizer_image_size = IMAGE_SIZE
-  c.input.mask.update(dict(num_masking_patches=_MASK.value, min_num_patches=2))
+  _data(c, vit=False)
+  c.input.update(dict(tokenizer_image_size=IMAGE_SIZE, crop_scale=(0.5, 1.0)))
   c.tokenizer.teacher.init_from = teacher
   c.tokenizer.teacher.block = _TEACHER_BLOCK.value
-  c.tokenizer.train.update(dict(images_every_steps=steps, crop_scale=(0.5, 1.0),
-                                restart_dead_codes=_RESTART.value))
-  c.tokenizer.train.checkpoint.update(dict(every_steps=steps, keep=1))
+  c.images_every_steps = steps
+  c.restart_dead_codes = _RESTART.value
+  c.checkpoint = dict(every_steps=steps, keep=1)
   return c
 
 
@@ -175,7 +183,7 @@ def ablation_config(seed: int, tokenizer: str, method: str) -> ml_collections.Co
 def pretrain_v2_config(seed: int, tokenizer: str, teacher: str) -> ml_collections.ConfigDict:
   """v1's run with v2's targets (the VQ-KD's codes), exact masks and patch aggregation."""
   c = pretrain_config(seed, tokenizer)
-  c.tokenizer = vqkd_config(teacher).tokenizer
+  c.tokenizer = common.mim_tokenizer(vqkd_config(teacher))
   c.tokenizer.init_from = tokenizer
   c.model.patch_aggregation = dict(layer=_AGGREGATION.value, depth=2)
   c.input.mask.exact = True
@@ -292,9 +300,7 @@ def run_experiment(workdir: str) -> dict:
   if {"v1", "random_masking"} & set(methods):
     tokenizer = _TOKENIZER.value or str(root / "tokenizer")
     if not _TOKENIZER.value:
-      tok_config = pretrain_config(0, "")
-      tok_config.trainer = "dvae"
-      timed("v1 tokenizer", tok_config, tokenizer)
+      timed("v1 tokenizer", pretrain_config(0, "").tokenizer.recipe, tokenizer)
     pretrain["v1"] = lambda seed: pretrain_config(seed, tokenizer)
     pretrain["random_masking"] = lambda seed: ablation_config(seed, tokenizer,
                                                               "random_masking")

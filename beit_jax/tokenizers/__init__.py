@@ -5,7 +5,9 @@ initialise its model, `tokenize(params, images) -> int32 [B, h, w]` (run on devi
 the MIM step, its params a jit argument), its vocabulary and token grid, the input view it
 was trained on (size, resize method, value range), an optional `decode` for the pictures,
 and the trainer that trains it. Nothing here trains: a MIM run without
-`tokenizer.init_from` has its tokenizer trained first by the trainer dispatch.
+`tokenizer.init_from` runs `tokenizer.recipe` first, a whole config of that trainer
+(`configs/dvae.py`, `configs/vqkd_*.py`), whose `tokenizer` group `check_recipe` holds to
+the MIM run's.
 """
 import dataclasses
 from typing import Any
@@ -26,8 +28,12 @@ from beit_jax.tokenizers.base import Entry
 
 
 KINDS: dict[str, Entry] = {"dvae": dvae.ENTRY, "vqkd": vqkd.ENTRY}
+_TRAINERS = tuple(e.trainer for e in KINDS.values())
 RULES = (
     ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
+    ("tokenizer.recipe", lambda v: isinstance(v, ml_collections.ConfigDict)
+     and v.get("trainer") in _TRAINERS,
+     f"a config whose trainer (one of {_TRAINERS}) trains the tokenizer"),
     ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)
      and v >= 2, "an integer >= 2"),
     ("input.tokenizer_image_size", *validate.POSITIVE_INT),
@@ -46,6 +52,40 @@ def _check_view_size(config: ml_collections.ConfigDict) -> None:
 
 
 CHECKS = (_check_view_size,)
+# The fields of a MIM run's `tokenizer` group that are not the tokenizer's own.
+_NOT_RECIPES = ("init_from", "recipe")
+
+
+def _flat(group: Any, prefix: str) -> dict[str, Any]:
+  if not isinstance(group, (dict, ml_collections.ConfigDict)):
+    return {prefix: group}
+  return {k: v for key in group for k, v in _flat(group[key], f"{prefix}.{key}").items()}
+
+
+def check_recipe(config: ml_collections.ConfigDict) -> None:
+  """A MIM run without `tokenizer.init_from` reads the tokenizer `tokenizer.recipe` trains:
+  the recipe's trainer is its kind's, and its `tokenizer` group and view size are this run's
+  (the recipe may add fields of its own, e.g. a VQ-KD's `teacher`)."""
+  tok = config.tokenizer
+  recipe = tok.get("recipe")
+  if recipe is None:
+    raise ConfigError("tokenizer.init_from is empty and there is no tokenizer.recipe: give a "
+                      "trained tokenizer (--config.tokenizer.init_from) or the run that "
+                      "trains one")
+  want = entry(tok.kind).trainer
+  if recipe.get("trainer") != want:
+    raise ConfigError(f"tokenizer.recipe.trainer={recipe.get('trainer')!r} but a "
+                      f"{entry(tok.kind).name} tokenizer is trained by trainer={want!r}")
+  ours = {k: v for key in tok if key not in _NOT_RECIPES
+          for k, v in _flat(tok[key], f"tokenizer.{key}").items()}
+  theirs = _flat(recipe.get("tokenizer", {}), "tokenizer")
+  ours["input.tokenizer_image_size"] = config.input.tokenizer_image_size
+  theirs["input.tokenizer_image_size"] = recipe.get("input", {}).get("tokenizer_image_size")
+  for field, value in ours.items():
+    if theirs.get(field) != value:
+      raise ConfigError(
+          f"{field}={value!r} but tokenizer.recipe.{field}={theirs.get(field)!r}: this run "
+          "reads the tokenizer its recipe trains; set both alike (or tokenizer.init_from)")
 
 
 def entry(kind: str) -> Entry:

@@ -2,9 +2,11 @@
 
 Recipe of the DALL-E paper: the relaxation temperature is annealed from 1 towards
 1/16 and the KL weight is raised from 0 during the first steps; AdamW with warmup and
-cosine decay. Reads `config.tokenizer` (architecture + `train`) and `config.input`.
+cosine decay. A config with `trainer='dvae'` is the whole run (`configs/dvae.py`; as the
+first stage of a MIM run, its `tokenizer.recipe`): `tokenizer` (the architecture), `input`
+(the crops: `input.tokenizer_image_size`), `optim`, `total_steps` and the relaxation's
+schedule (`temperature_*`, `kl_*`).
 """
-import copy
 import functools
 from typing import Any
 
@@ -20,43 +22,42 @@ from beit_jax import train_state
 from beit_jax import validate
 from beit_jax import visuals
 from beit_jax.data import pretrain as data
+from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 from beit_jax.train_state import TrainState
 
 RULES = (
-    ("tokenizer.train.num_steps", *validate.POSITIVE_INT),
-    ("tokenizer.train.batch_size", *validate.POSITIVE_INT),
-    ("tokenizer.train.kl_weight", validate.number(0), "a number >= 0"),
-    ("tokenizer.train.temperature_end", validate.number(0, lo_open=True), "a number > 0"),
-) + optim.rules("tokenizer.train.optim")
-CHECKS = ()
+    ("kl_weight", validate.number(0), "a number >= 0"),
+    ("temperature_end", validate.number(0, lo_open=True), "a number > 0"),
+)
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  """Counted as every trainer counts (`train_state.steps_from_config`): `total_steps`, or
+  `num_epochs` where it is 0."""
+  if not config.get("total_steps") and "num_epochs" not in config:
+    raise ConfigError("total_steps=0 and no num_epochs: the dVAE run has no length; "
+                      "set total_steps (or num_epochs)")
+
+
+CHECKS = (_check_schedule,)
 prerequisites = runner.no_prerequisites
 
 
-def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The run config as stage 1 sees it: this trainer, its own batch size and schedule."""
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.trainer = "dvae"
-    cfg.input.batch_size = config.tokenizer.train.batch_size
-  return cfg
-
-
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  runner.preflight(config, workdir, batch_size=config.tokenizer.train.batch_size,
-                   batch_field="tokenizer.train.batch_size")
+  runner.preflight(config, workdir)
   data.num_train_examples(config)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: dvae.DiscreteVAE, tx, schedule,
-               train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
   del frozen
   temperature = dvae.gumbel_temperature(
-      state.step, start=train_cfg.temperature_start, end=train_cfg.temperature_end,
-      anneal_steps=train_cfg.temperature_anneal_steps)
-  kl_weight = dvae.kl_weight(state.step, start=0.0, end=train_cfg.kl_weight,
-                             warmup_steps=train_cfg.kl_warmup_steps)
+      state.step, start=config.temperature_start, end=config.temperature_end,
+      anneal_steps=config.temperature_anneal_steps)
+  kl_weight = dvae.kl_weight(state.step, start=0.0, end=config.kl_weight,
+                             warmup_steps=config.kl_warmup_steps)
 
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], temperature=temperature,
@@ -85,36 +86,35 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   from `workdir`."""
   del workdir
   runner.given_frozen(frozen, "dVAE")
-  config = stage_config(config)
-  train_cfg = config.tokenizer.train
   tokenizer = tokenizers.build(config.tokenizer)
   view = tokenizers.view(config)
-  tx, schedule = optim.make_optimizer(train_cfg.optim, total_steps=train_cfg.num_steps,
-                                      warmup_steps=train_cfg.optim.warmup_steps)
+  total_steps, warmup_steps = train_state.steps_from_config(
+      config, data.num_train_examples(config))
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
+                                      warmup_steps=warmup_steps)
 
   def hooks(ctx: runner.Context):
-    images = data.make_eval_batch(config, {"tokenizer_image": view}, n=8,
-                                  seed=config.seed)["tokenizer_image"]
+    images = data.make_eval_batch(config, {"tokenizer_image": view}, n=8, seed=config.seed,
+                                  masks=False)["tokenizer_image"]
     image_dir = epath.Path(ctx.workdir) / "images"
 
     def write_images(step_no, st):
       visuals.write_tokenizer_images(image_dir, ctx.writer, step_no, images,
                                      tokenizer=tokenizer, params=st.params)
-    return (runner.Hook(train_cfg.images_every_steps, write_images),)
+    return (runner.Hook(config.images_every_steps, write_images),)
 
   return runner.Task(
       desc="dVAE", init_params=lambda rng: tokenizer.init(rng, view.size), tx=tx,
       param_axes=dvae.PARAM_AXES,
       train_step=functools.partial(train_step, model=tokenizer.model, tx=tx,
-                                   schedule=schedule, train_cfg=train_cfg),
-      total_steps=train_cfg.num_steps, batch_size=config.input.batch_size,
+                                   schedule=schedule, config=config),
+      total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_tokenizer_iterator(
           config, view, seed=config.seed, start_step=start,
           process_index=jax.process_index(), process_count=jax.process_count()),
-      hooks=hooks, checkpoint=train_cfg.checkpoint,
-      log_every_steps=train_cfg.log_every_steps, batch_field="tokenizer.train.batch_size")
+      hooks=hooks)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) the dVAE in `workdir`; returns the last metrics."""
-  return runner.run(stage_config(config), workdir, make_task(config, workdir))
+  return runner.run(config, workdir, make_task(config, workdir))

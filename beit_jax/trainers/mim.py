@@ -103,13 +103,12 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str | None) -> str
 
 def prerequisites(config: ml_collections.ConfigDict, workdir: str
                   ) -> list[tuple[ml_collections.ConfigDict, str]]:
-  """Without `tokenizer.init_from`, the tokenizer's own trainer runs first (stage 1)."""
+  """Without `tokenizer.init_from`, the tokenizer's run, `tokenizer.recipe` (a whole
+  config: `trainer='dvae'` or `'vqkd'`), comes first (stage 1), in `<workdir>/tokenizer`."""
   if config.tokenizer.get("init_from") or predicts_pixels(config):
     return []
-  stage = copy.deepcopy(config)
-  with stage.unlocked():
-    stage.trainer = tokenizers.entry(config.tokenizer.kind).trainer
-  return [(stage, tokenizer_dir(config, workdir))]
+  tokenizers.check_recipe(config)
+  return [(copy.deepcopy(config.tokenizer.recipe), tokenizer_dir(config, workdir))]
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:

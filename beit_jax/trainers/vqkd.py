@@ -20,8 +20,11 @@ the global batch, i.e. over every device and process: XLA inserts the all-reduce
 device holds the same codebook after every step (tests/test_vqkd_trainer.py checks that
 8 devices give the 1-device step's codebook).
 
-Reads `config.tokenizer` (sizes, `teacher`, `train`) and `config.input`. A 'vit' teacher
-may come with its own run, `tokenizer.teacher.recipe` (a whole config, e.g.
+A config with `trainer='vqkd'` is the whole run (`configs/vqkd_*.py`; as the first stage of a
+v2 MIM run, its `tokenizer.recipe`): `tokenizer` (sizes, `teacher`), `input` (its crops),
+`optim`, `total_steps` / `num_epochs` and the codebook's settings (`ema_decay`,
+`kmeans_iters`, `restart_dead_codes`, `dead_threshold`). A 'vit' teacher may come with its
+own run, `tokenizer.teacher.recipe` (a whole config, e.g.
 `configs/finetune_tiny_local.py`'s): without `teacher.init_from` it trains first in
 `<workdir>/teacher` (`prerequisites`), so one command runs teacher, VQ-KD and v2 MIM.
 """
@@ -67,19 +70,11 @@ RULES = (
     ("tokenizer.teacher.recipe", lambda v: isinstance(v, ml_collections.ConfigDict)
      and v.get("trainer") in ("finetune", "mim"),
      "a config whose trainer ('finetune' or 'mim') makes the ViT teacher"),
-    ("tokenizer.train.num_epochs", _n(0, lo_open=True), "a number > 0"),
-    ("tokenizer.train.total_steps", _n(0, integer=True), "an integer >= 0 (0: num_epochs)"),
-    ("tokenizer.train.log_every_steps", *validate.POSITIVE_INT),
-    ("tokenizer.train.crop_scale", validate.pair(0, 1), "(min, max) with 0 <= min <= max <= 1"),
-    ("tokenizer.train.color_jitter", _n(0), "a number >= 0 (0: off)"),
-    ("tokenizer.train.images_every_steps", *validate.POSITIVE_INT),
-    ("tokenizer.train.ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
-    ("tokenizer.train.kmeans_iters", _n(0, integer=True), "an integer >= 0"),
-    ("tokenizer.train.restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
-    ("tokenizer.train.dead_threshold", _n(0, lo_open=True), "a number > 0"),
-    ("tokenizer.train.checkpoint.every_steps", *validate.POSITIVE_INT),
-    ("tokenizer.train.checkpoint.keep", *validate.POSITIVE_INT),
-) + optim.rules("tokenizer.train.optim")
+    ("ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+    ("kmeans_iters", _n(0, integer=True), "an integer >= 0"),
+    ("restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
+    ("dead_threshold", _n(0, lo_open=True), "a number > 0"),
+)
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
@@ -134,29 +129,6 @@ def _check_recipe(config: ml_collections.ConfigDict) -> None:
 CHECKS = (_check_sizes,)
 
 
-def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The run config as this trainer sees it: `tokenizer.train` as the run's schedule.
-
-  Its batch size, epochs / steps, optimizer, log interval and checkpoints become the
-  top-level fields `runner` and `train_state.steps_from_config` read, its crops
-  (`crop_scale`, `color_jitter`) the input's. As the first stage
-  of a MIM run (`mim.prerequisites`), the config is the MIM run's: its top-level
-  `init_from` (a ViT) is not read here.
-  """
-  train = config.tokenizer.train
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.trainer = "vqkd"
-    cfg.input.batch_size = train.batch_size
-    cfg.input.crop_scale, cfg.input.color_jitter = train.crop_scale, train.color_jitter
-    cfg.num_epochs = train.num_epochs
-    cfg.total_steps = train.total_steps
-    cfg.log_every_steps = train.log_every_steps
-    cfg.optim = copy.deepcopy(train.optim)
-    cfg.checkpoint = copy.deepcopy(train.checkpoint)
-  return cfg
-
-
 def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`tokenizer.teacher.init_from`, or `<workdir>/teacher` where its recipe trains it."""
   if _recipe(config) is None:
@@ -172,9 +144,7 @@ def prerequisites(config: ml_collections.ConfigDict, workdir: str
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  _check_sizes(config)  # also as stage 1 of a MIM run, whose CHECKS are the MIM trainer's
-  runner.preflight(stage_config(config), workdir, batch_size=config.tokenizer.train.batch_size,
-                   batch_field="tokenizer.train.batch_size")
+  runner.preflight(config, workdir)
   teacher = config.tokenizer.teacher
   if teacher.kind != "random" and _recipe(config) is None:
     if not teacher.init_from:
@@ -232,7 +202,7 @@ def teacher_view(teacher: teachers.Teacher) -> View:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
-               train_cfg: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
   """One VQ-KD step: distil the teacher's patch features through the quantised codes.
 
   batch: 'image' [B, S, S, 3] in [-1, 1] (VQ-KD's view), 'teacher_image' (the teacher's
@@ -247,7 +217,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
     z = model.apply(variables, batch["image"], True, method=vqkd.VQKD.encode,
                     rngs={"dropout": enc_rng})  # [B, h, w, C], unit
     # k-means on the first batch (a branch once initialised), before the lookup, as unilm.
-    cb = vqkd.init_codebook(codebook, z, init_rng, train_cfg.kmeans_iters)
+    cb = vqkd.init_codebook(codebook, z, init_rng, config.kmeans_iters)
     out = model.apply(variables, z, cb["embedding"], targets, True, method=vqkd.VQKD.distill,
                       rngs={"dropout": dec_rng})
     return out["loss"], (out["cosine_loss"], out["commitment_loss"], z, out["codes"], cb)
@@ -259,10 +229,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   ok = update_metrics["skipped_steps"] == 0
 
   # Sums over the global (sharded) batch: every device and process (see the docstring).
-  updated = vqkd.ema_update(cb, z, codes, train_cfg.ema_decay)
-  usage = vqkd.codebook_usage(updated, codes, train_cfg.dead_threshold)
-  if train_cfg.restart_dead_codes:
-    restarted = vqkd.restart_dead_codes(updated, z, restart_rng, train_cfg.dead_threshold)
+  updated = vqkd.ema_update(cb, z, codes, config.ema_decay)
+  usage = vqkd.codebook_usage(updated, codes, config.dead_threshold)
+  if config.restart_dead_codes:
+    restarted = vqkd.restart_dead_codes(updated, z, restart_rng, config.dead_threshold)
     usage["restarted_codes"] = jnp.sum(jnp.any(restarted["embedding"]
                                                != updated["embedding"], -1))
     updated = restarted
@@ -281,8 +251,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   """The VQ-KD run of `config`: the teacher (`teacher_dir`) is the step's frozen input;
   `frozen={'teacher': (Teacher, params)}` in its place."""
   frozen = runner.given_frozen(frozen, "VQ-KD", "teacher")
-  config = stage_config(_with_teacher_dir(config, workdir))
-  train_cfg = config.tokenizer.train
+  config = _with_teacher_dir(config, workdir)
   tokenizer = tokenizers.build(config.tokenizer)
   size = config.input.tokenizer_image_size
   model = tokenizer.model.clone(image_size=size)
@@ -295,29 +264,27 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
                                       warmup_steps=warmup_steps, frozen=("codebook",))
 
   def hooks(ctx: runner.Context):
-    images = data.make_eval_batch(config, {"image": views["image"]}, n=16,
-                                  seed=config.seed)["image"]
+    images = data.make_eval_batch(config, {"image": views["image"]}, n=16, seed=config.seed,
+                                  masks=False)["image"]
     image_dir = epath.Path(ctx.workdir) / "images"
 
     def write_images(step_no, st):
       visuals.write_code_images(image_dir, ctx.writer, step_no, images,
                                 tokenizer=tokenizer, params=st.params, view=views["image"])
-    return (runner.Hook(train_cfg.images_every_steps, write_images),)
+    return (runner.Hook(config.images_every_steps, write_images),)
 
   return runner.Task(
       desc="VQ-KD", init_params=lambda rng: tokenizer.init(rng, size), tx=tx,
       param_axes=vqkd.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, teacher=teacher, tx=tx,
-                                   schedule=schedule, train_cfg=train_cfg),
+                                   schedule=schedule, config=config),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_tokenizer_iterator(
           config, views, seed=config.seed, start_step=start,
           process_index=jax.process_index(), process_count=jax.process_count()),
       frozen=lambda mesh: {"teacher": jax.device_put(teacher_params,
                                                      sharding.replicated(mesh))},
-      hooks=hooks,
-      checkpoint=train_cfg.checkpoint, log_every_steps=train_cfg.log_every_steps,
-      batch_field="tokenizer.train.batch_size")
+      hooks=hooks)
 
 
 def _with_teacher_dir(config: ml_collections.ConfigDict, workdir: str | None
@@ -334,4 +301,4 @@ def _with_teacher_dir(config: ml_collections.ConfigDict, workdir: str | None
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) VQ-KD in `workdir`; returns the last metrics."""
   config = _with_teacher_dir(config, workdir)  # for this run and its config.json
-  return runner.run(stage_config(config), workdir, make_task(config, workdir))
+  return runner.run(config, workdir, make_task(config, workdir))
