@@ -15,7 +15,6 @@ import pytest
 
 from beit_jax import hardware
 from beit_jax import mim_objective
-from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
 TINY = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, image_size=24)
@@ -112,9 +111,11 @@ def test_implementation_choice(monkeypatch):
   assert pick(jnp.bfloat16, 12) == 'einsum'  # head dim not a multiple of 8
   assert pick(jnp.bfloat16, 64, return_probs=True) == 'einsum'  # the maps asked for
   q, k, v = _qkv((1, 5, 2, 8), jnp.float32)
-  with pytest.raises(ConfigError, match='no probabilities'):
+  with pytest.raises(ValueError, match=r"^dot_product_attention: implementation 'xla' has no "
+                     r"probabilities \(return_probs\); use 'einsum'$"):
     vit.dot_product_attention(q, k, v, return_probs=True, implementation='xla')
-  with pytest.raises(ConfigError, match='accepted'):
+  with pytest.raises(ValueError, match=r"^dot_product_attention: implementation 'flash' is "
+                     r"not one of \('einsum', 'xla', 'cudnn'\)$"):
     vit.dot_product_attention(q, k, v, implementation='flash')
 
 

@@ -9,7 +9,6 @@ import optax
 import pytest
 from scipy import ndimage, stats
 
-from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 
 TINY = dict(vocab_size=64, n_hid=16, n_blk_per_group=1, n_init=16)
@@ -261,17 +260,22 @@ def test_schedules():
                              atol=1e-6)
   assert np.all(np.diff(beta[:41]) > 0)
   np.testing.assert_allclose(dvae.kl_weight(0, end=2.0, warmup_steps=0), 2.0)
-  with pytest.raises(ConfigError, match="warmup_steps"):
+  with pytest.raises(ValueError, match="^kl_weight: warmup_steps -1 is not >= 0$"):
     dvae.kl_weight(0, end=2.0, warmup_steps=-1)
 
 
-def test_config_errors():
-  with pytest.raises(ConfigError, match="n_hid"):
+def test_bad_sizes_and_shapes_are_value_errors_naming_them():
+  with pytest.raises(ValueError, match=r"^dVAE Encoder: n_hid 6 is not a positive multiple of 4"):
     _abstract_params(dvae.Encoder(n_hid=6), jnp.zeros((1, 16, 16, 3)))
-  with pytest.raises(ConfigError, match="multiples of 8"):
+  with pytest.raises(ValueError, match=r"^dVAE Encoder: images \[1, 60, 60, 3\]: height and "
+                     "width must be multiples of 8"):
     _abstract_params(dvae.Encoder(n_hid=8), jnp.zeros((1, 60, 60, 3)))
-  with pytest.raises(ConfigError, match="vocab_size=16"):
+  with pytest.raises(ValueError, match=r"^dVAE Decoder: codes \[1, 2, 2, 8\]: expected "
+                     r"\[B, h, w, 16\] \(vocab_size\)"):
     _abstract_params(dvae.Decoder(n_hid=8, vocab_size=16), jnp.zeros((1, 2, 2, 8)))
+  with pytest.raises(ValueError, match=r"^dVAE Decoder: group_count 0 is not >= 1"):
+    _abstract_params(dvae.Decoder(n_hid=8, vocab_size=16, group_count=0),
+                     jnp.zeros((1, 2, 2, 16)))
 
 
 def test_few_adam_steps_reduce_loss(tiny):

@@ -144,12 +144,18 @@ def test_decoder_continues_the_layer_numbering_and_shares_norm_head_and_bias():
 
 def test_bad_settings_are_one_line_errors():
   images, mask = _inputs()
-  for kw, match in [(dict(patch_aggregation_layer=5), r"layer=5 must be in 1..4"),
-                    (dict(patch_aggregation_layer=2, patch_aggregation_depth=0), "depth=0"),
+  # The model names its attributes (plain ValueErrors); the config check, its fields.
+  for kw, match in [(dict(patch_aggregation_layer=5),
+                     r"^VisionTransformer: patch_aggregation_layer 5 is not in 1..4"),
+                    (dict(patch_aggregation_layer=2, patch_aggregation_depth=0),
+                     r"^VisionTransformer: patch_aggregation_depth 0 is not >= 1"),
                     (dict(patch_aggregation_layer=2, vocab_size=0, num_classes=3),
-                     "needs the MIM head")]:
-    with pytest.raises(ConfigError, match=match):
+                     r"^VisionTransformer: patch aggregation needs the MIM head and no "
+                     r"classifier \(vocab_size > 0, num_classes 0\), not vocab_size 0, "
+                     r"num_classes 3")]:
+    with pytest.raises(ValueError, match=match) as e:
       vit.VisionTransformer(**dict(KW, **kw)).init(jax.random.key(0), images, mask)
+    assert not isinstance(e.value, ConfigError), e.value
   config = _v2_config()
   config.model.patch_aggregation.layer = 3  # tiny_config has 2 blocks
   with pytest.raises(ConfigError, match=r"^model.patch_aggregation.layer=3 must be in 1..2"):

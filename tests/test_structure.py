@@ -130,6 +130,27 @@ def test_trainers_are_imported_only_by_the_dispatch():
   assert trainer_violations(import_graph(modules)) == []
 
 
+# The models (beit_jax/models/) raise plain ValueErrors about their attributes and arrays,
+# for direct users of the API; the config's rules and ConfigErrors, which name fields,
+# belong to the code that reads the config (e.g. model_rules.py, run once at start).
+_CONFIG_ONLY = (f"{PACKAGE}.errors", f"{PACKAGE}.validate")
+
+
+def model_config_violations(graph: dict[str, set[str]]) -> list[str]:
+  return sorted(f"{importer} imports {target}" for importer, targets in graph.items()
+                if importer.startswith(f"{PACKAGE}.models.")
+                for target in targets if target in _CONFIG_ONLY)
+
+
+def test_models_raise_no_config_errors():
+  assert model_config_violations({"beit_jax.models.vit": {"beit_jax.errors"},
+                                  "beit_jax.model_rules": {"beit_jax.errors"}}) == [
+                                      "beit_jax.models.vit imports beit_jax.errors"]
+  modules = package_modules()
+  assert f"{PACKAGE}.models.vit" in modules  # the check looks at the real tree
+  assert model_config_violations(import_graph(modules)) == []
+
+
 # TensorFlow belongs to the input pipelines: only beit_jax/data/ and masking.py (its tf.data
 # mask ops) import it, and they load it at its first use (`with epy.lazy_imports():`), so
 # that models, trainers, the benchmark and the plan tool import without it

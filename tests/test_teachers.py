@@ -124,13 +124,20 @@ def test_features_are_frozen():
   assert float(jnp.max(jnp.abs(raw))) > 0.0
 
 
-def test_wrong_image_size_is_one_line_error():
+def test_wrong_sizes_and_shapes_are_value_errors_naming_them():
   teacher = teachers.clip_teacher(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS,
                                   mlp_dim=MLP, image_size=IMAGE, proj_dim=PROJ)
-  with pytest.raises(ConfigError) as e:
+  with pytest.raises(ValueError) as e:
     jax.eval_shape(teacher.features, teacher.param_shapes(),
                    jax.ShapeDtypeStruct((1, 2 * IMAGE, 2 * IMAGE, 3), jnp.float32))
-  _assert_one_line(e, "64x64x3", f"{IMAGE}x{IMAGE}")
+  assert str(e.value).startswith(f"ClipVisionTower: images [1, {2 * IMAGE}, {2 * IMAGE}, 3]: "
+                                 f"expected [B, {IMAGE}, {IMAGE}, 3] (image_size {IMAGE})"), e.value
+  bad = teachers.DinoViT(patch_size=PATCH, width=WIDTH, depth=1, num_heads=WIDTH + 1,
+                         mlp_dim=MLP, image_size=IMAGE)
+  with pytest.raises(ValueError) as e:
+    jax.eval_shape(bad.init, jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))
+  assert str(e.value).startswith(f"DinoViT: width {WIDTH} is not divisible by num_heads "
+                                 f"{WIDTH + 1}"), e.value
 
 
 VIT_KW = dict(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
@@ -164,9 +171,9 @@ def test_vit_teacher_patch_tokens_of_any_block():
   assert teachers.vit_teacher(VIT_KW, -1) == teachers.vit_teacher(VIT_KW, 1)
   assert teachers.vit_teacher(VIT_KW, -2).block == 0
   assert teachers.vit_teacher(VIT_KW).dim == WIDTH
-  with pytest.raises(ConfigError) as e:
+  with pytest.raises(ValueError) as e:
     teachers.vit_teacher(VIT_KW, DEPTH)
-  _assert_one_line(e, f"block={DEPTH}")
+  _assert_one_line(e, f"vit_teacher: block {DEPTH} is not in {-DEPTH}..{DEPTH - 1}")
 
 
 def test_load_teacher_from_beit_jax_checkpoint(tmp_path):
@@ -176,6 +183,10 @@ def test_load_teacher_from_beit_jax_checkpoint(tmp_path):
   vit_params.save(str(tmp_path / "ckpt"), flat, kw, "test")
   teacher, loaded = convert.load_teacher(str(tmp_path / "ckpt"), block=0)
   assert teacher == teachers.vit_teacher(kw, 0)
+  with pytest.raises(ConfigError) as e:  # the config's block: checked where it is read
+    convert.load_teacher(str(tmp_path / "ckpt"), block=DEPTH)
+  _assert_one_line(e, f"teacher block={DEPTH} must index the {DEPTH} blocks of",
+                   f"{-DEPTH}..{DEPTH - 1}")
   assert teacher.module.use_abs_pos_emb and teacher.module.depth == DEPTH
   loaded = vit_params.flat(loaded)
   assert loaded.keys() == flat.keys()

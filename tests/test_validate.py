@@ -107,7 +107,11 @@ def test_rule(field):
 def test_width_must_split_into_heads():
   config = tiny_config()
   config.model.width, config.model.num_heads = 30, 4
-  with pytest.raises(ConfigError, match="model.width=30 must be divisible by model.num_heads=4"):
+  with pytest.raises(ConfigError, match="^model.width=30 must be divisible by model.num_heads=4$"):
+    trainers.validate_config(config)
+  config.model.width, config.model.num_heads = 100, None  # the variant's heads
+  with pytest.raises(ConfigError, match=r"^model.width=100 must be divisible by the num_heads 3 "
+                     r"of model.variant='Ti/8'$"):
     trainers.validate_config(config)
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy import special
 
-from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
 TINY = dict(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
@@ -57,26 +56,47 @@ def test_variant_kwargs():
   assert vit.variant_kwargs('Ti/8') == dict(vit.VARIANTS['Ti/16'], patch_size=8)
   kw = vit.variant_kwargs('L/16', depth=None, num_heads=8)
   assert kw['depth'] == 24 and kw['num_heads'] == 8
-  with pytest.raises(ConfigError, match=r'model\.variant.*B/16'):
+  # The model's errors are plain ValueErrors naming the value, never a config field
+  # (the config's `model.variant` is checked at start: beit_jax/model_rules.py).
+  with pytest.raises(ValueError, match=r"^ViT variant 'X/16': expected <size>/<patch>.*B/16"):
     vit.variant_kwargs('X/16')
-  with pytest.raises(ConfigError, match=r'model\.variant'):
+  with pytest.raises(ValueError, match=r"^ViT variant 'B16': expected <size>/<patch>"):
     vit.variant_kwargs('B16')
 
 
 def test_image_size_must_be_multiple_of_patch():
   assert vit.num_patches(224, 16) == 196
-  with pytest.raises(ConfigError, match=r'model\.image_size'):
+  with pytest.raises(ValueError, match=r'^image size 225 is not a positive multiple of '
+                     r'patch size 16$'):
     vit.num_patches(225, 16)
   model = vit.VisionTransformer(**dict(TINY, image_size=30))
-  with pytest.raises(ConfigError, match=r'model\.image_size'):
+  with pytest.raises(ValueError, match=r'^image size 30 is not a positive multiple of '
+                     r'patch size 8'):
     model.init(jax.random.key(0), _images(size=30))
+
+
+def test_bad_attributes_are_value_errors_naming_them():
+  images = _images()
+  for kw, match in [
+      (dict(width=30, num_heads=4), r'^Attention: width 30 \(inputs \[2, 17, 30\]\) is not '
+       r'divisible by num_heads 4'),
+      (dict(depth=0), r'^VisionTransformer: depth 0 is not >= 1'),
+      (dict(remat=True, remat_policy='everything'),
+       r"^VisionTransformer: remat_policy 'everything' is not one of"),
+  ]:
+    with pytest.raises(ValueError, match=match) as e:
+      jax.eval_shape(vit.VisionTransformer(**dict(TINY, **kw)).init, jax.random.key(0),
+                     images)
+    assert type(e.value) is ValueError, e.value  # pylint: disable=unidiomatic-typecheck
 
 
 def test_bad_call_arguments(mim):
   model, params = mim
-  with pytest.raises(ConfigError, match='image_size'):
+  with pytest.raises(ValueError, match=r'^VisionTransformer: images \[2, 40, 40, 3\]: '
+                     r'expected \[B, 32, 32, C\] \(image_size 32\)'):
     model.apply({'params': params}, _images(size=40))
-  with pytest.raises(ConfigError, match='return_hidden'):
+  with pytest.raises(ValueError, match=r'^VisionTransformer: return_hidden \(2,\): blocks '
+                     r'\[2\] are not in 0..1 \(depth 2\)'):
     model.apply({'params': params}, _images(), return_hidden=(2,))
 
 

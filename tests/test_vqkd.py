@@ -1,5 +1,6 @@
 """Tests of the BEiT v2 VQ-KD tokenizer (beit_jax/models/vqkd.py)."""
 import functools
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from beit_jax.errors import ConfigError
 from beit_jax.models import vqkd
 from tests import codebook_case
 from tests import runs
@@ -298,7 +298,10 @@ def test_variables_mirror_unilm_names_and_keep_the_codebook_out_of_params(tiny):
 
 def test_bad_teacher_shape_is_one_clear_error(tiny):
   model, variables, images, teacher = tiny
-  with pytest.raises(ConfigError, match='teacher'):
+  want = list(teacher.shape)
+  got = want[:-1] + [want[-1] - 1]
+  with pytest.raises(ValueError, match=re.escape(
+      f'VQKD: teacher_features {got}: expected {want} (batch, patches, teacher_dim)')):
     jax.eval_shape(model.apply, variables, images, teacher[..., :-1])
 
 

@@ -65,8 +65,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _variant_kwargs(variant: str) -> dict[str, Any]:
+  try:
+    return vit.variant_kwargs(variant)
+  except ValueError as e:
+    raise ConfigError(f"--variant={variant}: {e}") from None
+
+
 def _check_variant(kw: dict[str, Any], variant: str) -> None:
-  for field, value in vit.variant_kwargs(variant).items():
+  for field, value in _variant_kwargs(variant).items():
     if kw[field] != value:
       raise ConfigError(f"--variant={variant} has {field}={value} but the weights have "
                         f"{kw[field]}")
@@ -76,7 +83,7 @@ def _load_vit(args: argparse.Namespace, unilm_checkpoint: tuple | None = None
               ) -> tuple[dict, dict[str, Any]]:
   heads = args.num_heads
   if heads is None and args.variant:
-    heads = vit.variant_kwargs(args.variant)["num_heads"]
+    heads = _variant_kwargs(args.variant)["num_heads"]
   if args.source == "unilm":
     what = f"unilm checkpoint {args.src}"
     sd, ckpt_args = unilm_checkpoint or unilm.load_checkpoint(args.src)

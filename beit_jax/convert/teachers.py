@@ -456,6 +456,9 @@ def load_teacher(path: str, *, num_heads: int | None = None, block: int | None =
     except ConfigError as e:
       raise ConfigError(f"teacher {path} is neither a HF folder (no config.json) nor a "
                         f"beit-jax checkpoint: {e}") from None
+    if block is not None and not -kw["depth"] <= block < kw["depth"]:
+      raise ConfigError(f"teacher block={block} must index the {kw['depth']} blocks of "
+                        f"{path}: {-kw['depth']}..{kw['depth'] - 1}")
     return teachers.vit_teacher(kw, block), vit_params.nested(params)
   what = f"teacher checkpoint {path}"
   sd = read_state_dict(path, what)

@@ -23,8 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beit_jax.errors import ConfigError
-
 Dtype = Any
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -44,16 +42,15 @@ def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
   return jnp.clip((x - eps) / (1 - 2 * eps), 0, 1)
 
 
-def _check_positive(**fields: int) -> None:
-  for name, value in fields.items():
-    if value < 1:
-      raise ConfigError(f"dvae {name}={value}: must be a positive integer")
-
-
-def _check_width(name: str, value: int) -> None:
+def _check_sizes(module: nn.Module, **positive: int) -> None:
+  """`module.n_hid` a positive multiple of 4, each of `positive` >= 1."""
   # Every block's hidden width is n_out // 4, and every n_out is a multiple of n_hid.
-  if value < 4 or value % 4:
-    raise ConfigError(f"dvae {name}={value}: must be a positive multiple of 4")
+  name = f"dVAE {type(module).__name__}"
+  if module.n_hid < 4 or module.n_hid % 4:
+    raise ValueError(f"{name}: n_hid {module.n_hid} is not a positive multiple of 4")
+  for field, value in positive.items():
+    if value < 1:
+      raise ValueError(f"{name}: {field} {value} is not >= 1")
 
 
 class Conv2d(nn.Module):
@@ -225,15 +222,14 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_width("n_hid", self.n_hid)
-    _check_positive(n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size,
-                    group_count=self.group_count)
+    _check_sizes(self, n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size,
+                 group_count=self.group_count)
     if x.ndim != 4 or x.shape[-1] != self.input_channels:
-      raise ConfigError(f"dvae encoder input shape {x.shape}: expected "
-                        f"[B, H, W, {self.input_channels}]")
+      raise ValueError(f"dVAE Encoder: images {list(x.shape)}: expected "
+                       f"[B, H, W, {self.input_channels}] (input_channels)")
     if x.shape[1] % 8 or x.shape[2] % 8:
-      raise ConfigError(f"dvae image size {x.shape[1]}x{x.shape[2]}: height and width "
-                        "must be multiples of 8")
+      raise ValueError(f"dVAE Encoder: images {list(x.shape)}: height and width must be "
+                       "multiples of 8")
     logits = _Blocks(
         input_kw=7, n_input=self.n_hid,
         group_widths=tuple(m * self.n_hid for m in (1, 2, 4, 8)),
@@ -270,13 +266,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    _check_width("n_hid", self.n_hid)
-    _check_positive(n_init=self.n_init, n_blk_per_group=self.n_blk_per_group,
-                    vocab_size=self.vocab_size, output_channels=self.output_channels,
-                    group_count=self.group_count)
+    _check_sizes(self, n_init=self.n_init, n_blk_per_group=self.n_blk_per_group,
+                 vocab_size=self.vocab_size, output_channels=self.output_channels,
+                 group_count=self.group_count)
     if z.ndim != 4 or z.shape[-1] != self.vocab_size:
-      raise ConfigError(f"dvae decoder input shape {z.shape}: expected "
-                        f"[B, h, w, vocab_size={self.vocab_size}]")
+      raise ValueError(f"dVAE Decoder: codes {list(z.shape)}: expected "
+                       f"[B, h, w, {self.vocab_size}] (vocab_size)")
     out = _Blocks(
         input_kw=1, n_input=self.n_init,
         group_widths=tuple(m * self.n_hid for m in (8, 4, 2, 1)),
@@ -344,7 +339,8 @@ class DiscreteVAE(nn.Module):
   def decode_tokens(self, tokens: jax.Array) -> jax.Array:
     """int tokens [B, h, w] -> reconstructed images [B, 8h, 8w, 3] in [0, 1]."""
     if tokens.ndim != 3:
-      raise ConfigError(f"dvae tokens shape {tokens.shape}: expected [B, h, w]")
+      raise ValueError(f"DiscreteVAE.decode_tokens: tokens {list(tokens.shape)}: expected "
+                       "[B, h, w]")
     z = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)  # [B, h, w, V]
     mu, _ = jnp.split(self.decoder(z), 2, axis=-1)
     return unmap_pixels(jax.nn.sigmoid(mu))
@@ -416,10 +412,10 @@ def elbo_loss(outputs: dict[str, jax.Array], images: jax.Array,
 
 
 def _cosine_interp(step: int | jax.Array, start: float, end: float, num_steps: int,
-                   field: str) -> jax.Array:
+                   where: str) -> jax.Array:
   """start -> end along half a cosine over `num_steps`, then constant at `end`."""
   if num_steps < 0:
-    raise ConfigError(f"dvae {field}={num_steps}: must be >= 0")
+    raise ValueError(f"{where} {num_steps} is not >= 0")
   step = jnp.asarray(step, jnp.float32)
   if num_steps == 0:
     return jnp.full(step.shape, end, jnp.float32)
@@ -430,10 +426,10 @@ def _cosine_interp(step: int | jax.Array, start: float, end: float, num_steps: i
 def gumbel_temperature(step: int | jax.Array, *, start: float = 1.0, end: float = 1 / 16,
                        anneal_steps: int) -> jax.Array:
   """Relaxation temperature: cosine-annealed from `start` to `end` (DALL-E: 1 -> 1/16)."""
-  return _cosine_interp(step, start, end, anneal_steps, "anneal_steps")
+  return _cosine_interp(step, start, end, anneal_steps, "gumbel_temperature: anneal_steps")
 
 
 def kl_weight(step: int | jax.Array, *, start: float = 0.0, end: float,
               warmup_steps: int) -> jax.Array:
   """KL weight beta: cosine-increased from `start` to `end` (DALL-E: 0 -> 6.6 in 5000)."""
-  return _cosine_interp(step, start, end, warmup_steps, "warmup_steps")
+  return _cosine_interp(step, start, end, warmup_steps, "kl_weight: warmup_steps")

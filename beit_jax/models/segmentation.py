@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from beit_jax import param_paths
-from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
 # Strides of the four pyramid levels, relative to the image.
@@ -110,11 +109,8 @@ class Pyramid(nn.Module):
     return out
 
 
-def check_patch_size(patch_size: int) -> None:
-  """The pyramid's strides are reached by factors of 2 from the patch grid."""
-  if patch_size not in (4, 8, 16, 32):
-    raise ConfigError(f"model.variant: segmentation needs a patch size of 4, 8, 16 or 32 "
-                      f"(the pyramid's strides 4..32 are powers of 2 of it), got {patch_size}")
+# The backbone patch sizes the pyramid takes: its strides are reached by factors of 2.
+PATCH_SIZES = (4, 8, 16, 32)
 
 
 class PPM(nn.Module):
@@ -209,10 +205,13 @@ class Segmenter(nn.Module):
       'logits' and 'aux_logits' [B, S, S, num_classes] (float32); 'pyramid' (4 maps, finest
       first) if asked.
     """
+    name = type(self).__name__
     if len(self.out_indices) != len(LEVEL_STRIDES):
-      raise ConfigError(f"upernet.out_indices={tuple(self.out_indices)} must name "
-                        f"{len(LEVEL_STRIDES)} blocks")
-    check_patch_size(self.backbone.patch_size)
+      raise ValueError(f"{name}: out_indices {tuple(self.out_indices)} must name "
+                       f"{len(LEVEL_STRIDES)} blocks, one per pyramid level")
+    if self.backbone.patch_size not in PATCH_SIZES:
+      raise ValueError(f"{name}: backbone patch_size {self.backbone.patch_size} is not one "
+                       f"of {PATCH_SIZES} (the pyramid's strides 4..32 are powers of 2 of it)")
     b = images.shape[0]
     hidden = self.backbone(images, train=train, return_hidden=tuple(self.out_indices))["hidden"]
     h, w = self.backbone.grid

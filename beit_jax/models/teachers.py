@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
 # Sharding (`param_paths`): DINO keeps the ViT's (timm's) names, so the ViT's roles apply
@@ -42,10 +41,21 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def _check_sizes(width: int, num_heads: int, image_size: int, patch_size: int) -> int:
-  if num_heads < 1 or width % num_heads:
-    raise ConfigError(f'teacher width={width} must be divisible by num_heads={num_heads}')
-  return vit.num_patches(image_size, patch_size)
+def _check(module: nn.Module, images: jax.Array) -> int:
+  """The number of patches N of `module`'s images, after its sizes and `images`' shape
+  are checked (ValueErrors naming the module's attribute or the array's shape)."""
+  name, width, heads, s = (type(module).__name__, module.width, module.num_heads,
+                           module.image_size)
+  if heads < 1 or width % heads:
+    raise ValueError(f'{name}: width {width} is not divisible by num_heads {heads}')
+  try:
+    n = vit.num_patches(s, module.patch_size)
+  except ValueError as e:
+    raise ValueError(f'{name}: {e}') from None
+  if images.shape[1:] != (s, s, 3):
+    raise ValueError(f'{name}: images {list(images.shape)}: expected [B, {s}, {s}, 3] '
+                     f'(image_size {s})')
+  return n
 
 
 def _embed(x: jax.Array, conv: nn.Module, cls: jax.Array, pos: jax.Array) -> jax.Array:
@@ -55,12 +65,6 @@ def _embed(x: jax.Array, conv: nn.Module, cls: jax.Array, pos: jax.Array) -> jax
   x = x.reshape(b, -1, x.shape[-1]).astype(jnp.float32)  # [B, N, D]
   cls = jnp.broadcast_to(cls.reshape(1, 1, -1), (b, 1, x.shape[-1]))
   return jnp.concatenate([cls, x], axis=1) + pos.reshape(1, *pos.shape[-2:])
-
-
-def _check_images(images: jax.Array, image_size: int) -> None:
-  if images.shape[1:] != (image_size, image_size, 3):
-    raise ConfigError(f'teacher images are {"x".join(map(str, images.shape[1:]))} but '
-                      f'the teacher takes {image_size}x{image_size}x3')
 
 
 class SelfAttention(nn.Module):
@@ -149,8 +153,7 @@ class ClipVisionTower(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] normalised images -> [B, N, proj_dim] float32."""
-    n = _check_sizes(self.width, self.num_heads, self.image_size, self.patch_size)
-    _check_images(images, self.image_size)
+    n = _check(self, images)
     init = nn.initializers.normal(self.width ** -0.5)  # OpenAI's scale
     conv = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                    padding='VALID', use_bias=False, dtype=self.dtype, name='conv1')
@@ -185,8 +188,7 @@ class DinoViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] normalised images -> [B, N, width] float32."""
-    n = _check_sizes(self.width, self.num_heads, self.image_size, self.patch_size)
-    _check_images(images, self.image_size)
+    n = _check(self, images)
     init = nn.initializers.truncated_normal(0.02)
     conv = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                    padding='VALID', dtype=self.dtype, name='patch_embed')
@@ -282,7 +284,7 @@ def vit_teacher(vit_kwargs: dict[str, Any], block: int | None = None) -> Teacher
   model = vit.VisionTransformer(**vit_kwargs)
   if block is not None:
     if not -model.depth <= block < model.depth:
-      raise ConfigError(f'teacher block={block} must index blocks '
-                        f'{-model.depth}..{model.depth - 1}')
+      raise ValueError(f'vit_teacher: block {block} is not in {-model.depth}..'
+                       f'{model.depth - 1} (depth {model.depth})')
     block %= model.depth
   return Teacher(model, 'imagenet', block)

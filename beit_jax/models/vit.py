@@ -26,8 +26,6 @@ import ml_collections
 import numpy as np
 
 from beit_jax import param_paths
-from beit_jax import validate
-from beit_jax.errors import ConfigError
 
 Initializer = Callable[..., jax.Array]
 
@@ -90,54 +88,27 @@ def variant_kwargs(variant: str, **overrides) -> dict:
   """
   m = re.fullmatch(r'(Ti|S|B|L|H)/([1-9][0-9]*)', str(variant))
   if m is None:
-    raise ConfigError(
-        f'model.variant={variant!r} is not accepted; use <size>/<patch> with '
-        f'size in {"|".join(_SIZES)}, e.g. {", ".join(VARIANTS)}')
+    raise ValueError(
+        f'ViT variant {variant!r}: expected <size>/<patch> with size in '
+        f'{"|".join(_SIZES)}, e.g. {", ".join(VARIANTS)}')
   kwargs = dict(_SIZES[m.group(1)], patch_size=int(m.group(2)))
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
   return kwargs
 
 
-_DTYPES = ('float32', 'bfloat16', 'float16')
 # What a rematerialised block keeps for the backward pass (jax.checkpoint_policies names):
 # nothing (recompute all: least memory), every matmul output, or those without batch dims.
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
-_SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim')
-RULES = (
-    ('model.variant', validate.accepted_by(variant_kwargs),
-     f'one of {sorted(VARIANTS)} or another patch size, e.g. \'Ti/8\''),
-    *((f'model.{k}', validate.optional_positive_int, 'None or an int >= 1')
-      for k in _SIZE_FIELDS),
-    ('model.drop_path_rate', validate.number(0, 1, hi_open=True), 'a number in [0, 1)'),
-    ('model.layer_scale_init', validate.number(0), 'a number >= 0 (0: no LayerScale)'),
-    ('model.dtype', lambda v: v in _DTYPES, f'one of {_DTYPES}'),
-    ('model.head_init_scale', validate.number(0, lo_open=True), 'a number > 0'),
-    ('model.remat', lambda v: isinstance(v, bool), 'True or False'),
-    ('model.remat_policy', lambda v: v in REMAT_POLICIES, f'one of {REMAT_POLICIES}'),
-    ('model.scan_layers', lambda v: isinstance(v, bool), 'True or False'),
-)
-
-
-def _check_sizes(config: ml_collections.ConfigDict) -> None:
-  model, inp = config.get('model'), config.get('input')
-  if model is None:
-    return
-  if model.get('width') and model.get('num_heads') and model.width % model.num_heads:
-    raise ConfigError(f'model.width={model.width} must be divisible by '
-                      f'model.num_heads={model.num_heads}')
-  if inp is not None and 'patch_size' in inp:
-    patch = variant_kwargs(model.variant)['patch_size']
-    if inp.patch_size != patch:
-      raise ConfigError(f'input.patch_size={inp.patch_size} differs from the patch size '
-                        f'{patch} of model.variant={model.variant!r}')
-
-
-CHECKS = (_check_sizes,)
+# The size fields a config's `model` group may set on top of its variant.
+SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim')
 
 
 def size_kwargs(model_cfg: ml_collections.ConfigDict) -> dict:
-  """width, depth, num_heads, mlp_dim, patch_size of `config.model` (variant + overrides)."""
-  return variant_kwargs(model_cfg.variant, **{k: model_cfg.get(k) for k in _SIZE_FIELDS})
+  """width, depth, num_heads, mlp_dim, patch_size of `config.model` (variant + overrides).
+
+  Its field rules and checks are `beit_jax/model_rules.py`'s, run once at start.
+  """
+  return variant_kwargs(model_cfg.variant, **{k: model_cfg.get(k) for k in SIZE_FIELDS})
 
 
 def from_config(model_cfg: ml_collections.ConfigDict, *, image_size: int,
@@ -160,9 +131,8 @@ def from_config(model_cfg: ml_collections.ConfigDict, *, image_size: int,
 def num_patches(image_size: int, patch_size: int) -> int:
   """Number of patches N of a square image; the grid is N**0.5 per side."""
   if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
-    raise ConfigError(
-        f'model.image_size={image_size} must be a positive multiple of '
-        f'model.patch_size={patch_size}')
+    raise ValueError(f'image size {image_size} is not a positive multiple of patch size '
+                     f'{patch_size}')
   return (image_size // patch_size) ** 2
 
 
@@ -293,14 +263,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if implementation is None:
     implementation = attention_implementation(q.dtype, q.shape[-1], return_probs)
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ConfigError(f'attention implementation {implementation!r}; accepted: '
-                      f'{ATTENTION_IMPLEMENTATIONS}')
+    raise ValueError(f'dot_product_attention: implementation {implementation!r} is not '
+                     f'one of {ATTENTION_IMPLEMENTATIONS}')
   biases = [] if bias is None else [bias] if hasattr(bias, 'shape') else list(bias)
   if implementation != 'einsum':
     bias = functools.reduce(jnp.add, biases) if biases else None
     if return_probs:
-      raise ConfigError(f'attention implementation {implementation!r} has no '
-                        'probabilities; use einsum')
+      raise ValueError(f'dot_product_attention: implementation {implementation!r} has '
+                       "no probabilities (return_probs); use 'einsum'")
     return _fused_attention(q, k, v, bias, implementation), None
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
   for b in biases:
@@ -325,9 +295,9 @@ class Attention(nn.Module):
     """[B, T, D] -> ([B, T, D], softmax [B, H, T, T] float32, or None where the fused
     kernel ran: always there with `return_probs`)."""
     b, t, d = x.shape
-    if d % self.num_heads:
-      raise ConfigError(f'model.width={d} must be divisible by '
-                        f'model.num_heads={self.num_heads}')
+    if d % self.num_heads:  # the one guard of every user: ViT, VQ-KD, decoder blocks
+      raise ValueError(f'Attention: width {d} (inputs {list(x.shape)}) is not divisible '
+                       f'by num_heads {self.num_heads}')
     head_dim = d // self.num_heads
     # Kernel [D, 3, D]: q, k, v apart, each head's columns contiguous, so `tensor` can
     # split heads (unilm's fused [3D, D] weight reshaped).
@@ -500,16 +470,13 @@ class VisionTransformer(nn.Module):
   @property
   def _remat_policy(self) -> Callable:
     if self.remat_policy not in REMAT_POLICIES:
-      raise ConfigError(f'model.remat_policy={self.remat_policy!r}; accepted: '
-                        f'{REMAT_POLICIES}')
+      raise ValueError(f'VisionTransformer: remat_policy {self.remat_policy!r} is not one '
+                       f'of {REMAT_POLICIES}')
     return getattr(jax.checkpoint_policies, self.remat_policy)
 
   def setup(self):
-    if self.width % self.num_heads:
-      raise ConfigError(f'model.width={self.width} must be divisible by '
-                        f'model.num_heads={self.num_heads}')
     if self.depth < 1:
-      raise ConfigError(f'model.depth={self.depth} must be >= 1')
+      raise ValueError(f'VisionTransformer: depth {self.depth} is not >= 1')
     grid = self.grid
     n = grid[0] * grid[1]
     init = _weight_init(self.init_std, self.truncate_init)
@@ -558,13 +525,14 @@ class VisionTransformer(nn.Module):
     """The shallow decoder: blocks l+1 .. l+depth' of unilm's numbering (1-based)."""
     l, n = self.patch_aggregation_layer, self.patch_aggregation_depth
     if not 1 <= l <= self.depth:
-      raise ConfigError(f'model.patch_aggregation.layer={l} must be in 1..{self.depth} '
-                        f'(model.depth: the blocks whose output is aggregated)')
+      raise ValueError(f'VisionTransformer: patch_aggregation_layer {l} is not in '
+                       f'1..{self.depth} (depth: the blocks whose output is aggregated)')
     if n < 1:
-      raise ConfigError(f'model.patch_aggregation.depth={n} must be >= 1')
+      raise ValueError(f'VisionTransformer: patch_aggregation_depth {n} is not >= 1')
     if self.vocab_size <= 0 or self.num_classes > 0:
-      raise ConfigError('patch aggregation needs the MIM head (vocab_size > 0) and no '
-                        'classifier')
+      raise ValueError(f'VisionTransformer: patch aggregation needs the MIM head and no '
+                       f'classifier (vocab_size > 0, num_classes 0), not vocab_size '
+                       f'{self.vocab_size}, num_classes {self.num_classes}')
     # unilm: linspace(0, rate, max(depth, l + n))[l + j], layer id l + j + 1.
     rates = np.linspace(0.0, self.drop_path_rate, max(self.depth, l + n))
     return [
@@ -661,13 +629,14 @@ class VisionTransformer(nn.Module):
       asked; with patch aggregation also 'mim_logits_c' (same shape as
       'mim_logits').
     """
-    if images.shape[1:3] != (self.image_size,) * 2:
-      raise ConfigError(f'images are {images.shape[1]}x{images.shape[2]} but '
-                        f'model.image_size={self.image_size}')
+    s = self.image_size
+    if images.ndim != 4 or images.shape[1:3] != (s, s):
+      raise ValueError(f'VisionTransformer: images {list(images.shape)}: expected '
+                       f'[B, {s}, {s}, C] (image_size {s})')
     bad = [i for i in return_hidden if not 0 <= i < self.depth]
     if bad:
-      raise ConfigError(f'return_hidden={tuple(return_hidden)} must index '
-                        f'blocks 0..{self.depth - 1}')
+      raise ValueError(f'VisionTransformer: return_hidden {tuple(return_hidden)}: blocks '
+                       f'{bad} are not in 0..{self.depth - 1} (depth {self.depth})')
     b = images.shape[0]
     x = self.patch_embed(images)  # [B, h, w, D]
     x = x.reshape(b, -1, self.width).astype(jnp.float32)  # [B, N, D]

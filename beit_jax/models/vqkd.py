@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from beit_jax import param_paths
-from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models.vit import Block, num_patches
 
@@ -288,11 +287,8 @@ class FeatureViT(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    if self.width % self.num_heads:
-      raise ConfigError(f'vqkd width={self.width} must be divisible by '
-                        f'num_heads={self.num_heads}')
-    if self.depth < 1:
-      raise ConfigError(f'vqkd depth={self.depth} must be >= 1')
+    if self.depth < 1:  # width % num_heads: `Attention`'s guard
+      raise ValueError(f'FeatureViT: depth {self.depth} is not >= 1')
     n = num_patches(self.image_size, self.patch_size)
     init = nn.initializers.normal(self.init_std)
     self.patch_embed = nn.Conv(
@@ -312,9 +308,10 @@ class FeatureViT(nn.Module):
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, S, S, in_channels] (S = image_size) -> patch tokens [B, N, D] (float32)."""
-    if x.shape[1:3] != (self.image_size,) * 2:
-      raise ConfigError(f'vqkd input is {x.shape[1]}x{x.shape[2]} but '
-                        f'image_size={self.image_size}')
+    s = self.image_size
+    if x.ndim != 4 or x.shape[1:3] != (s, s):
+      raise ValueError(f'FeatureViT: inputs {list(x.shape)}: expected [B, {s}, {s}, C] '
+                       f'(image_size {s})')
     b = x.shape[0]
     x = self.patch_embed(x)  # [B, h, w, D]
     x = x.reshape(b, -1, self.width).astype(jnp.float32)  # [B, N, D]
@@ -370,8 +367,8 @@ class VQKD(nn.Module):
 
   def setup(self):
     if self.num_codes < 1 or self.code_dim < 1:
-      raise ConfigError(f'vqkd num_codes={self.num_codes} and code_dim='
-                        f'{self.code_dim} must be >= 1')
+      raise ValueError(f'VQKD: num_codes {self.num_codes} and code_dim {self.code_dim} '
+                       'must be >= 1')
     init = nn.initializers.normal(0.02)
     self.encoder = FeatureViT(
         self.patch_size, self.width, self.depth, self.num_heads, self.mlp_dim,
@@ -436,9 +433,8 @@ class VQKD(nn.Module):
     z_q, codes, commitment = quantize(z, embedding, self.beta)
     reconstruction = self.decode(z_q, train)  # [B, N, T]
     if teacher_features.shape != reconstruction.shape:
-      raise ConfigError(f'vqkd teacher features are {teacher_features.shape}, '
-                        f'expected {reconstruction.shape} (batch, patches, '
-                        f'teacher_dim)')
+      raise ValueError(f'VQKD: teacher_features {list(teacher_features.shape)}: expected '
+                       f'{list(reconstruction.shape)} (batch, patches, teacher_dim)')
     rec = cosine_loss(reconstruction, jax.lax.stop_gradient(teacher_features))
     return {'loss': rec + commitment, 'cosine_loss': rec,
             'commitment_loss': commitment, 'codes': codes,

@@ -31,13 +31,13 @@ def module(name: str) -> runner.Trainer:
 
 def _library():
   # pylint: disable=g-import-not-at-top
-  from beit_jax import checkpoint, classification, optim, runner, segmentation, tokenizers
+  from beit_jax import checkpoint, classification, model_rules, optim, runner, segmentation
+  from beit_jax import tokenizers
   from beit_jax.data import classification as classification_data
   from beit_jax.data import pretrain
   from beit_jax.data import segmentation as segmentation_data
-  from beit_jax.models import vit
   return (runner, optim, checkpoint, classification, tokenizers, pretrain,
-          classification_data, vit, segmentation, segmentation_data)
+          classification_data, model_rules, segmentation, segmentation_data)
 
 
 def rules() -> tuple[validate.Rule, ...]:

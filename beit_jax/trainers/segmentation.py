@@ -58,7 +58,10 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("total_steps=0: segmentation runs are counted in steps (unilm: 160000); "
                       "set total_steps")
   sizes = vit.size_kwargs(m)
-  seg_model.check_patch_size(sizes["patch_size"])
+  if sizes["patch_size"] not in seg_model.PATCH_SIZES:
+    raise ConfigError(f"model.variant={m.variant!r}: segmentation needs a patch size of 4, "
+                      f"8, 16 or 32 (the pyramid's strides 4..32 are powers of 2 of it), "
+                      f"not {sizes['patch_size']}")
   if any(i >= sizes["depth"] for i in up.out_indices):
     raise ConfigError(f"upernet.out_indices={tuple(up.out_indices)} must be blocks "
                       f"0..{sizes['depth'] - 1} of the model")
