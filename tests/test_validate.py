@@ -21,7 +21,8 @@ BAD_VALUES = {
     "tokenizer.kind": "vqgan", "tokenizer.vocab_size": 1, "tokenizer.n_hid": 10,
     "tokenizer.recipe": "configs/dvae.py",
     # The dVAE's run (configs/dvae.py).
-    "kl_weight": -1.0, "temperature_end": 0.0,
+    "kl_weight": -1.0, "temperature_end": 0.0, "temperature_anneal_steps": -1,
+    "kl_warmup_steps": 2.5,
     # Fine-tuning and linear probing (tiny_finetune_config).
     "eval_every_steps": 0, "label_smoothing": 1.0, "mixup.mixup_alpha": -0.8,
     "mixup.cutmix_alpha": -1.0, "mixup.prob": 1.5, "mixup.switch_prob": -0.5,

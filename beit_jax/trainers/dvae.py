@@ -29,6 +29,8 @@ from beit_jax.train_state import TrainState
 RULES = (
     ("kl_weight", validate.number(0), "a number >= 0"),
     ("temperature_end", validate.number(0, lo_open=True), "a number > 0"),
+    ("temperature_anneal_steps", validate.number(0, integer=True), "an integer >= 0"),
+    ("kl_warmup_steps", validate.number(0, integer=True), "an integer >= 0"),
 )
 
 
