@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: periodic async saves, keep-N, resume (the train state).
 
-Layout: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
+On disk: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
 temporary directory and renames it when complete, so a save cut short by a crash is
 never listed as a checkpoint. Works the same for local paths and gs://.
 """
@@ -14,13 +14,11 @@ from absl import logging
 from etils import epath
 
 from beit_jax.params import blocks
-from beit_jax.params.cast import cast as check_and_cast  # pylint: disable=unused-import
-from beit_jax.params.read import read as load_params  # pylint: disable=unused-import
 from beit_jax import validate
 from beit_jax.errors import ConfigError
 
-# `load_params` / `check_and_cast` (imported above) stay for scripts and tests that inspect
-# a checkpoint; loading params into a model is `beit_jax.params`' business.
+# Reading a checkpoint's params (into a model or to inspect them) is `beit_jax.params`'
+# business: `params.load_into`, `params.read`.
 
 RULES = (
     ("checkpoint.every_steps", *validate.POSITIVE_INT),

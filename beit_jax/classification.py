@@ -55,7 +55,7 @@ def evaluate(eval_fn: Callable[[Any, dict], dict], params: Any, data_pass: data.
 class BestCheckpoint:
   """`<workdir>/best/`: the params of the evaluation with the highest top-1 so far.
 
-  `checkpoint.load_params(<workdir>/best)` (and so `init_from`) reads them; the meta holds
+  `params.read(<workdir>/best)` (and so `init_from`) reads them; the meta holds
   the step and the evaluation's metrics.
   """
 

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from beit_jax import benchmark
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import tokenizers
 from tests.tiny_config import tiny_config
 
@@ -56,8 +57,8 @@ def random_tokenizer(path) -> str:
 
 def assert_same_params(workdir_a, workdir_b) -> None:
   """The latest checkpoints of two runs hold the same params, bit for bit."""
-  a = checkpoint.load_params(str(workdir_a))
-  b = checkpoint.load_params(str(workdir_b))
+  a = params_lib.read(str(workdir_a))
+  b = params_lib.read(str(workdir_b))
   leaves_a = jax.tree_util.tree_leaves_with_path(a)
   assert len(leaves_a) == len(jax.tree.leaves(b))
   for (path, x), y in zip(leaves_a, jax.tree.leaves(b)):

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import train_state
 from beit_jax import sharding
@@ -31,7 +32,7 @@ def test_round_trip_keeps_every_leaf_and_the_meta(tmp_path):
   assert start == 7 and meta["skipped_images"] == {"undecodable": 3}
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(checkpoint.load_params(str(tmp_path))["dense"]["kernel"],
+  np.testing.assert_array_equal(params_lib.read(str(tmp_path))["dense"]["kernel"],
                                 state.params["dense"]["kernel"])
 
 
@@ -41,12 +42,12 @@ def test_keep_n_and_interval(tmp_path):
     checkpoint.save(manager, step, _state())
   manager.wait_until_finished()
   assert manager.all_steps() == [4, 6]
-  assert checkpoint.load_params(str(tmp_path / "checkpoints" / "4"))["dense"]["bias"][3] == 3
+  assert params_lib.read(str(tmp_path / "checkpoints" / "4"))["dense"]["bias"][3] == 3
 
 
 def test_missing_checkpoint_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match="no beit-jax checkpoint"):
-    checkpoint.load_params(str(tmp_path))
+    params_lib.read(str(tmp_path))
 
 
 def test_unwritable_workdir_is_a_config_error(tmp_path):
@@ -95,6 +96,6 @@ def test_a_checkpoint_with_a_fused_qkv_is_refused_with_its_shapes(tmp_path):
   fused = jax.tree_util.tree_map_with_path(
       lambda p, x: x.reshape(4, 12) if "qkv" in jax.tree_util.keystr(p) else x, state.params)
   checkpoint.save_params(str(tmp_path), fused)
-  loaded = checkpoint.load_params(str(tmp_path))
+  loaded = params_lib.read(str(tmp_path))
   with pytest.raises(ConfigError, match=r"init_from: .*qkv/kernel: \(4, 12\) vs \(4, 3, 4\)"):
-    checkpoint.check_and_cast(state.params, loaded, "init_from")
+    params_lib.cast(state.params, loaded, "init_from")

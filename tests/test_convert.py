@@ -17,6 +17,7 @@ import pytest
 from scipy import interpolate
 
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import tokenizers
 from beit_jax.convert import dalle
 from beit_jax.convert import hf
@@ -216,7 +217,7 @@ def test_converted_checkpoint_fits_the_mim_model_its_flags_describe(tmp_path):
   kw = _kw(vocab_size=64, layer_scale_init=0.0, use_abs_pos_emb=True,
            use_shared_rel_pos_bias=False)
   vit_params.save(str(tmp_path / "ckpt"), _random_vit_params(kw), kw, "test")
-  loaded = checkpoint.load_params(str(tmp_path / "ckpt"))
+  loaded = params_lib.read(str(tmp_path / "ckpt"))
   model = mim_objective.make_model(_with_flags(tiny_config(), vit_params.config_flags(kw)))
   want = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                         jnp.zeros((1, N), bool))["params"]
@@ -498,7 +499,7 @@ def test_cli_end_to_end(torch, transformers, hf_mim, tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"--config.init_from={ours_dir}" in out
   assert "--config.model.use_shared_rel_pos_bias=False" in out
-  params = vit_params.flat(checkpoint.load_params(ours_dir))
+  params = vit_params.flat(params_lib.read(ours_dir))
   assert "blocks_1/attn/relative_position_bias_table" in params
   assert "rel_pos_bias/relative_position_bias_table" not in params
   assert json.loads((tmp_path / "beit_jax" / "config.json").read_text())["vit"][
@@ -640,7 +641,7 @@ def test_dalle_parity(torch, tmp_path, monkeypatch, capsys, source):
   out_dir = str(tmp_path / "out")
   assert main(["--from=dalle", "--to=beit_jax", str(src), out_dir]) == 0
   printed = capsys.readouterr().out
-  params = checkpoint.load_params(out_dir)
+  params = params_lib.read(out_dir)
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert config["tokenizer"] == dict(kind="dvae", n_init=12, **fields)
 
@@ -679,7 +680,7 @@ def test_dalle_files_and_errors(torch, tmp_path, monkeypatch, capsys):
                   "pass --encoder_only to convert the encoder alone")
   assert main(["--from=dalle", "--to=beit_jax", "--encoder_only", str(src / "encoder.pkl"),
                str(tmp_path / "enc")]) == 0
-  assert set(checkpoint.load_params(str(tmp_path / "enc"))) == {"encoder"}
+  assert set(params_lib.read(str(tmp_path / "enc"))) == {"encoder"}
   # A plain state_dict() of the module reads the same.
   torch.save(decoder_cls(8, 8, 1, VOCAB).state_dict(), str(src / "decoder.pkl"))
   params, fields = dalle.load(str(src))

@@ -24,6 +24,7 @@ import pytest
 from etils import epath
 
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax.errors import ConfigError
 from tests import gcs_emulator as gcs_emulator_module
 from tests import runs
@@ -154,7 +155,7 @@ def test_best_checkpoint_pattern(gcs_dir):  # pylint: disable=redefined-outer-na
                           args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   assert meta.meta == {"metrics": {"top1": 0.2}, "step": 20}
   reopened.close()
-  _assert_same(checkpoint.load_params(best), _state(20)["params"])
+  _assert_same(params_lib.read(best), _state(20)["params"])
 
 
 def test_check_writable(gcs_bucket):  # pylint: disable=redefined-outer-name
@@ -176,9 +177,9 @@ def test_save_params_and_load_params(gcs_dir):  # pylint: disable=redefined-oute
   checkpoint.save_params(gcs_dir, params, config={"variant": "tiny"})
   assert json.loads((epath.Path(gcs_dir) / "config.json").read_text()) == {"variant": "tiny"}
   for where in (gcs_dir, f"{gcs_dir}/checkpoints", f"{gcs_dir}/checkpoints/0"):
-    _assert_same(checkpoint.load_params(where), params)
+    _assert_same(params_lib.read(where), params)
   with pytest.raises(ConfigError, match="no beit-jax checkpoint found"):
-    checkpoint.load_params(f"{gcs_dir}/nothing")
+    params_lib.read(f"{gcs_dir}/nothing")
 
 
 def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
@@ -313,7 +314,7 @@ def test_mim_run_on_gcs_init_from_keep_n_and_fallback(gcs_dir, tmp_path, caplog)
   assert not list(root.glob(".write_probe_*"))
   # It started from init_from: 6 AdamW steps move each weight by a few lr at most, while
   # the model's own init is nowhere near these random values.
-  trained = _flat(checkpoint.load_params(run))
+  trained = _flat(params_lib.read(run))
   assert trained.keys() == source.keys()
   for k, v in source.items():
     np.testing.assert_allclose(trained[k], v, atol=4 * 6 * config.optim.lr, err_msg=k)
@@ -390,8 +391,8 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   gcs_emulator_module.reset_client_caches()
   assert _steps(crashed) == ["6", "8"]  # keep=2 on gs://
 
-  a = _flat(checkpoint.load_params(str(tmp_path / "straight")))
-  b = _flat(checkpoint.load_params(crashed))
+  a = _flat(params_lib.read(str(tmp_path / "straight")))
+  b = _flat(params_lib.read(crashed))
   assert a.keys() == b.keys()
   for k, v in a.items():
     np.testing.assert_array_equal(v, b[k], err_msg=k)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from tests import runs
 from tests.runs import ROOT, cpu_env, free_port
 
@@ -35,7 +35,7 @@ def test_two_processes_in_fsdp_and_tensor_layout_match_one_process_across_a_kill
     assert p.returncode == 0, err[-3000:]
   assert f"Resumed from step {last}" in errs[0]
 
-  one = checkpoint.load_params(str(tmp_path / "one"))
-  two = checkpoint.load_params(str(two))
+  one = params_lib.read(str(tmp_path / "one"))
+  two = params_lib.read(str(two))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(two)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import tokenizers
 from beit_jax.data import pretrain
@@ -61,7 +62,7 @@ def nan_batches(monkeypatch):
 
 
 def _params(workdir, step):
-  return checkpoint.load_params(str(workdir / "checkpoints" / str(step)))
+  return params_lib.read(str(workdir / "checkpoints" / str(step)))
 
 
 def _same(a, b):

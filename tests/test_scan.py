@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from beit_jax.params import blocks
 from beit_jax import checkpoint
 from beit_jax import optim
+from beit_jax import params as params_lib
 from beit_jax import sharding
 from beit_jax.models import vit
 from configs import common
@@ -171,7 +172,7 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path):
     np.testing.assert_array_equal(x, y)
   # init_from / converters read the unscanned layout from either.
   checkpoint.save_params(str(tmp_path / "scanned"), blocks.stacked(params))
-  loaded = checkpoint.load_params(str(tmp_path / "scanned"))
+  loaded = params_lib.read(str(tmp_path / "scanned"))
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
 
 
@@ -191,11 +192,11 @@ def test_an_unscanned_run_resumes_scanned(tmp_path):
                        env=env, check=True, capture_output=True, text=True, timeout=600)
   assert "Resumed from step 3" in out.stderr
   assert "is unscanned; converted to the run's scanned blocks" in out.stderr
-  a = checkpoint.load_params(str(straight))
-  b = checkpoint.load_params(str(switched))  # saved scanned, read back unscanned
+  a = params_lib.read(str(straight))
+  b = params_lib.read(str(switched))  # saved scanned, read back unscanned
   assert jax.tree.structure(a) == jax.tree.structure(b)
   # Adam's normalised steps magnify rounding in near-zero gradients up to ~lr; the three
   # steps after the switch moved the params far more than the layouts differ.
-  moved = _max_diff(a, checkpoint.load_params(str(straight / "checkpoints" / "3")))
+  moved = _max_diff(a, params_lib.read(str(straight / "checkpoints" / "3")))
   print(f"max difference {_max_diff(a, b):.3g}, moved {moved:.3g}")
   assert _max_diff(a, b) < 0.1 * moved

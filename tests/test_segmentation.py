@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from beit_jax import checkpoint
 from beit_jax import main
 from beit_jax import optim
+from beit_jax import params as params_lib
 from beit_jax import segmentation
 from beit_jax import sharding
 from beit_jax.convert import relpos
@@ -277,7 +277,7 @@ def test_tiny_segmentation_through_main(pretrained, tmp_path):
   results = json.loads((workdir / "results.json").read_text())
   assert results["step"] == 2 and len(results["val_class_iou"]) == 11
   assert [p.name for p in (workdir / "images").iterdir()] == ["segmentation_0000002.png"]
-  best = _flat(checkpoint.load_params(str(workdir / "best")))
+  best = _flat(params_lib.read(str(workdir / "best")))
   assert best["decode_head/conv_seg/kernel"].shape == (1, 1, 16, 11)
   # Trained from the checkpoint: a few small steps leave the backbone near it.
   np.testing.assert_allclose(best["backbone/blocks_1/mlp/fc1/kernel"],

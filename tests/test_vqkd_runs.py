@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from beit_jax import checkpoint
+from beit_jax import params as params_lib
 from tests import runs
 from tests.runs import ROOT
 
@@ -31,5 +31,5 @@ def test_sigkill_then_resume_is_bit_identical_ema_codebook_included(tmp_path):
   rerun = subprocess.run(_cli(crashed, steps), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=600)
   assert f"Resumed from step {last}" in rerun.stderr
-  assert bool(checkpoint.load_params(str(crashed))["codebook"]["initted"])
+  assert bool(params_lib.read(str(crashed))["codebook"]["initted"])
   runs.assert_same_params(tmp_path / "straight", crashed)

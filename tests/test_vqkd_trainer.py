@@ -8,6 +8,7 @@ import pytest
 
 from beit_jax import checkpoint
 from beit_jax import main
+from beit_jax import params as params_lib
 from beit_jax import runner
 from beit_jax import sharding
 from beit_jax import tokenizers
@@ -211,7 +212,7 @@ def test_a_teacher_recipe_trains_the_teacher_first_then_vqkd_reads_it(tmp_path):
   config = _recipe_config()
   run = tmp_path / "run"
   trainers.run(config, str(run))
-  teacher = checkpoint.load_params(str(run / "teacher"))
+  teacher = params_lib.read(str(run / "teacher"))
   written = json.loads((run / "config.json").read_text())
   assert written["tokenizer"]["teacher"]["init_from"] == str(run / "teacher")
   # The VQ-KD run distilled that checkpoint: its teacher loads with the trained weights.
