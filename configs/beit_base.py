@@ -8,8 +8,7 @@ Position information as in the published ImageNet-1K 800-epoch BEiT-B (unilm fla
 gives unilm README's variant instead: shared relative position bias and LayerScale 0.1.
 Needs a tokenizer: `--config.tokenizer.init_from=DIR` (a trained or imported dVAE),
 otherwise stage 1 first runs `tokenizer.recipe`, the DALL-E-architecture dVAE of
-`configs/dvae.py`, a whole config with its own data
-(`--config.tokenizer.recipe.input.data_dir=gs://BUCKET/tensorflow_datasets`).
+`configs/dvae.py`, a whole config reading the same `input.data_dir`.
 """
 from configs import common
 

@@ -38,5 +38,5 @@ def get_config(arg=None):
   c.optim.update(dict(warmup_steps=arg.steps // 10, lr=1.5e-3))
   c.checkpoint = dict(every_steps=200, keep=2)
 
-  c.tokenizer = common.mim_tokenizer(tokenizer_recipe(arg.tokenizer_steps, arg.batch))
+  common.set_tokenizer(c, tokenizer_recipe(arg.tokenizer_steps, arg.batch))
   return c

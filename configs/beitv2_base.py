@@ -8,9 +8,8 @@ Targets: the codes of a trained VQ-KD tokenizer (`tokenizer.kind="vqkd"`), given
 `--config.tokenizer.init_from` (a `trainer="vqkd"` workdir, or unilm's
 `vqkd_encoder_base_decoder_3x768x12_clip` converted with `python -m beit_jax.convert
 --from=unilm`). Without it, stage 1 first runs `tokenizer.recipe` (the whole config of
-configs/vqkd_clip_base.py), which needs its teacher
-(`--config.tokenizer.recipe.tokenizer.teacher.init_from`) and its data
-(`--config.tokenizer.recipe.input.data_dir`).
+configs/vqkd_clip_base.py, reading the same `input.data_dir`), which needs its teacher
+(`--config.tokenizer.recipe.tokenizer.teacher.init_from`).
 
 unilm PRETRAINING.md: shared relative position bias, LayerScale 0.1, blockwise masking of
 exactly 75 patches, random resized crop scale 0.2-1 with the tokenizer's view at 224
@@ -37,7 +36,7 @@ def v2_config(variant: str, epochs: int, layer: int):
   c.model.update(dict(use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
                       layer_scale_init=0.1))
   c.model.patch_aggregation = dict(layer=layer, depth=2)
-  c.tokenizer = common.mim_tokenizer(vqkd_clip_base.vqkd_config("clip", 512))
+  common.set_tokenizer(c, vqkd_clip_base.vqkd_config("clip", 512))
   c.input.update(dict(tokenizer_image_size=224, crop_scale=(0.2, 1.0)))
   c.input.mask.exact = True  # exactly 75 of 196 patches
   return c

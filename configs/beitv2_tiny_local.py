@@ -23,7 +23,7 @@ from configs import vqkd_tiny_local
 def get_config(arg=None):
   arg = common.parse_arg(arg, steps=600, batch=32, layer=3)
   c = beit_tiny_local.get_config(f"steps={arg.steps},batch={arg.batch}")
-  c.tokenizer = common.mim_tokenizer(vqkd_tiny_local.get_config(f"batch={arg.batch}"))
+  common.set_tokenizer(c, vqkd_tiny_local.get_config(f"batch={arg.batch}"))
   c.model.patch_aggregation = dict(layer=arg.layer, depth=2)
   c.input.update(dict(crop_scale=(0.2, 1.0)))
   c.input.mask.exact = True

@@ -88,7 +88,7 @@ def dvae_config(**sizes) -> ml_collections.ConfigDict:
   """The dVAE's training run (`trainer='dvae'`), the DALL-E paper's recipe on ImageNet-1K:
   batch 512, 150k steps, AdamW lr 4.5e-4 with 5k warmup steps, the relaxation's temperature
   annealed from 1 to 1/16 and its KL weight raised from 0 to 6.6. `sizes`: `dvae_tokenizer`'s.
-  As BEiT v1's stage 1 it is a MIM config's `tokenizer.recipe` (`mim_tokenizer`)."""
+  As BEiT v1's stage 1 it is a MIM config's `tokenizer.recipe` (`set_tokenizer`)."""
   c = ml_collections.ConfigDict()
   c.trainer = "dvae"
   c.seed = 0
@@ -111,18 +111,33 @@ def dvae_config(**sizes) -> ml_collections.ConfigDict:
   return c
 
 
-def mim_tokenizer(recipe: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A MIM run's `config.tokenizer`: the tokenizer `recipe` (a whole dVAE or VQ-KD run)
-  trains, its kind and sizes, with `init_from` (a trained one; empty: `recipe` runs first,
-  in `<workdir>/tokenizer`) and `recipe` itself. A change to the sizes is made to both
-  groups, `tokenizer.X` and `tokenizer.recipe.tokenizer.X`: the run checks they agree."""
-  tok = ml_collections.ConfigDict(
-      {k: v for k, v in recipe.tokenizer.to_dict().items() if k != "teacher"})
+def set_tokenizer(c: ml_collections.ConfigDict, recipe: ml_collections.ConfigDict) -> None:
+  """Makes `recipe` (a whole dVAE or VQ-KD run) the MIM config `c`'s stage 1: `c.tokenizer`
+  gets its kind and sizes, `init_from` (a trained tokenizer; empty: `recipe` runs first, in
+  `<workdir>/tokenizer`) and `recipe` itself.
+
+  The fields both runs must agree on are one field each, linked (ml_collections
+  FieldReferences): the tokenizer's sizes (`tokenizer.X` is `tokenizer.recipe.tokenizer.X`),
+  `input.tokenizer_image_size` and `input.data_dir`; a command-line override of either
+  name sets both. The run still checks they agree (a config edited by hand, or read back
+  from a workdir's config.json)."""
+  tok = ml_collections.ConfigDict()
+  for key in recipe.tokenizer:
+    if key != "teacher":  # a VQ-KD's teacher is its recipe's alone
+      tok[key] = recipe.tokenizer.get_ref(key)
   # A beit-jax checkpoint (workdir or step folder) of a trained tokenizer, or one converted
   # from unilm / DALL-E. Empty: `recipe` trains one in <workdir>/tokenizer first.
   tok.init_from = ""
   tok.recipe = recipe
-  return tok
+  with c.unlocked(), recipe.unlocked():
+    c.tokenizer = tok
+    if recipe.input.get("data_dir") is None:  # a reference needs a typed field
+      del recipe.input["data_dir"]
+      recipe.input.data_dir = unset(str)
+    for key in ("tokenizer_image_size", "data_dir"):
+      if key in c.input:
+        del c.input[key]
+      c.input[key] = recipe.input.get_ref(key)
 
 
 def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
@@ -144,9 +159,9 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.mim_target = "tokens"
 
   c.model = model_config(variant)
-  c.tokenizer = mim_tokenizer(dvae_config())
   c.input = pretrain_input(batch_size=2048, image_size=224, tokenizer_image_size=112,
                            patch_size=patch, mask=mask_config())
+  set_tokenizer(c, dvae_config())
   c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
                  b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
   c.mesh = mesh_config()

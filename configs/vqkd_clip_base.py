@@ -38,7 +38,7 @@ def vqkd_tokenizer(*, teacher: str = "clip", vocab_size: int = 8192, code_dim: i
 
 def vqkd_config(teacher: str = "clip", teacher_dim: int = 512) -> ml_collections.ConfigDict:
   """The VQ-KD's training run (`trainer='vqkd'`), unilm's recipe; as BEiT v2's stage 1 it is
-  a MIM config's `tokenizer.recipe` (`common.mim_tokenizer`)."""
+  a MIM config's `tokenizer.recipe` (`common.set_tokenizer`)."""
   c = ml_collections.ConfigDict()
   c.trainer = "vqkd"
   c.seed = 0

@@ -1,40 +1,20 @@
 """launch/colab.ipynb, executed headless on the CPU in a kernel of its own (nbclient): its
 parameter cell's values are overridden by a cell injected after it (papermill's way) that
-shrinks the run to seconds, skips the install (the kernel runs inside this checkout) and
-TensorBoard; a cell that raises fails the test."""
+shrinks the run to seconds (tests/notebook_run.py), skips the install (the kernel runs inside
+this checkout) and TensorBoard; a cell that raises fails the test. A second test, opt-in as it
+installs from the package index, runs the install cell in a kernel that holds nothing else."""
 import os
-import time
+import subprocess
+import sys
 
 import pytest
 
 from tests.runs import ROOT, cpu_env
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")  # the kernel nbclient starts
-
-NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
-
-# The demo's config at the size of tests/tiny_config.py: two steps of each stage.
-SHRUNK = {
-    "TOKENIZER_STEPS": 2, "STEPS": 2, "BATCH": 8, "INSTALL": False, "TENSORBOARD": False,
-    "OVERRIDES": {
-        "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
-        "input.image_size": 32, "input.tokenizer_image_size": 32,
-        "input.embedded_epoch_size": 64, "input.shuffle_buffer": 64,
-        "input.mask.num_masking_patches": 6, "input.mask.min_num_patches": 2,
-        "tokenizer.vocab_size": 64, "tokenizer.n_hid": 8, "tokenizer.n_init": 16},
-}
-
-
-def with_parameters(nb, values: dict):
-  """`nb` with a cell setting `values` right after the cell tagged 'parameters'."""
-  tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-  assert len(tagged) == 1, "the notebook needs one cell tagged 'parameters'"
-  source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
-  cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-  nb.cells.insert(tagged[0] + 1, cell)
-  return nb
+from tests import notebook_run  # noqa: E402  (needs nbclient)
 
 
 def _outputs(cell, kind: str) -> list:
@@ -43,16 +23,12 @@ def _outputs(cell, kind: str) -> list:
 
 @pytest.mark.slow
 def test_the_notebook_runs_headless_on_the_cpu(tmp_path, monkeypatch):
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  assert {"parameters", "install"} <= {t for c in nb.cells for t in c.metadata.get("tags", [])}
-  nb = with_parameters(nb, dict(SHRUNK, WORKDIR=str(tmp_path / "run")))
+  tags = {t for c in nbformat.read(notebook_run.NOTEBOOK, 4).cells
+          for t in c.metadata.get("tags", [])}
+  assert {"parameters", "install"} <= tags
   for key, value in cpu_env(1).items():  # the kernel inherits this process's environment
     monkeypatch.setenv(key, value)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": os.path.join(ROOT, "launch")}})
-  start = time.time()
-  client.execute()  # raises CellExecutionError, naming the cell, when one fails
-  print(f"the notebook ran in {time.time() - start:.0f} s")
+  nb = notebook_run.execute(str(tmp_path / "run"))  # a cell that raises fails the test
 
   cells = {c.get("id"): c for c in nb.cells}
   assert (tmp_path / "run" / "tokenizer" / "checkpoints").is_dir()
@@ -65,3 +41,34 @@ def test_the_notebook_runs_headless_on_the_cpu(tmp_path, monkeypatch):
     assert len(_outputs(cells[name], "image/png")) == 1, name
   printed = "".join(o.get("text", "") for o in _outputs(cells["mask"], "stdout"))
   assert "4 patches masked" in printed, printed
+
+
+def _pins(*names: str) -> list[str]:
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    pins = [line.split("#")[0].strip() for line in f]
+  return [p for p in pins if p.split("==")[0] in names]
+
+
+@pytest.mark.skipif(not os.environ.get("BEIT_JAX_TEST_INSTALL"),
+                    reason="installs beit-jax from the package index into a new virtualenv "
+                           "(minutes); set BEIT_JAX_TEST_INSTALL=1")
+def test_the_install_cell_installs_beit_jax_into_a_bare_kernel(tmp_path):
+  """The notebook as Colab runs it: a kernel that has none of beit-jax's requirements; its
+  install cell (`%pip`, the kernel's own interpreter) installs them and the checkout."""
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  subprocess.run([python, "-m", "pip", "install", "-q",
+                  *_pins("nbclient", "nbformat", "ipykernel")], check=True)
+  env = {k: v for k, v in cpu_env(1).items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+  env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                if not p.startswith(os.path.dirname(sys.executable)))
+  run = subprocess.run([python, os.path.join(ROOT, "tests", "notebook_run.py"),
+                        str(tmp_path / "run"), "--install"],
+                       env=env, capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  assert "no TPU: the run uses the CPU" in run.stdout, run.stdout[-3000:]
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+  installed = subprocess.run([python, "-c", "import beit_jax, jax; print(beit_jax.__file__)"],
+                             env=env, capture_output=True, text=True, check=True).stdout
+  assert installed.strip().startswith(ROOT), installed

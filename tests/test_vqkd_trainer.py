@@ -1,8 +1,10 @@
 """The VQ-KD tokenizer kind (tokenizers/vqkd.py) and its trainer (trainers/vqkd.py)."""
+import copy
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -401,7 +403,7 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   vq_config, tokenizer, params, path = saved
   config = tiny_config()
-  config.tokenizer = common.mim_tokenizer(vq_config.copy_and_resolve_references())
+  common.set_tokenizer(config, vq_config.copy_and_resolve_references())
   trainers.validate_config(config)
   (stage, stage_dir), = mim.prerequisites(config, "/tmp/w")
   assert stage.trainer == "vqkd" and stage_dir == "/tmp/w/tokenizer"
@@ -411,11 +413,17 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   assert stage.to_dict() == vq_config.to_dict()
   assert (stage.input.crop_scale, stage.input.color_jitter) == ((0.08, 1.0), 0.0)
   trainers.validate_config(stage)
-  # What the MIM run reads of its tokenizer is what the recipe trains.
-  config.tokenizer.recipe.tokenizer.encoder.depth = 2
+  # What the MIM run reads of its tokenizer is what the recipe trains: one field, linked ...
+  linked = copy.deepcopy(config)
+  linked.tokenizer.recipe.tokenizer.encoder.depth = 2
+  assert linked.tokenizer.encoder.depth == 2
+  mim.prerequisites(linked, "/tmp/w")
+  # ... and checked where the link is gone (a config read back from a workdir's JSON).
+  read_back = ml_collections.ConfigDict(json.loads(config.to_json()))
+  read_back.tokenizer.recipe.tokenizer.encoder.depth = 2
   with pytest.raises(ConfigError, match=r"^tokenizer.encoder.depth=1 but "
                      r"tokenizer.recipe.tokenizer.encoder.depth=2: "):
-    mim.prerequisites(config, "/tmp/w")
+    mim.prerequisites(read_back, "/tmp/w")
   tokenizer, tok_params = tokenizers.load(config.tokenizer, path)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,

@@ -183,7 +183,7 @@ def ablation_config(seed: int, tokenizer: str, method: str) -> ml_collections.Co
 def pretrain_v2_config(seed: int, tokenizer: str, teacher: str) -> ml_collections.ConfigDict:
   """v1's run with v2's targets (the VQ-KD's codes), exact masks and patch aggregation."""
   c = pretrain_config(seed, tokenizer)
-  c.tokenizer = common.mim_tokenizer(vqkd_config(teacher))
+  common.set_tokenizer(c, vqkd_config(teacher))
   c.tokenizer.init_from = tokenizer
   c.model.patch_aggregation = dict(layer=_AGGREGATION.value, depth=2)
   c.input.mask.exact = True
