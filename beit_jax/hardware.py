@@ -112,11 +112,15 @@ def step_flops(compiled, config, batch) -> float:
   """XLA's FLOPs of a compiled train step, per device; with `model.scan_layers`, plus the
   blocks XLA does not see: its cost analysis counts a loop's body once, so the other
   depth - 1 blocks are added, at 3x their forward (4x when remat recomputes everything).
+  With `optim.accum_steps` = k, XLA's count is taken k times (the loop over micro-batches;
+  the optimizer update outside it, a small part, is counted k times too).
 
   `batch`: the step's (sharded arrays or ShapeDtypeStructs); its shards give the
   per-device batch, and its mesh the devices that split each block's work (`tensor`).
   """
-  flops = xla_flops(compiled)
+  # With `optim.accum_steps` the micro-batches are a loop too: its body (the forward and
+  # backward of one micro-batch) is nearly all of the step.
+  flops = xla_flops(compiled) * config.get("optim", {}).get("accum_steps", 1)
   model = config.get("model")
   if flops and model is not None and model.get("scan_layers"):
     import jax  # pylint: disable=g-import-not-at-top

@@ -39,6 +39,8 @@ _FIELDS = (
     ("eps", _n(0), "a number >= 0"),
     ("weight_decay", _n(0), "a number >= 0"),
     ("grad_clip", _n(0), "a number >= 0 (0: off)"),
+    ("accum_steps", _n(1, integer=True),
+     "an integer >= 1 (micro-batches per step, summed before one update; 1: none)"),
 )
 
 
@@ -47,10 +49,22 @@ def rules(group: str) -> tuple[validate.Rule, ...]:
   return tuple((f"{group}.{name}", test, accepted) for name, test, accepted in _FIELDS)
 
 
+def accumulation_check(group: str, batch_field: str) -> validate.Check:
+  """`<group>.accum_steps` must divide the global batch `batch_field` (one ConfigError line);
+  that each device's share splits too is checked with the mesh (`sharding.check_batch_size`)."""
+  def check(config: ml_collections.ConfigDict) -> None:
+    k, batch = validate.get(config, f"{group}.accum_steps"), validate.get(config, batch_field)
+    if isinstance(k, int) and isinstance(batch, int) and k >= 1 and batch % k:
+      raise ConfigError(f"{batch_field}={batch} must be divisible by {group}.accum_steps={k} "
+                        "(the batch is split into that many micro-batches)")
+  return check
+
+
 RULES = rules("optim") + (
     ("optim.layer_decay", _n(0, 1, lo_open=True), "a number in (0, 1] (1: no decay)"),
     ("optim.power", _n(0, lo_open=True), "a number > 0 (1: linear decay)"),
 )
+CHECKS = (accumulation_check("optim", "input.batch_size"),)
 
 
 def lr_schedule(base_lr: float, *, total_steps: int, warmup_steps: int,

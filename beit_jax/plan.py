@@ -6,7 +6,9 @@ r"""Ahead-of-time plan of a run: compile its exact train step for a target, run 
 Prints, per device: parameter and optimizer-state bytes (from the state's shardings), the
 compiled program's arguments, outputs, donated (aliased) bytes and temporaries (XLA's memory
 analysis), their total against the device's memory (fits or not), the step's FLOPs (XLA's
-cost analysis) and the step time and MFU at the device's peak FLOP/s.
+cost analysis) and the step time and MFU at the device's peak FLOP/s. With gradient
+accumulation (`optim.accum_steps` > 1, or `--accum_steps`) it also compiles the step without
+it and prints that step's total memory beside it.
 
 Targets (`--topology`):
   v4-N, v5p-N      N TensorCores (N/2 chips, one megacore device per chip), e.g. v4-32, v5p-128
@@ -37,6 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5e-64, v4-32, v5p-128, "
                                 "v5e:8x8, h100:8, cpu:8 (see the module doc).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
+_ACCUM = flags.DEFINE_integer("accum_steps", None, "Micro-batches per step (default: the "
+                              "config's optim.accum_steps); > 1 also plans the step without.")
 _EPOCH_SIZE = flags.DEFINE_integer("epoch_size", 1281167,
                                    "Examples per epoch for the schedule (ImageNet-1K train).")
 _MEMORY = flags.DEFINE_float("device_memory_gib", None,
@@ -51,7 +55,8 @@ def main(argv):
   if not _TOPOLOGY.value or _CONFIG.value is None:
     sys.exit("beit_jax: error: both --config and --topology are required")
   try:
-    planning.run(_CONFIG.value, _TOPOLOGY.value, batch=_BATCH.value, epoch_size=_EPOCH_SIZE.value,
+    planning.run(_CONFIG.value, _TOPOLOGY.value, batch=_BATCH.value,
+        accum_steps=_ACCUM.value, epoch_size=_EPOCH_SIZE.value,
         memory_gib=_MEMORY.value, peak_tflops=_PEAK.value, fake_devices=_FAKE.value,
         config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
   except ConfigError as e:

@@ -141,6 +141,9 @@ class Plan:
   # The compiler's own refusal (e.g. TPU's "Ran out of memory in memory space hbm"): then
   # XLA gave no memory or cost analysis, and the plan does not fit.
   compiler_refusal: str = ""
+  accum_steps: int = 1  # micro-batches per step (optim.accum_steps)
+  # With accum_steps > 1: the same step without accumulation (the whole batch at once).
+  unaccumulated: "Plan | None" = None
 
   @property
   def total_bytes(self) -> int:
@@ -197,8 +200,10 @@ def _batch_structs(config, batch_size: int, mesh) -> dict:
 
 def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in: bool,
               epoch_size: int = 1281167, memory_gib: float | None = None,
-              peak_tflops: float | None = None) -> Plan:
-  """Compiles `config`'s train step for `devices` (nothing allocated, nothing run)."""
+              peak_tflops: float | None = None, compare_accumulation: bool = True) -> Plan:
+  """Compiles `config`'s train step for `devices` (nothing allocated, nothing run); with
+  `optim.accum_steps` > 1 (and `compare_accumulation`) the step without accumulation too,
+  for the memory accumulation saves."""
   import jax  # pylint: disable=g-import-not-at-top
   from beit_jax import runner  # pylint: disable=g-import-not-at-top
   from beit_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -216,7 +221,8 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
     config.input.embedded_epoch_size = replaced = epoch_size
   trainers.validate_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_size(config.input.batch_size, mesh)
+  sharding.check_batch_size(config.input.batch_size, mesh,
+                            accum_steps=config.optim.get("accum_steps", 1))
   sharding.check_tensor_split(config.model, config.mesh)
 
   tokenizer = tokenizers.build(config.tokenizer)
@@ -253,8 +259,16 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
                 compiler_refusal=refusal.group(1).strip())
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
+  accum_steps = config.optim.get("accum_steps", 1)
+  unaccumulated = None
+  if accum_steps > 1 and compare_accumulation:
+    whole = config.copy_and_resolve_references()
+    whole.optim.accum_steps = 1
+    unaccumulated = make_plan(whole, target, devices, compiler=compiler, stand_in=stand_in,
+                              epoch_size=epoch_size, memory_gib=memory_gib,
+                              peak_tflops=peak_tflops, compare_accumulation=False)
   return Plan(
-      **known, compile_seconds=seconds,
+      **known, compile_seconds=seconds, accum_steps=accum_steps, unaccumulated=unaccumulated,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes),
@@ -273,8 +287,11 @@ def format_plan(p: Plan, config_name: str = "") -> str:
   if p.stand_in:
     lines.append(f"  STAND-IN: {t.num_devices} fake CPU devices compiled this program; "
                  f"memory and FLOPs are XLA:CPU's analysis, not {t.device.kind}'s compiler's")
+  shard = p.batch_size // p.data_parallel
+  micro = (f", in {p.accum_steps} micro-batches of {shard // p.accum_steps}"
+           if p.accum_steps > 1 else "")
   lines += [f"  model {p.model}, global batch {p.batch_size} "
-            f"({p.batch_size // p.data_parallel} per data-parallel shard), "
+            f"({shard} per data-parallel shard{micro}), "
             f"mesh {p.mesh}, compile {p.compile_seconds:.1f} s"]
   if p.epoch_size is not None:
     lines.append(f"  data: none read; input.dataset={p.dataset} replaced by 'embedded' with "
@@ -296,7 +313,14 @@ def format_plan(p: Plan, config_name: str = "") -> str:
       f"  program code      {_gib(p.code_bytes)}",
       f"  total = arguments + outputs - aliased + temporaries + code: {_gib(p.total_bytes)} "
       f"({p.total_bytes} bytes) of {_gib(p.memory_bytes).strip()} ({p.memory_bytes} bytes, "
-      f"{t.device.kind})",
+      f"{t.device.kind})"]
+  u = p.unaccumulated
+  if u is not None:
+    lines.append(
+        f"  without accumulation (optim.accum_steps=1): total {_gib(u.total_bytes).strip()}, "
+        f"temporaries {_gib(u.temp_bytes).strip()}" if not u.compiler_refusal else
+        f"  without accumulation (optim.accum_steps=1): does not fit ({u.compiler_refusal})")
+  lines += [
       "compute per device and step:",
       f"  FLOPs (XLA cost analysis)  {p.flops:.4g}",
       f"  model FLOPs (ViT fwd+bwd)  {p.model_flops:.4g}"]
@@ -320,13 +344,16 @@ def _force_cpu_devices(n: int) -> None:
   os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={n}".strip()
 
 
-def run(config, topology: str, *, batch: int | None = None, epoch_size: int = 1281167,
-        memory_gib: float | None = None, peak_tflops: float | None = None,
-        fake_devices: bool = False, config_name: str = "") -> Plan:
+def run(config, topology: str, *, batch: int | None = None, accum_steps: int | None = None,
+        epoch_size: int = 1281167, memory_gib: float | None = None,
+        peak_tflops: float | None = None, fake_devices: bool = False,
+        config_name: str = "") -> Plan:
   """Parses `topology`, finds its devices (libtpu's, or fake CPU ones), plans, prints."""
   target = parse_topology(topology)
   if batch:
     config.input.batch_size = batch
+  if accum_steps:
+    config.optim.accum_steps = accum_steps
   version = libtpu_version()
   use_tpu = target.tpu is not None and version is not None and not fake_devices
   if "jax" not in sys.modules:

@@ -211,7 +211,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   writable, the devices split the batch, `init_from` exists."""
   checkpoint.check_writable(workdir)
   sharding.check_batch_size(config.input.batch_size, sharding.make_mesh(config.mesh),
-                            "input.batch_size")
+                            "input.batch_size", config.optim.get("accum_steps", 1))
   if config.get("model") is not None and "variant" in config.model:
     sharding.check_tensor_split(config.model, config.mesh)
   if config.get("init_from") and not epath.Path(config.init_from).exists():
@@ -262,7 +262,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   """
   workdir_lib.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(task.batch_size, mesh, "input.batch_size")
+  sharding.check_batch_size(task.batch_size, mesh, "input.batch_size",
+                            config.optim.get("accum_steps", 1))
   built = setup(config, task, mesh)
   manager = checkpoint.make_manager(workdir, **config.checkpoint)
   state = built.state

@@ -146,11 +146,15 @@ def model_parallel_size(mesh) -> int:
   return int(np.prod([n for a, n in dict(mesh.shape).items() if a not in BATCH_AXES]))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size"):
+def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size",
+                     accum_steps: int = 1):
+  """Every data-parallel device and process gets an equal share of the batch, and with
+  `accum_steps` > 1 each device's share splits into that many micro-batches."""
   n = data_parallel_size(mesh)
-  if global_batch % n or global_batch % jax.process_count():
+  if global_batch % (n * accum_steps) or global_batch % jax.process_count():
+    times = f" times optim.accum_steps={accum_steps}" if accum_steps > 1 else ""
     raise ConfigError(f"{field}={global_batch} must be divisible by the {n} data-parallel "
-                      f"devices and {jax.process_count()} processes")
+                      f"devices{times} and {jax.process_count()} processes")
 
 
 def check_tensor_split(model_cfg: ml_collections.ConfigDict, mesh_cfg) -> None:

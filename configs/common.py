@@ -104,7 +104,7 @@ def dvae_config(**sizes) -> ml_collections.ConfigDict:
   c.tokenizer = dvae_tokenizer(**sizes)
   c.input = pretrain_input(batch_size=512, tokenizer_image_size=112)
   c.optim = dict(lr=4.5e-4, min_lr=1.25e-6, warmup_epochs=0, warmup_steps=5000, b1=0.9,
-                 b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0)
+                 b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0, accum_steps=1)
   c.mesh = mesh_config()
   c.sharding = sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)
@@ -162,8 +162,10 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.input = pretrain_input(batch_size=2048, image_size=224, tokenizer_image_size=112,
                            patch_size=patch, mask=mask_config())
   set_tokenizer(c, dvae_config())
+  # accum_steps: micro-batches per step whose gradients are summed before the one update
+  # (input.batch_size stays the global batch; docs/scaling.md#gradient-accumulation).
   c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
-                 b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
+                 b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0, accum_steps=1)
   c.mesh = mesh_config()
   c.sharding = sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)

@@ -50,7 +50,8 @@ def finetune_config(variant: str = "B/16", rel: bool = False,
       randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25,
       eval_crop_pct=224 / 256 if image_size < 384 else 1.0, shuffle_buffer=50_000)
   c.optim = dict(lr=4e-3, min_lr=1e-6, warmup_epochs=20, warmup_steps=0, layer_decay=0.65,
-                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0)
+                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0,
+                 accum_steps=1)
   c.mesh = common.mesh_config()
   c.sharding = common.sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=2)

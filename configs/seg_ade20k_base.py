@@ -57,7 +57,8 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
       eval_batch_size=8, eval_stride=341,
       eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75) if ms else (1.0,), eval_flip=ms)
   c.optim = dict(lr=3e-5, min_lr=0.0, warmup_steps=1500, power=1.0, layer_decay=0.9,
-                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0)
+                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0,
+                 accum_steps=1)
   c.mesh = common.mesh_config()
   c.sharding = common.sharding_config()
   c.checkpoint = dict(every_steps=16_000, keep=2)

@@ -58,7 +58,7 @@ def vqkd_config(teacher: str = "clip", teacher_dim: int = 512) -> ml_collections
   c.input = common.pretrain_input(batch_size=512, tokenizer_image_size=224, patch_size=16,
                                   color_jitter=0.0)
   c.optim = dict(lr=2e-4, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9, b2=0.99,
-                 eps=1e-8, weight_decay=1e-4, grad_clip=0.0)
+                 eps=1e-8, weight_decay=1e-4, grad_clip=0.0, accum_steps=1)
   c.mesh = common.mesh_config()
   c.sharding = common.sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)

@@ -161,3 +161,19 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(monkeypatch):
   monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
   with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
     _plan(_config())
+
+
+def test_accumulation_holds_activations_of_one_micro_batch(base):
+  config = _config(batch=32)
+  config.optim.accum_steps = 4  # micro-batches of 8: base's batch
+  p = _plan(config)
+  whole = p.unaccumulated
+  assert p.accum_steps == 4 and whole is not None and whole.accum_steps == 1
+  assert p.batch_bytes == whole.batch_bytes == 4 * base.batch_bytes  # the whole batch comes in
+  assert p.temp_bytes < whole.temp_bytes  # activations of 8 images, not 32
+  assert p.flops == pytest.approx(whole.flops, rel=0.2)  # XLA's loop body, counted 4 times
+  text = plan.format_plan(p)
+  assert "(4 per data-parallel shard, in 4 micro-batches of 1)" in text
+  line = re.search(r"^  without accumulation \(optim.accum_steps=1\): total (.*), "
+                   r"temporaries (.*)$", text, re.M)
+  assert line, text

@@ -53,7 +53,13 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: dvae.DiscreteVAE, tx, schedule,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+               config: ml_collections.ConfigDict, accum_steps: int = 1
+               ) -> tuple[TrainState, dict]:
+  """One dVAE step at `state.step`'s temperature and KL weight (so `accum_steps` micro-
+  batches, `train_state.value_and_grad`, share them). With accumulation each micro-batch
+  draws its own Gumbel noise (`fold_in(rng, i)`): the step is the whole batch's in
+  expectation, not sample for sample; the code histogram behind `codebook_perplexity` is
+  the whole batch's."""
   del frozen
   temperature = dvae.gumbel_temperature(
       state.step, start=config.temperature_start, end=config.temperature_end,
@@ -61,24 +67,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   kl_weight = dvae.kl_weight(state.step, start=0.0, end=config.kl_weight,
                              warmup_steps=config.kl_warmup_steps)
 
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch["image"], temperature=temperature,
+  def loss_fn(params, micro, rng):
+    out = model.apply({"params": params}, micro["image"], temperature=temperature,
                       train=True, rngs={"gumbel": rng})
-    loss, metrics = dvae.elbo_loss(out, batch["image"], kl_weight)
-    return loss, (metrics, out["logits"])
+    loss, metrics = dvae.elbo_loss(out, micro["image"], kl_weight)
+    return loss, (dict(metrics, code_histogram=_code_histogram(out["logits"])), {})
 
-  (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, _)), grads = train_state.value_and_grad(
+      loss_fn, state.params, {"image": batch["image"]}, rng, accum_steps)
   new_state, update_metrics = train_state.apply_gradients(state, grads, loss, tx)
   metrics.update(update_metrics, loss=loss, temperature=temperature, kl_weight=kl_weight,
                  learning_rate=schedule(state.step),
-                 codebook_perplexity=_code_perplexity(logits))
+                 codebook_perplexity=_perplexity(metrics.pop("code_histogram")))
   return new_state, metrics
 
 
-def _code_perplexity(logits: jax.Array) -> jax.Array:
-  """exp(entropy) of the batch's hard-code histogram: how many codes are in use."""
-  counts = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]).reshape(
+def _code_histogram(logits: jax.Array) -> jax.Array:
+  """[V]: the fraction of the batch's latent positions whose hard code is each code."""
+  return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]).reshape(
       -1, logits.shape[-1]).mean(0)
+
+
+def _perplexity(counts: jax.Array) -> jax.Array:
+  """exp(entropy) of the batch's hard-code histogram: how many codes are in use."""
   return jnp.exp(-jnp.sum(counts * jnp.log(counts + 1e-10)))
 
 
@@ -109,7 +120,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       desc="dVAE", init_params=lambda rng: tokenizer.init(rng, view.size), tx=tx,
       param_axes=dvae.PARAM_AXES,
       train_step=functools.partial(train_step, model=tokenizer.model, tx=tx,
-                                   schedule=schedule, config=config),
+                                   schedule=schedule, config=config,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_tokenizer_iterator(
           config, view, seed=config.seed, start_step=start,

@@ -118,24 +118,30 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: vit.VisionTransformer, tx, schedule,
-               mix: Callable
+               mix: Callable, accum_steps: int = 1
                ) -> tuple[TrainState, dict]:
-  """One fine-tuning step: mix the batch, soft-target cross-entropy, AdamW update."""
+  """One fine-tuning step: mix the batch, soft-target cross-entropy, AdamW update.
+
+  Mixup/CutMix pairs the whole batch (before any split into `accum_steps` micro-batches,
+  `train_state.value_and_grad`), so accumulation gives the whole batch's loss and gradient.
+  """
   del frozen
   mix_rng, drop_rng = jax.random.split(rng)
   images, targets, _ = mix(mix_rng, batch["image"], batch["label"])
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, images, train=True,
-                         rngs={"dropout": drop_rng})["logits"]
-    return optax.softmax_cross_entropy(logits, targets).mean(), logits
+  def loss_fn(params, micro, rng):
+    logits = model.apply({"params": params}, micro["image"], train=True,
+                         rngs={"dropout": rng})["logits"]
+    # Against the dominant label of each mixed target.
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(micro["target"], -1))
+    return (optax.softmax_cross_entropy(logits, micro["target"]).mean(),
+            ({"train_accuracy": accuracy}, {}))
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (aux, _)), grads = train_state.value_and_grad(
+      loss_fn, state.params, {"image": images, "target": targets}, drop_rng, accum_steps)
   new_state, metrics = train_state.apply_gradients(state, grads, loss, tx)
   metrics.update(loss=loss, learning_rate=schedule(state.step),
-                 param_norm=optax.global_norm(new_state.params),
-                 # Against the dominant label of each mixed target.
-                 train_accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)))
+                 param_norm=optax.global_norm(new_state.params), **aux)
   return new_state, metrics
 
 
@@ -178,7 +184,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
 
   return runner.Task(
       desc="Fine-tune", init_params=init_params, tx=tx, param_axes=vit.PARAM_AXES,
-      train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule, mix=mix),
+      train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule, mix=mix,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_train_iterator(
           config, seed=config.seed, start_step=start, process_index=jax.process_index(),

@@ -101,27 +101,29 @@ def _features(backbone: vit.VisionTransformer, backbone_params: Any, images: jax
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, backbone: vit.VisionTransformer, heads: ProbeHeads,
-               tx, schedule) -> tuple[TrainState, dict]:
+               tx, schedule, accum_steps: int = 1) -> tuple[TrainState, dict]:
   """One step of every probe: the summed cross-entropy of the per-block classifiers.
 
-  frozen: {'backbone': the ViT's params}.
+  frozen: {'backbone': the ViT's params}. With `accum_steps` > 1 the backbone runs on
+  micro-batches too (`train_state.value_and_grad`).
   """
-  del rng  # no randomness on device: the backbone is frozen, the heads are linear
-  hidden = _features(backbone, frozen["backbone"], batch["image"], heads.layers)
-  labels = batch["label"]
-
-  def loss_fn(params):
+  def loss_fn(params, micro, rng):
+    del rng  # no randomness on device: the backbone is frozen, the heads are linear
+    hidden = _features(backbone, frozen["backbone"], micro["image"], heads.layers)
+    labels = micro["label"]
     logits = heads.apply({"params": params}, hidden)
-    losses = {i: optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
-              for i, x in logits.items()}
-    return sum(losses.values()), (logits, losses)
+    metrics = {}
+    for i, x in logits.items():
+      metrics[f"loss_layer{i}"] = optax.softmax_cross_entropy_with_integer_labels(
+          x, labels).mean()
+      metrics[f"train_accuracy_layer{i}"] = jnp.mean(jnp.argmax(x, -1) == labels)
+    return sum(metrics[f"loss_layer{i}"] for i in logits), (metrics, {})
 
-  (loss, (logits, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (probe_metrics, _)), grads = train_state.value_and_grad(
+      loss_fn, state.params, {"image": batch["image"], "label": batch["label"]},
+      rng, accum_steps)
   new_state, metrics = train_state.apply_gradients(state, grads, loss, tx)
-  metrics.update(loss=loss, learning_rate=schedule(state.step))
-  for i in heads.layers:
-    metrics[f"loss_layer{i}"] = losses[i]
-    metrics[f"train_accuracy_layer{i}"] = jnp.mean(jnp.argmax(logits[i], -1) == labels)
+  metrics.update(loss=loss, learning_rate=schedule(state.step), **probe_metrics)
   return new_state, metrics
 
 
@@ -190,7 +192,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       param_axes=(),  # ProbeHeads: Dense heads without roles, sharded by size
       tx=tx,
       train_step=functools.partial(train_step, backbone=backbone, heads=heads, tx=tx,
-                                   schedule=schedule),
+                                   schedule=schedule,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_train_iterator(
           config, seed=config.seed, start_step=start, process_index=jax.process_index(),

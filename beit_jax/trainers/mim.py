@@ -122,18 +122,28 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: vit.VisionTransformer, tokenize, tx,
-               schedule, max_masked: int) -> tuple[TrainState, dict]:
+               schedule, max_masked: int, accum_steps: int = 1) -> tuple[TrainState, dict]:
   """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1.
 
   frozen: {'tokenizer': its params}. `tokenize=None`: predict the masked patches'
-  normalised pixels of view 1 instead (frozen: {}).
+  normalised pixels of view 1 instead (frozen: {}). With `accum_steps` > 1 the tokenizer and
+  the ViT run on micro-batches (`train_state.value_and_grad`), the loss and accuracy weighted
+  by each micro-batch's masked patches: the whole batch's mean over its masked patches.
   """
   positions, weights = masked_positions(batch["mask"], max_masked)
-  tokens = (None if tokenize is None
-            else tokenize(frozen["tokenizer"], batch["tokenizer_image"]))
-  targets = targets_at(batch, positions, tokens, model.patch_size)  # [B, K] or [B, K, P]
-  (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params, model, batch, positions, targets, weights, rng)
+
+  def loss_fn(params, micro, rng):
+    tokens = (None if tokenize is None
+              else tokenize(frozen["tokenizer"], micro["tokenizer_image"]))
+    targets = targets_at(micro, micro["positions"], tokens, model.patch_size)  # [b, K(, P)]
+    loss, metrics = objective(params, model, micro, micro["positions"], targets,
+                              micro["weights"], rng)
+    return loss, (metrics, {} if tokenize is None else {"targets": targets})
+
+  (_, (metrics, outputs)), grads = train_state.value_and_grad(
+      loss_fn, state.params, dict(batch, positions=positions, weights=weights), rng,
+      accum_steps, weight=lambda micro: micro["weights"].sum())
+  metrics["masked_per_image"] = weights.sum(1).mean()  # per image, not per masked patch
   new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
   metrics.update(update_metrics)
   metrics.update(param_norm=optax.global_norm(new_state.params),
@@ -141,7 +151,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   if tokenize is not None:
     # The accuracy of always predicting the batch's most frequent target: the bar MIM
     # accuracy must clear to mean anything.
-    metrics["majority_baseline"] = _majority_rate(targets, weights, model.vocab_size)
+    metrics["majority_baseline"] = _majority_rate(outputs["targets"], weights,
+                                                  model.vocab_size)
   return new_state, metrics
 
 
@@ -201,7 +212,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       desc="MIM", init_params=init_params, tx=tx, param_axes=vit.PARAM_AXES,
       train_step=functools.partial(train_step, model=model,
                                    tokenize=tokenizer.tokenize if tokenizer else None,
-                                   tx=tx, schedule=schedule, max_masked=max_masked),
+                                   tx=tx, schedule=schedule, max_masked=max_masked,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_pretrain_iterator(
           config, view_specs, seed=config.seed, start_step=start,

@@ -112,24 +112,34 @@ def layer_decay_scales(params: Any, *, depth: int, decay: float) -> Any:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: seg_model.Segmenter, tx, schedule,
-               aux_weight: float
+               aux_weight: float, accum_steps: int = 1
                ) -> tuple[TrainState, dict]:
-  """One step: decode + aux_weight * auxiliary pixel cross-entropy, AdamW update."""
+  """One step: decode + aux_weight * auxiliary pixel cross-entropy, AdamW update.
+
+  With `accum_steps` > 1 (`train_state.value_and_grad`) each micro-batch's losses and pixel
+  accuracy are weighted by its labelled pixels: the whole batch's means over them.
+  """
   del frozen
 
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-    decode, accuracy = segmentation.pixel_cross_entropy(out["logits"], batch["label"])
-    aux, _ = segmentation.pixel_cross_entropy(out["aux_logits"], batch["label"])
-    return decode + aux_weight * aux, (decode, aux, accuracy)
+  def loss_fn(params, micro, rng):
+    out = model.apply({"params": params}, micro["image"], train=True, rngs={"dropout": rng})
+    decode, accuracy = segmentation.pixel_cross_entropy(out["logits"], micro["label"])
+    aux, _ = segmentation.pixel_cross_entropy(out["aux_logits"], micro["label"])
+    return decode + aux_weight * aux, (
+        {"loss_decode": decode, "loss_aux": aux, "train_pixel_accuracy": accuracy}, {})
 
-  (loss, (decode, aux, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (losses, _)), grads = train_state.value_and_grad(
+      loss_fn, state.params, {"image": batch["image"], "label": batch["label"]}, rng,
+      accum_steps, weight=lambda micro: _labelled_pixels(micro["label"], model.num_classes))
   new_state, metrics = train_state.apply_gradients(state, grads, loss, tx)
-  metrics.update(loss=loss, loss_decode=decode, loss_aux=aux, train_pixel_accuracy=accuracy,
-                 learning_rate=schedule(state.step),
-                 param_norm=optax.global_norm(new_state.params))
+  metrics.update(loss=loss, learning_rate=schedule(state.step),
+                 param_norm=optax.global_norm(new_state.params), **losses)
   return new_state, metrics
+
+
+def _labelled_pixels(labels: jax.Array, num_classes: int) -> jax.Array:
+  """The pixels `segmentation.pixel_cross_entropy` averages over: those labelled a class."""
+  return jnp.sum((labels != segmentation.IGNORE) & (labels < num_classes))
 
 
 def predict(params: Any, windows: jax.Array, *, model: seg_model.Segmenter) -> jax.Array:
@@ -173,7 +183,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   return runner.Task(
       desc="Segmentation", init_params=init_params, tx=tx, param_axes=seg_model.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                   aux_weight=config.upernet.aux_weight),
+                                   aux_weight=config.upernet.aux_weight,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_train_iterator(
           config, seed=config.seed, start_step=start, process_index=jax.process_index(),

@@ -202,28 +202,46 @@ def teacher_view(teacher: teachers.Teacher) -> View:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                frozen: dict[str, Any], *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+               config: ml_collections.ConfigDict, accum_steps: int = 1
+               ) -> tuple[TrainState, dict]:
   """One VQ-KD step: distil the teacher's patch features through the quantised codes.
 
   batch: 'image' [B, S, S, 3] in [-1, 1] (VQ-KD's view), 'teacher_image' (the teacher's
   view of the same crops). frozen: {'teacher': its params}.
+
+  With `accum_steps` > 1 the teacher, encoder and decoder run on micro-batches
+  (`train_state.value_and_grad`) and the codebook moves once, after the update, on the
+  whole batch's encoder outputs and codes (EMA, usage, restarts: the whole batch's); the
+  k-means initialisation reads the whole batch too. So the step is the whole batch's,
+  except for the drop path, whose masks each micro-batch draws itself.
   """
   params, codebook = state.params["params"], state.params["codebook"]
-  targets = teacher.features(frozen["teacher"], batch["teacher_image"])  # [B, N, T]
-  enc_rng, dec_rng, init_rng, restart_rng = jax.random.split(rng, 4)
+  enc_rng, _, init_rng, restart_rng = jax.random.split(rng, 4)
 
-  def loss_fn(params):
-    variables = {"params": params, "codebook": codebook}
-    z = model.apply(variables, batch["image"], True, method=vqkd.VQKD.encode,
-                    rngs={"dropout": enc_rng})  # [B, h, w, C], unit
-    # k-means on the first batch (a branch once initialised), before the lookup, as unilm.
-    cb = vqkd.init_codebook(codebook, z, init_rng, config.kmeans_iters)
-    out = model.apply(variables, z, cb["embedding"], targets, True, method=vqkd.VQKD.distill,
-                      rngs={"dropout": dec_rng})
-    return out["loss"], (out["cosine_loss"], out["commitment_loss"], z, out["codes"], cb)
+  def encode(params, images, rng):
+    return model.apply({"params": params, "codebook": codebook}, images, True,
+                       method=vqkd.VQKD.encode, rngs={"dropout": rng})  # [B, h, w, C], unit
 
-  (loss, (cosine, commitment, z, codes, cb)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(params)
+  # k-means on the first batch's z before its loss, as unilm (a branch once initialised).
+  cb = jax.lax.cond(
+      codebook["initted"], lambda c: c,
+      lambda c: vqkd.init_codebook(c, encode(params, batch["image"], enc_rng), init_rng,
+                                   config.kmeans_iters), codebook)
+
+  def loss_fn(params, micro, rng):
+    enc_rng, dec_rng = jax.random.split(rng, 4)[:2]
+    targets = teacher.features(frozen["teacher"], micro["teacher_image"])  # [b, N, T]
+    z = encode(params, micro["image"], enc_rng)
+    out = model.apply({"params": params, "codebook": codebook}, z, cb["embedding"], targets,
+                      True, method=vqkd.VQKD.distill, rngs={"dropout": dec_rng})
+    return out["loss"], ({"cosine_loss": out["cosine_loss"],
+                          "commitment_loss": out["commitment_loss"]},
+                         {"z": z, "codes": out["codes"]})
+
+  (loss, (losses, outputs)), grads = train_state.value_and_grad(
+      loss_fn, params, {"image": batch["image"], "teacher_image": batch["teacher_image"]},
+      rng, accum_steps)
+  z, codes = outputs["z"], outputs["codes"]
   grads = {"params": grads, "codebook": jax.tree.map(jnp.zeros_like, codebook)}
   new_state, update_metrics = train_state.apply_gradients(state, grads, loss, tx)
   ok = update_metrics["skipped_steps"] == 0
@@ -239,8 +257,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   new_codebook = jax.tree.map(lambda n, o: jnp.where(ok, n, o), updated, codebook)
   new_state = new_state.replace(params={"params": new_state.params["params"],
                                         "codebook": new_codebook})
-  metrics = dict(update_metrics, loss=loss, cosine_loss=cosine, commitment_loss=commitment,
-                 learning_rate=schedule(state.step),
+  metrics = dict(update_metrics, loss=loss, **losses, learning_rate=schedule(state.step),
                  codebook_perplexity=usage.pop("perplexity"),
                  used_fraction=usage["used_codes"] / model.num_codes, **usage)
   return new_state, metrics
@@ -277,7 +294,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       desc="VQ-KD", init_params=lambda rng: tokenizer.init(rng, size), tx=tx,
       param_axes=vqkd.PARAM_AXES,
       train_step=functools.partial(train_step, model=model, teacher=teacher, tx=tx,
-                                   schedule=schedule, config=config),
+                                   schedule=schedule, config=config,
+                                   accum_steps=config.optim.get("accum_steps", 1)),
       total_steps=total_steps, batch_size=config.input.batch_size,
       batches=lambda start: data.make_tokenizer_iterator(
           config, views, seed=config.seed, start_step=start,
