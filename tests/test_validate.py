@@ -17,8 +17,9 @@ BAD_VALUES = {
     "input.color_jitter": -0.4, "input.shuffle_buffer": 0, "optim.lr": 0.0,
     "optim.min_lr": -1e-5, "optim.warmup_epochs": -1, "optim.warmup_steps": -1,
     "optim.b1": 1.0, "optim.b2": 1.5, "optim.eps": -1.0, "optim.weight_decay": -0.05,
-    "optim.grad_clip": -3.0, "optim.accum_steps": 0, "checkpoint.every_steps": 0, "checkpoint.keep": 0,
-    "tokenizer.kind": "vqgan", "tokenizer.vocab_size": 1, "tokenizer.n_hid": 10,
+    "optim.grad_clip": -3.0, "optim.accum_steps": 0, "checkpoint.every_steps": 0,
+    "checkpoint.keep": 0, "tokenizer.kind": "vqgan", "tokenizer.vocab_size": 1,
+    "tokenizer.n_hid": 10,
     "tokenizer.recipe": "configs/dvae.py",
     # The dVAE's run (configs/dvae.py).
     "kl_weight": -1.0, "temperature_end": 0.0, "temperature_anneal_steps": -1,
