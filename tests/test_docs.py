@@ -5,7 +5,6 @@ are built (ml_collections only), nothing of JAX is imported or compiled.
 
 The last tests feed the checks synthetic pages with one mistake each, to show each is caught.
 """
-import pathlib
 import textwrap
 
 import ml_collections

@@ -259,7 +259,6 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
 
 def _gcs_events(workdir: str, local: str, tag: str) -> list[int]:
   """Steps of scalar `tag` in the gs:// workdir's event files (read back by TensorBoard)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   os.makedirs(local, exist_ok=True)
   for f in epath.Path(workdir).glob("events.out.tfevents.*"):

@@ -1,5 +1,6 @@
 """The launchers (launch/): the TPU script against a stand-in gcloud, its host-side helper,
-the SLURM script with SLURM's environment set by hand, the Colab notebook, the README's launcher section."""
+the SLURM script with SLURM's environment set by hand, the Colab notebook, the README's
+launcher section."""
 import ast
 import json
 import os
@@ -117,7 +118,7 @@ def _started_commands(calls):
 
 def _parse_main_flags(argv, monkeypatch):
   """`argv` (after `python -m beit_jax.main`) parsed by main's own flags; (config, flags)."""
-  from beit_jax import main  # pylint: disable=g-import-not-at-top,unused-import
+  from beit_jax import main  # noqa: F401  (defines main's flags)  # pylint: disable=unused-import
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)  # config paths are relative to the repo, as on every host
   # config_flags reads its `--config.*` overrides from sys.argv.
@@ -139,7 +140,8 @@ def _parse_main_flags(argv, monkeypatch):
 # ---------------------------------------------------------------- launch/tpu_vm.sh
 
 
-def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(tmp_path, monkeypatch):
+def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(tmp_path,
+                                                                              monkeypatch):
   proc, calls = _tpu_vm(tmp_path, "run", "configs/beit_base.py", events=["running", DONE])
   assert proc.returncode == 0, proc.stderr
   assert _actions(calls) == ["create vm", "ssh all install", "ssh all start", "ssh 0 status",
@@ -160,7 +162,8 @@ def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(tm
   assert config.trainer == "mim"
 
 
-def test_spot_vm_preempted_is_deleted_created_again_and_the_same_command_rerun(tmp_path, monkeypatch):
+def test_spot_vm_preempted_is_deleted_created_again_and_the_same_command_rerun(tmp_path,
+                                                                               monkeypatch):
   proc, calls = _tpu_vm(tmp_path, "--spot", "run", "configs/beit_base.py",
                         "--config.input.batch_size=1024",
                         events=["running", "vm-preempted", "running", DONE])
@@ -258,7 +261,8 @@ def _status_when(checkout, first_line, timeout=20):
 def test_worker_starts_in_background_reports_and_stops_with_sigterm(tmp_path):
   checkout = tmp_path / "beit-jax"
   (checkout / "launch").mkdir(parents=True)
-  (checkout / "launch" / "tpu_worker.sh").write_text(open(os.path.join(LAUNCH, "tpu_worker.sh")).read())
+  worker = open(os.path.join(LAUNCH, "tpu_worker.sh")).read()
+  (checkout / "launch" / "tpu_worker.sh").write_text(worker)
   assert _worker(checkout, "status").splitlines() == ["none"]
   # A stand-in run that, like beit_jax.main, saves and exits 0 with one line at a SIGTERM.
   run = ("import signal, sys, time\n"
@@ -393,7 +397,8 @@ def test_sigterm_before_the_time_limit_is_passed_on_and_the_job_requeued(tmp_pat
   assert proc.returncode == 0, out
   argv, term = record.read_text().splitlines()
   assert argv == ("--kill-on-bad-exit=1 python -m beit_jax.main --multihost "
-                  "--config=configs/beit_base.py --workdir=/shared/w --config.input.batch_size=1024")
+                  "--config=configs/beit_base.py --workdir=/shared/w "
+                  "--config.input.batch_size=1024")
   assert term == "TERM"
   assert (tmp_path / "scontrol").read_text() == "requeue 77\n"
   assert "requeueing job 77" in out

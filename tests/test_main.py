@@ -16,6 +16,10 @@ from tests.tiny_config import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _checkpoints(workdir) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def _scalars(logdir, tag):
   """(step, value) of a scalar clu wrote (TF2 summaries are stored as tensors)."""
   acc = event_accumulator.EventAccumulator(str(logdir))
@@ -32,7 +36,7 @@ def test_tiny_run_both_stages_then_resume(tmp_path):
   metrics = main.run(config, str(workdir))
   assert np.isfinite(metrics["loss"]) and 0 <= metrics["mim_accuracy"] <= 1
   assert (workdir / "tokenizer" / "checkpoints" / "4").exists()
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  assert _checkpoints(workdir) == ["3", "6"]
   assert json.loads((workdir / "config.json").read_text())["model"]["depth"] == 2
   pngs = sorted(p.name for p in (workdir / "images").glob("*.png"))
   assert pngs == ["mim_0000006.png"]
@@ -44,7 +48,7 @@ def test_tiny_run_both_stages_then_resume(tmp_path):
   main.run(config, str(workdir))
   steps = [s for s, _ in _scalars(workdir, "loss")]
   assert steps == [2, 4, 6, 8]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
+  assert _checkpoints(workdir) == ["6", "8"]
 
 
 @pytest.mark.parametrize("field,value,message", [

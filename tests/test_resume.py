@@ -28,7 +28,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
                  capture_output=True, timeout=600)
 
   crashed = tmp_path / "crashed"
-  last = runs.kill_mid_run(_cli(crashed, tok, steps), crashed, at_step=6, total_steps=steps, env=env)
+  last = runs.kill_mid_run(_cli(crashed, tok, steps), crashed, at_step=6, total_steps=steps,
+                           env=env)
   rerun = subprocess.run(_cli(crashed, tok, steps), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=600)
   # It continued from the checkpoint (a restart from 0 would also end identical).

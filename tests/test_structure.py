@@ -5,6 +5,7 @@ import ast
 import importlib.metadata
 import pathlib
 import re
+import subprocess
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ PACKAGE = "beit_jax"
 # pytest-xdist (and its execnet): the pytest plugin that runs the tests on both cores.
 # jax-cuda12-plugin and -pjrt (requirements-gpu.txt): jax loads them as its CUDA plugin.
 RUNTIME_ONLY = {"jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "pytest-xdist",
-                "execnet"}
+                "execnet", "ruff"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -318,3 +319,22 @@ def test_every_import_is_pinned_and_every_pin_imported():
   missing = [n for n in unknown if norm(n) not in pins]
   if missing:
     pytest.fail(f"imported but neither installed nor pinned: {missing}")
+
+
+def _ruff(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache",
+                         "--output-format=concise", *args], cwd=cwd, capture_output=True,
+                        text=True, check=False)
+
+
+def test_the_linter_sees_an_unused_import(tmp_path):
+  (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+  (tmp_path / "bad.py").write_text("import os\n")
+  run = _ruff(".", cwd=tmp_path)
+  assert run.returncode == 1 and "bad.py:1:8: F401" in run.stdout, run.stdout + run.stderr
+
+
+def test_ruff_finds_nothing():
+  """The lint rules of pyproject.toml [tool.ruff] over the package, configs and tests."""
+  run = _ruff(".", cwd=ROOT)
+  assert run.returncode == 0, run.stdout + run.stderr

@@ -120,7 +120,8 @@ def test_width_must_split_into_heads():
 def test_image_size_must_be_a_multiple_of_the_patch():
   config = tiny_config()
   config.input.image_size = 36
-  with pytest.raises(ConfigError, match="input.image_size=36 must be a multiple of input.patch_size=8"):
+  with pytest.raises(ConfigError,
+                     match="input.image_size=36 must be a multiple of input.patch_size=8"):
     trainers.validate_config(config)
 
 

@@ -1,7 +1,8 @@
 r"""Converts BEiT checkpoints between beit-jax and the PyTorch world.
 
   python -m beit_jax.convert --from=unilm --to=beit_jax beit_base_patch16_224_pt22k.pth DST
-  python -m beit_jax.convert --from=unilm --to=beit_jax vqkd_encoder_base_decoder_3x768x12_clip.pth DST
+  python -m beit_jax.convert --from=unilm --to=beit_jax \
+      vqkd_encoder_base_decoder_3x768x12_clip.pth DST
   python -m beit_jax.convert --from=hf --to=beit_jax ./beit-base-patch16-224-pt22k DST
   python -m beit_jax.convert --from=dalle --to=beit_jax ./dall_e DST   # encoder.pkl, decoder.pkl
   python -m beit_jax.convert --from=beit_jax --to=hf WORKDIR ./beit_hf

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from beit_jax.models.vit import SCANNED_BLOCKS
-from beit_jax.param_paths import path_str
 
 SCANNED, UNSCANNED = "scanned", "unscanned"
 _BLOCK = re.compile(r"blocks_(\d+)")
