@@ -41,10 +41,10 @@ from etils import epath
 from PIL import Image
 
 from beit_jax import logs
-from beit_jax import masking
+from beit_jax.data import masking
 from beit_jax import params as params_lib
 from beit_jax import tokenizers
-from beit_jax import visuals
+from beit_jax.training import visuals
 from beit_jax.convert import dalle
 from beit_jax.convert import hf
 from beit_jax.convert import unilm

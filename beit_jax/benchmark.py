@@ -15,7 +15,7 @@ is skipped with a note.
       --compare-pytorch --dtypes=float32,bfloat16
 
 times instead beit-jax's step and the unilm-equivalent PyTorch step
-(`beit_jax/torch_reference.py`: DALL-E encoder + HF BEiT, AdamW) as users run them: each
+(`beit_jax/convert/torch_reference.py`: DALL-E encoder + HF BEiT, AdamW) as users run them: each
 framework in processes of its own, alternating (JAX, PyTorch, JAX, PyTorch, ...: `--rounds`
 of each, so that load from elsewhere hits both alike), each process warming up and then
 timing `--steps` steps on the same batch, once per `--dtypes` entry (`model.dtype`; torch
@@ -54,7 +54,7 @@ _CHILD_ERROR = "beit_jax.benchmark child error: "
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
   """A host batch shaped like the MIM pipeline's: one image per view, a mask."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from beit_jax import masking  # pylint: disable=g-import-not-at-top
+  from beit_jax.data import masking  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   grid = (config.input.image_size // config.input.patch_size,) * 2
@@ -99,11 +99,11 @@ def _check_trainer(config) -> None:
 def _build(config) -> _Built:
   """Compiles `config`'s MIM step on synthetic batches, random tokenizer weights."""
   import jax  # pylint: disable=g-import-not-at-top
-  from beit_jax import runner  # pylint: disable=g-import-not-at-top
-  from beit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import runner  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
-  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
 
   _check_trainer(config)
@@ -146,7 +146,7 @@ def benchmark(config, *, steps: int = 10, pipeline_batches: int = 40,
   figures and returns them."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
   from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
 
@@ -250,9 +250,9 @@ def _host_line(c: HostCost) -> str:
 
 
 def _import_torch_reference():
-  """beit_jax.torch_reference, or a one-line error naming the package that is missing."""
+  """beit_jax.convert.torch_reference, or a one-line error naming the package that is missing."""
   try:
-    from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
+    from beit_jax.convert import torch_reference  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     what = f"the {e.name!r} package" if e.name else f"what failed to import ({e})"
     raise ConfigError(_needs(what)) from e
@@ -320,9 +320,9 @@ def _jax_breakdown(b: _Built, repeats: int) -> tuple[dict[str, float], dict[str,
   ViT forward + loss, backward (forward + backward minus forward), the optimizer update
   (donated, as in the step)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
-  from beit_jax import train_state  # pylint: disable=g-import-not-at-top
-  from beit_jax import mim_objective as mim  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import mim_objective as mim  # pylint: disable=g-import-not-at-top
   config = b.config
   model = mim.make_model(config)
   max_masked = mim.max_masked(config)
@@ -377,7 +377,7 @@ def _time_jax(spec: dict) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import hardware  # pylint: disable=g-import-not-at-top
   b = _build(spec["config"])
 
   def step():
@@ -500,7 +500,7 @@ def compare_pytorch(config, *, steps: int = 3, rounds: int = 2, warmup: int = 1,
   import json  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from beit_jax import hardware  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import hardware  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
 
   _check_torch_packages()  # a missing package: one line, before any process starts

@@ -32,7 +32,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from beit_jax import planning
+from beit_jax.training import planning
 from beit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)

@@ -37,12 +37,12 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import logs
 from beit_jax import params as params_lib
 from beit_jax import tokenizers
-from beit_jax import visuals
-from beit_jax import workdir
+from beit_jax.training import visuals
+from beit_jax.training import workdir
 from beit_jax.data import embedded
 from beit_jax.data import views
 from beit_jax.errors import ConfigError

@@ -26,13 +26,13 @@ def unset(kind: type):
 
 
 def mesh_config(fsdp: int = 1, tensor: int = 1, slices: int = 1) -> dict:
-  """Device mesh axes (beit_jax/sharding.py): slices (TPU slices / GPU nodes, over the
+  """Device mesh axes (beit_jax/training/sharding.py): slices (TPU slices / GPU nodes, over the
   data-center network), then data (-1: the remaining devices), fsdp, tensor."""
   return dict(slice=slices, data=-1, fsdp=fsdp, tensor=tensor)
 
 
 def sharding_config() -> dict:
-  """How weights and activations map onto the mesh (beit_jax/sharding.py).
+  """How weights and activations map onto the mesh (beit_jax/training/sharding.py).
 
   rules: logical axis (the models' names of weight and activation dimensions) -> mesh
     axes; for each dimension the first rule whose axes are free and divide it.

@@ -51,8 +51,8 @@ def pretrained(tmp_path_factory):
   import jax.numpy as jnp
   import numpy as np
   from flax import traverse_util
-  from beit_jax import checkpoint
-  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import checkpoint
+  from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config
   config = tiny_config()
   model = mim_objective.make_model(config)

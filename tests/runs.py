@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from beit_jax import benchmark
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import params as params_lib
 from beit_jax import tokenizers
 from tests.tiny_config import tiny_config

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import tokenizers
 from beit_jax import trainers
 from beit_jax.errors import ConfigError

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import beit_jax
-from beit_jax import checkpoint
-from beit_jax import loop
+from beit_jax.training import checkpoint
+from beit_jax.training import loop
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from tests import runs

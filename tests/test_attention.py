@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beit_jax import hardware
-from beit_jax import mim_objective
+from beit_jax.training import hardware
+from beit_jax.training import mim_objective
 from beit_jax.models import vit
 
 TINY = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, image_size=24)

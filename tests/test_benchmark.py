@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from beit_jax import benchmark
-from beit_jax import hardware
+from beit_jax.training import hardware
 from beit_jax.errors import ConfigError
 from configs import beit_base
 from tests.tiny_config import tiny_config, tiny_finetune_config
@@ -179,7 +179,7 @@ def test_host_cost_counts_the_first_touches_of_fresh_memory():
 def test_the_torch_reference_loss_reads_the_masked_positions_only():
   pytest.importorskip("dall_e")
   torch = pytest.importorskip("torch")
-  from beit_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from beit_jax.convert import torch_reference  # pylint: disable=g-import-not-at-top
   from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
   kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, image_size=16,
             vocab_size=64, num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=False,
@@ -205,10 +205,10 @@ def test_the_torch_reference_loss_reads_the_masked_positions_only():
 
 
 def test_compare_pytorch_without_torch_is_a_one_line_error(monkeypatch):
-  import beit_jax  # pylint: disable=g-import-not-at-top
+  from beit_jax import convert  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
-  monkeypatch.delitem(sys.modules, "beit_jax.torch_reference", raising=False)
-  monkeypatch.delattr(beit_jax, "torch_reference", raising=False)
+  monkeypatch.delitem(sys.modules, "beit_jax.convert.torch_reference", raising=False)
+  monkeypatch.delattr(convert, "torch_reference", raising=False)
   with pytest.raises(ConfigError) as e:
     benchmark.compare_pytorch(_shrunk(beit_base.get_config()))
   assert "'torch'" in str(e.value) and "pip install -r requirements-interop.txt" in str(e.value)

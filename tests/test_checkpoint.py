@@ -5,11 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import params as params_lib
-from beit_jax import runner
-from beit_jax import train_state
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import train_state
+from beit_jax.training import sharding
 from beit_jax.errors import ConfigError
 
 

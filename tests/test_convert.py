@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import interpolate
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import params as params_lib
 from beit_jax import tokenizers
 from beit_jax.convert import dalle
@@ -28,7 +28,7 @@ from beit_jax.convert.__main__ import main
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 from beit_jax.models import vit
-from beit_jax import mim_objective
+from beit_jax.training import mim_objective
 from tests.tiny_config import tiny_config
 
 HF_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

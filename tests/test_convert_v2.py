@@ -24,7 +24,7 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models import vqkd as vqkd_model
 from beit_jax.trainers import mim
-from beit_jax import mim_objective
+from beit_jax.training import mim_objective
 from configs import vqkd_clip_base
 from tests.tiny_config import tiny_config
 

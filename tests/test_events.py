@@ -1,12 +1,13 @@
-"""beit_jax.events: TensorBoard event files through epath, read back by TensorBoard's reader."""
+"""beit_jax.training.events: TensorBoard event files through epath, read back by
+TensorBoard's reader."""
 import numpy as np
 import pytest
 import tensorflow as tf
 from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
-from beit_jax import events
-from beit_jax import loop
+from beit_jax.training import events
+from beit_jax.training import loop
 
 
 def _accumulator(logdir):

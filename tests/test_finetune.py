@@ -9,12 +9,12 @@ from flax import traverse_util
 from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
 
-from beit_jax import classification
+from beit_jax.evaluation import classification
 from beit_jax import main
-from beit_jax import optim
+from beit_jax.training import optim
 from beit_jax import params as params_lib
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax.convert import relpos
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import finetune

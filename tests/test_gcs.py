@@ -5,7 +5,7 @@ emulator and is tested here for real: file operations, checkpoints, and tiny MIM
 through `main.run` and the CLI (resume after SIGKILL, fallback, keep-N, init_from,
 TensorBoard events, unusable buckets). TensorFlow's GCS filesystem (tf.summary, so clu's
 default TensorBoard writer, tf.io.gfile) cannot be pointed at it -- the reason
-beit_jax/events.py writes events through epath: that is shown in a network namespace
+beit_jax/training/events.py writes events through epath: that is shown in a network namespace
 with no way out, so it fails at once instead of going to GCS.
 """
 import json
@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import params as params_lib
 from beit_jax.errors import ConfigError
 from tests import gcs_emulator as gcs_emulator_module
@@ -183,7 +183,7 @@ def test_save_params_and_load_params(gcs_dir):  # pylint: disable=redefined-oute
 
 
 def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
-  from beit_jax import workdir  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import workdir  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({"model": {"variant": "tiny", "patch": (16, 16)}})
   workdir.prepare(config, gcs_dir)
@@ -191,7 +191,7 @@ def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
 
 
 def test_png_of_visuals(gcs_dir):  # pylint: disable=redefined-outer-name
-  from beit_jax import visuals  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import visuals  # pylint: disable=g-import-not-at-top
   image_dir = epath.Path(gcs_dir) / "images"
   image_dir.mkdir(parents=True, exist_ok=True)
   visuals.write_png(image_dir / "x_0000001.png", np.full((4, 6, 3), 0.5, np.float32))
@@ -233,7 +233,7 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
   """tf.io.gfile and clu's TensorBoard writer go to www.googleapis.com, emulator or not.
 
   Run in a network namespace of its own (loopback only), so the attempt fails at DNS
-  and nothing leaves the machine. This is why beit_jax/events.py writes TensorBoard
+  and nothing leaves the machine. This is why beit_jax/training/events.py writes TensorBoard
   events through epath (test_mim_run_on_gcs_init_from_keep_n_and_fallback reads them).
   """
   if not _netns_available():
@@ -280,7 +280,7 @@ def _flat(params) -> dict:
 
 def _random_vit(config, path: str) -> dict:
   """Random params of the MIM model of `config`, saved at `path` (for `init_from`)."""
-  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
   shapes = jax.eval_shape(lambda: mim_objective.make_model(config).init(
       {"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)),

@@ -88,7 +88,8 @@ def _zeros_like_init(module, *args, **kwargs):
 def test_tokenizer_vocabulary_must_match_the_config(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from beit_jax import checkpoint, tokenizers  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from beit_jax import tokenizers
   config = tiny_config()
   model = tokenizers.build(config.tokenizer).model  # 64 codes
   params = _zeros_like_init(model, {"params": jax.random.key(0), "gumbel": jax.random.key(0)},
@@ -108,7 +109,7 @@ def test_missing_init_from_is_a_config_error(tmp_path):
 
 
 def test_a_workdir_gives_back_its_exact_config(tmp_path):
-  from beit_jax import workdir  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import workdir  # pylint: disable=g-import-not-at-top
   from configs import from_workdir  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   workdir.prepare(config, str(tmp_path))

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from beit_jax import masking
+from beit_jax.data import masking
 from beit_jax.errors import ConfigError
 
 N = 2000  # masks per statistic

@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import trainers
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import mim
-from beit_jax import mim_objective
+from beit_jax.training import mim_objective
 from tests.tiny_config import tiny_config
 
 

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from beit_jax import optim
+from beit_jax.training import optim
 from beit_jax.errors import ConfigError
 
 

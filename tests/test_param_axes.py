@@ -10,15 +10,15 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from beit_jax.params import blocks
-from beit_jax import optim
-from beit_jax import sharding
-from beit_jax import train_state
+from beit_jax.training import optim
+from beit_jax.training import sharding
+from beit_jax.training import train_state
 from beit_jax.models import dvae
 from beit_jax.models import segmentation
 from beit_jax.models import teachers
 from beit_jax.models import vit
 from beit_jax.models import vqkd
-from beit_jax.param_paths import path_str
+from beit_jax.models.paths import path_str
 from configs import common
 
 _VIT = dict(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32)

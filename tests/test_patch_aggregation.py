@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import trainers
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from beit_jax import planning as plan
+from beit_jax.training import planning as plan
 from beit_jax.errors import ConfigError
 from tests.tiny_config import tiny_config
 

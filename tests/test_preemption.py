@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from tests import runs
 
 LINE = (r"^beit_jax: MIM preempted at step (\d+); checkpoint saved in (\S+); rerun the same "

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import params as params_lib
-from beit_jax import runner
+from beit_jax.training import runner
 from beit_jax import tokenizers
 from beit_jax.data import pretrain
 from beit_jax.errors import TrainingError

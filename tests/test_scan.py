@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from beit_jax.params import blocks
-from beit_jax import checkpoint
-from beit_jax import optim
+from beit_jax.training import checkpoint
+from beit_jax.training import optim
 from beit_jax import params as params_lib
-from beit_jax import sharding
+from beit_jax.training import sharding
 from beit_jax.models import vit
 from configs import common
 from tests import runs

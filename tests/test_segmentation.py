@@ -9,10 +9,10 @@ import pytest
 from flax import traverse_util
 
 from beit_jax import main
-from beit_jax import optim
+from beit_jax.training import optim
 from beit_jax import params as params_lib
-from beit_jax import segmentation
-from beit_jax import sharding
+from beit_jax.evaluation import segmentation
+from beit_jax.training import sharding
 from beit_jax.convert import relpos
 from beit_jax.models import segmentation as seg_model
 from beit_jax.trainers import segmentation as trainer

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit_jax import segmentation
+from beit_jax.evaluation import segmentation
 from beit_jax.data import embedded
 from beit_jax.data import segmentation as data
 from beit_jax.errors import ConfigError
@@ -125,7 +125,7 @@ def test_a_folder_of_pairs_is_evaluated_with_bad_pairs_counted(tmp_path):
 
 
 def _mesh():
-  from beit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
   return sharding.make_mesh({"data": -1})
 
 

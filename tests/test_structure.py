@@ -106,11 +106,11 @@ def test_the_checker_sees_cycles_and_trainer_imports():
            "beit_jax.c": {"beit_jax.a"}, "beit_jax.d": set()}
   assert find_cycle(graph) == ["beit_jax.a", "beit_jax.b", "beit_jax.c", "beit_jax.a"]
   assert find_cycle({"beit_jax.a": {"beit_jax.b"}, "beit_jax.b": set()}) is None
-  graph = {"beit_jax.visuals": {"beit_jax.trainers.mim"},
+  graph = {"beit_jax.training.visuals": {"beit_jax.trainers.mim"},
            "beit_jax.trainers.mim": {"beit_jax.trainers.dvae"},
            "beit_jax.trainers": set(), "beit_jax.main": {"beit_jax.trainers"}}
   assert trainer_violations(graph) == [
-      "beit_jax.visuals imports the trainer beit_jax.trainers.mim",
+      "beit_jax.training.visuals imports the trainer beit_jax.trainers.mim",
       "trainer beit_jax.trainers.mim imports trainer beit_jax.trainers.dvae"]
   tree = ast.parse("from beit_jax.data import ops\nimport beit_jax.models.vit\n"
                    "def f():\n  from beit_jax import trainers\n")
@@ -133,8 +133,8 @@ def test_trainers_are_imported_only_by_the_dispatch():
 
 # The models (beit_jax/models/) raise plain ValueErrors about their attributes and arrays,
 # for direct users of the API; the config's rules and ConfigErrors, which name fields,
-# belong to the code that reads the config (e.g. model_rules.py, run once at start).
-_CONFIG_ONLY = (f"{PACKAGE}.errors", f"{PACKAGE}.validate")
+# belong to the code that reads the config (e.g. training/model_rules.py, run once at start).
+_CONFIG_ONLY = (f"{PACKAGE}.errors", f"{PACKAGE}.training.validate")
 
 
 def model_config_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -145,22 +145,22 @@ def model_config_violations(graph: dict[str, set[str]]) -> list[str]:
 
 def test_models_raise_no_config_errors():
   assert model_config_violations({"beit_jax.models.vit": {"beit_jax.errors"},
-                                  "beit_jax.model_rules": {"beit_jax.errors"}}) == [
+                                  "beit_jax.training.model_rules": {"beit_jax.errors"}}) == [
                                       "beit_jax.models.vit imports beit_jax.errors"]
   modules = package_modules()
   assert f"{PACKAGE}.models.vit" in modules  # the check looks at the real tree
   assert model_config_violations(import_graph(modules)) == []
 
 
-# TensorFlow belongs to the input pipelines: only beit_jax/data/ and masking.py (its tf.data
-# mask ops) import it, and they load it at its first use (`with epy.lazy_imports():`), so
-# that models, trainers, the benchmark and the plan tool import without it
+# TensorFlow belongs to the input pipelines: only beit_jax/data/ (masking.py included: its
+# tf.data mask ops) imports it, and loads it at its first use (`with epy.lazy_imports():`),
+# so that models, trainers, the benchmark and the plan tool import without it
 # (tests/test_tf_free.py runs them where `import tensorflow` fails).
 TF_PACKAGES = ("tensorflow", "tensorflow_datasets")
 
 
 def _tf_allowed(module: str) -> bool:
-  return module.startswith(f"{PACKAGE}.data.") or module == f"{PACKAGE}.masking"
+  return module.startswith(f"{PACKAGE}.data.")
 
 
 def tf_import_violations(trees: dict[str, ast.AST]) -> list[str]:
@@ -192,13 +192,14 @@ def tf_import_violations(trees: dict[str, ast.AST]) -> list[str]:
 def test_the_checker_sees_tensorflow_imports():
   lazy = "from etils import epy\nwith epy.lazy_imports():\n  import tensorflow as tf\n"
   trees = {"beit_jax.data.ops": ast.parse(lazy),
-           "beit_jax.masking": ast.parse("import tensorflow as tf\n"),
-           "beit_jax.runner": ast.parse("def f():\n  from tensorflow_datasets import core\n"),
+           "beit_jax.data.masking": ast.parse("import tensorflow as tf\n"),
+           "beit_jax.training.runner": ast.parse(
+               "def f():\n  from tensorflow_datasets import core\n"),
            "beit_jax.models.vit": ast.parse(lazy)}
   assert tf_import_violations(trees) == [
-      "beit_jax.masking imports tensorflow at import time, not in epy.lazy_imports()",
+      "beit_jax.data.masking imports tensorflow at import time, not in epy.lazy_imports()",
       "beit_jax.models.vit imports tensorflow: only the input pipelines may",
-      "beit_jax.runner imports tensorflow_datasets: only the input pipelines may"]
+      "beit_jax.training.runner imports tensorflow_datasets: only the input pipelines may"]
 
 
 def test_tensorflow_is_loaded_by_the_input_pipelines_only_at_first_use():
@@ -211,9 +212,10 @@ def test_tensorflow_is_loaded_by_the_input_pipelines_only_at_first_use():
 # --------------------------------------------------------------------------- loading weights
 
 # Who may touch checkpoints on disk with orbax: `params.read` (a checkpoint's params, for a
-# model), `checkpoint` (saving, and resuming a run's train state), `classification` (its
-# best/ record, written through `checkpoint`'s manager).
-ORBAX_ALLOWED = {f"{PACKAGE}.params.read", f"{PACKAGE}.checkpoint", f"{PACKAGE}.classification"}
+# model), `training.checkpoint` (saving, and resuming a run's train state),
+# `evaluation.classification` (its best/ record, written through `checkpoint`'s manager).
+ORBAX_ALLOWED = {f"{PACKAGE}.params.read", f"{PACKAGE}.training.checkpoint",
+                 f"{PACKAGE}.evaluation.classification"}
 # params/'s loaders, which other modules call as `params.<name>` (never imported under
 # another name: that is how a second way to load weights would start).
 _LOADERS = ("read", "cast", "load_into")
@@ -246,15 +248,16 @@ def weight_loading_violations(trees: dict[str, ast.AST]) -> list[str]:
 def test_the_checker_sees_weight_loading():
   trees = {"beit_jax.params.read": ast.parse("import orbax.checkpoint as ocp\n"),
            "beit_jax.visualize": ast.parse("import orbax.checkpoint as ocp\n"),
-           "beit_jax.checkpoint": ast.parse(
+           "beit_jax.training.checkpoint": ast.parse(
                "from beit_jax.params.read import read as load_params\n"),
            "beit_jax.trainers.mim": ast.parse("from beit_jax.params import load_into\n"),
            "beit_jax.api": ast.parse("from beit_jax.params import read\n"),
-           "beit_jax.runner": ast.parse("from beit_jax import params\nparams.load_into(t, p)\n")}
+           "beit_jax.training.runner": ast.parse(
+               "from beit_jax import params\nparams.load_into(t, p)\n")}
   assert weight_loading_violations(trees) == [
       "beit_jax.api imports beit_jax.params.read: use beit_jax.params",
-      "beit_jax.checkpoint imports beit_jax.params.read: use beit_jax.params",
       "beit_jax.trainers.mim imports beit_jax.params.load_into: use beit_jax.params",
+      "beit_jax.training.checkpoint imports beit_jax.params.read: use beit_jax.params",
       f"beit_jax.visualize imports orbax.checkpoint: only {sorted(ORBAX_ALLOWED)} may"]
 
 

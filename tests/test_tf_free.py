@@ -24,8 +24,8 @@ sys.meta_path.insert(0, _NoTensorFlow())
 '''
 
 COMPUTE_PATH = ("beit_jax.models.vit", "beit_jax.tokenizers", "beit_jax.trainers.mim",
-                "beit_jax.runner", "beit_jax.benchmark", "beit_jax.planning", "beit_jax.plan",
-                "beit_jax.trainers")
+                "beit_jax.training.runner", "beit_jax.benchmark", "beit_jax.training.planning",
+                "beit_jax.plan", "beit_jax.trainers")
 
 
 def _run(code: str, timeout: float) -> subprocess.CompletedProcess:

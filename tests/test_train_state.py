@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beit_jax import train_state
+from beit_jax.training import train_state
 
 
 def test_non_finite_step_changes_nothing_and_is_counted():

@@ -5,12 +5,12 @@ import numpy as np
 import optax
 import pytest
 
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import tokenizers
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import mim
-from beit_jax import mim_objective
+from beit_jax.training import mim_objective
 from tests.tiny_config import tiny_config
 
 

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 
-from beit_jax import runner
+from beit_jax.training import runner
 from beit_jax import trainers
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from beit_jax import trainers
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.errors import ConfigError
 from tests.tiny_config import tiny_config, tiny_finetune_config
 

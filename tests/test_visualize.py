@@ -11,14 +11,14 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import tokenizers
 from beit_jax import visualize
-from beit_jax import visuals
+from beit_jax.training import visuals
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
-from beit_jax import mim_objective
+from beit_jax.training import mim_objective
 from tests.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -57,7 +57,7 @@ def test_variant_kwargs():
   kw = vit.variant_kwargs('L/16', depth=None, num_heads=8)
   assert kw['depth'] == 24 and kw['num_heads'] == 8
   # The model's errors are plain ValueErrors naming the value, never a config field
-  # (the config's `model.variant` is checked at start: beit_jax/model_rules.py).
+  # (the config's `model.variant` is checked at start: beit_jax/training/model_rules.py).
   with pytest.raises(ValueError, match=r"^ViT variant 'X/16': expected <size>/<patch>.*B/16"):
     vit.variant_kwargs('X/16')
   with pytest.raises(ValueError, match=r"^ViT variant 'B16': expected <size>/<patch>"):

@@ -8,11 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax import main
 from beit_jax import params as params_lib
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import tokenizers
 from beit_jax import trainers
 from beit_jax.params import vit as vit_params
@@ -444,8 +444,8 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
   the token map of its VQ-KD tokenizer, through `python -m beit_jax.visualize`'s `run`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from beit_jax import visualize  # pylint: disable=g-import-not-at-top
-  from beit_jax import visuals  # pylint: disable=g-import-not-at-top
-  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import visuals  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
   vq_config, _, tok_params, _ = saved
   config = tiny_config()

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax.convert import common
 from beit_jax.params import vit as vit_params
 from beit_jax.errors import ConfigError

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 from beit_jax.convert import common
 from beit_jax.convert import unilm
 from beit_jax.errors import ConfigError

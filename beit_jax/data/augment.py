@@ -12,7 +12,7 @@ from etils import epy
 with epy.lazy_imports():
   import tensorflow as tf
 
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.data import ops
 from beit_jax.errors import ConfigError
 

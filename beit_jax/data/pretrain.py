@@ -12,8 +12,8 @@ from etils import epy
 with epy.lazy_imports():
   import tensorflow as tf
 
-from beit_jax import masking
-from beit_jax import validate
+from beit_jax.data import masking
+from beit_jax.training import validate
 from beit_jax.data import augment
 from beit_jax.data import batching
 from beit_jax.data import ops

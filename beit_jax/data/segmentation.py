@@ -19,8 +19,8 @@ ratio; random crop of `input.image_size` (redrawn up to 10 times while one class
 more than `input.cat_max_ratio` of it); flip; photometric distortion; normalise; pad with 0
 (labels with 255). Validation: every image whole, resized to `input.scale` times each of
 `input.eval_scales`, with its label at full size; the sliding windows run on device
-(`beit_jax.segmentation`). An image whose label does not fit (another size, a value that is
-no class) is skipped and counted, in training as in evaluation.
+(`beit_jax.evaluation.segmentation`). An image whose label does not fit (another size, a value
+that is no class) is skipped and counted, in training as in evaluation.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ with epy.lazy_imports():
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.data import batching
 from beit_jax.data import embedded
 from beit_jax.data import ops

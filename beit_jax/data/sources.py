@@ -23,7 +23,7 @@ with epy.lazy_imports():
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.data import embedded
 from beit_jax.data import ops
 from beit_jax.errors import ConfigError

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beit_jax import param_paths
+from beit_jax.models import paths as param_paths
 from beit_jax.models import vit
 
 # Strides of the four pyramid levels, relative to the image.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from beit_jax import param_paths
+from beit_jax.models import paths as param_paths
 
 Initializer = Callable[..., jax.Array]
 
@@ -106,7 +106,7 @@ SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim')
 def size_kwargs(model_cfg: ml_collections.ConfigDict) -> dict:
   """width, depth, num_heads, mlp_dim, patch_size of `config.model` (variant + overrides).
 
-  Its field rules and checks are `beit_jax/model_rules.py`'s, run once at start.
+  Its field rules and checks are `beit_jax/training/model_rules.py`'s, run once at start.
   """
   return variant_kwargs(model_cfg.variant, **{k: model_cfg.get(k) for k in SIZE_FIELDS})
 

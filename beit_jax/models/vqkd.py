@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from beit_jax import param_paths
+from beit_jax.models import paths as param_paths
 from beit_jax.models import vit
 from beit_jax.models.vit import Block, num_patches
 

@@ -240,7 +240,7 @@ def load(path: str, *, num_heads: int | None = None,
 def save(path: str, params: dict[str, np.ndarray], kw: dict[str, Any], source: str) -> None:
   """A beit-jax checkpoint `config.init_from` starts from, with the fields in config.json."""
   # Here, not at the top: `checkpoint` imports `params.blocks`, whose package imports this.
-  from beit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   common.ensure_new_dir(path, "output folder")
   checkpoint.save_params(path, nested(params), {"converted_from": source, "vit": kw})
 

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from beit_jax import params as params_lib
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.data.views import View, vit_view
 from beit_jax.errors import ConfigError
 from beit_jax.tokenizers import dvae, vqkd

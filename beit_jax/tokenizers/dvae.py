@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from beit_jax import params as params_lib
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.data.views import View
 from beit_jax.models import dvae
 from beit_jax.tokenizers.base import Entry

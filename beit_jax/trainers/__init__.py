@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import ml_collections
 from absl import logging
 
-from beit_jax import validate
+from beit_jax.training import validate
 
 if TYPE_CHECKING:  # the runner imports JAX: not for `--help`
-  from beit_jax import runner
+  from beit_jax.training import runner
 
 TRAINERS = ("mim", "dvae", "finetune", "linear_probe", "vqkd", "segmentation")
 RULES = (("trainer", lambda v: v in TRAINERS, f"one of {TRAINERS}"),)
@@ -31,7 +31,8 @@ def module(name: str) -> runner.Trainer:
 
 def _library():
   # pylint: disable=g-import-not-at-top
-  from beit_jax import checkpoint, classification, model_rules, optim, runner, segmentation
+  from beit_jax.training import checkpoint, model_rules, optim, runner
+  from beit_jax.evaluation import classification, segmentation
   from beit_jax import tokenizers
   from beit_jax.data import classification as classification_data
   from beit_jax.data import pretrain

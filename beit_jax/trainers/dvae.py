@@ -15,16 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from beit_jax import optim
-from beit_jax import runner
+from beit_jax.training import optim
+from beit_jax.training import runner
 from beit_jax import tokenizers
-from beit_jax import train_state
-from beit_jax import validate
-from beit_jax import visuals
+from beit_jax.training import train_state
+from beit_jax.training import validate
+from beit_jax.training import visuals
 from beit_jax.data import pretrain as data
 from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
-from beit_jax.train_state import TrainState
+from beit_jax.training.train_state import TrainState
 
 RULES = (
     ("kl_weight", validate.number(0), "a number >= 0"),

@@ -18,16 +18,16 @@ import ml_collections
 import optax
 from absl import logging
 
-from beit_jax import classification
-from beit_jax import optim
+from beit_jax.evaluation import classification
+from beit_jax.training import optim
 from beit_jax import params as params_lib
-from beit_jax import runner
-from beit_jax import train_state
-from beit_jax import validate
+from beit_jax.training import runner
+from beit_jax.training import train_state
+from beit_jax.training import validate
 from beit_jax.data import classification as data
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
-from beit_jax.train_state import TrainState
+from beit_jax.training.train_state import TrainState
 
 RULES = (
     ("label_smoothing", validate.number(0, 1, hi_open=True), "a number in [0, 1)"),

@@ -17,25 +17,25 @@ import ml_collections
 import optax
 from etils import epath
 
-from beit_jax import mim_objective
-from beit_jax.mim_objective import MIM_TARGETS
-from beit_jax.mim_objective import make_model
-from beit_jax.mim_objective import masked_positions
-from beit_jax.mim_objective import objective
-from beit_jax.mim_objective import predicts_pixels
-from beit_jax.mim_objective import targets_at
-from beit_jax import optim
+from beit_jax.training import mim_objective
+from beit_jax.training.mim_objective import MIM_TARGETS
+from beit_jax.training.mim_objective import make_model
+from beit_jax.training.mim_objective import masked_positions
+from beit_jax.training.mim_objective import objective
+from beit_jax.training.mim_objective import predicts_pixels
+from beit_jax.training.mim_objective import targets_at
+from beit_jax.training import optim
 from beit_jax import params as params_lib
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import tokenizers
-from beit_jax import train_state
-from beit_jax import validate
-from beit_jax import visuals
+from beit_jax.training import train_state
+from beit_jax.training import validate
+from beit_jax.training import visuals
 from beit_jax.data import pretrain as data
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
-from beit_jax.train_state import TrainState
+from beit_jax.training.train_state import TrainState
 
 _PATCH_AGGREGATION_KEYS = ("layer", "depth")
 

@@ -38,13 +38,13 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from beit_jax import optim
-from beit_jax import runner
-from beit_jax import sharding
+from beit_jax.training import optim
+from beit_jax.training import runner
+from beit_jax.training import sharding
 from beit_jax import tokenizers
-from beit_jax import train_state
-from beit_jax import validate
-from beit_jax import visuals
+from beit_jax.training import train_state
+from beit_jax.training import validate
+from beit_jax.training import visuals
 from beit_jax.convert import teachers as convert_teachers
 from beit_jax.data import pretrain as data
 from beit_jax.data.views import View
@@ -52,7 +52,7 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import teachers
 from beit_jax.models import vit
 from beit_jax.models import vqkd
-from beit_jax.train_state import TrainState
+from beit_jax.training.train_state import TrainState
 
 TEACHER_KINDS = ("clip", "dino", "vit", "random")
 # What each teacher kind's checkpoint loads as.

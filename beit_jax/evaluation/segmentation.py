@@ -27,11 +27,11 @@ import optax
 from absl import logging
 from etils import epath
 
-from beit_jax import classification
-from beit_jax import runner
-from beit_jax import sharding
-from beit_jax import validate
-from beit_jax import visuals
+from beit_jax.evaluation import classification
+from beit_jax.training import runner
+from beit_jax.training import sharding
+from beit_jax.training import validate
+from beit_jax.training import visuals
 from beit_jax.data import segmentation as data
 from beit_jax.errors import ConfigError
 

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from beit_jax import checkpoint
+from beit_jax.training import checkpoint
 
 CONFIG_FILE = "config.json"
 

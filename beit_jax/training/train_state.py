@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from beit_jax import sharding
-from beit_jax.param_paths import AxesTable
+from beit_jax.training import sharding
+from beit_jax.models.paths import AxesTable
 
 
 @flax.struct.dataclass

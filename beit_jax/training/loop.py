@@ -26,7 +26,7 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
   elsewhere. Written in a background thread."""
   # Imported by a run, not at the top: clu's metric_writers package imports TensorFlow.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from beit_jax import events  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import events  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.LoggingWriter()]
   if jax.process_index() == 0:
     writers.append(events.EventWriter(workdir))

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from beit_jax.params import blocks
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
-from beit_jax.param_paths import AxesTable, path_str
+from beit_jax.models.paths import AxesTable, path_str
 
 AXES = ("slice", "data", "fsdp", "tensor")
 BATCH_AXES = ("slice", "data", "fsdp")

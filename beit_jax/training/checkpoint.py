@@ -14,7 +14,7 @@ from absl import logging
 from etils import epath
 
 from beit_jax.params import blocks
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.errors import ConfigError
 
 # Reading a checkpoint's params (into a model or to inspect them) is `beit_jax.params`'

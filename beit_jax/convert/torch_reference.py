@@ -120,7 +120,7 @@ def to_torch(batch: dict[str, np.ndarray], device: str = "cpu") -> dict[str, tor
 def matmul_ceiling(size: int, dtype: str, repeats: int = 5, device: str = "cpu") -> float:
   """Achieved FLOP/s of a [size, size] @ [size, size] torch matmul in `dtype` (what
   autocast hands oneDNN or cuBLAS) on `device`, the counterpart of
-  `beit_jax.hardware.matmul_ceiling` (ones as its operands, as there)."""
+  `beit_jax.training.hardware.matmul_ceiling` (ones as its operands, as there)."""
   device = torch.device(device)
   a = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
   torch.mm(a, a)  # warm-up
@@ -132,7 +132,7 @@ def matmul_ceiling(size: int, dtype: str, repeats: int = 5, device: str = "cpu")
 
 def device_kind(device: str) -> str:
   """The device's name as `jax.Device.device_kind` spells it for the same chip
-  ('NVIDIA H100 80GB HBM3'; 'cpu' for the host), for `beit_jax.hardware.known_device`."""
+  ('NVIDIA H100 80GB HBM3'; 'cpu' for the host), for `beit_jax.training.hardware.known_device`."""
   device = torch.device(device)
   return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 

@@ -11,9 +11,9 @@ import re
 import sys
 import time
 
-from beit_jax import hardware
+from beit_jax.training import hardware
 from beit_jax.errors import ConfigError
-from beit_jax.hardware import DEVICES, Device  # in hardware: runs' MFU reads it too
+from beit_jax.training.hardware import DEVICES, Device  # in hardware: runs' MFU reads it too
 
 GIB = 1024**3
 
@@ -171,7 +171,7 @@ def vit_train_flops(config, batch_per_device: int) -> float:
   """The ViT's training FLOPs per device and step: 3x (forward + backward) its matmuls
   (patch embedding, qkv, projection, MLP, the MIM head on the masked positions) and
   attention; the tokenizer, norms and elementwise work are not counted (PaLM's MFU)."""
-  from beit_jax import mim_objective  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
   size = vit.size_kwargs(config.model)
   d, depth, patch = size["width"], size["depth"], size["patch_size"]
@@ -186,7 +186,7 @@ def _batch_structs(config, batch_size: int, mesh) -> dict:
   """The MIM step's batch (what data.pretrain yields) as sharded ShapeDtypeStructs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from beit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
   spec = sharding.batch_sharding(mesh)
   out = {}
@@ -205,8 +205,8 @@ def make_plan(config, target: Target, devices: list, *, compiler: str, stand_in:
   `optim.accum_steps` > 1 (and `compare_accumulation`) the step without accumulation too,
   for the memory accumulation saves."""
   import jax  # pylint: disable=g-import-not-at-top
-  from beit_jax import runner  # pylint: disable=g-import-not-at-top
-  from beit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import runner  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers  # pylint: disable=g-import-not-at-top
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
 

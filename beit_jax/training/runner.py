@@ -24,18 +24,18 @@ import optax
 from absl import logging
 from etils import epath
 
-from beit_jax import checkpoint
-from beit_jax import hardware
-from beit_jax import loop
-from beit_jax import sharding
-from beit_jax import train_state
-from beit_jax import validate
-from beit_jax import workdir as workdir_lib
+from beit_jax.training import checkpoint
+from beit_jax.training import hardware
+from beit_jax.training import loop
+from beit_jax.training import sharding
+from beit_jax.training import train_state
+from beit_jax.training import validate
+from beit_jax.training import workdir as workdir_lib
 from beit_jax.errors import ConfigError
 from beit_jax.errors import Preempted
 from beit_jax.errors import TrainingError
-from beit_jax.param_paths import AxesTable
-from beit_jax.train_state import TrainState
+from beit_jax.models.paths import AxesTable
+from beit_jax.training.train_state import TrainState
 
 if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
   from clu import metric_writers

@@ -7,7 +7,7 @@ direct users of the API; they never name config fields.
 """
 import ml_collections
 
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 

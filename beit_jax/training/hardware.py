@@ -124,7 +124,7 @@ def step_flops(compiled, config, batch) -> float:
   model = config.get("model")
   if flops and model is not None and model.get("scan_layers"):
     import jax  # pylint: disable=g-import-not-at-top
-    from beit_jax import sharding  # pylint: disable=g-import-not-at-top
+    from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
     leaf = jax.tree.leaves(batch)[0]
     batch_per_device = leaf.sharding.shard_shape(leaf.shape)[0]

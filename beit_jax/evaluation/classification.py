@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from beit_jax import checkpoint
-from beit_jax import runner
-from beit_jax import sharding
-from beit_jax import validate
+from beit_jax.training import checkpoint
+from beit_jax.training import runner
+from beit_jax.training import sharding
+from beit_jax.training import validate
 from beit_jax.data import classification as data
 
 RULES = (("eval_every_steps", *validate.POSITIVE_INT),)

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 
 from beit_jax.params import blocks
-from beit_jax import validate
+from beit_jax.training import validate
 from beit_jax.errors import ConfigError
-from beit_jax.param_paths import path_str
+from beit_jax.models.paths import path_str
 
 # Parameters that never get weight decay besides those with ndim <= 1 (biases, norms,
 # LayerScale). unilm decays the mask token and the relative position table.
