@@ -2,17 +2,15 @@
 of one batch k times their size (to float32 rounding), on 8 devices too; a bad value is a
 one-line ConfigError. (tests/test_resume.py kills and resumes a run that accumulates.)"""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from beit_jax.training import runner
 from beit_jax.training import sharding
-from beit_jax import tokenizers
 from beit_jax import trainers
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import finetune
-from beit_jax.trainers import mim
+from tests import mim_step
 from tests.tiny_config import tiny_config
 from tests.tiny_config import tiny_finetune_config
 
@@ -33,19 +31,6 @@ def _mim_config(accum_steps=1):
   return c
 
 
-def _mim_batch(seed):
-  """A batch whose images have 1 to 6 masked patches: micro-batches of unequal counts."""
-  config, rng = _mim_config(), np.random.default_rng(seed)
-  s, t = config.input.image_size, config.input.tokenizer_image_size
-  n = (s // config.input.patch_size) ** 2
-  mask = np.zeros((BATCH, n), bool)
-  for i in range(BATCH):
-    mask[i, rng.choice(n, rng.integers(1, 7), replace=False)] = True
-  return {"image": rng.normal(size=(BATCH, s, s, 3)).astype(np.float32),
-          "tokenizer_image": rng.uniform(size=(BATCH, t, t, 3)).astype(np.float32),
-          "mask": mask}
-
-
 def _steps(built, mesh, batches, step=None):
   """(params, per-step metrics) after `batches`, from the built initial state."""
   state, metrics, step = built.state, [], step or built.step
@@ -56,13 +41,7 @@ def _steps(built, mesh, batches, step=None):
 
 
 def _mim_built(accum_steps, mesh):
-  config = _mim_config(accum_steps)
-  tokenizer = tokenizers.build(config.tokenizer)
-  t = config.input.tokenizer_image_size
-  tok_params = tokenizer.model.init({"params": jax.random.key(1), "gumbel": jax.random.key(2)},
-                                    jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
-  task = mim.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)})
-  return runner.setup(config, task, mesh)
+  return mim_step.setup(_mim_config(accum_steps), mesh)
 
 
 def _assert_same_step(expected, got, keys):
@@ -80,7 +59,7 @@ MIM_METRICS = ("loss", "mim_accuracy", "grad_norm", "majority_baseline", "masked
 
 @pytest.fixture(scope="module")
 def mim_batches():
-  return [_mim_batch(seed) for seed in range(2)]
+  return [mim_step.batch(_mim_config(), seed) for seed in range(2)]
 
 
 def test_mim_4_micro_batches_on_8_devices_are_one_batch_on_one(mim_batches):

@@ -5,12 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from beit_jax.training import runner
 from beit_jax.training import sharding
-from beit_jax import tokenizers
 from beit_jax.errors import ConfigError
-from beit_jax.trainers import mim
 from beit_jax.training import mim_objective
+from tests import mim_step
 from tests.tiny_config import tiny_config
 
 
@@ -33,37 +31,16 @@ def test_mim_loss_is_mean_over_exactly_the_masked_positions():
   np.testing.assert_allclose(metrics["mim_accuracy"], correct, rtol=1e-6)
 
 
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  b, s, t = config.input.batch_size, config.input.image_size, config.input.tokenizer_image_size
-  n = (s // config.input.patch_size) ** 2
-  mask = np.zeros((b, n), bool)
-  for i in range(b):
-    mask[i, rng.choice(n, rng.integers(1, 7), replace=False)] = True
-  return {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
-          "tokenizer_image": rng.uniform(size=(b, t, t, 3)).astype(np.float32),
-          "mask": mask}
-
-
-def _setup(config, mesh):
-  tokenizer = tokenizers.build(config.tokenizer)
-  t = config.input.tokenizer_image_size
-  tok_params = tokenizer.model.init({"params": jax.random.key(1), "gumbel": jax.random.key(2)},
-                                    jnp.zeros((1, t, t, 3)), temperature=1.0)["params"]
-  return runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)}),
-                      mesh)
-
-
 def _two_steps(config, mesh):
   """(final state on the host, per-step metrics, the fraction of all parameter bytes one
   device holds)."""
-  built = _setup(config, mesh)
+  built = mim_step.setup(config, mesh)
   state, step, frozen = built.state, built.step, built.frozen
   leaves = jax.tree.leaves(state.params)
   held = sum(x.addressable_shards[0].data.nbytes for x in leaves) / sum(x.nbytes for x in leaves)
   metrics = []
   for seed in range(2):
-    batch = sharding.host_to_global(_batch(config, seed), mesh)
+    batch = sharding.host_to_global(mim_step.batch(config, seed), mesh)
     state, m = step(state, batch, frozen)
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics, held
@@ -96,7 +73,7 @@ def test_sharded_step_equals_single_device_step(layout):
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   # The step did train: parameters moved away from the initial ones.
-  init = _setup(config, sharding.make_mesh({"data": 1}, jax.devices()[:1])).state
+  init = mim_step.setup(config, sharding.make_mesh({"data": 1}, jax.devices()[:1])).state
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(sharded.params))]
   assert max(moved) > 0
@@ -106,7 +83,7 @@ def test_weights_shard_by_their_role_and_small_ones_stay_whole():
   config = tiny_config()
   config.sharding.min_size = 500
   mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
-  specs = jax.tree.map(lambda x: x.sharding.spec, _setup(config, mesh).state.params)
+  specs = jax.tree.map(lambda x: x.sharding.spec, mim_step.setup(config, mesh).state.params)
   block = specs["blocks_0"]
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
   assert block["attn"]["qkv"]["kernel"] == P("fsdp", None, "tensor")  # [D, 3, heads]
@@ -122,8 +99,8 @@ def test_weights_shard_by_their_role_and_small_ones_stay_whole():
 def test_the_step_constrains_activations_to_the_mesh():
   config = tiny_config()
   mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
-  built = _setup(config, mesh)
-  batch = sharding.host_to_global(_batch(config), mesh)
+  built = mim_step.setup(config, mesh)
+  batch = sharding.host_to_global(mim_step.batch(config), mesh)
   text = built.step.lower(built.state, batch, built.frozen).as_text()
   constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
   batch_axes = '{"slice", "data", "fsdp"}'
