@@ -13,6 +13,7 @@ __all__ = list(_API)
 def __getattr__(name: str):
   if name in _API:
     from beit_jax import api  # pylint: disable=g-import-not-at-top
+
     return getattr(api, name)
   raise AttributeError(f"module 'beit_jax' has no attribute {name!r}")
 

@@ -15,6 +15,7 @@ jitted functions; images are cut and normalised as the model's run saw them at e
 and value range of its view). Results come back as NumPy arrays. The page for users:
 docs/api.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,13 +58,20 @@ from beit_jax.models import vit
 from beit_jax.params import vit as vit_params
 
 _TORCH_FILES = (".pth", ".pt", ".bin", ".ckpt")
-_EXPECTED = ("a beit-jax workdir or checkpoint (config.json + checkpoints/), a HuggingFace BEiT "
-             "folder (config.json + model.safetensors or pytorch_model.bin), a DALL-E folder "
-             "(encoder.pkl, decoder.pkl) or a unilm .pth file")
+_EXPECTED = (
+  "a beit-jax workdir or checkpoint (config.json + checkpoints/), a HuggingFace BEiT "
+  "folder (config.json + model.safetensors or pytorch_model.bin), a DALL-E folder "
+  "(encoder.pkl, decoder.pkl) or a unilm .pth file"
+)
 # PIL's filters for the views' resize methods.
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "lanczos3": Image.Resampling.LANCZOS, "lanczos5": Image.Resampling.LANCZOS,
-             "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
+_RESAMPLE = {
+  "bicubic": Image.Resampling.BICUBIC,
+  "bilinear": Image.Resampling.BILINEAR,
+  "lanczos3": Image.Resampling.LANCZOS,
+  "lanczos5": Image.Resampling.LANCZOS,
+  "nearest": Image.Resampling.NEAREST,
+  "area": Image.Resampling.BOX,
+}
 _DALLE_VIEW = 112  # BEiT's tokenizer view of a 224-pixel image (a 14x14 token grid)
 _MAX_BATCH = 64  # images per call of a jitted function (batches are cut and padded to this)
 
@@ -88,15 +96,19 @@ def _as_list(images: Any) -> list[np.ndarray]:
   out = []
   for x in items:
     if x.ndim != 3 or x.shape[-1] != 3:
-      raise ValueError(f"images: got shape {x.shape}; pass RGB images as [B, H, W, 3], "
-                       "[H, W, 3] or a list of [H, W, 3]")
+      raise ValueError(
+        f"images: got shape {x.shape}; pass RGB images as [B, H, W, 3], "
+        "[H, W, 3] or a list of [H, W, 3]"
+      )
     if x.dtype == np.uint8:
       out.append(x)
     elif np.issubdtype(x.dtype, np.floating):
       lo, hi = float(np.min(x)), float(np.max(x))
       if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"images: float pixels must be in [0, 1], got values in "
-                         f"[{lo:.3g}, {hi:.3g}]; pass uint8 for 0..255")
+        raise ValueError(
+          f"images: float pixels must be in [0, 1], got values in "
+          f"[{lo:.3g}, {hi:.3g}]; pass uint8 for 0..255"
+        )
       out.append(visuals.to_uint8(x))
     else:
       raise ValueError(f"images: dtype {x.dtype}; pass uint8 (0..255) or floats in [0, 1]")
@@ -113,7 +125,7 @@ def _cut(pixels: np.ndarray, size: int, resize: str, crop_pct: float) -> np.ndar
   h, w = pixels.shape[:2]
   side = max(1, round(min(h, w) * crop_pct))
   top, left = (h - side) // 2, (w - side) // 2
-  square = Image.fromarray(np.ascontiguousarray(pixels[top:top + side, left:left + side]))
+  square = Image.fromarray(np.ascontiguousarray(pixels[top : top + side, left : left + side]))
   return np.asarray(square.resize((size, size), _RESAMPLE[resize]), np.float32) / 255.0
 
 
@@ -131,8 +143,10 @@ def _batched(fn, *arrays: np.ndarray) -> Any:
   """fn(*arrays) in padded chunks along axis 0; the outputs (a pytree) concatenated."""
   results = []
   for start, stop, size in _pad_batches(len(arrays[0])):
-    chunk = [np.concatenate([a[start:stop], np.zeros((size - (stop - start),) + a.shape[1:],
-                                                     a.dtype)]) for a in arrays]
+    chunk = [
+      np.concatenate([a[start:stop], np.zeros((size - (stop - start),) + a.shape[1:], a.dtype)])
+      for a in arrays
+    ]
     out = jax.device_get(fn(*chunk))
     results.append(jax.tree.map(lambda x, k=stop - start: np.asarray(x)[:k], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
@@ -147,8 +161,7 @@ def _features(params, images, *, model: vit.VisionTransformer, block: int):
     tokens = model.apply({"params": params}, images)["tokens"]
   else:
     tokens = model.apply({"params": params}, images, return_hidden=(block,))["hidden"][block]
-  return {"cls": tokens[:, 0], "patches": tokens[:, 1:],
-          "pooled": jnp.mean(tokens[:, 1:], axis=1)}
+  return {"cls": tokens[:, 0], "patches": tokens[:, 1:], "pooled": jnp.mean(tokens[:, 1:], axis=1)}
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -198,6 +211,7 @@ class Model:
     tokenizer_params: its params.
     tokenizer_view: its input.
   """
+
   source: str
   config: ml_collections.ConfigDict = dataclasses.field(repr=False)
   vit: vit.VisionTransformer | None = dataclasses.field(default=None, repr=False)
@@ -213,13 +227,18 @@ class Model:
     if self.vit is not None:
       m = self.vit
       heads = ([f"MIM head ({m.vocab_size})"] if m.vocab_size else []) + (
-          [f"classifier ({m.num_classes} classes)"] if m.num_classes else [])
-      parts.append(f"vit={m.depth} blocks x {m.width} wide, {m.num_heads} heads, "
-                   f"{self.grid[0]}x{self.grid[1]} patches of {m.patch_size} px"
-                   + "".join(f", {h}" for h in heads))
+        [f"classifier ({m.num_classes} classes)"] if m.num_classes else []
+      )
+      parts.append(
+        f"vit={m.depth} blocks x {m.width} wide, {m.num_heads} heads, "
+        f"{self.grid[0]}x{self.grid[1]} patches of {m.patch_size} px"
+        + "".join(f", {h}" for h in heads)
+      )
     if self.tokenizer is not None:
-      parts.append(f"tokenizer={self.tokenizer.entry.name} with {self.vocab_size} codes, "
-                   f"{self.tokenizer_view.size} px")
+      parts.append(
+        f"tokenizer={self.tokenizer.entry.name} with {self.vocab_size} codes, "
+        f"{self.tokenizer_view.size} px"
+      )
     return f"Model({', '.join(parts)})"
 
   # --------------------------------------------------------------------- what it is
@@ -244,21 +263,28 @@ class Model:
     return self._need_vit("vocab_size").vocab_size
 
   def _tokenizer_input(self) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(tokenizer_image_size=self.tokenizer_view.size,
-                                          patch_size=self.tokenizer.model.patch_size
-                                          if self.tokenizer.kind == "vqkd" else 0))
+    return ml_collections.ConfigDict(
+      dict(
+        tokenizer_image_size=self.tokenizer_view.size,
+        patch_size=self.tokenizer.model.patch_size if self.tokenizer.kind == "vqkd" else 0,
+      )
+    )
 
   def _need_vit(self, method: str) -> vit.VisionTransformer:
     if self.vit is None:
-      raise ValueError(f"{method}: {self.source} holds a {self.tokenizer.entry.name} "
-                       "tokenizer, no ViT; load a ViT checkpoint for this")
+      raise ValueError(
+        f"{method}: {self.source} holds a {self.tokenizer.entry.name} "
+        "tokenizer, no ViT; load a ViT checkpoint for this"
+      )
     return self.vit
 
   def _need_tokenizer(self, method: str) -> tokenizers.Tokenizer:
     if self.tokenizer is None:
-      raise ValueError(f"{method}: {self.source} has no visual tokenizer; load one (a dVAE "
-                       "or VQ-KD workdir, DALL-E's folder, a unilm VQ-KD .pth) or pass "
-                       "load(..., tokenizer=PATH)")
+      raise ValueError(
+        f"{method}: {self.source} has no visual tokenizer; load one (a dVAE "
+        "or VQ-KD workdir, DALL-E's folder, a unilm VQ-KD .pth) or pass "
+        "load(..., tokenizer=PATH)"
+      )
     return self.tokenizer
 
   # -------------------------------------------------------------------------- inputs
@@ -268,8 +294,9 @@ class Model:
     S is the ViT's input size, else the tokenizer's, unless `size` is given.
     """
     view = self.view or self.tokenizer_view
-    return np.stack([_cut(x, size or view.size, view.resize, self.crop_pct)
-                     for x in _as_list(images)])
+    return np.stack(
+      [_cut(x, size or view.size, view.resize, self.crop_pct) for x in _as_list(images)]
+    )
 
   def _inputs(self, images: Any, view: views.View) -> np.ndarray:
     """The model input of `view`: cut, resized and normalised as the run's evaluation."""
@@ -279,8 +306,10 @@ class Model:
   def _block(self, block: int, method: str) -> int:
     depth = self._need_vit(method).depth
     if not isinstance(block, (int, np.integer)) or not -depth <= block < depth:
-      raise ValueError(f"{method}: block={block!r} must be in {-depth}..{depth - 1} (the ViT "
-                       f"has {depth} blocks; negative counts from the end)")
+      raise ValueError(
+        f"{method}: block={block!r} must be in {-depth}..{depth - 1} (the ViT "
+        f"has {depth} blocks; negative counts from the end)"
+      )
     return int(block) % depth
 
   def _mask(self, mask: Any, batch: int) -> np.ndarray:
@@ -296,8 +325,10 @@ class Model:
     elif m.shape in ((batch, h, w), (batch, n)):
       m = m.reshape(batch, n)
     else:
-      raise ValueError(f"predict_masked: mask has shape {m.shape}; expected {(h, w)} or "
-                       f"{(n,)} (every image), or one per image: {(batch, h, w)}")
+      raise ValueError(
+        f"predict_masked: mask has shape {m.shape}; expected {(h, w)} or "
+        f"{(n,)} (every image), or one per image: {(batch, h, w)}"
+      )
     return np.ascontiguousarray(m)
 
   # ----------------------------------------------------------------------- the ViT
@@ -328,8 +359,10 @@ class Model:
     """
     model = self._need_vit("predict_masked")
     if not model.vocab_size:
-      raise ValueError(f"predict_masked: the ViT from {self.source} has no MIM head "
-                       "(lm_head); load a pretraining checkpoint")
+      raise ValueError(
+        f"predict_masked: the ViT from {self.source} has no MIM head "
+        "(lm_head); load a pretraining checkpoint"
+      )
     inputs = self._inputs(images, self.view)
     mask = self._mask(mask, len(inputs))
     fn = functools.partial(_predict_masked, self.params, model=model)
@@ -337,8 +370,13 @@ class Model:
     shape = (len(inputs),) + self.grid
     return {"logits": logits, "tokens": tokens.reshape(shape), "mask": mask.reshape(shape)}
 
-  def attention(self, images: Any, block: int = -1, head: int | None = None,
-                patch: tuple[int, int] | None = None) -> np.ndarray:
+  def attention(
+    self,
+    images: Any,
+    block: int = -1,
+    head: int | None = None,
+    patch: tuple[int, int] | None = None,
+  ) -> np.ndarray:
     """Self-attention (softmax) of one block, over [CLS] (index 0) and the patches.
 
     Args:
@@ -353,10 +391,12 @@ class Model:
     """
     model = self._need_vit("attention")
     block = self._block(block, "attention")
-    if head is not None and not (isinstance(head, (int, np.integer))
-                                 and -model.num_heads <= head < model.num_heads):
-      raise ValueError(f"attention: head={head!r} must be in 0..{model.num_heads - 1} or "
-                       "None (all heads)")
+    if head is not None and not (
+      isinstance(head, (int, np.integer)) and -model.num_heads <= head < model.num_heads
+    ):
+      raise ValueError(
+        f"attention: head={head!r} must be in 0..{model.num_heads - 1} or None (all heads)"
+      )
     fn = functools.partial(_attention, self.params, model=model, block=block)
     att = _batched(fn, self._inputs(images, self.view))  # [B, H, N+1, N+1]
     if patch is not None:
@@ -370,9 +410,11 @@ class Model:
     """A fine-tuned model's classes: {'logits': [B, C], 'probs': [B, C], 'label': [B]}."""
     model = self._need_vit("classify")
     if not model.num_classes:
-      raise ValueError(f"classify: the ViT from {self.source} has no classification head "
-                       "(a pretraining checkpoint); fine-tune it first "
-                       "(configs/finetune_*.py)")
+      raise ValueError(
+        f"classify: the ViT from {self.source} has no classification head "
+        "(a pretraining checkpoint); fine-tune it first "
+        "(configs/finetune_*.py)"
+      )
     fn = functools.partial(_classify, self.params, model=model)
     logits, probs = _batched(fn, self._inputs(images, self.view))
     return {"logits": logits, "probs": probs, "label": np.argmax(logits, -1)}
@@ -388,16 +430,21 @@ class Model:
     """int [B, h, w] (or [h, w]) tokens -> the tokenizer's pictures, [B, S, S, 3] in [0, 1]."""
     tokenizer = self._need_tokenizer("decode")
     if tokenizer.entry.decode is None:
-      raise ValueError(f"decode: a {tokenizer.entry.name} tokenizer cannot draw tokens (its "
-                       "decoder reconstructs teacher features, not pixels)")
+      raise ValueError(
+        f"decode: a {tokenizer.entry.name} tokenizer cannot draw tokens (its "
+        "decoder reconstructs teacher features, not pixels)"
+      )
     if "decoder" not in self.tokenizer_params:
-      raise ValueError(f"decode: the {tokenizer.entry.name} from {self.source} has no "
-                       "decoder (converted from encoder.pkl alone)")
+      raise ValueError(
+        f"decode: the {tokenizer.entry.name} from {self.source} has no "
+        "decoder (converted from encoder.pkl alone)"
+      )
     t = np.asarray(tokens)
     t = t[None] if t.ndim == 2 else t
     if t.ndim != 3 or not np.issubdtype(t.dtype, np.integer):
-      raise ValueError(f"decode: tokens must be integer [B, h, w] or [h, w], got "
-                       f"{t.dtype} {t.shape}")
+      raise ValueError(
+        f"decode: tokens must be integer [B, h, w] or [h, w], got {t.dtype} {t.shape}"
+      )
     if t.size and (t.min() < 0 or t.max() >= self.vocab_size):
       raise ValueError(f"decode: token ids must be in 0..{self.vocab_size - 1}")
     fn = functools.partial(_decode, self.tokenizer_params, tokenizer=tokenizer)
@@ -412,11 +459,18 @@ class Model:
     return make_mask(self.grid, seed=seed, **dict(given, **spec))
 
 
-def make_mask(grid: int | tuple[int, int] = 14, num_masking_patches: int | None = None, *,
-              kind: str = "blockwise", min_num_patches: int | None = None,
-              max_num_patches: int | None = None, min_aspect: float = 0.3,
-              max_aspect: float | None = None, exact: bool = False,
-              seed: int | np.random.Generator | None = None) -> np.ndarray:
+def make_mask(
+  grid: int | tuple[int, int] = 14,
+  num_masking_patches: int | None = None,
+  *,
+  kind: str = "blockwise",
+  min_num_patches: int | None = None,
+  max_num_patches: int | None = None,
+  min_aspect: float = 0.3,
+  max_aspect: float | None = None,
+  exact: bool = False,
+  seed: int | np.random.Generator | None = None,
+) -> np.ndarray:
   """One mask of BEiT's blockwise masking (unilm's MaskingGenerator), bool [h, w].
 
   Args:
@@ -432,10 +486,15 @@ def make_mask(grid: int | tuple[int, int] = 14, num_masking_patches: int | None 
   n = round(75 * rows * cols / 196) if num_masking_patches is None else num_masking_patches
   n = max(1, n)
   spec = masking.MaskSpec(
-      kind=kind, grid=(int(rows), int(cols)), num_masking_patches=n,
-      min_num_patches=min(16, n) if min_num_patches is None else min_num_patches,
-      max_num_patches=max_num_patches, min_aspect=min_aspect, max_aspect=max_aspect,
-      exact=exact)
+    kind=kind,
+    grid=(int(rows), int(cols)),
+    num_masking_patches=n,
+    min_num_patches=min(16, n) if min_num_patches is None else min_num_patches,
+    max_num_patches=max_num_patches,
+    min_aspect=min_aspect,
+    max_aspect=max_aspect,
+    exact=exact,
+  )
   rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
   return masking.make_mask_np(spec, rng).reshape(rows, cols)
 
@@ -457,6 +516,7 @@ def _config_dict(raw: dict) -> ml_collections.ConfigDict:
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
   return ml_collections.ConfigDict(tuples(raw))
 
 
@@ -469,8 +529,9 @@ def _without_decoder(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: v for k, v in params.items() if not fnmatch.fnmatchcase(k, params_lib.DECODER)}
 
 
-def _vit_parts(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int | None,
-               what: str) -> tuple[vit.VisionTransformer, Any]:
+def _vit_parts(
+  params: dict[str, np.ndarray], kw: dict[str, Any], image_size: int | None, what: str
+) -> tuple[vit.VisionTransformer, Any]:
   """The ViT of flat params and model fields; position parameters resized to image_size."""
   if image_size and image_size != kw["image_size"]:
     params, kw = vit_params.adapt(params, kw, image_size=image_size)
@@ -480,12 +541,14 @@ def _vit_parts(params: dict[str, np.ndarray], kw: dict[str, Any], image_size: in
   return vit.VisionTransformer(**kw), _device(vit_params.nested(params))
 
 
-def _beit_jax_vit(path: str, raw: dict | None, image_size: int | None,
-                  num_heads: int | None) -> tuple[vit.VisionTransformer, Any]:
+def _beit_jax_vit(
+  path: str, raw: dict | None, image_size: int | None, num_heads: int | None
+) -> tuple[vit.VisionTransformer, Any]:
   what = f"beit-jax checkpoint {path}"
   params = _without_decoder(vit_params.read(path))
-  kw = vit_params.infer_model_kwargs(params, what, config=raw, num_heads=num_heads,
-                                     fallback_image_size=image_size)
+  kw = vit_params.infer_model_kwargs(
+    params, what, config=raw, num_heads=num_heads, fallback_image_size=image_size
+  )
   return _vit_parts(params, kw, image_size, what)
 
 
@@ -498,13 +561,15 @@ def _tokenizer_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _tokenizer_view(tok: ml_collections.ConfigDict, size: int) -> views.View:
-  inp = ml_collections.ConfigDict(dict(tokenizer_image_size=size,
-                                       patch_size=tok.get("patch_size", 0)))
+  inp = ml_collections.ConfigDict(
+    dict(tokenizer_image_size=size, patch_size=tok.get("patch_size", 0))
+  )
   return tokenizers.entry(tok.kind).view(inp)
 
 
-def _checked_tokenizer(tok: ml_collections.ConfigDict, params: Any, what: str
-                       ) -> tuple[tokenizers.Tokenizer, Any]:
+def _checked_tokenizer(
+  tok: ml_collections.ConfigDict, params: Any, what: str
+) -> tuple[tokenizers.Tokenizer, Any]:
   tokenizer = tokenizers.build(tok)
   tokenizers.check_kind(tok.kind, params, what)
   params = tokenizer.entry.check_params(tokenizer.model, params, what)
@@ -514,49 +579,71 @@ def _checked_tokenizer(tok: ml_collections.ConfigDict, params: Any, what: str
 def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Where a MIM run's tokenizer is: `tokenizer.init_from`, or `<workdir>/tokenizer`."""
   from beit_jax import trainers  # the dispatch: a trainer module is never imported here
+
   if trainers.module("mim").predicts_pixels(config):
     return None
   path = trainers.module("mim").tokenizer_dir(config, workdir)
   return path if epath.Path(path).exists() else None
 
 
-def _from_beit_jax(path: str, root: epath.Path, image_size: int | None,
-                   num_heads: int | None) -> Model:
+def _from_beit_jax(
+  path: str, root: epath.Path, image_size: int | None, num_heads: int | None
+) -> Model:
   """A run's workdir (config.json with a trainer), a converter's output, a step folder."""
   raw = _read_json(root / "config.json")
   config = _config_dict(raw or {})
   trainer = config.get("trainer")
   if trainer in ("dvae", "vqkd"):
     tokenizer, params = tokenizers.load(config.tokenizer, path, field=path)
-    return Model(path, config, tokenizer=tokenizer, tokenizer_params=_device(params),
-                 tokenizer_view=tokenizers.view(config))
+    return Model(
+      path,
+      config,
+      tokenizer=tokenizer,
+      tokenizer_params=_device(params),
+      tokenizer_view=tokenizers.view(config),
+    )
   if trainer in ("linear_probe", "segmentation"):
-    hint = (f"load its backbone ({config.get('init_from') or 'config.init_from'})"
-            if trainer == "linear_probe" else "load the checkpoint its backbone started from")
-    raise ValueError(f"{path} is a {trainer} run: beit_jax.load reads ViTs, classifiers and "
-                     f"tokenizers; {hint}")
+    hint = (
+      f"load its backbone ({config.get('init_from') or 'config.init_from'})"
+      if trainer == "linear_probe"
+      else "load the checkpoint its backbone started from"
+    )
+    raise ValueError(
+      f"{path} is a {trainer} run: beit_jax.load reads ViTs, classifiers and tokenizers; {hint}"
+    )
   if raw is not None and "tokenizer" in raw and "vit" not in raw and not trainer:
     tok = _tokenizer_config(raw["tokenizer"])  # a converted DALL-E or VQ-KD
     params = params_lib.read(path)
     tokenizer, params = _checked_tokenizer(tok, params, path)
     size = image_size or raw["tokenizer"].get("image_size") or _DALLE_VIEW
-    return Model(path, config, tokenizer=tokenizer, tokenizer_params=params,
-                 tokenizer_view=_tokenizer_view(tok, size))
+    return Model(
+      path,
+      config,
+      tokenizer=tokenizer,
+      tokenizer_params=params,
+      tokenizer_view=_tokenizer_view(tok, size),
+    )
   model, params = _beit_jax_vit(path, raw, image_size, num_heads)
   crop = float(config.input.get("eval_crop_pct", 1.0)) if trainer == "finetune" else 1.0
-  out = Model(path, config, vit=model, params=params, view=views.vit_view(model.image_size),
-              crop_pct=crop)
+  out = Model(
+    path, config, vit=model, params=params, view=views.vit_view(model.image_size), crop_pct=crop
+  )
   if trainer == "mim":
     tok_path = _tokenizer_dir(config, path)
     if tok_path is not None:
       tokenizer, tok_params = tokenizers.load(config.tokenizer, tok_path, field=tok_path)
-      out = dataclasses.replace(out, tokenizer=tokenizer, tokenizer_params=_device(tok_params),
-                                tokenizer_view=tokenizers.view(config))
+      out = dataclasses.replace(
+        out,
+        tokenizer=tokenizer,
+        tokenizer_params=_device(tok_params),
+        tokenizer_view=tokenizers.view(config),
+      )
   return out
 
 
-def _paired_view(tok: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-                 model: vit.VisionTransformer) -> views.View:
+def _paired_view(
+  tok: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer, model: vit.VisionTransformer
+) -> views.View:
   """The tokenizer's view whose token grid is the ViT's patch grid (what MIM pairs)."""
   return _tokenizer_view(tok, model.grid[0] * tokenizer.entry.image_multiple(tok))
 
@@ -578,30 +665,44 @@ def _localized(path: str, tmp: str) -> str:
   return local
 
 
-def _from_unilm(path: str, source: str, image_size: int | None,
-                num_heads: int | None) -> Model:
+def _from_unilm(path: str, source: str, image_size: int | None, num_heads: int | None) -> Model:
   what = f"unilm checkpoint {source}"
   sd, _ = unilm.load_checkpoint(path)
   if vqkd_convert.is_vqkd(sd):
-    variables, fields = vqkd_convert.load(sd, f"unilm VQ-KD checkpoint {source}",
-                                          num_heads=num_heads)
+    variables, fields = vqkd_convert.load(
+      sd, f"unilm VQ-KD checkpoint {source}", num_heads=num_heads
+    )
     tok = _tokenizer_config(fields)
     tokenizer, params = _checked_tokenizer(tok, variables, source)
-    return Model(source, ml_collections.ConfigDict({"tokenizer": fields}), tokenizer=tokenizer,
-                 tokenizer_params=params,
-                 tokenizer_view=_tokenizer_view(tok, image_size or fields["image_size"]))
+    return Model(
+      source,
+      ml_collections.ConfigDict({"tokenizer": fields}),
+      tokenizer=tokenizer,
+      tokenizer_params=params,
+      tokenizer_view=_tokenizer_view(tok, image_size or fields["image_size"]),
+    )
   kw = unilm.infer_model_kwargs(sd, what, num_heads=num_heads, fallback_image_size=image_size)
   params = unilm.to_params(sd, kw, what)
   model, params = _vit_parts(params, kw, image_size, what)
-  return Model(source, ml_collections.ConfigDict({"vit": dict(kw)}), vit=model, params=params,
-               view=views.vit_view(model.image_size))
+  return Model(
+    source,
+    ml_collections.ConfigDict({"vit": dict(kw)}),
+    vit=model,
+    params=params,
+    view=views.vit_view(model.image_size),
+  )
 
 
 def _from_hf(path: str, source: str, image_size: int | None) -> Model:
   params, kw = hf.load(path)
   model, params = _vit_parts(params, kw, image_size, f"HF folder {source}")
-  return Model(source, ml_collections.ConfigDict({"vit": dict(kw)}), vit=model, params=params,
-               view=views.vit_view(model.image_size))
+  return Model(
+    source,
+    ml_collections.ConfigDict({"vit": dict(kw)}),
+    vit=model,
+    params=params,
+    view=views.vit_view(model.image_size),
+  )
 
 
 def _from_dalle(path: str, source: str, image_size: int | None) -> Model:
@@ -609,9 +710,13 @@ def _from_dalle(path: str, source: str, image_size: int | None) -> Model:
   params, fields = dalle.load(str(folder), encoder_only=not (folder / "decoder.pkl").exists())
   tok = _tokenizer_config(fields)
   tokenizer, params = _checked_tokenizer(tok, params, source)
-  return Model(source, ml_collections.ConfigDict({"tokenizer": fields}), tokenizer=tokenizer,
-               tokenizer_params=params,
-               tokenizer_view=_tokenizer_view(tok, image_size or _DALLE_VIEW))
+  return Model(
+    source,
+    ml_collections.ConfigDict({"tokenizer": fields}),
+    tokenizer=tokenizer,
+    tokenizer_params=params,
+    tokenizer_view=_tokenizer_view(tok, image_size or _DALLE_VIEW),
+  )
 
 
 def _kind(p: epath.Path) -> str:
@@ -626,14 +731,25 @@ def _kind(p: epath.Path) -> str:
   elif (p / "state").is_dir() or (p / "checkpoints").is_dir():
     return "beit_jax"
   elif (p / "config.json").exists() and any(
-      (p / f).exists() for f in ("model.safetensors", "pytorch_model.bin",
-                                 "model.safetensors.index.json", "pytorch_model.bin.index.json")):
+    (p / f).exists()
+    for f in (
+      "model.safetensors",
+      "pytorch_model.bin",
+      "model.safetensors.index.json",
+      "pytorch_model.bin.index.json",
+    )
+  ):
     return "hf"
   raise ValueError(f"{p} is not a model beit_jax.load reads; expected {_EXPECTED}")
 
 
-def load(source: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-         image_size: int | None = None, num_heads: int | None = None) -> Model:
+def load(
+  source: str | os.PathLike,
+  *,
+  tokenizer: str | os.PathLike | None = None,
+  image_size: int | None = None,
+  num_heads: int | None = None,
+) -> Model:
   """A model from a checkpoint of any kind beit-jax reads (see the module docstring).
 
   Args:
@@ -684,13 +800,16 @@ def _paired(model: Model, other: Model) -> Model:
     raise ValueError(f"load(tokenizer={other.source!r}) holds no visual tokenizer")
   vocab = other.tokenizer.vocab_size(other.tokenizer_params)
   if model.vit.vocab_size and vocab != model.vit.vocab_size:
-    raise ValueError(f"load(tokenizer={other.source!r}): {vocab} codes, but the MIM head of "
-                     f"{model.source} predicts {model.vit.vocab_size}")
+    raise ValueError(
+      f"load(tokenizer={other.source!r}): {vocab} codes, but the MIM head of "
+      f"{model.source} predicts {model.vit.vocab_size}"
+    )
   tok = other.config.get("tokenizer") or ml_collections.ConfigDict({"kind": other.tokenizer.kind})
   tok = _tokenizer_config(dict(tok))
   view = _paired_view(tok, other.tokenizer, model.vit)
-  return dataclasses.replace(model, tokenizer=other.tokenizer,
-                             tokenizer_params=other.tokenizer_params, tokenizer_view=view)
+  return dataclasses.replace(
+    model, tokenizer=other.tokenizer, tokenizer_params=other.tokenizer_params, tokenizer_view=view
+  )
 
 
 # ------------------------------------------------------------------------------ train
@@ -714,8 +833,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     candidates.append(epath.Path(__file__).parent.parent / file)
   path = next((c for c in candidates if c.is_file()), None)
   if path is None:
-    raise FileNotFoundError(f"config {file} does not exist (looked in "
-                            f"{', '.join(str(c) for c in candidates)})")
+    raise FileNotFoundError(
+      f"config {file} does not exist (looked in {', '.join(str(c) for c in candidates)})"
+    )
   root = _config_root(path)
   if root and root not in sys.path:
     sys.path.insert(0, root)
@@ -735,8 +855,10 @@ def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   for i, part in enumerate(parents):
     node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict):
-      raise ConfigError(f"overrides: {key} is not a field of the config "
-                        f"({'.'.join(parents[:i + 1])} is no section)")
+      raise ConfigError(
+        f"overrides: {key} is not a field of the config "
+        f"({'.'.join(parents[: i + 1])} is no section)"
+      )
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f"overrides: {key} is not a field of the config")
   if isinstance(node[leaf], tuple) and isinstance(value, list):
@@ -747,8 +869,11 @@ def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     raise ConfigError(f"overrides: {key}={value!r}: {' '.join(str(e).split())}") from None
 
 
-def train(config: str | ml_collections.ConfigDict, workdir: str | os.PathLike,
-          overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def train(
+  config: str | ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  overrides: dict[str, Any] | None = None,
+) -> dict[str, float]:
   """Runs what `python -m beit_jax.main --config=CONFIG --workdir=WORKDIR` runs.
 
   The same checks before any compute, the same resume from the workdir's latest checkpoint
@@ -770,8 +895,8 @@ def train(config: str | ml_collections.ConfigDict, workdir: str | os.PathLike,
     TrainingError: the run cannot go on (e.g. too many non-finite steps).
   """
   from beit_jax.trainers import run  # the dispatch, as `beit_jax.main` calls it
-  config = (load_config(config) if isinstance(config, (str, os.PathLike))
-            else copy.deepcopy(config))
+
+  config = load_config(config) if isinstance(config, (str, os.PathLike)) else copy.deepcopy(config)
   config.lock()  # as --config= locks it: overrides name existing fields only
   for key, value in (overrides or {}).items():
     _override(config, key, value)

@@ -18,6 +18,8 @@ class Preempted(Exception):
   `step` first; the same command resumes there. `main` says so in one line and exits 0."""
 
   def __init__(self, desc: str, step: int, workdir: str):
-    super().__init__(f"{desc} preempted at step {step}; checkpoint saved in {workdir}; "
-                     "rerun the same command to resume")
+    super().__init__(
+      f"{desc} preempted at step {step}; checkpoint saved in {workdir}; "
+      "rerun the same command to resume"
+    )
     self.desc, self.step, self.workdir = desc, step, workdir

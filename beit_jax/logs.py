@@ -1,4 +1,5 @@
 """Console logging for the command-line tools: our lines, not every library's."""
+
 import logging as std_logging
 import os
 
@@ -11,8 +12,9 @@ class _OrbaxInfoFilter:
   def filter(self, record) -> bool:
     if "/orbax/" not in record.pathname:
       return True
-    return (record.levelno >= std_logging.WARNING
-            and "Metadata file does not exist" not in str(record.msg))
+    return record.levelno >= std_logging.WARNING and "Metadata file does not exist" not in str(
+      record.msg
+    )
 
 
 def quiet_libraries() -> None:

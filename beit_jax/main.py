@@ -5,6 +5,7 @@ Config overrides work as usual for ml_collections, e.g.
 Re-running the same command on the same workdir resumes from its latest checkpoint; a
 SIGTERM (a preemption notice) saves one at the current step and exits 0.
 """
+
 import os
 import sys
 
@@ -24,17 +25,25 @@ from beit_jax import logs
 from beit_jax.errors import ConfigError
 from beit_jax.trainers import run  # the dispatch; `main.run` for scripts and tests
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, images and "
-                               "config.json go (local path or gs://).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Where checkpoints, metrics, images and config.json go (local path or gs://)."
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0, for several processes without a TPU "
-    "pod's auto-detection (with --num_processes and --process_id).")
+  "coordinator",
+  None,
+  "host:port of process 0, for several processes without a TPU "
+  "pod's auto-detection (with --num_processes and --process_id).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
-                               "with auto-detection (TPU pod slices, SLURM).")
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() with auto-detection (TPU pod slices, SLURM).",
+)
 
 
 def main(argv):
@@ -44,14 +53,22 @@ def main(argv):
     sys.exit("beit_jax: error: both --config and --workdir are required")
   logs.quiet_libraries()
   import jax  # pylint: disable=g-import-not-at-top
+
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  logging.info(
+    "JAX %s: process %d/%d, %d local / %d global devices (%s)",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
   from beit_jax.errors import Preempted, TrainingError  # pylint: disable=g-import-not-at-top
+
   try:
     metrics = run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingError) as e:

@@ -26,6 +26,7 @@ A plan reads no data: `input.dataset` is replaced by 'embedded' with an epoch of
 `--epoch_size` examples (ImageNet-1K's 1281167 by default), which sets the schedule's step
 counts only. The tokenizer's params are shapes (`jax.eval_shape` of its init).
 """
+
 import sys
 
 from absl import app
@@ -36,18 +37,28 @@ from beit_jax.training import planning
 from beit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Target, e.g. v5e-64, v4-32, v5p-128, "
-                                "v5e:8x8, h100:8, cpu:8 (see the module doc).")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology",
+  None,
+  "Target, e.g. v5e-64, v4-32, v5p-128, v5e:8x8, h100:8, cpu:8 (see the module doc).",
+)
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
-_ACCUM = flags.DEFINE_integer("accum_steps", None, "Micro-batches per step (default: the "
-                              "config's optim.accum_steps); > 1 also plans the step without.")
-_EPOCH_SIZE = flags.DEFINE_integer("epoch_size", 1281167,
-                                   "Examples per epoch for the schedule (ImageNet-1K train).")
-_MEMORY = flags.DEFINE_float("device_memory_gib", None,
-                             "Override the device's memory (GiB) the verdict is judged on.")
+_ACCUM = flags.DEFINE_integer(
+  "accum_steps",
+  None,
+  "Micro-batches per step (default: the "
+  "config's optim.accum_steps); > 1 also plans the step without.",
+)
+_EPOCH_SIZE = flags.DEFINE_integer(
+  "epoch_size", 1281167, "Examples per epoch for the schedule (ImageNet-1K train)."
+)
+_MEMORY = flags.DEFINE_float(
+  "device_memory_gib", None, "Override the device's memory (GiB) the verdict is judged on."
+)
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Override the device's peak TFLOP/s.")
-_FAKE = flags.DEFINE_bool("fake_devices", False,
-                          "Use fake CPU devices even when libtpu is installed.")
+_FAKE = flags.DEFINE_bool(
+  "fake_devices", False, "Use fake CPU devices even when libtpu is installed."
+)
 
 
 def main(argv):
@@ -55,10 +66,17 @@ def main(argv):
   if not _TOPOLOGY.value or _CONFIG.value is None:
     sys.exit("beit_jax: error: both --config and --topology are required")
   try:
-    planning.run(_CONFIG.value, _TOPOLOGY.value, batch=_BATCH.value,
-        accum_steps=_ACCUM.value, epoch_size=_EPOCH_SIZE.value,
-        memory_gib=_MEMORY.value, peak_tflops=_PEAK.value, fake_devices=_FAKE.value,
-        config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+    planning.run(
+      _CONFIG.value,
+      _TOPOLOGY.value,
+      batch=_BATCH.value,
+      accum_steps=_ACCUM.value,
+      epoch_size=_EPOCH_SIZE.value,
+      memory_gib=_MEMORY.value,
+      peak_tflops=_PEAK.value,
+      fake_devices=_FAKE.value,
+      config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+    )
   except ConfigError as e:
     sys.exit(f"beit_jax: error: {e}")
 

@@ -20,6 +20,7 @@ reconstruction from those tokens, each column labelled above it.
 Images are cut like the evaluation view of pretraining: the largest centred square,
 resized (bicubic for the ViT, Lanczos for the tokenizer) to the model's input size.
 """
+
 import dataclasses
 import functools
 import glob as globlib
@@ -49,25 +50,44 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "ViT to draw attention maps of: a run's workdir or a converted "
-    "checkpoint (a folder with config.json and checkpoints/).")
+  "checkpoint",
+  None,
+  "ViT to draw attention maps of: a run's workdir or a converted "
+  "checkpoint (a folder with config.json and checkpoints/).",
+)
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "dVAE to draw token maps of: its workdir, a MIM run's workdir (uses "
-    "its tokenizer/) or a converted DALL-E folder.")
+  "tokenizer",
+  None,
+  "dVAE to draw token maps of: its workdir, a MIM run's workdir (uses "
+  "its tokenizer/) or a converted DALL-E folder.",
+)
 _IMAGES = flags.DEFINE_string(
-    "images", None, "Image files, folders or globs (comma-separated), or 'embedded' for the "
-    "20 photos bundled with scikit-image/scikit-learn.")
+  "images",
+  None,
+  "Image files, folders or globs (comma-separated), or 'embedded' for the "
+  "20 photos bundled with scikit-image/scikit-learn.",
+)
 _OUT = flags.DEFINE_string("out", None, "Folder the PNGs go to (local path or gs://).")
-_LAYERS = flags.DEFINE_string("layers", "all", "'all' or comma-separated 0-based block "
-                              "indices (negative count from the end), e.g. 0,5,11 or -1.")
+_LAYERS = flags.DEFINE_string(
+  "layers",
+  "all",
+  "'all' or comma-separated 0-based block "
+  "indices (negative count from the end), e.g. 0,5,11 or -1.",
+)
 _HEADS = flags.DEFINE_string("heads", "all", "'all' or comma-separated 0-based head indices.")
 _REF_PATCHES = flags.DEFINE_string(
-    "ref_patches", "center", "Reference patches: 'center' or 'row,col' patch coordinates, "
-    "several separated by ';', e.g. 'center;0,0;3,5'.")
+  "ref_patches",
+  "center",
+  "Reference patches: 'center' or 'row,col' patch coordinates, "
+  "several separated by ';', e.g. 'center;0,0;3,5'.",
+)
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Tokenizer input size (a multiple of 8; default: the config's "
-    "input.tokenizer_image_size). A ViT's size is fixed by its position parameters: "
-    "if given it must match.")
+  "image_size",
+  None,
+  "Tokenizer input size (a multiple of 8; default: the config's "
+  "input.tokenizer_image_size). A ViT's size is fixed by its position parameters: "
+  "if given it must match.",
+)
 
 # Small inputs (e.g. 32 or 64 pixels) are enlarged by an integer factor to at least this.
 MIN_CELL_PIXELS = 128
@@ -77,6 +97,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 @dataclasses.dataclass(frozen=True)
 class Photo:
   """An input image; files are read when drawn, so a big folder is never all in memory."""
+
   name: str  # file stem (made unique), or embedded_<i>
   source: epath.Path | np.ndarray  # a file, or uint8 [H, W, 3] pixels
 
@@ -91,19 +112,22 @@ def _read_image(path: epath.Path) -> np.ndarray:
     with path.open("rb") as f:
       return np.asarray(Image.open(f).convert("RGB"))
   except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f"--images: cannot read {path} as an image "
-                      f"({type(e).__name__}: {e})") from None
+    raise ConfigError(
+      f"--images: cannot read {path} as an image ({type(e).__name__}: {e})"
+    ) from None
 
 
 def _image_paths(spec: str) -> list[epath.Path]:
   """One comma-separated part of --images: a file, a folder (its image files) or a glob."""
   path = epath.Path(spec)
   if path.is_dir():
-    found = sorted(p for p in path.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = sorted(
+      p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
     if not found:
-      raise ConfigError(f"--images: folder {spec} holds no image files "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
+      raise ConfigError(
+        f"--images: folder {spec} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+      )
     return found
   if path.exists():
     return [path]
@@ -120,8 +144,7 @@ def find_images(spec: str) -> list[Photo]:
   photos, used = [], set()
   for part in (p.strip() for p in spec.split(",") if p.strip()):
     if part == "embedded":
-      named = [(f"embedded_{i:02d}", x) for i, x in
-               enumerate(embedded.load_embedded_images())]
+      named = [(f"embedded_{i:02d}", x) for i, x in enumerate(embedded.load_embedded_images())]
     else:
       named = [(p.stem, p) for p in _image_paths(part)]
     for name, source in named:
@@ -135,8 +158,9 @@ def find_images(spec: str) -> list[Photo]:
   return photos
 
 
-def center_crop_resize(pixels: np.ndarray, size: int,
-                       resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+def center_crop_resize(
+  pixels: np.ndarray, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: largest centred square, resized.
 
   The same cut as pretraining's picture batch (`data.pretrain.make_eval_batch`), i.e.
@@ -145,14 +169,15 @@ def center_crop_resize(pixels: np.ndarray, size: int,
   h, w = pixels.shape[:2]
   side = min(h, w)
   top, left = (h - side) // 2, (w - side) // 2
-  square = Image.fromarray(np.ascontiguousarray(pixels[top:top + side, left:left + side]))
+  square = Image.fromarray(np.ascontiguousarray(pixels[top : top + side, left : left + side]))
   return np.asarray(square.resize((size, size), resample), np.float32) / 255.0
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """[0, 1] -> the ViT's input (ImageNet mean/std)."""
-  return ((images - np.asarray(views.IMAGENET_MEAN, np.float32))
-          / np.asarray(views.IMAGENET_STD, np.float32))
+  return (images - np.asarray(views.IMAGENET_MEAN, np.float32)) / np.asarray(
+    views.IMAGENET_STD, np.float32
+  )
 
 
 def _indices(spec: str, count: int, flag: str, what: str) -> list[int]:
@@ -165,8 +190,10 @@ def _indices(spec: str, count: int, flag: str, what: str) -> list[int]:
     raise ConfigError(f"{flag}={spec!r}: expected 'all' or comma-separated integers") from None
   bad = [v for v in values if not -count <= v < count]
   if bad or not values:
-    raise ConfigError(f"{flag}={spec!r}: {what} indices must be in 0..{count - 1} "
-                      f"(or -{count}..-1 from the end); the model has {count}")
+    raise ConfigError(
+      f"{flag}={spec!r}: {what} indices must be in 0..{count - 1} "
+      f"(or -{count}..-1 from the end); the model has {count}"
+    )
   return [v % count for v in values]
 
 
@@ -188,11 +215,12 @@ def parse_ref_patches(spec: str, grid: int) -> list[tuple[int, int]]:
     try:
       r, c = (int(v) for v in item.split(","))
     except ValueError:
-      raise ConfigError(f"--ref_patches={spec!r}: {item!r} is not 'center' or "
-                        "'row,col'") from None
+      raise ConfigError(f"--ref_patches={spec!r}: {item!r} is not 'center' or 'row,col'") from None
     if not (0 <= r < grid and 0 <= c < grid):
-      raise ConfigError(f"--ref_patches={spec!r}: patch ({r},{c}) is outside the "
-                        f"{grid}x{grid} patch grid (rows and columns 0..{grid - 1})")
+      raise ConfigError(
+        f"--ref_patches={spec!r}: patch ({r},{c}) is outside the "
+        f"{grid}x{grid} patch grid (rows and columns 0..{grid - 1})"
+      )
     refs.append((r, c))
   if not refs:
     raise ConfigError(f"--ref_patches={spec!r}: expected 'center' or 'row,col;row,col...'")
@@ -203,8 +231,9 @@ def _load_config(path: str, flag: str) -> ml_collections.ConfigDict:
   if not epath.Path(path).exists():
     raise ConfigError(f"{flag}={path} does not exist")
   if not (epath.Path(path) / "config.json").exists():
-    raise ConfigError(f"{flag}={path} has no config.json (a run's workdir and a converter's "
-                      "output folder hold one)")
+    raise ConfigError(
+      f"{flag}={path} has no config.json (a run's workdir and a converter's output folder hold one)"
+    )
   return workdir.load_config(path)
 
 
@@ -214,23 +243,33 @@ def build_vit(path: str) -> vit.VisionTransformer:
   if "vit" in config:
     return vit.VisionTransformer(**config.vit.to_dict())
   if "model" not in config or "input" not in config:
-    raise ConfigError(f"--checkpoint={path}: config.json describes no ViT (no 'model' and "
-                      "'input', nor a converter's 'vit')")
-  return vit.from_config(config.model, image_size=config.input.image_size,
-                         vocab_size=config.tokenizer.vocab_size)
+    raise ConfigError(
+      f"--checkpoint={path}: config.json describes no ViT (no 'model' and "
+      "'input', nor a converter's 'vit')"
+    )
+  return vit.from_config(
+    config.model, image_size=config.input.image_size, vocab_size=config.tokenizer.vocab_size
+  )
 
 
 def load_vit_params(path: str, model: vit.VisionTransformer) -> Any:
   size = model.image_size
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))["params"])
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  )
   # v2's patch-aggregation decoder (`cls_pt_layers_<j>`) is not part of the backbone drawn.
   return params_lib.load_into(abstract, path, field="--checkpoint", drop=(params_lib.DECODER,))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "refs", "layers"))
-def reference_attention(params: Any, images: jax.Array, *, model: vit.VisionTransformer,
-                        refs: tuple[int, ...], layers: tuple[int, ...]) -> jax.Array:
+def reference_attention(
+  params: Any,
+  images: jax.Array,
+  *,
+  model: vit.VisionTransformer,
+  refs: tuple[int, ...],
+  layers: tuple[int, ...],
+) -> jax.Array:
   """Attention rows of the reference patches.
 
   Args:
@@ -253,8 +292,9 @@ def cell_scale(size: int) -> int:
   return max(1, math.ceil(MIN_CELL_PIXELS / size))
 
 
-def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int, heads: list[int],
-                      layers: list[int]) -> np.ndarray:
+def attention_picture(
+  image: np.ndarray, rows: np.ndarray, ref: int, heads: list[int], layers: list[int]
+) -> np.ndarray:
   """The grid of one image and reference patch.
 
   Args:
@@ -278,13 +318,17 @@ def attention_picture(image: np.ndarray, rows: np.ndarray, ref: int, heads: list
     heat = heat / np.maximum(heat.max(1, keepdims=True), 1e-12)
     cells = visuals.heat_overlay(np.broadcast_to(cell, (len(heat),) + cell.shape), heat)
     picture_rows.append(visuals.outline_patch(cells, ref, grid))
-  return visuals.image_grid(picture_rows, row_labels=[f"head {h}" for h in heads] + ["mean"],
-                            col_labels=[f"layer {i}" for i in layers])
+  return visuals.image_grid(
+    picture_rows,
+    row_labels=[f"head {h}" for h in heads] + ["mean"],
+    col_labels=[f"layer {i}" for i in layers],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionJob:
   """What --checkpoint, --layers, --heads and --ref_patches ask for, checked."""
+
   path: str
   model: vit.VisionTransformer
   layers: list[int]
@@ -292,38 +336,61 @@ class AttentionJob:
   refs: list[tuple[int, int]]  # (row, col) patch coordinates
 
 
-def attention_job(path: str, *, layers: str, heads: str, ref_patches: str,
-                  image_size: int | None) -> AttentionJob:
+def attention_job(
+  path: str, *, layers: str, heads: str, ref_patches: str, image_size: int | None
+) -> AttentionJob:
   """Reads only config.json, so bad flags fail before any weights are loaded."""
   model = build_vit(path)
   if image_size is not None and image_size != model.image_size:
-    raise ConfigError(f"--image_size={image_size}, but the ViT at {path} takes "
-                      f"{model.image_size}x{model.image_size} images (its position parameters "
-                      "fix it; `python -m beit_jax.convert --image_size` resizes them)")
-  return AttentionJob(path, model, parse_layers(layers, model.depth),
-                      parse_heads(heads, model.num_heads),
-                      parse_ref_patches(ref_patches, model.grid[0]))
+    raise ConfigError(
+      f"--image_size={image_size}, but the ViT at {path} takes "
+      f"{model.image_size}x{model.image_size} images (its position parameters "
+      "fix it; `python -m beit_jax.convert --image_size` resizes them)"
+    )
+  return AttentionJob(
+    path,
+    model,
+    parse_layers(layers, model.depth),
+    parse_heads(heads, model.num_heads),
+    parse_ref_patches(ref_patches, model.grid[0]),
+  )
 
 
-def write_attention_maps(job: AttentionJob, photos: list[Photo], out: epath.Path
-                         ) -> list[epath.Path]:
+def write_attention_maps(
+  job: AttentionJob, photos: list[Photo], out: epath.Path
+) -> list[epath.Path]:
   """One PNG per photo and reference patch; returns their paths."""
   model, grid = job.model, job.model.grid[0]
   params = load_vit_params(job.path, model)
-  logging.info("ViT from %s: %d blocks, %d heads, %dx%d patches; layers %s, heads %s, "
-               "reference patches %s", job.path, model.depth, model.num_heads, grid, grid,
-               job.layers, job.heads, job.refs)
+  logging.info(
+    "ViT from %s: %d blocks, %d heads, %dx%d patches; layers %s, heads %s, reference patches %s",
+    job.path,
+    model.depth,
+    model.num_heads,
+    grid,
+    grid,
+    job.layers,
+    job.heads,
+    job.refs,
+  )
   refs = [r * grid + c for r, c in job.refs]
   written = []
   for photo in photos:
     image = center_crop_resize(photo.pixels(), model.image_size)
-    rows = np.asarray(reference_attention(
-        params, jnp.asarray(normalize(image[None])), model=model, refs=tuple(refs),
-        layers=tuple(job.layers)))[0]  # [L, H, R, N+1]
+    rows = np.asarray(
+      reference_attention(
+        params,
+        jnp.asarray(normalize(image[None])),
+        model=model,
+        refs=tuple(refs),
+        layers=tuple(job.layers),
+      )
+    )[0]  # [L, H, R, N+1]
     for k, (r, c) in enumerate(job.refs):
       target = out / f"{photo.name}_attention_r{r}c{c}.png"
-      visuals.write_png(target, attention_picture(image, rows[:, :, k], refs[k], job.heads,
-                                                  job.layers))
+      visuals.write_png(
+        target, attention_picture(image, rows[:, :, k], refs[k], job.heads, job.layers)
+      )
       written.append(target)
   return written
 
@@ -344,9 +411,14 @@ def load_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, Any]:
 
 
 # PIL's filters for the views' resize methods.
-_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                 "lanczos3": Image.Resampling.LANCZOS, "lanczos5": Image.Resampling.LANCZOS,
-                 "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
+_PIL_RESAMPLE = {
+  "bicubic": Image.Resampling.BICUBIC,
+  "bilinear": Image.Resampling.BILINEAR,
+  "lanczos3": Image.Resampling.LANCZOS,
+  "lanczos5": Image.Resampling.LANCZOS,
+  "nearest": Image.Resampling.NEAREST,
+  "area": Image.Resampling.BOX,
+}
 
 
 def tokenizer_view(path: str, image_size: int | None) -> views.View:
@@ -354,18 +426,27 @@ def tokenizer_view(path: str, image_size: int | None) -> views.View:
   config = _load_config(_tokenizer_dir(path), "--tokenizer")
   size = image_size or config.get("input", {}).get("tokenizer_image_size")
   if not size:
-    raise ConfigError(f"--tokenizer={path}: config.json sets no input.tokenizer_image_size; "
-                      "pass --image_size (e.g. 112, BEiT's tokenizer view)")
+    raise ConfigError(
+      f"--tokenizer={path}: config.json sets no input.tokenizer_image_size; "
+      "pass --image_size (e.g. 112, BEiT's tokenizer view)"
+    )
   kind = tokenizers.entry(config.tokenizer.kind)
   if size % kind.image_multiple(config.tokenizer):
-    raise ConfigError(f"--image_size={size}: the {kind.name} needs a multiple of "
-                      f"{kind.image_multiple(config.tokenizer)}")
+    raise ConfigError(
+      f"--image_size={size}: the {kind.name} needs a multiple of "
+      f"{kind.image_multiple(config.tokenizer)}"
+    )
   inp = ml_collections.ConfigDict(dict(config.get("input", {}), tokenizer_image_size=size))
   return kind.view(inp)
 
 
-def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | None,
-                  vocab_size: int, name: str = "dVAE") -> np.ndarray:
+def token_picture(
+  image: np.ndarray,
+  tokens: np.ndarray,
+  recon: np.ndarray | None,
+  vocab_size: int,
+  name: str = "dVAE",
+) -> np.ndarray:
   """[image | token colours | reconstruction] of one image, enlarged like the attention cells,
   the columns labelled 'image', 'tokens' and '<name> recon.' (a top margin).
 
@@ -377,56 +458,80 @@ def token_picture(image: np.ndarray, tokens: np.ndarray, recon: np.ndarray | Non
     name: the tokenizer's name, for the reconstruction's label.
   """
   k = cell_scale(image.shape[0])
-  colors = visuals.upscale(visuals.token_colors(tokens, vocab_size),
-                           k * image.shape[0] // tokens.shape[0])
-  cells = [visuals.upscale(image, k), colors] + ([] if recon is None else
-                                                 [visuals.upscale(recon, k)])
-  labels = ["image", "tokens", f"{name} recon."][:len(cells)]
+  colors = visuals.upscale(
+    visuals.token_colors(tokens, vocab_size), k * image.shape[0] // tokens.shape[0]
+  )
+  cells = [visuals.upscale(image, k), colors] + (
+    [] if recon is None else [visuals.upscale(recon, k)]
+  )
+  labels = ["image", "tokens", f"{name} recon."][: len(cells)]
   return visuals.image_grid([np.stack(cells)], col_labels=labels)
 
 
 @functools.partial(jax.jit, static_argnames="tokenizer")
-def tokens_and_reconstruction(params: Any, images: jax.Array, *,
-                              tokenizer: tokenizers.Tokenizer
-                              ) -> tuple[jax.Array, jax.Array | None]:
+def tokens_and_reconstruction(
+  params: Any, images: jax.Array, *, tokenizer: tokenizers.Tokenizer
+) -> tuple[jax.Array, jax.Array | None]:
   """[B, T, T, 3] tokenizer input -> tokens [B, h, w] and their decoding (None: no decoder)."""
   tokens = tokenizer.tokenize(params, images)
   return tokens, tokenizer.decode(params, tokens)
 
 
-def write_token_maps(path: str, photos: list[Photo], out: epath.Path, view: views.View
-                     ) -> list[epath.Path]:
+def write_token_maps(
+  path: str, photos: list[Photo], out: epath.Path, view: views.View
+) -> list[epath.Path]:
   """One PNG per photo, the tokenizer seeing it through `view`; returns their paths."""
   tokenizer, params = load_tokenizer(path)
   written = []
   for photo in photos:
     image = center_crop_resize(photo.pixels(), view.size, _PIL_RESAMPLE[view.resize])
-    tokens, recon = jax.device_get(tokens_and_reconstruction(
-        params, jnp.asarray(view.to_model(image)[None]), tokenizer=tokenizer))
+    tokens, recon = jax.device_get(
+      tokens_and_reconstruction(
+        params, jnp.asarray(view.to_model(image)[None]), tokenizer=tokenizer
+      )
+    )
     if recon is None and not written:
-      logging.warning("--tokenizer=%s has no decoder: the token maps have no reconstruction",
-                      path)
-    logging.info("%s: %d distinct tokens among %d", photo.name, len(np.unique(tokens)),
-                 tokens.size)
+      logging.warning("--tokenizer=%s has no decoder: the token maps have no reconstruction", path)
+    logging.info("%s: %d distinct tokens among %d", photo.name, len(np.unique(tokens)), tokens.size)
     target = out / f"{photo.name}_tokens.png"
-    visuals.write_png(target, token_picture(
-        image, tokens[0], None if recon is None else recon[0], tokenizer.vocab_size(params),
-        tokenizer.entry.name))
+    visuals.write_png(
+      target,
+      token_picture(
+        image,
+        tokens[0],
+        None if recon is None else recon[0],
+        tokenizer.vocab_size(params),
+        tokenizer.entry.name,
+      ),
+    )
     written.append(target)
   return written
 
 
-def run(*, images: str, out: str, checkpoint_dir: str | None = None,
-        tokenizer_dir: str | None = None, layers: str = "all", heads: str = "all",
-        ref_patches: str = "center", image_size: int | None = None) -> list[epath.Path]:
+def run(
+  *,
+  images: str,
+  out: str,
+  checkpoint_dir: str | None = None,
+  tokenizer_dir: str | None = None,
+  layers: str = "all",
+  heads: str = "all",
+  ref_patches: str = "center",
+  image_size: int | None = None,
+) -> list[epath.Path]:
   """Writes the attention maps and/or token maps; returns the PNG paths."""
   if not checkpoint_dir and not tokenizer_dir:
     raise ConfigError("pass --checkpoint (attention maps) and/or --tokenizer (token maps)")
   if not out:
     raise ConfigError("--out is required: the folder the PNGs go to")
   # Flags and config files first: mistakes fail before any weights are read.
-  job = attention_job(checkpoint_dir, layers=layers, heads=heads, ref_patches=ref_patches,
-                      image_size=image_size) if checkpoint_dir else None
+  job = (
+    attention_job(
+      checkpoint_dir, layers=layers, heads=heads, ref_patches=ref_patches, image_size=image_size
+    )
+    if checkpoint_dir
+    else None
+  )
   tok_view = tokenizer_view(tokenizer_dir, image_size) if tokenizer_dir else None
   photos = find_images(images)
   checkpoint.check_writable(out, "--out")
@@ -444,9 +549,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   try:
-    run(images=_IMAGES.value, out=_OUT.value, checkpoint_dir=_CHECKPOINT.value,
-        tokenizer_dir=_TOKENIZER.value, layers=_LAYERS.value, heads=_HEADS.value,
-        ref_patches=_REF_PATCHES.value, image_size=_IMAGE_SIZE.value)
+    run(
+      images=_IMAGES.value,
+      out=_OUT.value,
+      checkpoint_dir=_CHECKPOINT.value,
+      tokenizer_dir=_TOKENIZER.value,
+      layers=_LAYERS.value,
+      heads=_HEADS.value,
+      ref_patches=_REF_PATCHES.value,
+      image_size=_IMAGE_SIZE.value,
+    )
   except ConfigError as e:
     sys.exit(f"beit_jax: error: {e}")
 

@@ -10,6 +10,7 @@ Needs a tokenizer: `--config.tokenizer.init_from=DIR` (a trained or imported dVA
 otherwise stage 1 first runs `tokenizer.recipe`, the DALL-E-architecture dVAE of
 `configs/dvae.py`, a whole config reading the same `input.data_dir`.
 """
+
 from configs import common
 
 

@@ -6,6 +6,7 @@ blocks are rematerialised, so that the 2048 batch fits a pod slice: compiled by 
 tool, it fits a v5e-64 slice, and a v4-32 one with `model.scan_layers` (docs/scaling.md).
 Args: `variant`, `fsdp` (default 8), `tensor` (default 1).
 """
+
 from configs import common
 
 

@@ -18,6 +18,7 @@ of block 9 (`--early_layers 9 --head_layers 2 --shared_lm_head True`), batch 204
 10 warmup epochs, clipping 3.0. Arg `epochs`: 300 (AdamW b2 0.98, no drop path) or 1600
 (b2 0.999, drop path 0.1).
 """
+
 from configs import common
 from configs import vqkd_clip_base
 
@@ -27,14 +28,12 @@ RECIPES = {300: dict(b2=0.98, drop_path_rate=0.0), 1600: dict(b2=0.999, drop_pat
 def v2_config(variant: str, epochs: int, layer: int):
   """The v2 recipe on top of the v1 one (`common.pretrain_config`)."""
   if epochs not in RECIPES:
-    raise ValueError(f"config arg epochs={epochs} is not accepted; use one of "
-                     f"{sorted(RECIPES)}")
+    raise ValueError(f"config arg epochs={epochs} is not accepted; use one of {sorted(RECIPES)}")
   c = common.pretrain_config(variant)
   c.num_epochs = epochs
   c.optim.b2 = RECIPES[epochs]["b2"]
   c.model.drop_path_rate = RECIPES[epochs]["drop_path_rate"]
-  c.model.update(dict(use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-                      layer_scale_init=0.1))
+  c.model.update(dict(use_abs_pos_emb=False, use_shared_rel_pos_bias=True, layer_scale_init=0.1))
   c.model.patch_aggregation = dict(layer=layer, depth=2)
   common.set_tokenizer(c, vqkd_clip_base.vqkd_config("clip", 512))
   c.input.update(dict(tokenizer_image_size=224, crop_scale=(0.2, 1.0)))

@@ -5,6 +5,7 @@ configs/beitv2_base.py with ViT-L/16: LayerScale init 1e-5, patch aggregation of
 parameters and optimizer state sharded over an `fsdp` mesh axis, blocks rematerialised.
 Args `epochs=300|1600` as for the base config, `fsdp` (default 8) and `tensor` (default 1).
 """
+
 from configs import beitv2_base
 from configs import common
 

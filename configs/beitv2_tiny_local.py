@@ -15,6 +15,7 @@ crops) predicting the codes of the tiny VQ-KD of `configs/vqkd_tiny_local.py` (2
 its 64-px [-1, 1] view), with v2's exact blockwise masks (26 of 64 patches) and patch
 aggregation of the last [CLS] with the patch outputs of block 3 through a 2-block decoder.
 """
+
 from configs import beit_tiny_local
 from configs import common
 from configs import vqkd_tiny_local

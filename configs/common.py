@@ -3,9 +3,9 @@
 A config file's `get_config(arg)` takes a comma-separated `key=value` string, e.g.
 `--config=configs/beit_base.py:variant=L/16,rel=True`.
 """
+
 import ml_collections
 from ml_collections import config_dict
-
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -39,10 +39,18 @@ def sharding_config() -> dict:
   min_size: weights with fewer elements stay whole on every device (biases, norms).
   replicate: regexes of parameter paths kept whole, e.g. ('lm_head',).
   """
-  return dict(rules=(("batch", ("slice", "data", "fsdp")), ("embed", "fsdp"),
-                     ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
-                     ("classes", "tensor")),
-              min_size=2 ** 14, replicate=())
+  return dict(
+    rules=(
+      ("batch", ("slice", "data", "fsdp")),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("classes", "tensor"),
+    ),
+    min_size=2**14,
+    replicate=(),
+  )
 
 
 def model_config(variant: str, **fields) -> dict:
@@ -53,35 +61,74 @@ def model_config(variant: str, **fields) -> dict:
   (models/vit.py REMAT_POLICIES); scan_layers: the blocks as one nn.scan (compile time
   independent of depth; params stacked, beit_jax/params/blocks.py converts checkpoints).
   """
-  return dict(dict(variant=variant, width=unset(int), depth=unset(int),
-                   num_heads=unset(int), mlp_dim=unset(int), drop_path_rate=0.1,
-                   layer_scale_init=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-                   remat=False, remat_policy="nothing_saveable", scan_layers=False,
-                   dtype="bfloat16"), **fields)
+  return dict(
+    dict(
+      variant=variant,
+      width=unset(int),
+      depth=unset(int),
+      num_heads=unset(int),
+      mlp_dim=unset(int),
+      drop_path_rate=0.1,
+      layer_scale_init=0.1,
+      use_abs_pos_emb=False,
+      use_shared_rel_pos_bias=True,
+      remat=False,
+      remat_policy="nothing_saveable",
+      scan_layers=False,
+      dtype="bfloat16",
+    ),
+    **fields,
+  )
 
 
-def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16,
-                kind: str = "blockwise") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      kind=kind, num_masking_patches=num_masking_patches, min_num_patches=min_num_patches,
-      max_num_patches=unset(int), min_aspect=0.3, max_aspect=unset(float), exact=False))
+def mask_config(
+  num_masking_patches: int = 75, min_num_patches: int = 16, kind: str = "blockwise"
+) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    dict(
+      kind=kind,
+      num_masking_patches=num_masking_patches,
+      min_num_patches=min_num_patches,
+      max_num_patches=unset(int),
+      min_aspect=0.3,
+      max_aspect=unset(float),
+      exact=False,
+    )
+  )
 
 
 def pretrain_input(**fields) -> dict:
   """`config.input` of ImageNet-1K's training crops, as pretraining and its tokenizers read
   them (random resized crop, flip, colour jitter); `fields` add or replace."""
-  return dict(dict(
-      dataset="tfds:imagenet2012", split="train", data_dir=unset(str),
-      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.4, flip=True,
-      shuffle_buffer=50_000, embedded_epoch_size=10_000), **fields)
+  return dict(
+    dict(
+      dataset="tfds:imagenet2012",
+      split="train",
+      data_dir=unset(str),
+      crop_scale=(0.08, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      color_jitter=0.4,
+      flip=True,
+      shuffle_buffer=50_000,
+      embedded_epoch_size=10_000,
+    ),
+    **fields,
+  )
 
 
-def dvae_tokenizer(*, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
-                   n_init: int = 128) -> ml_collections.ConfigDict:
+def dvae_tokenizer(
+  *, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2, n_init: int = 128
+) -> ml_collections.ConfigDict:
   """`config.tokenizer` of the DALL-E dVAE (docs/reference.md §3): its kind and sizes."""
-  return ml_collections.ConfigDict(dict(
-      kind="dvae", vocab_size=vocab_size, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
-      n_init=n_init))
+  return ml_collections.ConfigDict(
+    dict(
+      kind="dvae",
+      vocab_size=vocab_size,
+      n_hid=n_hid,
+      n_blk_per_group=n_blk_per_group,
+      n_init=n_init,
+    )
+  )
 
 
 def dvae_config(**sizes) -> ml_collections.ConfigDict:
@@ -103,8 +150,18 @@ def dvae_config(**sizes) -> ml_collections.ConfigDict:
   c.kl_warmup_steps = 5000
   c.tokenizer = dvae_tokenizer(**sizes)
   c.input = pretrain_input(batch_size=512, tokenizer_image_size=112)
-  c.optim = dict(lr=4.5e-4, min_lr=1.25e-6, warmup_epochs=0, warmup_steps=5000, b1=0.9,
-                 b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0, accum_steps=1)
+  c.optim = dict(
+    lr=4.5e-4,
+    min_lr=1.25e-6,
+    warmup_epochs=0,
+    warmup_steps=5000,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=1e-4,
+    grad_clip=0.0,
+    accum_steps=1,
+  )
   c.mesh = mesh_config()
   c.sharding = sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)
@@ -159,13 +216,24 @@ def pretrain_config(variant: str = "B/16") -> ml_collections.ConfigDict:
   c.mim_target = "tokens"
 
   c.model = model_config(variant)
-  c.input = pretrain_input(batch_size=2048, image_size=224, tokenizer_image_size=112,
-                           patch_size=patch, mask=mask_config())
+  c.input = pretrain_input(
+    batch_size=2048, image_size=224, tokenizer_image_size=112, patch_size=patch, mask=mask_config()
+  )
   set_tokenizer(c, dvae_config())
   # accum_steps: micro-batches per step whose gradients are summed before the one update
   # (input.batch_size stays the global batch; docs/scaling.md#gradient-accumulation).
-  c.optim = dict(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9,
-                 b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0, accum_steps=1)
+  c.optim = dict(
+    lr=1.5e-3,
+    min_lr=1e-5,
+    warmup_epochs=10,
+    warmup_steps=0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.05,
+    grad_clip=3.0,
+    accum_steps=1,
+  )
   c.mesh = mesh_config()
   c.sharding = sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)

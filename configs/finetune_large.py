@@ -13,6 +13,7 @@ fine-tuned on ImageNet-22k, not for pretrained ones. Position information as
 `configs/beit_large.py`: shared relative position bias (copied into every block) and
 LayerScale. Blocks are rematerialised and parameters sharded over `fsdp`, as in pretraining.
 """
+
 from configs import common
 from configs import finetune_base
 

@@ -14,6 +14,7 @@ rand-m5-mstd0.5-inc1, 92% without). This run and the local linear probe
 (`configs/linear_probe.py:local=True`) take about 3 minutes together on 2 CPU cores
 (docs/finetuning.md).
 """
+
 from configs import common
 from configs import finetune_base
 
@@ -25,9 +26,18 @@ def get_config(arg=None):
   c.log_every_steps = 50
   c.eval_every_steps = 250
   c.model.update(dict(width=128, depth=4, num_heads=4, mlp_dim=512, dtype="float32"))
-  c.input.update(dict(dataset="embedded:digits", batch_size=arg.batch, eval_batch_size=128,
-                      crop_scale=(0.8, 1.0), flip=False, randaugment="", eval_crop_pct=1.0,
-                      shuffle_buffer=1000))
+  c.input.update(
+    dict(
+      dataset="embedded:digits",
+      batch_size=arg.batch,
+      eval_batch_size=128,
+      crop_scale=(0.8, 1.0),
+      flip=False,
+      randaugment="",
+      eval_crop_pct=1.0,
+      shuffle_buffer=1000,
+    )
+  )
   c.mixup.update(dict(mixup_alpha=0.2, cutmix_alpha=0.0))
   c.optim.update(dict(lr=2e-3, warmup_steps=arg.steps // 10, layer_decay=0.75))
   c.checkpoint = dict(every_steps=250, keep=2)

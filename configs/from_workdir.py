@@ -5,6 +5,7 @@ r"""The exact config of an earlier run, read back from its workdir's config.json
 Every run writes its full config to `<workdir>/config.json`, so a run can be reproduced
 (or continued elsewhere) from its workdir alone. Overrides work as usual.
 """
+
 from beit_jax.training import workdir as workdir_lib
 
 

@@ -23,13 +23,15 @@ down (`reduce_zero_label`). TFDS is accepted too (`--config.input.dataset=tfds:s
 (`annotations_instance.tar`), whose red channel is one of the instance task's 100
 categories, not one of the 150 SceneParsing classes the benchmark scores.
 """
+
 import ml_collections
 
 from configs import common
 
 
-def segmentation_config(variant: str = "B/16", image_size: int = 512,
-                        ms: bool = False) -> ml_collections.ConfigDict:
+def segmentation_config(
+  variant: str = "B/16", image_size: int = 512, ms: bool = False
+) -> ml_collections.ConfigDict:
   """unilm's ADE20K UperNet recipe for BEiT-B (docs/reference.md §6)."""
   patch = int(variant.split("/")[1])
   c = ml_collections.ConfigDict()
@@ -41,24 +43,53 @@ def segmentation_config(variant: str = "B/16", image_size: int = 512,
   c.log_every_steps = 50
   c.eval_every_steps = 16_000  # mmseg's evaluation interval
   c.max_bad_steps = 20
-  c.model = common.model_config(variant, use_shared_rel_pos_bias=False,
-                                use_rel_pos_bias=True)
+  c.model = common.model_config(variant, use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
   # The pyramid of blocks `out_indices` and the heads; GroupNorm where mmseg has SyncBN.
-  c.upernet = dict(out_indices=(3, 5, 7, 11), channels=768, aux_channels=256,
-                   pool_scales=(1, 2, 3, 6), dropout=0.1, aux_weight=0.4, norm_groups=32)
+  c.upernet = dict(
+    out_indices=(3, 5, 7, 11),
+    channels=768,
+    aux_channels=256,
+    pool_scales=(1, 2, 3, 6),
+    dropout=0.1,
+    aux_weight=0.4,
+    norm_groups=32,
+  )
   c.input = dict(
-      dataset="folder:/data/ADEChallengeData2016", split="training", eval_dataset="",
-      eval_split="validation",
-      data_dir=common.unset(str), num_classes=150, reduce_zero_label=True,
-      batch_size=16, image_size=image_size, patch_size=patch,
-      scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip=True,
-      photometric=True, shuffle_buffer=2000,
-      # Validation: windows per device batch, their step, the test scales and flips.
-      eval_batch_size=8, eval_stride=341,
-      eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75) if ms else (1.0,), eval_flip=ms)
-  c.optim = dict(lr=3e-5, min_lr=0.0, warmup_steps=1500, power=1.0, layer_decay=0.9,
-                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0,
-                 accum_steps=1)
+    dataset="folder:/data/ADEChallengeData2016",
+    split="training",
+    eval_dataset="",
+    eval_split="validation",
+    data_dir=common.unset(str),
+    num_classes=150,
+    reduce_zero_label=True,
+    batch_size=16,
+    image_size=image_size,
+    patch_size=patch,
+    scale=(2048, 512),
+    ratio_range=(0.5, 2.0),
+    cat_max_ratio=0.75,
+    flip=True,
+    photometric=True,
+    shuffle_buffer=2000,
+    # Validation: windows per device batch, their step, the test scales and flips.
+    eval_batch_size=8,
+    eval_stride=341,
+    eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75) if ms else (1.0,),
+    eval_flip=ms,
+  )
+  c.optim = dict(
+    lr=3e-5,
+    min_lr=0.0,
+    warmup_steps=1500,
+    power=1.0,
+    layer_decay=0.9,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.05,
+    grad_clip=0.0,
+    accum_steps=1,
+  )
   c.mesh = common.mesh_config()
   c.sharding = common.sharding_config()
   c.checkpoint = dict(every_steps=16_000, keep=2)

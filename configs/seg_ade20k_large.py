@@ -13,13 +13,13 @@ Data as the base recipe: ADEChallengeData2016 unpacked at `input.dataset=folder:
 (mesh axes, default 1: plain data parallelism); `:fsdp=8` shards parameters and optimizer
 state over groups of 8 devices, as in pretraining.
 """
+
 from configs import common
 from configs import seg_ade20k_base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="L/16", image_size=512, ms=False, fsdp=1,
-                          tensor=1)
+  arg = common.parse_arg(arg, variant="L/16", image_size=512, ms=False, fsdp=1, tensor=1)
   c = seg_ade20k_base.segmentation_config(arg.variant, arg.image_size, arg.ms)
   c.model.update(dict(drop_path_rate=0.2, layer_scale_init=1e-6, remat=True))
   c.upernet.update(dict(out_indices=(7, 11, 15, 23), channels=1024))

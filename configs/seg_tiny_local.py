@@ -15,6 +15,7 @@ another symbol); validation on whole 96-px images with 64-px windows every 43 px
 windows, the base recipe's 341/512 overlap); lr 4e-3 for 1000 steps (at 1e-3 and 600 steps
 the model still predicted background everywhere). What it reaches: docs/segmentation.md.
 """
+
 from configs import common
 from configs import seg_ade20k_base
 
@@ -27,10 +28,22 @@ def get_config(arg=None):
   c.eval_every_steps = 250
   c.model.update(dict(width=128, depth=4, num_heads=4, mlp_dim=512, dtype="float32"))
   c.upernet.update(dict(out_indices=(0, 1, 2, 3), channels=64, aux_channels=64))
-  c.input.update(dict(dataset="embedded:digits", split="train", eval_split="validation",
-                      num_classes=11, reduce_zero_label=False, batch_size=arg.batch,
-                      scale=(384, 96), ratio_range=(0.5, 1.5), flip=False, shuffle_buffer=1000,
-                      eval_batch_size=8, eval_stride=43))
+  c.input.update(
+    dict(
+      dataset="embedded:digits",
+      split="train",
+      eval_split="validation",
+      num_classes=11,
+      reduce_zero_label=False,
+      batch_size=arg.batch,
+      scale=(384, 96),
+      ratio_range=(0.5, 1.5),
+      flip=False,
+      shuffle_buffer=1000,
+      eval_batch_size=8,
+      eval_stride=43,
+    )
+  )
   c.optim.update(dict(lr=4e-3, warmup_steps=arg.steps // 10, layer_decay=0.75))
   c.checkpoint = dict(every_steps=250, keep=2)
   return c

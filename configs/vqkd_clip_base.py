@@ -12,28 +12,47 @@ bicubic) + flip, no colour jitter. The teacher (`tokenizer.teacher.init_from`): 
 `CLIPModel` / `CLIPVisionModelWithProjection` folder or OpenAI's `ViT-B-16.pt`.
 A MIM run then uses it with `--config.tokenizer.init_from=<this workdir>`.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
 
-def vqkd_tokenizer(*, teacher: str = "clip", vocab_size: int = 8192, code_dim: int = 32,
-                   teacher_dim: int = 512, patch_size: int = 16, width: int = 768,
-                   depth: int = 12, num_heads: int = 12, decoder_depth: int = 3
-                   ) -> ml_collections.ConfigDict:
+def vqkd_tokenizer(
+  *,
+  teacher: str = "clip",
+  vocab_size: int = 8192,
+  code_dim: int = 32,
+  teacher_dim: int = 512,
+  patch_size: int = 16,
+  width: int = 768,
+  depth: int = 12,
+  num_heads: int = 12,
+  decoder_depth: int = 3,
+) -> ml_collections.ConfigDict:
   """`config.tokenizer` of a VQ-KD run: the tokenizer's sizes (unilm's) and its teacher."""
-  return ml_collections.ConfigDict(dict(
-      kind="vqkd", vocab_size=vocab_size, code_dim=code_dim, teacher_dim=teacher_dim,
-      patch_size=patch_size, beta=1.0,
+  return ml_collections.ConfigDict(
+    dict(
+      kind="vqkd",
+      vocab_size=vocab_size,
+      code_dim=code_dim,
+      teacher_dim=teacher_dim,
+      patch_size=patch_size,
+      beta=1.0,
       encoder=dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=4 * width),
       decoder=dict(width=width, depth=decoder_depth, num_heads=num_heads, mlp_dim=4 * width),
       # clip | dino | vit (a beit-jax ViT checkpoint; `block`: its block's output, None:
       # the final tokens) | random (tests). `num_heads`: for weights that do not say.
       # (placeholders: None, overridable with an int from the command line)
-      teacher=dict(kind=teacher, init_from="", block=config_dict.placeholder(int),
-                   num_heads=config_dict.placeholder(int)),
-  ))
+      teacher=dict(
+        kind=teacher,
+        init_from="",
+        block=config_dict.placeholder(int),
+        num_heads=config_dict.placeholder(int),
+      ),
+    )
+  )
 
 
 def vqkd_config(teacher: str = "clip", teacher_dim: int = 512) -> ml_collections.ConfigDict:
@@ -55,10 +74,21 @@ def vqkd_config(teacher: str = "clip", teacher_dim: int = 512) -> ml_collections
   c.restart_dead_codes = False
   c.dead_threshold = 1.0
   c.tokenizer = vqkd_tokenizer(teacher=teacher, teacher_dim=teacher_dim)
-  c.input = common.pretrain_input(batch_size=512, tokenizer_image_size=224, patch_size=16,
-                                  color_jitter=0.0)
-  c.optim = dict(lr=2e-4, min_lr=1e-5, warmup_epochs=10, warmup_steps=0, b1=0.9, b2=0.99,
-                 eps=1e-8, weight_decay=1e-4, grad_clip=0.0, accum_steps=1)
+  c.input = common.pretrain_input(
+    batch_size=512, tokenizer_image_size=224, patch_size=16, color_jitter=0.0
+  )
+  c.optim = dict(
+    lr=2e-4,
+    min_lr=1e-5,
+    warmup_epochs=10,
+    warmup_steps=0,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    weight_decay=1e-4,
+    grad_clip=0.0,
+    accum_steps=1,
+  )
   c.mesh = common.mesh_config()
   c.sharding = common.sharding_config()
   c.checkpoint = dict(every_steps=5000, keep=3)

@@ -7,6 +7,7 @@ As `configs/vqkd_clip_base.py` (unilm `vqkd_encoder_base_decoder_3x768x12_dino`)
 DINO teacher: a HF `ViTModel` folder (facebook/dino-vitb16) or DINO's own `.pth`; the
 teacher sees the crop ImageNet-normalised.
 """
+
 from configs import common
 from configs import vqkd_clip_base
 

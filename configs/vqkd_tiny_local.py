@@ -13,6 +13,7 @@ A 2-block encoder, 1-block decoder and 256 x 16 codebook on 64x64 crops (8x8 tok
 `configs/beitv2_tiny_local.py` it is that config's `tokenizer.recipe`. Arg: steps, batch,
 teacher (vit | random), teacher_dim (the teacher's width), codes.
 """
+
 from configs import common
 from configs import finetune_tiny_local
 from configs import vqkd_clip_base
@@ -31,11 +32,26 @@ def get_config(arg=None):
   c.total_steps = arg.steps
   c.log_every_steps = 25
   c.images_every_steps = arg.steps
-  c.input.update(dict(dataset="embedded", batch_size=arg.batch, tokenizer_image_size=64,
-                      patch_size=8, shuffle_buffer=1000))
+  c.input.update(
+    dict(
+      dataset="embedded",
+      batch_size=arg.batch,
+      tokenizer_image_size=64,
+      patch_size=8,
+      shuffle_buffer=1000,
+    )
+  )
   c.tokenizer = vqkd_clip_base.vqkd_tokenizer(
-      teacher=arg.teacher, vocab_size=arg.codes, code_dim=16, teacher_dim=arg.teacher_dim,
-      patch_size=8, width=64, depth=2, num_heads=4, decoder_depth=1)
+    teacher=arg.teacher,
+    vocab_size=arg.codes,
+    code_dim=16,
+    teacher_dim=arg.teacher_dim,
+    patch_size=8,
+    width=64,
+    depth=2,
+    num_heads=4,
+    decoder_depth=1,
+  )
   if arg.teacher == "vit":
     c.tokenizer.teacher.recipe = teacher_recipe()
   c.optim.update(dict(lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 10))

@@ -2,6 +2,7 @@
 compilation cache for the session, the optional PyTorch packages as fixtures (their tests
 skip without them), and a pretraining checkpoint the fine-tuning and segmentation tests
 start from."""
+
 import os
 import tempfile
 
@@ -10,16 +11,18 @@ import pytest
 # Must happen before jax is imported anywhere. LLVM's optimisations off: they double the
 # compile time of the tests' tiny programs (most of a run's time) and change no result a
 # test compares (the runs it compares are compiled alike); `runs.cpu_env` passes them on.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+os.environ.setdefault(
+  "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The end-to-end tests start dozens of runs of the same tiny configs, each compiling the same
 # steps (a third of a run's time): every worker and every run it starts shares JAX's
 # persistent cache (keyed by the program, the flags and the versions, so a hit is the same
 # executable; an unreadable entry is recompiled).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "beit_jax_tests_xla_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "beit_jax_tests_xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
@@ -54,10 +57,12 @@ def pretrained(tmp_path_factory):
   from beit_jax.training import checkpoint
   from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config
+
   config = tiny_config()
   model = mim_objective.make_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                          jnp.zeros((1, 16), bool))["params"]
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), bool)
+  )["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) + 3.0, shapes)
   path = str(tmp_path_factory.mktemp("pretrained"))

@@ -29,6 +29,7 @@ files other than .md (GitHub's #L10 line anchors).
 Run `python -m tests.docs_check [FILE.md ...]` from the root to print the failures of every
 page (README.md and docs/*.md by default).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ _FENCE = re.compile(r"^\s*(`{3,}|~{3,})")  # indented too: fences in list items
 @dataclasses.dataclass
 class Unit:
   """A piece of text that is read as one command: its line (1-based), text and kind."""
+
   line: int
   text: str
   kind: str  # "block" (fenced code), "span" (inline code) or "prose"
@@ -87,8 +89,8 @@ def _code_spans(text: str):
     n = len(m.group())
     close = re.compile(r"(?<!`)`{%d}(?!`)" % n)
     c = close.search(text, m.end())
-    if c and not re.search(r"\n[ \t]*\n", text[m.end():c.start()]):
-      spans.append((m.start(), c.end(), text[m.end():c.start()]))
+    if c and not re.search(r"\n[ \t]*\n", text[m.end() : c.start()]):
+      spans.append((m.start(), c.end(), text[m.end() : c.start()]))
       i = c.end()
   return spans
 
@@ -156,6 +158,7 @@ def _display(path: pathlib.Path, root: pathlib.Path) -> str:
 # ------------------------------------------------------------------------------------------
 # 1. Links and anchors.
 
+
 def _plain(markdown: str) -> str:
   """The text of markdown outside code: links and images -> their text, no HTML tags,
   emphasis, escapes or entities."""
@@ -189,9 +192,13 @@ def anchors(page: Page) -> set[str]:
     m = re.match(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$", line)
     if m:
       headings.append(m.group(2) or "")
-    elif (i > 0 and re.match(r"^ {0,3}(=+|-+)[ \t]*$", line) and lines[i - 1].strip()
-          and not lines[i - 1].lstrip().startswith(("#", "|", "-", "*", ">"))
-          and not re.match(r"^ {0,3}(=+|-+)[ \t]*$", lines[i - 1])):
+    elif (
+      i > 0
+      and re.match(r"^ {0,3}(=+|-+)[ \t]*$", line)
+      and lines[i - 1].strip()
+      and not lines[i - 1].lstrip().startswith(("#", "|", "-", "*", ">"))
+      and not re.match(r"^ {0,3}(=+|-+)[ \t]*$", lines[i - 1])
+    ):
       headings.append(lines[i - 1].strip())  # setext heading
   for heading in headings:
     slug = github_anchor(heading)
@@ -206,8 +213,10 @@ def anchors(page: Page) -> set[str]:
 
 
 # [text](target "title"): text may hold one level of [brackets]; target may be <in angles>.
-_LINK = re.compile(r"(!?)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(\s*(<[^>]*>|[^\s)]*)"
-                   r"(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*\)")
+_LINK = re.compile(
+  r"(!?)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(\s*(<[^>]*>|[^\s)]*)"
+  r"(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*\)"
+)
 _REF_DEF = re.compile(r"^ {0,3}\[([^\]]+)\]:\s*(<[^>]*>|\S+)", re.M)
 _HTML_LINK = re.compile(r"""<(?:a|img)\b[^>]*\b(?:href|src)\s*=\s*["']([^"']*)["']""", re.I)
 
@@ -246,8 +255,9 @@ def check_links(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
       if anchor not in known:
         close = difflib.get_close_matches(anchor, sorted(known), n=1)
         hint = f" (did you mean #{close[0]}?)" if close else ""
-        failures.append(f"{where}: {_display(dest, root)} has no heading with anchor "
-                        f"#{anchor}{hint}")
+        failures.append(
+          f"{where}: {_display(dest, root)} has no heading with anchor #{anchor}{hint}"
+        )
   return failures
 
 
@@ -257,7 +267,8 @@ def check_links(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
 # A config file named: `--config=PATH[:arg]` (flag set) or a bare configs/X.py[:arg].
 _CONFIG_FLAG = re.compile(r"""--config=["']?(?P<path>[^\s:"'`]+)(?::(?P<arg>[^\s"'`]*))?""")
 _CONFIG_NAMED = re.compile(
-    r"(?<![\w./-])configs/(?P<name>[A-Za-z0-9_]+)\.py(?![\w.])(?::(?P<arg>[^\s\"'`]*))?")
+  r"(?<![\w./-])configs/(?P<name>[A-Za-z0-9_]+)\.py(?![\w.])(?::(?P<arg>[^\s\"'`]*))?"
+)
 
 
 def _clean_arg(arg: str | None, kind: str) -> str | None:
@@ -272,7 +283,7 @@ def build_config(root: pathlib.Path, module_path: str, arg: str | None):
   imported as a module of the repository; (config, None) or (None, the error)."""
   if str(root) not in sys.path:
     sys.path.insert(0, str(root))
-  module_name = module_path[:-len(".py")].replace("/", ".")
+  module_name = module_path[: -len(".py")].replace("/", ".")
   try:
     module = importlib.import_module(module_name)
     config = module.get_config(arg)
@@ -299,15 +310,15 @@ def check_configs(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
         continue
       reported.add((path, arg))
       if not (root / path).is_file():
-        close = difflib.get_close_matches(m.group("name"),
-                                          [p.stem for p in (root / "configs").glob("*.py")], n=1)
+        close = difflib.get_close_matches(
+          m.group("name"), [p.stem for p in (root / "configs").glob("*.py")], n=1
+        )
         hint = f" (did you mean configs/{close[0]}.py?)" if close else ""
         failures.append(f"{name}:{unit.line}: {path} does not exist{hint}")
       elif m.group("name") not in NOT_BUILT:
         _, error = build_config(root, path, arg)
         if error:
-          failures.append(f"{name}:{unit.line}: {_config_label(path, arg)} does not build: "
-                          f"{error}")
+          failures.append(f"{name}:{unit.line}: {_config_label(path, arg)} does not build: {error}")
   return failures
 
 
@@ -366,12 +377,15 @@ def _placeholder_field(field: str) -> bool:
 def field_problem(config, field: str) -> str | None:
   """Why `--config.<field>=...` would not set a field of `config`, or None."""
   import ml_collections  # pylint: disable=g-import-not-at-top: only when a config is built
+
   holder, walked = config, []
   parts = field.split(".")
   for i, part in enumerate(parts):
     if not isinstance(holder, ml_collections.ConfigDict):
-      return (f"{'.'.join(walked)} is a {type(holder).__name__} ({holder!r:.60}), "
-              f"not a ConfigDict: it has no field {part!r}")
+      return (
+        f"{'.'.join(walked)} is a {type(holder).__name__} ({holder!r:.60}), "
+        f"not a ConfigDict: it has no field {part!r}"
+      )
     if part not in holder:
       close = difflib.get_close_matches(part, list(holder.keys()), n=3)
       hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -380,16 +394,20 @@ def field_problem(config, field: str) -> str | None:
     if i == len(parts) - 1:
       kind = holder.get_type(part)
       if kind is type(None):
-        return (f"{field} is a plain None in the config: the command line cannot set it "
-                f"(the config should use common.unset(type))")
+        return (
+          f"{field} is a plain None in the config: the command line cannot set it "
+          f"(the config should use common.unset(type))"
+        )
       if not (kind in _SETTABLE or issubclass(kind, ml_collections.ConfigDict)):
         return f"{field} is a {kind.__name__}: the command line cannot set it"
       return None
     holder = holder[part]
     walked.append(part)
     if holder is None:
-      return (f"{'.'.join(walked)} is None in this config (a section this recipe does not "
-              f"have), so {field} cannot be set")
+      return (
+        f"{'.'.join(walked)} is None in this config (a section this recipe does not "
+        f"have), so {field} cannot be set"
+      )
   return None
 
 
@@ -424,8 +442,11 @@ def _unit_config(unit: Unit) -> tuple[str | None, str | None, str | None]:
 def check_overrides(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
   page, name, failures = _read(md), _display(md, root), []
   for unit in page.units:
-    fields = [m.group("field") for m in _OVERRIDE.finditer(unit.text)
-              if not _placeholder_field(m.group("field"))]
+    fields = [
+      m.group("field")
+      for m in _OVERRIDE.finditer(unit.text)
+      if not _placeholder_field(m.group("field"))
+    ]
     if not fields:
       continue
     path, arg, skipped = _unit_config(unit)
@@ -436,15 +457,19 @@ def check_overrides(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
       # at least one of configs/*.py built with its default arg.
       configs = _default_configs(root)
       if not configs:
-        failures.append(f"{name}:{unit.line}: no config of configs/ builds here, so "
-                        f"--config.{fields[0]} cannot be checked (is the venv active?)")
+        failures.append(
+          f"{name}:{unit.line}: no config of configs/ builds here, so "
+          f"--config.{fields[0]} cannot be checked (is the venv active?)"
+        )
         continue
       for field in fields:
         problems = {label: field_problem(config, field) for label, config in configs.items()}
         if all(problems.values()):
           first = min(problems, key=lambda k: len(problems[k]))
-          failures.append(f"{name}:{unit.line}: --config.{field} (no config in this command):"
-                          f" no config of configs/ has it; e.g. {first}: {problems[first]}")
+          failures.append(
+            f"{name}:{unit.line}: --config.{field} (no config in this command):"
+            f" no config of configs/ has it; e.g. {first}: {problems[first]}"
+          )
       continue
     label = _config_label(path, arg)
     if not (root / path).is_file():
@@ -457,13 +482,16 @@ def check_overrides(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
     for field in fields:
       problem = field_problem(config, field)
       if problem:
-        failures.append(f"{name}:{unit.line}: --config.{field} with --config={label}: "
-                        f"{problem}")
+        failures.append(f"{name}:{unit.line}: --config.{field} with --config={label}: {problem}")
   return failures
 
 
-CHECKS = {"links": check_links, "configs": check_configs, "modules": check_modules,
-          "overrides": check_overrides}
+CHECKS = {
+  "links": check_links,
+  "configs": check_configs,
+  "modules": check_modules,
+  "overrides": check_overrides,
+}
 
 
 def check_all(md: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:

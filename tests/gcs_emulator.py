@@ -42,6 +42,7 @@ Run as a script (`python tests/gcs_emulator.py BUCKET`) it is the server: prints
 `PORT <n>` once listening and exits when its stdin closes (its parent is gone, or Ctrl-D
 in a terminal, where it also prints the `export` lines of `client_env`).
 """
+
 import contextlib
 import functools
 import importlib
@@ -103,8 +104,11 @@ def _patch_handlers() -> None:
       want = int(q["ifGenerationMatch"][0])
       if (current is not None) if want == 0 else (current != want):
         return HTTPStatus.PRECONDITION_FAILED
-    if "ifGenerationNotMatch" in q and current is not None and \
-        current == int(q["ifGenerationNotMatch"][0]):
+    if (
+      "ifGenerationNotMatch" in q
+      and current is not None
+      and current == int(q["ifGenerationNotMatch"][0])
+    ):
       return HTTPStatus.NOT_MODIFIED if read else HTTPStatus.PRECONDITION_FAILED
     return None
 
@@ -115,6 +119,7 @@ def _patch_handlers() -> None:
         response.status = status
         return None
       return handler(request, response, storage, *args, **kwargs)
+
     return wrapped
 
   original_download = objects.download
@@ -130,8 +135,14 @@ def _patch_handlers() -> None:
     del args, kwargs
     p = request.params
     try:
-      obj = objects._copy(request.base_url, storage, p["bucket_name"], p["object_id"],  # pylint: disable=protected-access
-                          p["bucket_name"], p["dest_object_id"])
+      obj = objects._copy(
+        request.base_url,
+        storage,
+        p["bucket_name"],
+        p["object_id"],  # pylint: disable=protected-access
+        p["bucket_name"],
+        p["dest_object_id"],
+      )
     except NotFound:
       response.status = HTTPStatus.NOT_FOUND
       return
@@ -140,33 +151,49 @@ def _patch_handlers() -> None:
 
   def read_only(handler):
     def wrapped(request, response, storage, *args, **kwargs):
-      if READ_ONLY_BUCKET in (request.params.get("bucket_name"),
-                              request.params.get("dest_bucket_name")):
-        message = (f"emulator@{PROJECT}.iam.gserviceaccount.com does not have "
-                   f"storage.objects.create access to the Google Cloud Storage bucket.")
+      if READ_ONLY_BUCKET in (
+        request.params.get("bucket_name"),
+        request.params.get("dest_bucket_name"),
+      ):
+        message = (
+          f"emulator@{PROJECT}.iam.gserviceaccount.com does not have "
+          f"storage.objects.create access to the Google Cloud Storage bucket."
+        )
         response.status = HTTPStatus.FORBIDDEN
-        response.json({"error": {"code": 403, "message": message,
-                                 "errors": [{"message": message, "reason": "forbidden"}]}})
+        response.json(
+          {
+            "error": {
+              "code": 403,
+              "message": message,
+              "errors": [{"message": message, "reason": "forbidden"}],
+            }
+          }
+        )
         return None
       return handler(request, response, storage, *args, **kwargs)
+
     return wrapped
 
   object_id = lambda request: request.params.get("object_id")
   upload_name = lambda request: (request.query.get("name") or [None])[0]
   objects.download = download  # objects.get(alt=media) calls it by this name
   replace = {
-      original_download: guarded(download, True, object_id),
-      objects.get: guarded(objects.get, True, object_id),
-      objects.delete: guarded(objects.delete, False, object_id),
-      objects.insert: guarded(objects.insert, False, upload_name),
+    original_download: guarded(download, True, object_id),
+    objects.get: guarded(objects.get, True, object_id),
+    objects.delete: guarded(objects.delete, False, object_id),
+    objects.insert: guarded(objects.insert, False, upload_name),
   }
   api = settings.API_ENDPOINT
-  move_route = (rf"^{api}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-                rf"(?P<dest_object_id>.*[^/]+)$", {"POST": move})
+  move_route = (
+    rf"^{api}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+    rf"(?P<dest_object_id>.*[^/]+)$",
+    {"POST": move},
+  )
   writes = lambda method, fn: fn if method == "GET" else read_only(fn)
   server.HANDLERS = ((move_route[0], {"POST": read_only(move)}),) + tuple(
-      (regex, {method: writes(method, replace.get(fn, fn)) for method, fn in methods.items()})
-      for regex, methods in server.HANDLERS)
+    (regex, {method: writes(method, replace.get(fn, fn)) for method, fn in methods.items()})
+    for regex, methods in server.HANDLERS
+  )
 
 
 def serve(bucket: str) -> None:
@@ -186,14 +213,19 @@ def serve(bucket: str) -> None:
   def exit_with_parent():
     sys.stdin.read()  # returns at EOF: the parent closed the pipe or died
     os._exit(0)  # pylint: disable=protected-access
+
   threading.Thread(target=exit_with_parent, daemon=True).start()
   port = httpd.server_address[1]
   print(f"PORT {port}", flush=True)
   if sys.stdin.isatty():  # by hand: how to point a shell's clients at it
     env = client_env(f"http://127.0.0.1:{port}", tempfile.mkdtemp(prefix="gcs_emulator_"))
     lines = [f"export {k}={v}" if v is not None else f"unset {k}" for k, v in env.items()]
-    print(f"Serving gs://{bucket} on 127.0.0.1:{port} until Ctrl-D. In the shell of a run:\n"
-          + "\n".join(lines), file=sys.stderr, flush=True)
+    print(
+      f"Serving gs://{bucket} on 127.0.0.1:{port} until Ctrl-D. In the shell of a run:\n"
+      + "\n".join(lines),
+      file=sys.stderr,
+      flush=True,
+    )
   httpd.serve_forever()
 
 
@@ -224,9 +256,13 @@ def start(bucket: str = BUCKET, log_dir: str | None = None) -> Emulator:
   """Starts the server process; returns once it listens."""
   log_path = os.path.join(log_dir or tempfile.mkdtemp(prefix="gcs_emulator_"), "emulator.log")
   with open(log_path, "wb") as log:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), bucket],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                            cwd=os.path.dirname(log_path))
+    proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), bucket],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=log,
+      cwd=os.path.dirname(log_path),
+    )
   deadline = time.monotonic() + _START_TIMEOUT_SECS
   line = b""
   while not line.endswith(b"\n"):
@@ -249,21 +285,21 @@ def start(bucket: str = BUCKET, log_dir: str | None = None) -> Emulator:
 def client_env(url: str, cloudsdk_config: str) -> dict[str, str | None]:
   """The variables that send the clients to `url` (None: removed)."""
   return {
-      "STORAGE_EMULATOR_HOST": url,            # gcsfs, google-cloud-storage
-      "TENSORSTORE_GCS_HTTP_URL": url,         # tensorstore (orbax arrays)
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore (and TF): no credential search
-      "EPATH_USE_TF": "false",                 # epath: fsspec/gcsfs, not tf.io.gfile
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs, when imported after this
-      "FSSPEC_GCS_TOKEN": "anon",              # fsspec, when imported after this (subprocesses)
-      "FSSPEC_GCS_PROJECT": PROJECT,
-      "GOOGLE_CLOUD_PROJECT": PROJECT,
-      "GCSFS_DEFAULT_PROJECT": PROJECT,
-      "NO_GCE_CHECK": "true",                  # gcsfs, google-auth: don't probe for GCE
-      "GCE_METADATA_HOST": _CLOSED_PORT,       # google-auth (read at its import)
-      "GCE_METADATA_IP": _CLOSED_PORT,         # google-auth
-      "GCE_METADATA_ROOT": _CLOSED_PORT,       # tensorstore, older google-auth
-      "CLOUDSDK_CONFIG": cloudsdk_config,      # an empty folder: no gcloud credentials
-      "GOOGLE_APPLICATION_CREDENTIALS": None,
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
+    "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (orbax arrays)
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore (and TF): no credential search
+    "EPATH_USE_TF": "false",  # epath: fsspec/gcsfs, not tf.io.gfile
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs, when imported after this
+    "FSSPEC_GCS_TOKEN": "anon",  # fsspec, when imported after this (subprocesses)
+    "FSSPEC_GCS_PROJECT": PROJECT,
+    "GOOGLE_CLOUD_PROJECT": PROJECT,
+    "GCSFS_DEFAULT_PROJECT": PROJECT,
+    "NO_GCE_CHECK": "true",  # gcsfs, google-auth: don't probe for GCE
+    "GCE_METADATA_HOST": _CLOSED_PORT,  # google-auth (read at its import)
+    "GCE_METADATA_IP": _CLOSED_PORT,  # google-auth
+    "GCE_METADATA_ROOT": _CLOSED_PORT,  # tensorstore, older google-auth
+    "CLOUDSDK_CONFIG": cloudsdk_config,  # an empty folder: no gcloud credentials
+    "GOOGLE_APPLICATION_CREDENTIALS": None,
   }
 
 
@@ -289,10 +325,12 @@ def reset_client_caches() -> None:
   """Forgets what epath and fsspec decided from the environment they saw first."""
   from etils.epath import backend as epath_backend  # pylint: disable=g-import-not-at-top
   from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+
   gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   if "gcsfs" in sys.modules:
     import gcsfs  # pylint: disable=g-import-not-at-top
+
     for cls in {gcsfs.GCSFileSystem, gcsfs.core.GCSFileSystem}:
       cls.clear_instance_cache()
 
@@ -302,6 +340,7 @@ def _gcsfs_for_emulator() -> Iterator[None]:
   """fsspec's gs/gcs -> plain GCSFileSystem, anonymous, with a project; then back."""
   import fsspec  # pylint: disable=g-import-not-at-top
   import gcsfs.core  # pylint: disable=g-import-not-at-top
+
   registry = importlib.import_module("fsspec.registry")
   names = ("gs", "gcs")
   saved_registry = {n: registry._registry.get(n) for n in names}  # pylint: disable=protected-access
@@ -326,8 +365,10 @@ def _gcsfs_for_emulator() -> Iterator[None]:
 @contextlib.contextmanager
 def running(bucket: str = BUCKET) -> Iterator[Emulator]:
   """An emulator with every client in this process pointed at it, for the `with` block."""
-  pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator "
-                      "(pip install -r requirements-gcs-test.txt)")
+  pytest.importorskip(
+    "gcp_storage_emulator",
+    reason="needs gcp-storage-emulator (pip install -r requirements-gcs-test.txt)",
+  )
   pytest.importorskip("gcsfs", reason="needs gcsfs (pip install -r requirements-gcs-test.txt)")
   with tempfile.TemporaryDirectory(prefix="gcs_emulator_") as tmp:
     cloudsdk = os.path.join(tmp, "gcloud")

@@ -1,5 +1,6 @@
 """Helpers of the end-to-end tests that start `python -m beit_jax.main` subprocesses on
 tests/tiny_config.py and compare what their workdirs hold."""
+
 import os
 import re
 import signal
@@ -25,18 +26,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main_command(workdir, tokenizer, steps: int, *flags: str) -> list[str]:
   """A tiny MIM run against the tokenizer checkpoint `tokenizer`, as a command line."""
-  return [sys.executable, "-m", "beit_jax.main", "--config=tests/tiny_config.py",
-          f"--workdir={workdir}", f"--config.tokenizer.init_from={tokenizer}",
-          f"--config.total_steps={steps}", *flags]
+  return [
+    sys.executable,
+    "-m",
+    "beit_jax.main",
+    "--config=tests/tiny_config.py",
+    f"--workdir={workdir}",
+    f"--config.tokenizer.init_from={tokenizer}",
+    f"--config.total_steps={steps}",
+    *flags,
+  ]
 
 
 def cpu_env(devices: int) -> dict[str, str]:
   """The environment of a subprocess on `devices` (fake) CPU devices, with the tests' other
   XLA flags (conftest.py)."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", "")).split()
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+  flags = re.sub(
+    r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+  ).split()
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+  )
 
 
 def free_port() -> int:
@@ -79,8 +91,9 @@ class Watched:
   """A subprocess whose stderr is read as it comes, to act when a line appears."""
 
   def __init__(self, cmd: list[str], env: dict[str, str]):
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(
+      cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     self.lines: list[str] = []
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
@@ -108,8 +121,10 @@ class Watched:
         if m:
           return m
         seen += 1
-      assert not ended, (f"ended (rc {self.proc.poll()}) without a line matching "
-                         f"{pattern!r}:\n" + "".join(self.lines[-30:]))
+      assert not ended, (
+        f"ended (rc {self.proc.poll()}) without a line matching "
+        f"{pattern!r}:\n" + "".join(self.lines[-30:])
+      )
       assert time.time() < deadline, f"no line matching {pattern!r} in {timeout} s"
       time.sleep(0.01)
 
@@ -120,18 +135,22 @@ class Watched:
     return self.proc.returncode, "".join(self.lines)
 
 
-def kill_mid_run(command: list[str] | list[list[str]], workdir, *, at_step: int,
-                 total_steps: int, env) -> int:
+def kill_mid_run(
+  command: list[str] | list[list[str]], workdir, *, at_step: int, total_steps: int, env
+) -> int:
   """Starts `command` (or the processes of one run: a list of commands), SIGKILLs it once
   checkpoint `at_step` exists in `workdir`; returns the newest checkpoint left (asserted to
   be mid-run)."""
   commands = command if isinstance(command[0], list) else [command]
-  procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL) for c in commands]
+  procs = [
+    subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for c in commands
+  ]
   deadline = time.time() + 600
   while not (workdir / "checkpoints" / str(at_step)).exists():
     assert all(p.poll() is None for p in procs) and time.time() < deadline, (
-        f"run ended before step {at_step}")
+      f"run ended before step {at_step}"
+    )
     time.sleep(0.05)
   for proc in procs:
     proc.send_signal(signal.SIGKILL)

@@ -1,6 +1,7 @@
 """Gradient accumulation (`optim.accum_steps`): k micro-batches inside one step are the step
 of one batch k times their size (to float32 rounding), on 8 devices too; a bad value is a
 one-line ConfigError. (tests/test_resume.py kills and resumes a run that accumulates.)"""
+
 import jax
 import numpy as np
 import pytest
@@ -53,8 +54,14 @@ def _assert_same_step(expected, got, keys):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
-MIM_METRICS = ("loss", "mim_accuracy", "grad_norm", "majority_baseline", "masked_per_image",
-               "param_norm")
+MIM_METRICS = (
+  "loss",
+  "mim_accuracy",
+  "grad_norm",
+  "majority_baseline",
+  "masked_per_image",
+  "param_norm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +96,28 @@ def test_fine_tuning_2_micro_batches_are_one_batch():
   config.total_steps, config.optim.warmup_steps = 5, 0
   config.mixup.prob = 1.0
   rng = np.random.default_rng(0)
-  batches = [{"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
-              "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
+  batches = [
+    {
+      "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, 8).astype(np.int32),
+    }
+    for _ in range(2)
+  ]
   mesh = _one_device()
   results = []
   for accum_steps in (1, 2):
     config.optim.accum_steps = accum_steps
-    results.append(_steps(runner.setup(config, finetune.make_task(config), mesh), mesh,
-                          batches))
+    results.append(_steps(runner.setup(config, finetune.make_task(config), mesh), mesh, batches))
   _assert_same_step(*results, keys=("loss", "train_accuracy", "grad_norm", "param_norm"))
 
 
-@pytest.mark.parametrize("accum_steps,message", [
+@pytest.mark.parametrize(
+  "accum_steps,message",
+  [
     (0, r"^optim.accum_steps=0 is invalid; accepted: an integer >= 1"),
     (3, r"^input.batch_size=32 must be divisible by optim.accum_steps=3 "),
-])
+  ],
+)
 def test_a_bad_accum_steps_is_a_one_line_config_error(accum_steps, message):
   config = _mim_config(accum_steps)
   with pytest.raises(ConfigError, match=message) as e:
@@ -114,6 +128,9 @@ def test_a_bad_accum_steps_is_a_one_line_config_error(accum_steps, message):
 def test_each_device_s_share_must_split_into_the_micro_batches():
   mesh = sharding.make_mesh({"data": 8})
   sharding.check_batch_size(16, mesh, accum_steps=2)
-  with pytest.raises(ConfigError, match=r"^input.batch_size=16 must be divisible by the 8 "
-                     r"data-parallel devices times optim.accum_steps=4 and 1 processes$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^input.batch_size=16 must be divisible by the 8 "
+    r"data-parallel devices times optim.accum_steps=4 and 1 processes$",
+  ):
     sharding.check_batch_size(16, mesh, accum_steps=4)

@@ -3,6 +3,7 @@
 VQ-KD `.pth`, a HuggingFace folder, DALL-E's pickles: the foreign ones against randomly
 initialised reference models, skipped without torch), each method of `Model` on them,
 `make_mask`, and the one-line errors."""
+
 import json
 import os
 import subprocess
@@ -48,8 +49,9 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("api_run")
   tokenizer = runs.random_tokenizer(tmp / "tokenizer")
   workdir = str(tmp / "run")
-  metrics = beit_jax.train("tests/tiny_config.py", workdir,
-                           overrides={"tokenizer.init_from": tokenizer, "total_steps": 3})
+  metrics = beit_jax.train(
+    "tests/tiny_config.py", workdir, overrides={"tokenizer.init_from": tokenizer, "total_steps": 3}
+  )
   return workdir, tokenizer, metrics
 
 
@@ -60,8 +62,14 @@ def test_train_runs_what_the_cli_runs_and_resumes(run):
   assert saved["total_steps"] == 3 and saved["tokenizer"]["init_from"] == tokenizer
   assert max(checkpoint.make_manager(workdir, every_steps=3, keep=2).all_steps()) == 3
   # A finished run returns at once, as the same command line does.
-  assert beit_jax.train("tests/tiny_config.py", workdir,
-                        overrides={"tokenizer.init_from": tokenizer, "total_steps": 3}) == {}
+  assert (
+    beit_jax.train(
+      "tests/tiny_config.py",
+      workdir,
+      overrides={"tokenizer.init_from": tokenizer, "total_steps": 3},
+    )
+    == {}
+  )
 
 
 def test_train_checks_before_any_compute(tmp_path):
@@ -98,11 +106,14 @@ def test_the_progress_bar_shows_in_a_notebook_kernel(monkeypatch):
 
 
 def test_import_beit_jax_stays_cheap():
-  code = ("import sys, beit_jax; "
-          "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules)); "
-          "print('load' in dir(beit_jax), 'train' in beit_jax.__all__)")
-  out = subprocess.run([sys.executable, "-c", code],
-                       cwd=runs.ROOT, capture_output=True, text=True, timeout=120)
+  code = (
+    "import sys, beit_jax; "
+    "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules)); "
+    "print('load' in dir(beit_jax), 'train' in beit_jax.__all__)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=runs.ROOT, capture_output=True, text=True, timeout=120
+  )
   assert out.stdout.split("\n")[:2] == ["[]", "True True"], out.stderr[-2000:]
 
 
@@ -120,8 +131,9 @@ def test_a_mim_workdir_loads_with_its_tokenizer(mim, run):
   # A step folder of the same run reads the same weights.
   step = beit_jax.load(os.path.join(run[0], "checkpoints", "3"))
   photos = _photos(2)
-  np.testing.assert_allclose(step.features(photos)["pooled"], mim.features(photos)["pooled"],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    step.features(photos)["pooled"], mim.features(photos)["pooled"], atol=1e-6
+  )
 
 
 def test_features_batches_single_images_lists_and_dtypes(mim):
@@ -140,8 +152,9 @@ def test_features_batches_single_images_lists_and_dtypes(mim):
   np.testing.assert_allclose(out["patches"], direct["tokens"][:, 1:], atol=1e-5)
   # An earlier block: its output before the final norm.
   first = mim.features(photos, block=0)
-  hidden = mim.vit.apply({"params": mim.params}, jnp.asarray(mim.view.to_model(pixels)),
-                         return_hidden=(0,))["hidden"][0]
+  hidden = mim.vit.apply(
+    {"params": mim.params}, jnp.asarray(mim.view.to_model(pixels)), return_hidden=(0,)
+  )["hidden"][0]
   np.testing.assert_allclose(first["cls"], hidden[:, 0], atol=1e-5)
   np.testing.assert_allclose(mim.features(photos, block=-2)["cls"], first["cls"], atol=1e-6)
 
@@ -153,8 +166,9 @@ def test_predict_masked_and_decode_the_prediction(mim):
   assert out["logits"].shape == (2, 16, 64) and out["tokens"].shape == (2, 4, 4)
   assert (out["mask"] == mask).all() and out["tokens"][out["mask"]].shape == (12,)
   inputs = jnp.asarray(mim.view.to_model(mim.pixels(photos)))
-  want = mim.vit.apply({"params": mim.params}, inputs, jnp.asarray(mask.reshape(1, 16)
-                                                                   ).repeat(2, 0))
+  want = mim.vit.apply(
+    {"params": mim.params}, inputs, jnp.asarray(mask.reshape(1, 16)).repeat(2, 0)
+  )
   np.testing.assert_allclose(out["logits"], want["mim_logits"], atol=ATOL)
   # Per-image masks, flat masks, 0/1 masks: the same thing.
   per_image = np.stack([mask, ~mask])
@@ -201,9 +215,12 @@ def test_methods_the_model_lacks_and_bad_inputs_are_one_line_errors(mim):
   with pytest.raises(ValueError) as e:
     mim.classify(_photos(1))
   _one_line(e, "classify", "no classification head")
-  for bad, needle in [(np.zeros((2, 8, 8)), "shape (2, 8, 8)"),
-                      (np.full((8, 8, 3), 2.0), "float pixels must be in [0, 1]"),
-                      (np.zeros((8, 8, 3), np.int64), "dtype int64"), ([], "got none")]:
+  for bad, needle in [
+    (np.zeros((2, 8, 8)), "shape (2, 8, 8)"),
+    (np.full((8, 8, 3), 2.0), "float pixels must be in [0, 1]"),
+    (np.zeros((8, 8, 3), np.int64), "dtype int64"),
+    ([], "got none"),
+  ]:
     with pytest.raises(ValueError) as e:
       mim.features(bad)
     _one_line(e, needle)
@@ -269,8 +286,9 @@ def test_paths_that_are_no_model_are_one_line_errors(tmp_path):
     _one_line(e, f"{path} is not a model beit_jax.load reads", "HuggingFace BEiT folder")
   (tmp_path / "lp").mkdir()
   (tmp_path / "lp" / "checkpoints").mkdir()
-  (tmp_path / "lp" / "config.json").write_text(json.dumps(
-      {"trainer": "linear_probe", "init_from": "/pretrained"}))
+  (tmp_path / "lp" / "config.json").write_text(
+    json.dumps({"trainer": "linear_probe", "init_from": "/pretrained"})
+  )
   with pytest.raises(ValueError) as e:
     beit_jax.load(tmp_path / "lp")
   _one_line(e, "is a linear_probe run", "load its backbone (/pretrained)")
@@ -282,10 +300,18 @@ def test_paths_that_are_no_model_are_one_line_errors(tmp_path):
 @pytest.fixture(scope="module")
 def hf_mim(torch, transformers, tmp_path_factory):
   from tests.test_convert import HF_TINY, VOCAB, _hf_model  # pylint: disable=g-import-not-at-top
+
   assert HF_TINY["image_size"] == 32
-  return _hf_model(torch, transformers, tmp_path_factory, "BeitForMaskedImageModeling",
-                   vocab_size=VOCAB, use_mask_token=True,
-                   use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
+  return _hf_model(
+    torch,
+    transformers,
+    tmp_path_factory,
+    "BeitForMaskedImageModeling",
+    vocab_size=VOCAB,
+    use_mask_token=True,
+    use_shared_relative_position_bias=True,
+    layer_scale_init_value=0.1,
+  )
 
 
 def _reference_input(model, photos):
@@ -295,6 +321,7 @@ def _reference_input(model, photos):
 def test_hf_folder_and_unilm_pth_predict_as_the_reference(torch, hf_mim, tmp_path):
   # pylint: disable-next=g-import-not-at-top
   from tests.test_convert import _hf_out, _save_unilm, _unilm_state_dict
+
   reference, folder = hf_mim
   photos, mask = _photos(2), beit_jax.make_mask(4, 6, min_num_patches=2, seed=0)
   pth = _save_unilm(torch, _unilm_state_dict(folder, False), tmp_path / "beit.pth")
@@ -302,8 +329,9 @@ def test_hf_folder_and_unilm_pth_predict_as_the_reference(torch, hf_mim, tmp_pat
     model = beit_jax.load(source)
     assert model.config.vit.vocab_size == 16 and model.tokenizer is None
     out = model.predict_masked(photos, mask)
-    want = _hf_out(torch, reference, _reference_input(model, photos),
-                   np.stack([mask.reshape(16)] * 2)).logits.numpy()
+    want = _hf_out(
+      torch, reference, _reference_input(model, photos), np.stack([mask.reshape(16)] * 2)
+    ).logits.numpy()
     np.testing.assert_allclose(out["logits"], want, atol=ATOL)
     assert model.features(photos)["patches"].shape == (2, 16, 32)
   with pytest.raises(ValueError) as e:
@@ -313,9 +341,16 @@ def test_hf_folder_and_unilm_pth_predict_as_the_reference(torch, hf_mim, tmp_pat
 
 def test_hf_classifier_classifies_as_the_reference(torch, transformers, tmp_path_factory):
   from tests.test_convert import CLASSES, _hf_model, _hf_out  # pylint: disable=g-import-not-at-top
-  reference, folder = _hf_model(torch, transformers, tmp_path_factory,
-                                "BeitForImageClassification", num_labels=CLASSES,
-                                use_relative_position_bias=True, layer_scale_init_value=0.1)
+
+  reference, folder = _hf_model(
+    torch,
+    transformers,
+    tmp_path_factory,
+    "BeitForImageClassification",
+    num_labels=CLASSES,
+    use_relative_position_bias=True,
+    layer_scale_init_value=0.1,
+  )
   model = beit_jax.load(folder)
   photos = _photos(2)
   want = _hf_out(torch, reference, _reference_input(model, photos)).logits.numpy()
@@ -325,6 +360,7 @@ def test_hf_classifier_classifies_as_the_reference(torch, transformers, tmp_path
 @pytest.fixture()
 def dalle_folder(torch, tmp_path, monkeypatch):
   from tests.test_convert import _dalle_reference  # pylint: disable=g-import-not-at-top
+
   encoder_cls, decoder_cls = _dalle_reference(torch, monkeypatch)
   torch.manual_seed(0)
   encoder, decoder = encoder_cls(8, 1, 16).eval(), decoder_cls(12, 8, 1, 16).eval()
@@ -335,9 +371,9 @@ def dalle_folder(torch, tmp_path, monkeypatch):
   return str(folder), encoder
 
 
-def test_dalle_folder_tokenizes_as_the_reference_and_pairs_with_a_vit(torch, dalle_folder,
-                                                                      hf_mim):
+def test_dalle_folder_tokenizes_as_the_reference_and_pairs_with_a_vit(torch, dalle_folder, hf_mim):
   from beit_jax.models import dvae  # pylint: disable=g-import-not-at-top
+
   folder, encoder = dalle_folder
   tok = beit_jax.load(folder, image_size=32)
   assert tok.vit is None and tok.grid == (4, 4) and tok.tokenizer_view.size == 32
@@ -360,6 +396,7 @@ def test_dalle_folder_tokenizes_as_the_reference_and_pairs_with_a_vit(torch, dal
 
 def test_unilm_vqkd_pth_tokenizes_as_the_reference(torch, tmp_path):
   from tests import test_convert_v2 as v2  # pylint: disable=g-import-not-at-top
+
   sd = v2._vqkd_state_dict()  # pylint: disable=protected-access
   path = v2._save(sd, tmp_path / "vqkd.pth")  # pylint: disable=protected-access
   model = beit_jax.load(path, num_heads=v2.HEADS)
@@ -386,4 +423,3 @@ def test_bad_foreign_files_are_one_line_errors(torch, tmp_path):
   with pytest.raises(ValueError) as e:
     beit_jax.load(hf_dir)
   _one_line(e, "holds a 'vit' model, not 'beit'")
-

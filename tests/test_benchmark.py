@@ -3,6 +3,7 @@ times the input pipeline per CPU core when the data are there; `--compare-pytorc
 framework in processes of its own, alternating, and prints both steps' rates, their ratio and
 a final json line; its PyTorch step's loss reads the masked positions only, and without torch
 it is a one-line error."""
+
 import contextlib
 import io
 import json
@@ -52,7 +53,8 @@ def test_the_pipeline_rate_per_core_when_the_data_are_here(capsys):
   cores = len(os.sched_getaffinity(0))
   assert out["pipeline_images_per_sec"] > 0
   assert out["pipeline_images_per_sec_per_core"] == pytest.approx(
-      out["pipeline_images_per_sec"] / cores)
+    out["pipeline_images_per_sec"] / cores
+  )
   assert f"per CPU core ({cores} cores)" in printed
   # Per CPU-second of the process: at most what its cores could give in the wall time.
   assert 0 < out["pipeline_images_per_cpu_second"]
@@ -74,6 +76,7 @@ def test_known_devices_by_their_jax_kind():
 
 def test_the_peak_of_cpu_devices_is_a_measured_ceiling_they_share():
   import jax  # pylint: disable=g-import-not-at-top
+
   peak, source = hardware.peak_flops("float32", 128)
   assert peak > 0
   assert f"shared by {jax.local_device_count()} CPU device(s)" in source
@@ -103,7 +106,7 @@ def compared(tmp_path_factory):
 @pytest.mark.slow
 def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(compared):
   out, printed = compared
-  summary = printed[printed.index("\nsummary: "):]  # the block after the processes' output
+  summary = printed[printed.index("\nsummary: ") :]  # the block after the processes' output
   jax_rate = re.search(r"JAX +(\S+) images/s", summary).group(1)
   torch_rate = re.search(r"PyTorch +(\S+) images/s", summary).group(1)
   ratio = re.search(r"JAX/PyTorch: (\S+)x", summary).group(1)
@@ -116,9 +119,11 @@ def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(compared)
   assert summary.count("% of the") == 2 and "where the time goes" in summary
   assert out["jax_tokenizer_seconds"] > 0 and out["torch_tokenizer_seconds"] > 0
   for name, key in (("JAX", "jax"), ("PyTorch", "torch")):  # each process's step, the costs
-    line = re.search(rf"{name} +steps (\S+) \| (\S+) s \(\| between processes\); CPU (\S+) s "
-                     r"per step, (\d+)% of it in the kernel; ([\d,]+) minor page faults",
-                     summary)
+    line = re.search(
+      rf"{name} +steps (\S+) \| (\S+) s \(\| between processes\); CPU (\S+) s "
+      r"per step, (\d+)% of it in the kernel; ([\d,]+) minor page faults",
+      summary,
+    )
     assert line, summary
     steps = out[f"{key}_steps"]
     assert [len(s) for s in steps] == [1, 1]
@@ -130,7 +135,7 @@ def test_compare_pytorch_prints_both_rates_to_3_digits_and_their_ratio(compared)
     assert line.group(5).replace(",", "") == f"{out[f'{key}_page_faults']:.0f}"
   # The output ends with all of it on one line.
   last = printed.rstrip("\n").splitlines()[-1]
-  assert last.startswith("json: ") and json.loads(last[len("json: "):]) == out
+  assert last.startswith("json: ") and json.loads(last[len("json: ") :]) == out
 
 
 @pytest.mark.slow
@@ -161,6 +166,7 @@ def test_a_childs_config_error_comes_back_as_one_line(tmp_path):
 
 def test_host_cost_counts_the_first_touches_of_fresh_memory():
   import mmap  # pylint: disable=g-import-not-at-top
+
   pages = 16384  # 64 MiB of anonymous memory, not advised to use huge pages
 
   def touch_each_page():
@@ -181,14 +187,28 @@ def test_the_torch_reference_loss_reads_the_masked_positions_only():
   torch = pytest.importorskip("torch")
   from beit_jax.convert import torch_reference  # pylint: disable=g-import-not-at-top
   from beit_jax.convert import hf  # pylint: disable=g-import-not-at-top
-  kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, image_size=16,
-            vocab_size=64, num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=False,
-            use_shared_rel_pos_bias=False, layer_scale_init=0.0)
+
+  kw = dict(
+    width=32,
+    depth=1,
+    num_heads=2,
+    mlp_dim=64,
+    patch_size=8,
+    image_size=16,
+    vocab_size=64,
+    num_classes=0,
+    use_abs_pos_emb=True,
+    use_rel_pos_bias=False,
+    use_shared_rel_pos_bias=False,
+    layer_scale_init=0.0,
+  )
   step = torch_reference.build(
-      hf.config_json(kw), drop_path_rate=0.0,
-      tokenizer=dict(n_hid=8, n_blk_per_group=1, vocab_size=64),
-      optim=dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0),
-      autocast=None)
+    hf.config_json(kw),
+    drop_path_rate=0.0,
+    tokenizer=dict(n_hid=8, n_blk_per_group=1, vocab_size=64),
+    optim=dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0),
+    autocast=None,
+  )
   images = torch.rand(2, 3, 16, 16)
   mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
   tokens = torch.randint(0, 64, (2, 4))
@@ -206,6 +226,7 @@ def test_the_torch_reference_loss_reads_the_masked_positions_only():
 
 def test_compare_pytorch_without_torch_is_a_one_line_error(monkeypatch):
   from beit_jax import convert  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
   monkeypatch.delitem(sys.modules, "beit_jax.convert.torch_reference", raising=False)
   monkeypatch.delattr(convert, "torch_reference", raising=False)

@@ -1,4 +1,5 @@
 """Labelled data: the sources, labels that stay with their images, evaluation, RandAugment."""
+
 import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -19,10 +20,24 @@ MEAN, STD = np.asarray(views.IMAGENET_MEAN), np.asarray(views.IMAGENET_STD)
 
 def make_config(dataset="embedded:digits", **overrides) -> ml_collections.ConfigDict:
   """No augmentation at all: a training image is its source image, normalised."""
-  cfg = dict(dataset=dataset, split="train", eval_dataset="", eval_split="validation",
-             data_dir=None, batch_size=8, eval_batch_size=64, image_size=32,
-             crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, color_jitter=0.0,
-             randaugment="", random_erase=0.0, eval_crop_pct=1.0, shuffle_buffer=16)
+  cfg = dict(
+    dataset=dataset,
+    split="train",
+    eval_dataset="",
+    eval_split="validation",
+    data_dir=None,
+    batch_size=8,
+    eval_batch_size=64,
+    image_size=32,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip=False,
+    color_jitter=0.0,
+    randaugment="",
+    random_erase=0.0,
+    eval_crop_pct=1.0,
+    shuffle_buffer=16,
+  )
   cfg.update(overrides)
   return ml_collections.ConfigDict({"input": cfg})
 
@@ -50,8 +65,12 @@ def test_embedded_sets_are_disjoint_splits_with_every_class():
 
 def test_split_slices_are_those_of_tfds():
   train, labels, _ = embedded_data.load_labelled("digits", "train")
-  for split, window in (("train[:10%]", slice(0, 143)), ("train[100:]", slice(100, None)),
-                        ("train[-50:]", slice(-50, None)), ("train[:200]", slice(0, 200))):
+  for split, window in (
+    ("train[:10%]", slice(0, 143)),
+    ("train[100:]", slice(100, None)),
+    ("train[-50:]", slice(-50, None)),
+    ("train[:200]", slice(0, 200)),
+  ):
     images, sliced, _ = embedded_data.load_labelled("digits", split)
     np.testing.assert_array_equal(sliced, labels[window])
     np.testing.assert_array_equal(np.stack(images), np.stack(train[window]))
@@ -72,8 +91,9 @@ def test_training_images_carry_their_labels_and_resume(tmp_path):
     ids = it.last_ids
     batches.append(batch)
     np.testing.assert_array_equal(batch["label"], labels[ids])
-    np.testing.assert_allclose(batch["image"], normalised(np.stack([images[i] for i in ids])),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      batch["image"], normalised(np.stack([images[i] for i in ids])), atol=1e-5
+    )
   resumed = cp.make_train_iterator(config, seed=3, start_step=2)
   for want in batches[2:]:
     got = next(resumed)
@@ -108,8 +128,7 @@ def test_eval_resizes_the_shorter_side_then_crops_the_centre():
 
 
 def test_augmentations_change_images_not_labels():
-  config = make_config(crop_scale=(0.3, 1.0), randaugment="rand-m9-mstd0.5-inc1",
-                       random_erase=1.0)
+  config = make_config(crop_scale=(0.3, 1.0), randaugment="rand-m9-mstd0.5-inc1", random_erase=1.0)
   augmented = next(cp.make_train_iterator(config, seed=1))
   plain = next(cp.make_train_iterator(make_config(), seed=1))
   np.testing.assert_array_equal(plain["label"], augmented["label"])
@@ -131,8 +150,13 @@ def test_folder_classes_are_subfolders(tmp_path):
     for name, colour in colours.items():
       for i in range(3):
         _png(tmp_path / split / name / f"{i}.png", colour + i)
-  config = make_config(f"folder:{tmp_path}/train", eval_dataset=f"folder:{tmp_path}/val",
-                       batch_size=2, eval_batch_size=4, image_size=8)
+  config = make_config(
+    f"folder:{tmp_path}/train",
+    eval_dataset=f"folder:{tmp_path}/val",
+    batch_size=2,
+    eval_batch_size=4,
+    image_size=8,
+  )
   info = cp.dataset_info(config)
   assert (info.num_train, info.num_eval, info.class_names) == (6, 6, ("cat", "dog"))
   batch = next(cp.make_train_iterator(config, seed=0))
@@ -159,22 +183,27 @@ def test_tfds_labels_come_with_their_images(tmp_path):
       __module__ = "beit_test_labelled"
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=["dark", "mid", "light"])}))
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(encoding_format="png"),
+              "label": tfds.features.ClassLabel(names=["dark", "mid", "light"]),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(12),
-                "validation": self._generate_examples(5)}
+        return {"train": self._generate_examples(12), "validation": self._generate_examples(5)}
 
       def _generate_examples(self, n):  # pylint: disable=arguments-differ
         for i in range(n):
-          yield i, {"image": np.full((10, 12, 3), 40 + 80 * (i % 3), np.uint8),
-                    "label": i % 3}
+          yield i, {"image": np.full((10, 12, 3), 40 + 80 * (i % 3), np.uint8), "label": i % 3}
 
   BeitTestLabelled(data_dir=str(tmp_path)).download_and_prepare()
-  config = make_config("tfds:beit_test_labelled", data_dir=str(tmp_path), batch_size=4,
-                       eval_batch_size=4, image_size=8)
+  config = make_config(
+    "tfds:beit_test_labelled", data_dir=str(tmp_path), batch_size=4, eval_batch_size=4, image_size=8
+  )
   info = cp.dataset_info(config)
   assert (info.num_train, info.num_eval, info.num_classes) == (12, 5, 3)
   batch = next(cp.make_train_iterator(config, seed=0))
@@ -186,16 +215,21 @@ def test_tfds_labels_come_with_their_images(tmp_path):
   assert cp.dataset_info(config).num_train == 6
 
 
-@pytest.mark.parametrize("field, overrides", [
+@pytest.mark.parametrize(
+  "field, overrides",
+  [
     ("input.dataset", {"dataset": "embedded"}),
     ("input.eval_crop_pct", {"eval_crop_pct": 0.0}),
     ("input.random_erase", {"random_erase": 1.5}),
     ("input.randaugment", {"randaugment": "rand-m12"}),
     ("input split", {"eval_split": "test"}),
     ("input split", {"eval_split": "validation[:ten]"}),
-    ("input split 'validation\\[5:5\\]' of embedded:digits holds no images",
-     {"eval_split": "validation[5:5]"}),
-])
+    (
+      "input split 'validation\\[5:5\\]' of embedded:digits holds no images",
+      {"eval_split": "validation[5:5]"},
+    ),
+  ],
+)
 def test_bad_config_names_the_field(field, overrides):
   with pytest.raises(ConfigError, match=field):
     cp.EvalData(make_config(**overrides))
@@ -209,20 +243,28 @@ def photo():
   return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((40, 32)))
 
 
-@pytest.mark.parametrize("name, ours, pil", [
+@pytest.mark.parametrize(
+  "name, ours, pil",
+  [
     ("autocontrast", ra.auto_contrast, ImageOps.autocontrast),
     ("equalize", ra.equalize, ImageOps.equalize),
     ("posterize", lambda x: ra.posterize(x, tf.constant(2)), lambda p: ImageOps.posterize(p, 2)),
     ("solarize", lambda x: ra.solarize(x, 100.0), lambda p: ImageOps.solarize(p, 100)),
     ("color", lambda x: ra.color(x, 0.3), lambda p: ImageEnhance.Color(p).enhance(0.3)),
     ("contrast", lambda x: ra.contrast(x, 1.7), lambda p: ImageEnhance.Contrast(p).enhance(1.7)),
-    ("brightness", lambda x: ra.brightness(x, 1.7),
-     lambda p: ImageEnhance.Brightness(p).enhance(1.7)),
-    ("sharpness", lambda x: ra.sharpness(x, 0.2),
-     lambda p: ImageEnhance.Sharpness(p).enhance(0.2)),
-    ("translate", lambda x: ra.affine(x, tf.constant([1, 0, 5.0, 0, 1, -3.0]), (1, 2, 3)),
-     lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 5, 0, 1, -3), fillcolor=(1, 2, 3))),
-])
+    (
+      "brightness",
+      lambda x: ra.brightness(x, 1.7),
+      lambda p: ImageEnhance.Brightness(p).enhance(1.7),
+    ),
+    ("sharpness", lambda x: ra.sharpness(x, 0.2), lambda p: ImageEnhance.Sharpness(p).enhance(0.2)),
+    (
+      "translate",
+      lambda x: ra.affine(x, tf.constant([1, 0, 5.0, 0, 1, -3.0]), (1, 2, 3)),
+      lambda p: p.transform(p.size, Image.AFFINE, (1, 0, 5, 0, 1, -3), fillcolor=(1, 2, 3)),
+    ),
+  ],
+)
 def test_pixel_ops_match_pil(photo, name, ours, pil):
   got = ours(tf.constant(photo, tf.float32)).numpy()
   want = np.asarray(pil(Image.fromarray(photo)), np.float32)
@@ -232,14 +274,17 @@ def test_pixel_ops_match_pil(photo, name, ours, pil):
 
 def test_rotation_follows_pil(photo):
   got = ra.rotate(tf.constant(photo, tf.float32), tf.constant(-7.0), (124, 116, 104)).numpy()
-  want = np.asarray(Image.fromarray(photo).rotate(-7, resample=Image.BILINEAR,
-                                                  fillcolor=(124, 116, 104)), np.float32)
+  want = np.asarray(
+    Image.fromarray(photo).rotate(-7, resample=Image.BILINEAR, fillcolor=(124, 116, 104)),
+    np.float32,
+  )
   assert np.abs(got - want).mean() < 2.0  # bilinear vs PIL's edge handling only
 
 
 def test_randaugment_policy():
-  assert ra.parse("rand-m9-mstd0.5-inc1") == ra.Spec(num_ops=2, magnitude=9, magnitude_std=0.5,
-                                                     increasing=True)
+  assert ra.parse("rand-m9-mstd0.5-inc1") == ra.Spec(
+    num_ops=2, magnitude=9, magnitude_std=0.5, increasing=True
+  )
   assert ra.parse("") is None and ra.parse("rand-n3-m5-p1").num_ops == 3
   for bad in ("auto-m9", "rand-m11", "rand-x3", "rand-inc2"):
     with pytest.raises(ConfigError, match="input.randaugment"):
@@ -247,8 +292,9 @@ def test_randaugment_policy():
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (16, 16, 3)), tf.float32)
   spec = ra.parse("rand-m9-mstd0.5-inc1-p1")
   outs = [ra.randaugment(image, tf.constant([s, 0], tf.int64), spec).numpy() for s in range(8)]
-  np.testing.assert_array_equal(outs[0], ra.randaugment(image, tf.constant([0, 0], tf.int64),
-                                                        spec).numpy())
+  np.testing.assert_array_equal(
+    outs[0], ra.randaugment(image, tf.constant([0, 0], tf.int64), spec).numpy()
+  )
   assert all(o.min() >= 0 and o.max() <= 255 and np.array_equal(o, np.round(o)) for o in outs)
   assert sum(not np.array_equal(o, image.numpy()) for o in outs) >= 7
 

@@ -1,4 +1,5 @@
 """The shipped configs: every field can be set from the command line, as the README does."""
+
 import importlib
 import pathlib
 import sys
@@ -9,8 +10,11 @@ from absl import flags
 from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "common", "from_workdir"))
+CONFIGS = sorted(
+  p.stem
+  for p in (ROOT / "configs").glob("*.py")
+  if p.stem not in ("__init__", "common", "from_workdir")
+)
 
 
 def _bare_nones(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -34,9 +38,13 @@ def test_no_field_is_a_bare_none(name):
 
 
 def test_unset_fields_parse_from_the_command_line(monkeypatch):
-  argv = ["prog", f"--config={ROOT / 'configs' / 'beit_base.py'}",
-          "--config.input.data_dir=gs://bucket/tensorflow_datasets",
-          "--config.model.depth=2", "--config.input.mask.max_aspect=3.0"]
+  argv = [
+    "prog",
+    f"--config={ROOT / 'configs' / 'beit_base.py'}",
+    "--config.input.data_dir=gs://bucket/tensorflow_datasets",
+    "--config.model.depth=2",
+    "--config.input.mask.max_aspect=3.0",
+  ]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=values)

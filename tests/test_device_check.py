@@ -2,6 +2,7 @@
 TensorFlow made unimportable) prints each section -- the environment, the wheels, the
 benchmark with the PyTorch reference in a process of its own when torch is here, the tests,
 the summary table -- and an unknown argument is a one-line error."""
+
 import importlib.util
 import os
 import re
@@ -15,8 +16,14 @@ SCRIPT = os.path.join(ROOT, "launch", "device_check.sh")
 
 
 def _run(*args, timeout=600, **env):
-  return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=dict(os.environ, PYTHON=sys.executable, **env))
+  return subprocess.run(
+    ["bash", SCRIPT, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=dict(os.environ, PYTHON=sys.executable, **env),
+  )
 
 
 @pytest.mark.slow
@@ -54,12 +61,20 @@ def test_an_unknown_argument_is_one_line():
   out = _run("--gpu", timeout=60)
   assert out.returncode == 2 and out.stdout == ""
   assert out.stderr.strip().splitlines() == [
-      "device_check.sh: error: unknown argument '--gpu' (see --help)"]
+    "device_check.sh: error: unknown argument '--gpu' (see --help)"
+  ]
 
 
 def test_help_says_what_it_prints():
   out = _run("--help", timeout=60)
   assert out.returncode == 0
-  for section in ("environment", "wheels", "benchmark: batch 64", "tests", "summary",
-                  "--dry-run", "--download-wheels"):
+  for section in (
+    "environment",
+    "wheels",
+    "benchmark: batch 64",
+    "tests",
+    "summary",
+    "--dry-run",
+    "--download-wheels",
+  ):
     assert section in out.stdout, out.stdout

@@ -5,6 +5,7 @@ are built (ml_collections only), nothing of JAX is imported or compiled.
 
 The last tests feed the checks synthetic pages with one mistake each, to show each is caught.
 """
+
 import textwrap
 
 import ml_collections
@@ -31,6 +32,7 @@ def test_pages_found():
 # ------------------------------------------------------------------------------------------
 # The checks catch what they should (and nothing else) on synthetic pages.
 
+
 def _page(tmp_path, text, name="page.md"):
   path = tmp_path / name
   path.write_text(textwrap.dedent(text), encoding="utf-8")
@@ -44,28 +46,41 @@ def _one(failures, *fragments):
   return matches[0]
 
 
-@pytest.mark.parametrize("heading, anchor", [
+@pytest.mark.parametrize(
+  "heading, anchor",
+  [
     ("Results at a glance", "results-at-a-glance"),
-    ("Does pretraining help, and does v2 beat v1? (measured)",
-     "does-pretraining-help-and-does-v2-beat-v1-measured"),
-    ("4. Recipes (`configs/common.py`, `configs/beit_*.py`)",
-     "4-recipes-configscommonpy-configsbeit_py"),
+    (
+      "Does pretraining help, and does v2 beat v1? (measured)",
+      "does-pretraining-help-and-does-v2-beat-v1-measured",
+    ),
+    (
+      "4. Recipes (`configs/common.py`, `configs/beit_*.py`)",
+      "4-recipes-configscommonpy-configsbeit_py",
+    ),
     ("**Bold**, _emphasis_ and snake_case [a link](x.md)", "bold-emphasis-and-snake_case-a-link"),
     ("A — B", "a--b"),
-])
+  ],
+)
 def test_github_anchor(heading, anchor):
   assert docs_check.github_anchor(heading) == anchor
 
 
 def test_links(tmp_path):
-  _page(tmp_path, """\
+  _page(
+    tmp_path,
+    """\
       # Other page
 
       ## Real section
       ## Real section
       <a id="custom"></a>
-      """, "other.md")
-  page = _page(tmp_path, """\
+      """,
+    "other.md",
+  )
+  page = _page(
+    tmp_path,
+    """\
       # Title
 
       ## Local heading
@@ -83,11 +98,17 @@ def test_links(tmp_path):
       ![image](images/none.png) and [this page](#nowhere).
 
       [ref]: also_gone.md
-      """)
+      """,
+  )
   failures = docs_check.check_links(page, tmp_path)
   _one(failures, "page.md:14:", "(nope.md)", "nope.md does not exist")
-  _one(failures, "page.md:14:", "other.md#real-sectoin", "no heading with anchor",
-       "did you mean #real-section?")
+  _one(
+    failures,
+    "page.md:14:",
+    "other.md#real-sectoin",
+    "no heading with anchor",
+    "did you mean #real-section?",
+  )
   _one(failures, "page.md:15:", "images/none.png", "does not exist")
   _one(failures, "page.md:15:", "(#nowhere)", "page.md has no heading with anchor #nowhere")
   _one(failures, "page.md:17:", "also_gone.md does not exist")
@@ -95,7 +116,9 @@ def test_links(tmp_path):
 
 
 def test_configs(tmp_path):
-  page = _page(tmp_path, """\
+  page = _page(
+    tmp_path,
+    """\
       Fine: `configs/beit_base.py`, configs/finetune_base.py, `configs/NAME.py:key=value`,
       `--config=configs/beit_base.py:variant=L/16,rel=True`, configs/from_workdir.py.
 
@@ -104,16 +127,18 @@ def test_configs(tmp_path):
       ```
 
       Broken: `--config=configs/beit_base.py:variant=L/16,bogus=1`.
-      """)
+      """,
+  )
   failures = docs_check.check_configs(page, ROOT)
   _one(failures, "page.md:5:", "configs/nonexistent.py does not exist")
-  _one(failures, "page.md:8:", "configs/beit_base.py:variant=L/16,bogus=1 does not build",
-       "bogus")
+  _one(failures, "page.md:8:", "configs/beit_base.py:variant=L/16,bogus=1 does not build", "bogus")
   assert len(failures) == 2, failures
 
 
 def test_modules(tmp_path):
-  page = _page(tmp_path, """\
+  page = _page(
+    tmp_path,
+    """\
       ```bash
       python -m beit_jax.main --config=configs/beit_tiny_local.py --workdir=/tmp/x
       python -m beit_jax.convert --help && python3 -m beit_jax.experiments.pretraining_helps
@@ -122,7 +147,8 @@ def test_modules(tmp_path):
 
       And in prose: `python -m beit_jax.models` and python -m beit_jax.trainers.nope;
       `python -m beit_jax.X` is a placeholder.
-      """)
+      """,
+  )
   failures = docs_check.check_modules(page, ROOT)
   _one(failures, "page.md:4:", "python -m beit_jax.nonexistent", "no beit_jax/nonexistent.py")
   _one(failures, "page.md:7:", "python -m beit_jax.models", "without __main__.py")
@@ -131,7 +157,9 @@ def test_modules(tmp_path):
 
 
 def test_overrides(tmp_path):
-  page = _page(tmp_path, """\
+  page = _page(
+    tmp_path,
+    """\
       ```bash
       python -m beit_jax.main --config=configs/finetune_base.py --workdir=/tmp/ft \\
           --config.optim.lr=1e-3 \\
@@ -150,15 +178,29 @@ def test_overrides(tmp_path):
       and the misspelt `--config.input.batchsize=8`; placeholders: `--config.a.b=`,
       `--config.model.FIELD=1`, `python -m beit_jax.main --config=configs/beit_base.py
       --config.x=1`.
-      """)
+      """,
+  )
   failures = docs_check.check_overrides(page, ROOT)
-  _one(failures, "page.md:2:", "--config.optim.lrr with --config=configs/finetune_base.py",
-       "no field 'lrr' in optim", "did you mean lr")
-  _one(failures, "page.md:8:", "--config.model.patch_aggregation.layer",
-       "configs/beit_base.py", "no field 'patch_aggregation'")
-  _one(failures, "page.md:13:",
-       "--config.model.scan_layer with --config=configs/beit_large.py:tensor=2",
-       "did you mean scan_layers")
+  _one(
+    failures,
+    "page.md:2:",
+    "--config.optim.lrr with --config=configs/finetune_base.py",
+    "no field 'lrr' in optim",
+    "did you mean lr",
+  )
+  _one(
+    failures,
+    "page.md:8:",
+    "--config.model.patch_aggregation.layer",
+    "configs/beit_base.py",
+    "no field 'patch_aggregation'",
+  )
+  _one(
+    failures,
+    "page.md:13:",
+    "--config.model.scan_layer with --config=configs/beit_large.py:tensor=2",
+    "did you mean scan_layers",
+  )
   _one(failures, "page.md:16:", "--config.input.batchsize (no config in this command)")
   assert len(failures) == 4, failures
 

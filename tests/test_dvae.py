@@ -1,4 +1,5 @@
 """Tests of the DALL-E discrete VAE (beit_jax/models/dvae.py)."""
+
 import math
 
 from flax import traverse_util
@@ -39,8 +40,9 @@ def _abstract_params(module, *args, **kwargs):
 def tiny():
   """A tiny dVAE and its params (shapes do not depend on the image size)."""
   model = dvae.DiscreteVAE(**TINY)
-  params = _numpy_init(_abstract_params(model, jnp.zeros((1, 32, 32, 3)), temperature=1.0,
-                                        train=False))
+  params = _numpy_init(
+    _abstract_params(model, jnp.zeros((1, 32, 32, 3)), temperature=1.0, train=False)
+  )
   return model, params
 
 
@@ -52,8 +54,9 @@ def _smooth_images(seed, batch, size):
 
 
 def _loss(params, images, key, beta, *, model):
-  outputs = model.apply({"params": params}, images, temperature=1.0, train=True,
-                        rngs={"gumbel": key})
+  outputs = model.apply(
+    {"params": params}, images, temperature=1.0, train=True, rngs={"gumbel": key}
+  )
   return dvae.elbo_loss(outputs, images, beta)
 
 
@@ -82,7 +85,8 @@ def _dall_e_layout(kind, n_hid, n_blk, vocab, n_init):
       if n_prev != width:
         conv(prefix + ".id_path", n_prev, width, 1)
       for i, (kw, n_in, n_out) in enumerate(
-          zip(kernels, (n_prev, hid, hid, hid), (hid, hid, hid, width)), start=1):
+        zip(kernels, (n_prev, hid, hid, hid), (hid, hid, hid, width)), start=1
+      ):
         conv(f"{prefix}.res_path.conv_{i}", n_in, n_out, kw)
       n_prev = width
   conv("blocks.output.conv", n_prev, vocab if kind == "encoder" else 6, 1)
@@ -110,13 +114,16 @@ def test_conv2d_init():
 
 def test_full_size_layout_and_param_count_match_dall_e():
   model = dvae.DiscreteVAE()  # n_hid 256, vocab 8192, 2 blocks per group, n_init 128
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0)}, jnp.zeros((1, 112, 112, 3)), temperature=1.0,
-      train=False))["params"]
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      {"params": jax.random.key(0)}, jnp.zeros((1, 112, 112, 3)), temperature=1.0, train=False
+    )
+  )["params"]
   for kind in ("encoder", "decoder"):
     expected = _dall_e_layout(kind, 256, 2, 8192, 128)
-    got = {".".join(path): leaf.shape
-           for path, leaf in traverse_util.flatten_dict(shapes[kind]).items()}
+    got = {
+      ".".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(shapes[kind]).items()
+    }
     assert set(got) == set(expected), kind
     for key, torch_shape in expected.items():
       if key.endswith(".w"):  # torch OIHW <-> flax HWIO
@@ -126,17 +133,43 @@ def test_full_size_layout_and_param_count_match_dall_e():
   # hidden width is n_out/4 and it has a 1x1 id_path conv only when the width changes.
   conv = lambda n_in, n_out, kw: n_out * n_in * kw * kw + n_out
   id_path = lambda n_in, n_out: conv(n_in, n_out, 1) if n_in != n_out else 0
-  enc_blk = lambda n_in, n_out: (id_path(n_in, n_out) + conv(n_in, n_out // 4, 3)
-                                 + 2 * conv(n_out // 4, n_out // 4, 3) + conv(n_out // 4, n_out, 1))
-  dec_blk = lambda n_in, n_out: (id_path(n_in, n_out) + conv(n_in, n_out // 4, 1)
-                                 + 2 * conv(n_out // 4, n_out // 4, 3) + conv(n_out // 4, n_out, 3))
+  enc_blk = lambda n_in, n_out: (
+    id_path(n_in, n_out)
+    + conv(n_in, n_out // 4, 3)
+    + 2 * conv(n_out // 4, n_out // 4, 3)
+    + conv(n_out // 4, n_out, 1)
+  )
+  dec_blk = lambda n_in, n_out: (
+    id_path(n_in, n_out)
+    + conv(n_in, n_out // 4, 1)
+    + 2 * conv(n_out // 4, n_out // 4, 3)
+    + conv(n_out // 4, n_out, 3)
+  )
   n, vocab = 256, 8192
-  enc_total = (conv(3, n, 7) + enc_blk(n, n) + enc_blk(n, n) + enc_blk(n, 2 * n)
-               + enc_blk(2 * n, 2 * n) + enc_blk(2 * n, 4 * n) + enc_blk(4 * n, 4 * n)
-               + enc_blk(4 * n, 8 * n) + enc_blk(8 * n, 8 * n) + conv(8 * n, vocab, 1))
-  dec_total = (conv(vocab, 128, 1) + dec_blk(128, 8 * n) + dec_blk(8 * n, 8 * n)
-               + dec_blk(8 * n, 4 * n) + dec_blk(4 * n, 4 * n) + dec_blk(4 * n, 2 * n)
-               + dec_blk(2 * n, 2 * n) + dec_blk(2 * n, n) + dec_blk(n, n) + conv(n, 6, 1))
+  enc_total = (
+    conv(3, n, 7)
+    + enc_blk(n, n)
+    + enc_blk(n, n)
+    + enc_blk(n, 2 * n)
+    + enc_blk(2 * n, 2 * n)
+    + enc_blk(2 * n, 4 * n)
+    + enc_blk(4 * n, 4 * n)
+    + enc_blk(4 * n, 8 * n)
+    + enc_blk(8 * n, 8 * n)
+    + conv(8 * n, vocab, 1)
+  )
+  dec_total = (
+    conv(vocab, 128, 1)
+    + dec_blk(128, 8 * n)
+    + dec_blk(8 * n, 8 * n)
+    + dec_blk(8 * n, 4 * n)
+    + dec_blk(4 * n, 4 * n)
+    + dec_blk(4 * n, 2 * n)
+    + dec_blk(2 * n, 2 * n)
+    + dec_blk(2 * n, n)
+    + dec_blk(n, n)
+    + conv(n, 6, 1)
+  )
   count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
   assert count(shapes["encoder"]) == enc_total
   assert count(shapes["decoder"]) == dec_total
@@ -151,8 +184,7 @@ def test_post_gain_scales_res_path(block_cls, n_layers):
   assert "id_path" not in params  # identity when the width does not change
   # Last res-path conv outputs exactly 1 everywhere, so block(x) - x is the post-gain.
   conv_4 = params["res_path"]["conv_4"]
-  params["res_path"]["conv_4"] = {"w": jnp.zeros_like(conv_4["w"]),
-                                  "b": jnp.ones_like(conv_4["b"])}
+  params["res_path"]["conv_4"] = {"w": jnp.zeros_like(conv_4["w"]), "b": jnp.ones_like(conv_4["b"])}
   out = jax.jit(block.apply)({"params": params}, x)
   np.testing.assert_allclose(out - x, 1 / n_layers**2, atol=1e-6)
   assert block.post_gain == 1 / n_layers**2
@@ -173,8 +205,7 @@ def test_logit_laplace_nll_matches_density():
   nll = dvae.logit_laplace_nll(jnp.asarray(xs), mu, log_scale)
   # Change of variables: p(x) = Laplace(logit x; mu, b) / (x (1 - x)).
   logit = np.log(xs / (1 - xs))
-  expected = -stats.laplace.logpdf(logit, loc=mu, scale=np.exp(log_scale)) + np.log(
-      xs * (1 - xs))
+  expected = -stats.laplace.logpdf(logit, loc=mu, scale=np.exp(log_scale)) + np.log(xs * (1 - xs))
   np.testing.assert_allclose(nll, expected, rtol=1e-5)
 
   # Integrates to 1 over (0, 1) (scales b <= 1 keep the density bounded for the quadrature).
@@ -192,8 +223,7 @@ def test_logit_laplace_nll_matches_density():
 
 def test_kl_to_uniform():
   vocab = 64
-  np.testing.assert_allclose(dvae.kl_to_uniform(jnp.zeros((2, 3, 3, vocab))), 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(dvae.kl_to_uniform(jnp.zeros((2, 3, 3, vocab))), 0.0, atol=1e-6)
   one_hot = 100.0 * jax.nn.one_hot(jnp.arange(18).reshape(2, 3, 3) % vocab, vocab)
   np.testing.assert_allclose(dvae.kl_to_uniform(one_hot), math.log(vocab), rtol=1e-5)
 
@@ -203,18 +233,19 @@ def test_elbo_loss_normalisation():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(size=(b, 8 * h, 8 * w, 3)), jnp.float32)
   mu = jnp.asarray(rng.normal(size=images.shape), jnp.float32)
-  outputs = {"logits": jnp.asarray(rng.normal(size=(b, h, w, vocab)), jnp.float32),
-             "mu": mu, "log_scale": jnp.full(images.shape, -0.5),
-             "recon": dvae.unmap_pixels(jax.nn.sigmoid(mu))}
+  outputs = {
+    "logits": jnp.asarray(rng.normal(size=(b, h, w, vocab)), jnp.float32),
+    "mu": mu,
+    "log_scale": jnp.full(images.shape, -0.5),
+    "recon": dvae.unmap_pixels(jax.nn.sigmoid(mu)),
+  }
   loss, metrics = dvae.elbo_loss(outputs, images, kl_weight=6.6)
   nll = dvae.logit_laplace_nll(dvae.map_pixels(images), mu, -0.5)
   # Recon is summed over each image's pixels, then divided by its h*w latent positions.
   np.testing.assert_allclose(metrics["recon_nll"], nll.sum() / (b * h * w), rtol=1e-5)
-  np.testing.assert_allclose(metrics["kl"], dvae.kl_to_uniform(outputs["logits"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["kl"], dvae.kl_to_uniform(outputs["logits"]), rtol=1e-6)
   np.testing.assert_allclose(loss, metrics["recon_nll"] + 6.6 * metrics["kl"], rtol=1e-6)
-  np.testing.assert_allclose(metrics["mse"], jnp.mean((outputs["recon"] - images)**2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["mse"], jnp.mean((outputs["recon"] - images) ** 2), rtol=1e-6)
 
 
 def test_tokenize_and_decode(tiny):
@@ -225,14 +256,17 @@ def test_tokenize_and_decode(tiny):
   assert tokens.dtype == jnp.int32 and tokens.shape == (2, 4, 4)
   assert int(tokens.min()) >= 0 and int(tokens.max()) < TINY["vocab_size"]
   outputs = jax.jit(lambda p, x: model.apply({"params": p}, x, temperature=1.0, train=False))(
-      params, images)
+    params, images
+  )
   np.testing.assert_array_equal(tokens, jnp.argmax(outputs["logits"], -1))
   # The encoder params alone suffice (what the MIM train step carries).
-  np.testing.assert_array_equal(tokenize({"encoder": params["encoder"]}, images, model=model),
-                                tokens)
+  np.testing.assert_array_equal(
+    tokenize({"encoder": params["encoder"]}, images, model=model), tokens
+  )
   # Eval mode decodes the hard tokens: the same images as `decode_tokens`.
-  recon = jax.jit(lambda p, t: model.apply({"params": p}, t,
-                                           method=dvae.DiscreteVAE.decode_tokens))(params, tokens)
+  recon = jax.jit(
+    lambda p, t: model.apply({"params": p}, t, method=dvae.DiscreteVAE.decode_tokens)
+  )(params, tokens)
   assert recon.shape == images.shape
   assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
   np.testing.assert_allclose(outputs["recon"], recon, atol=1e-6)
@@ -241,8 +275,9 @@ def test_tokenize_and_decode(tiny):
 def test_gradient_flows_through_relaxation(tiny):
   model, params = tiny
   # kl_weight 0: the reconstruction term reaches the encoder only through the relaxed codes.
-  (loss, _), grads = _value_and_grad(params, _smooth_images(5, 8, 32), jax.random.key(6),
-                                     0.0, model=model)
+  (loss, _), grads = _value_and_grad(
+    params, _smooth_images(5, 8, 32), jax.random.key(6), 0.0, model=model
+  )
   leaves = jax.tree_util.tree_leaves(grads["encoder"])
   assert np.isfinite(float(loss))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -252,12 +287,12 @@ def test_gradient_flows_through_relaxation(tiny):
 def test_schedules():
   steps = jnp.arange(0, 121)
   temp = np.asarray(jax.jit(lambda s: dvae.gumbel_temperature(s, anneal_steps=100))(steps))
-  np.testing.assert_allclose(temp[[0, 50, 100, 120]], [1.0, (1 + 1 / 16) / 2, 1 / 16, 1 / 16],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    temp[[0, 50, 100, 120]], [1.0, (1 + 1 / 16) / 2, 1 / 16, 1 / 16], rtol=1e-6
+  )
   assert np.all(np.diff(temp[:101]) < 0)
   beta = np.asarray(dvae.kl_weight(steps, end=6.6, warmup_steps=40))
-  np.testing.assert_allclose(beta[[0, 20, 40, 120]], [0.0, 3.3, 6.6, 6.6], rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(beta[[0, 20, 40, 120]], [0.0, 3.3, 6.6, 6.6], rtol=1e-6, atol=1e-6)
   assert np.all(np.diff(beta[:41]) > 0)
   np.testing.assert_allclose(dvae.kl_weight(0, end=2.0, warmup_steps=0), 2.0)
   with pytest.raises(ValueError, match="^kl_weight: warmup_steps -1 is not >= 0$"):
@@ -267,15 +302,20 @@ def test_schedules():
 def test_bad_sizes_and_shapes_are_value_errors_naming_them():
   with pytest.raises(ValueError, match=r"^dVAE Encoder: n_hid 6 is not a positive multiple of 4"):
     _abstract_params(dvae.Encoder(n_hid=6), jnp.zeros((1, 16, 16, 3)))
-  with pytest.raises(ValueError, match=r"^dVAE Encoder: images \[1, 60, 60, 3\]: height and "
-                     "width must be multiples of 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"^dVAE Encoder: images \[1, 60, 60, 3\]: height and "
+    "width must be multiples of 8",
+  ):
     _abstract_params(dvae.Encoder(n_hid=8), jnp.zeros((1, 60, 60, 3)))
-  with pytest.raises(ValueError, match=r"^dVAE Decoder: codes \[1, 2, 2, 8\]: expected "
-                     r"\[B, h, w, 16\] \(vocab_size\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"^dVAE Decoder: codes \[1, 2, 2, 8\]: expected "
+    r"\[B, h, w, 16\] \(vocab_size\)",
+  ):
     _abstract_params(dvae.Decoder(n_hid=8, vocab_size=16), jnp.zeros((1, 2, 2, 8)))
   with pytest.raises(ValueError, match=r"^dVAE Decoder: group_count 0 is not >= 1"):
-    _abstract_params(dvae.Decoder(n_hid=8, vocab_size=16, group_count=0),
-                     jnp.zeros((1, 2, 2, 16)))
+    _abstract_params(dvae.Decoder(n_hid=8, vocab_size=16, group_count=0), jnp.zeros((1, 2, 2, 16)))
 
 
 def test_few_adam_steps_reduce_loss(tiny):
@@ -287,8 +327,9 @@ def test_few_adam_steps_reduce_loss(tiny):
   (initial, metrics0), _ = _value_and_grad(params, images, eval_key, 0.1, model=model)
   p, opt_state = params, tx.init(params)
   for i in range(60):
-    _, grads = _value_and_grad(p, images, jax.random.fold_in(jax.random.key(9), i), 0.1,
-                               model=model)
+    _, grads = _value_and_grad(
+      p, images, jax.random.fold_in(jax.random.key(9), i), 0.1, model=model
+    )
     updates, opt_state = update(grads, opt_state, p)
     p = optax.apply_updates(p, updates)
   (final, metrics), _ = _value_and_grad(p, images, eval_key, 0.1, model=model)

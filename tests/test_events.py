@@ -1,5 +1,6 @@
 """beit_jax.training.events: TensorBoard event files through epath, read back by
 TensorBoard's reader."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -85,6 +86,7 @@ def test_a_failed_write_is_logged_and_retried(tmp_path, monkeypatch):
     if len(calls) == 1:
       raise OSError("503 Service Unavailable")
     return real(self, data)
+
   monkeypatch.setattr(epath.Path, "write_bytes", flaky)
   writer.write_scalars(1, {"loss": 1.0})  # the write fails: kept
   assert _files(tmp_path) == []

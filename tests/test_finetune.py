@@ -1,4 +1,5 @@
 """Fine-tuning and linear probing: layer decay, Mixup/CutMix, accuracy, loading checkpoints."""
+
 import json
 
 import jax
@@ -36,12 +37,21 @@ def test_layer_decay_factors_per_parameter():
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   depth, d = 2, 0.5
   scales = _flat(optim.layer_decay_scales(params, depth=depth, decay=d))
-  expected = {"cls_token": d ** 3, "mask_token": d ** 3, "pos_embed": d ** 3,
-              "patch_embed/kernel": d ** 3, "patch_embed/bias": d ** 3,
-              "blocks_0/attn/qkv/kernel": d ** 2, "blocks_0/gamma_1": d ** 2,
-              "blocks_0/attn/relative_position_bias_table": d ** 2,
-              "blocks_1/mlp/fc2/bias": d, "blocks_1/norm1/scale": d,
-              "fc_norm/scale": 1.0, "head/kernel": 1.0, "head/bias": 1.0}
+  expected = {
+    "cls_token": d**3,
+    "mask_token": d**3,
+    "pos_embed": d**3,
+    "patch_embed/kernel": d**3,
+    "patch_embed/bias": d**3,
+    "blocks_0/attn/qkv/kernel": d**2,
+    "blocks_0/gamma_1": d**2,
+    "blocks_0/attn/relative_position_bias_table": d**2,
+    "blocks_1/mlp/fc2/bias": d,
+    "blocks_1/norm1/scale": d,
+    "fc_norm/scale": 1.0,
+    "head/kernel": 1.0,
+    "head/bias": 1.0,
+  }
   for path, want in expected.items():
     assert scales[path] == pytest.approx(want), path
   assert set(scales) == set(_flat(params))
@@ -49,8 +59,11 @@ def test_layer_decay_factors_per_parameter():
   # The optimizer applies them: Adam's first update is +-lr * scale for any gradient sign.
   config.optim.update(dict(lr=1e-2, weight_decay=0.0))
   tx, _ = optim.make_optimizer(
-      config.optim, total_steps=10, warmup_steps=0,
-      lr_scale_fn=lambda p: optim.layer_decay_scales(p, depth=depth, decay=d))
+    config.optim,
+    total_steps=10,
+    warmup_steps=0,
+    lr_scale_fn=lambda p: optim.layer_decay_scales(p, depth=depth, decay=d),
+  )
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, zeros), tx.init(zeros), zeros)
   updates = _flat(updates)
@@ -68,14 +81,16 @@ def test_shared_rel_pos_bias_gets_the_head_scale():
 
 
 def _mix(rng, images, labels, **kw):
-  args = dict(num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
-              label_smoothing=0.1)
+  args = dict(
+    num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1
+  )
   args.update(kw)
   return finetune.mixup_cutmix(rng, images, labels, **args)
 
 
-@pytest.mark.parametrize("kw", [{}, {"cutmix_alpha": 0.0}, {"mixup_alpha": 0.0},
-                                {"prob": 0.0}, {"label_smoothing": 0.0}])
+@pytest.mark.parametrize(
+  "kw", [{}, {"cutmix_alpha": 0.0}, {"mixup_alpha": 0.0}, {"prob": 0.0}, {"label_smoothing": 0.0}]
+)
 def test_mixed_targets_sum_to_one_and_match_the_pixels(kw):
   b, s = 4, 16
   # Image i is the constant i + 1: every output pixel tells which images it mixes.
@@ -93,12 +108,14 @@ def test_mixed_targets_sum_to_one_and_match_the_pixels(kw):
       own_fraction = np.mean(out[0] == own[0])
       assert own_fraction == pytest.approx(float(lam)) or float(lam) == 1.0
     else:  # Mixup: a convex combination with weight lam
-      np.testing.assert_allclose(out, (lam * own + (1 - lam) * other)[:, None, None] *
-                                 np.ones((b, s, s)), rtol=1e-5)
+      np.testing.assert_allclose(
+        out, (lam * own + (1 - lam) * other)[:, None, None] * np.ones((b, s, s)), rtol=1e-5
+      )
     off = smoothing / 5
     onehot = lambda y: np.eye(5)[y] * (1 - smoothing) + off
     np.testing.assert_allclose(
-        targets, lam * onehot(labels) + (1 - lam) * onehot(labels[::-1]), atol=1e-6)
+      targets, lam * onehot(labels) + (1 - lam) * onehot(labels[::-1]), atol=1e-6
+    )
     if kw.get("prob") == 0.0:
       assert float(lam) == 1.0 and np.array_equal(out, np.asarray(images[..., 0]))
 
@@ -107,22 +124,25 @@ def test_mixed_targets_sum_to_one_and_match_the_pixels(kw):
 
 
 def test_accuracy_on_a_tiny_set_computed_by_hand():
-  logits = jnp.array([
-      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],    # label 0: top-1
-      [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    # label 4: 5th -> top-5 only
-      [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    # label 5: 6th -> neither
-      [0.0, 0.0, 0.0, 0.7, 0.0, 0.0, 0.2],    # label 6: 2nd -> top-5 only
-      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],    # padding (label 6 would be right)
-      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],    # label 2: top-1
-      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],    # padding
-      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],    # padding
-  ])
+  logits = jnp.array(
+    [
+      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: top-1
+      [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 4: 5th -> top-5 only
+      [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 5: 6th -> neither
+      [0.0, 0.0, 0.0, 0.7, 0.0, 0.0, 0.2],  # label 6: 2nd -> top-5 only
+      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],  # padding (label 6 would be right)
+      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],  # label 2: top-1
+      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],  # padding
+      [0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0],  # padding
+    ]
+  )
   labels = jnp.array([0, 4, 5, 6, 6, 2, 0, 0])
   valid = jnp.array([1, 1, 1, 1, 0, 1, 0, 0], bool)
   batch = {"logits": logits, "label": labels, "valid": valid}
   mesh = sharding.make_mesh({"data": -1})
-  eval_fn = jax.jit(lambda p, b: classification.classification_sums(b["logits"], b["label"],
-                                                              b["valid"]))
+  eval_fn = jax.jit(
+    lambda p, b: classification.classification_sums(b["logits"], b["label"], b["valid"])
+  )
   # Two passes' worth of the same batch: the sums must add up across batches.
   metrics = classification.evaluate(eval_fn, None, [batch, batch], mesh)
   assert metrics["examples"] == 10
@@ -166,8 +186,10 @@ def test_one_step_from_a_pretraining_checkpoint_loads_every_backbone_weight(pret
     assert top in ("fc_norm", "head") or not np.array_equal(value, init[name]), name
   assert "lm_head/kernel" not in loaded and "norm/scale" not in loaded
 
-  batch = {"image": np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype(np.float32),
-           "label": np.arange(8, dtype=np.int32)}
+  batch = {
+    "image": np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype(np.float32),
+    "label": np.arange(8, dtype=np.int32),
+  }
   state, metrics = train_fn(state, sharding.host_to_global(batch, mesh))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
   after = _flat(state.params)
@@ -180,21 +202,27 @@ def test_position_tables_are_resized_for_another_resolution(pretrained):
   config = tiny_finetune_config(init_from=path)
   config.input.image_size = 48  # 6x6 patches; the checkpoint has 4x4
   loaded = _flat(finetune.make_task(config).load_params(_target(config)))
-  want = relpos.resize_rel_pos_table(source["rel_pos_bias/relative_position_bias_table"],
-                                     (4, 4), (6, 6))
+  want = relpos.resize_rel_pos_table(
+    source["rel_pos_bias/relative_position_bias_table"], (4, 4), (6, 6)
+  )
   assert want.shape == (11 * 11 + 3, 2)
   for i in range(2):
-    np.testing.assert_allclose(loaded[f"blocks_{i}/attn/relative_position_bias_table"], want,
-                               rtol=1e-6)
-  np.testing.assert_array_equal(loaded["blocks_1/mlp/fc1/kernel"],
-                                source["blocks_1/mlp/fc1/kernel"])
+    np.testing.assert_allclose(
+      loaded[f"blocks_{i}/attn/relative_position_bias_table"], want, rtol=1e-6
+    )
+  np.testing.assert_array_equal(
+    loaded["blocks_1/mlp/fc1/kernel"], source["blocks_1/mlp/fc1/kernel"]
+  )
 
 
 def _scalars(logdir, tag):
   acc = event_accumulator.EventAccumulator(str(logdir))
   acc.Reload()
-  return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)] \
-      if tag in acc.Tags()["tensors"] else []
+  return (
+    [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+    if tag in acc.Tags()["tensors"]
+    else []
+  )
 
 
 @pytest.mark.slow
@@ -208,8 +236,10 @@ def test_tiny_fine_tune_at_another_resolution_through_main(pretrained, tmp_path)
   assert metrics["val_examples"] == 364  # every digit of the validation split, once
   assert metrics["best_val_top1"] >= metrics["val_top1"]
   assert [s for s, _ in _scalars(workdir, "val_top1")] == [3, 6]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
-      ["3", "6"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+    "3",
+    "6",
+  ]
   best = _flat(params_lib.read(str(workdir / "best")))
   assert metrics["best_step"] in (3, 6) and best["head/kernel"].shape == (32, 10)
   assert json.loads((workdir / "results.json").read_text())["step"] == 6
@@ -218,8 +248,11 @@ def test_tiny_fine_tune_at_another_resolution_through_main(pretrained, tmp_path)
 @pytest.mark.slow
 def test_tiny_linear_probe_through_main(pretrained, tmp_path):
   path, _ = pretrained
-  config = tiny_finetune_config(init_from=path, trainer="linear_probe",
-                                probe=dict(layers=(0, -1), pool="cls+mean", norm="layernorm"))
+  config = tiny_finetune_config(
+    init_from=path,
+    trainer="linear_probe",
+    probe=dict(layers=(0, -1), pool="cls+mean", norm="layernorm"),
+  )
   config.model.update(dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False))
   workdir = tmp_path / "probe"
   metrics = main.run(config, str(workdir))

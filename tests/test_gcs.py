@@ -8,6 +8,7 @@ default TensorBoard writer, tf.io.gfile) cannot be pointed at it -- the reason
 beit_jax/training/events.py writes events through epath: that is shown in a network namespace
 with no way out, so it fails at once instead of going to GCS.
 """
+
 import json
 import logging
 import os
@@ -35,9 +36,15 @@ for _needed in ("gcp_storage_emulator", "gcsfs"):
 
 
 def _state(seed: int) -> dict:
-  return {"params": {"dense": {"kernel": jax.random.normal(jax.random.key(seed), (4, 8)),
-                               "bias": jnp.arange(8.0) + seed}},
-          "step": jnp.array(seed, jnp.int32)}
+  return {
+    "params": {
+      "dense": {
+        "kernel": jax.random.normal(jax.random.key(seed), (4, 8)),
+        "bias": jnp.arange(8.0) + seed,
+      }
+    },
+    "step": jnp.array(seed, jnp.int32),
+  }
 
 
 def _many_arrays(seed: int, n: int = 40) -> dict:
@@ -46,13 +53,14 @@ def _many_arrays(seed: int, n: int = 40) -> dict:
   With 40 leaves that fails on the bare emulator ("Malformed StorageGeneration"); the
   fixture adds the generation support it needs (see gcs_emulator._patch_handlers).
   """
-  return {f"layer_{i}": {"w": jnp.full((16, 8), float(seed * 100 + i)), "b": jnp.arange(8.0) + i}
-          for i in range(n)}
+  return {
+    f"layer_{i}": {"w": jnp.full((16, 8), float(seed * 100 + i)), "b": jnp.arange(8.0) + i}
+    for i in range(n)
+  }
 
 
 def _abstract(state: dict) -> dict:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def _assert_same(a, b):
@@ -145,14 +153,20 @@ def test_best_checkpoint_pattern(gcs_dir):  # pylint: disable=redefined-outer-na
   for step in (10, 20):
     for old in manager.all_steps():
       manager.delete(old)
-    checkpoint.save(manager, step, {"params": _state(step)["params"]},
-                    {"metrics": {"top1": step / 100}}, force=True)
+    checkpoint.save(
+      manager,
+      step,
+      {"params": _state(step)["params"]},
+      {"metrics": {"top1": step / 100}},
+      force=True,
+    )
   manager.wait_until_finished()
   manager.close()
   assert sorted(p.name for p in (epath.Path(best) / "checkpoints").iterdir()) == ["20"]
   reopened = checkpoint.make_manager(best, every_steps=1, keep=1, async_save=False)
-  meta = reopened.restore(reopened.latest_step(),
-                          args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  meta = reopened.restore(
+    reopened.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  )
   assert meta.meta == {"metrics": {"top1": 0.2}, "step": 20}
   reopened.close()
   _assert_same(params_lib.read(best), _state(20)["params"])
@@ -161,13 +175,19 @@ def test_best_checkpoint_pattern(gcs_dir):  # pylint: disable=redefined-outer-na
 def test_check_writable(gcs_bucket):  # pylint: disable=redefined-outer-name
   checkpoint.check_writable(f"gs://{gcs_bucket}/new/run")
   assert not list(epath.Path(f"gs://{gcs_bucket}/new/run").glob(".write_probe_*"))
-  with pytest.raises(ConfigError, match=r"workdir=gs://no-such-bucket-x/run is not writable: "
-                     r"FileNotFoundError"):
+  with pytest.raises(
+    ConfigError,
+    match=r"workdir=gs://no-such-bucket-x/run is not writable: "
+    r"FileNotFoundError",
+  ):
     checkpoint.check_writable("gs://no-such-bucket-x/run")
   read_only = f"gs://{gcs_emulator_module.READ_ONLY_BUCKET}/run"
   assert epath.Path(f"gs://{gcs_emulator_module.READ_ONLY_BUCKET}").exists()  # it is there
-  with pytest.raises(ConfigError, match=rf"^workdir={read_only} is not writable: OSError: "
-                     r"Forbidden: .* does not have storage.objects.create access") as e:
+  with pytest.raises(
+    ConfigError,
+    match=rf"^workdir={read_only} is not writable: OSError: "
+    r"Forbidden: .* does not have storage.objects.create access",
+  ) as e:
     checkpoint.check_writable(read_only)
   assert "\n" not in str(e.value)
 
@@ -185,6 +205,7 @@ def test_save_params_and_load_params(gcs_dir):  # pylint: disable=redefined-oute
 def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
   from beit_jax.training import workdir  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   config = ml_collections.ConfigDict({"model": {"variant": "tiny", "patch": (16, 16)}})
   workdir.prepare(config, gcs_dir)
   assert workdir.load_config(gcs_dir).to_dict() == config.to_dict()
@@ -192,6 +213,7 @@ def test_config_json_of_a_run(gcs_dir):  # pylint: disable=redefined-outer-name
 
 def test_png_of_visuals(gcs_dir):  # pylint: disable=redefined-outer-name
   from beit_jax.training import visuals  # pylint: disable=g-import-not-at-top
+
   image_dir = epath.Path(gcs_dir) / "images"
   image_dir.mkdir(parents=True, exist_ok=True)
   visuals.write_png(image_dir / "x_0000001.png", np.full((4, 6, 3), 0.5, np.float32))
@@ -224,8 +246,12 @@ _TF_PROBE = textwrap.dedent("""
 def _netns_available() -> bool:
   if not (shutil.which("unshare") and shutil.which("ip")):
     return False
-  return subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
-                        capture_output=True, check=False).returncode == 0
+  return (
+    subprocess.run(
+      ["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, check=False
+    ).returncode
+    == 0
+  )
 
 
 @pytest.mark.slow  # ~10 s: a TensorFlow import in a subprocess
@@ -241,14 +267,27 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
   env = dict(os.environ, PYTHONPATH=runs.ROOT, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   try:
     proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1"',
-         sys.executable, _TF_PROBE],
-        cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+      [
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        'ip link set lo up && exec "$0" -c "$1"',
+        sys.executable,
+        _TF_PROBE,
+      ],
+      cwd=runs.ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
   except subprocess.TimeoutExpired:
     pytest.fail("TensorFlow's GCS filesystem hung for 120 s (no network)")
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-  result = json.loads(lines[-1][len("RESULT "):])
+  result = json.loads(lines[-1][len("RESULT ") :])
   for name in ("gfile_exists", "writer"):
     assert result[name].startswith("FailedPreconditionError"), result
     assert "Could not resolve host: www.googleapis.com" in result[name], result
@@ -260,6 +299,7 @@ def test_tensorflow_gcs_does_not_reach_the_emulator():
 def _gcs_events(workdir: str, local: str, tag: str) -> list[int]:
   """Steps of scalar `tag` in the gs:// workdir's event files (read back by TensorBoard)."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   os.makedirs(local, exist_ok=True)
   for f in epath.Path(workdir).glob("events.out.tfevents.*"):
     (epath.Path(local) / f.name).write_bytes(f.read_bytes())
@@ -269,22 +309,30 @@ def _gcs_events(workdir: str, local: str, tag: str) -> list[int]:
 
 
 def _steps(workdir: str) -> list[str]:
-  return sorted((p.name for p in (epath.Path(workdir) / "checkpoints").iterdir()),
-                key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+  return sorted(
+    (p.name for p in (epath.Path(workdir) / "checkpoints").iterdir()),
+    key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n),
+  )
 
 
 def _flat(params) -> dict:
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
 
 
 def _random_vit(config, path: str) -> dict:
   """Random params of the MIM model of `config`, saved at `path` (for `init_from`)."""
   from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
+
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
-  shapes = jax.eval_shape(lambda: mim_objective.make_model(config).init(
-      {"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)),
-      jnp.zeros((1, grid * grid), bool)))["params"]
+  shapes = jax.eval_shape(
+    lambda: mim_objective.make_model(config).init(
+      {"params": jax.random.key(0)},
+      jnp.zeros((1, size, size, 3)),
+      jnp.zeros((1, grid * grid), bool),
+    )
+  )["params"]
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
   checkpoint.save_params(path, params)
@@ -296,6 +344,7 @@ def test_mim_run_on_gcs_init_from_keep_n_and_fallback(gcs_dir, tmp_path, caplog)
   then a truncated object in its latest checkpoint, and the rerun falls back."""
   from beit_jax import main  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+
   config = tiny_config()
   config.tokenizer.init_from = runs.random_tokenizer(f"{gcs_dir}/tok")
   source = _random_vit(config, f"{gcs_dir}/init")
@@ -339,6 +388,7 @@ def test_mim_run_on_gcs_init_from_keep_n_and_fallback(gcs_dir, tmp_path, caplog)
 def test_unusable_bucket_is_one_line_naming_the_workdir(gcs_bucket, bucket):  # pylint: disable=redefined-outer-name,unused-argument
   from beit_jax import main  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+
   config = tiny_config()
   config.tokenizer.init_from = "/nowhere/needed/first"  # the workdir is checked before it
   with pytest.raises(ConfigError, match=rf"^workdir=gs://{bucket}/run is not writable: ") as e:
@@ -347,10 +397,18 @@ def test_unusable_bucket_is_one_line_naming_the_workdir(gcs_bucket, bucket):  # 
 
 
 def _cli(workdir, tokenizer, steps):
-  return [sys.executable, "-m", "beit_jax.main", "--config=tests/tiny_config.py",
-          f"--workdir={workdir}", f"--config.tokenizer.init_from={tokenizer}",
-          f"--config.total_steps={steps}", "--config.checkpoint.every_steps=2",
-          "--config.checkpoint.keep=2", "--config.model.drop_path_rate=0.1"]
+  return [
+    sys.executable,
+    "-m",
+    "beit_jax.main",
+    "--config=tests/tiny_config.py",
+    f"--workdir={workdir}",
+    f"--config.tokenizer.init_from={tokenizer}",
+    f"--config.total_steps={steps}",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.keep=2",
+    "--config.model.drop_path_rate=0.1",
+  ]
 
 
 @pytest.mark.slow
@@ -358,20 +416,34 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   """tests/test_resume.py with --workdir=gs://: the CLI killed after its first checkpoint."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
+
   env = runs.cpu_env(1)  # os.environ holds the fixture's emulator address
   tok = runs.random_tokenizer(str(tmp_path / "tok"))
   steps = 8
-  straight = subprocess.Popen(_cli(tmp_path / "straight", tok, steps), cwd=runs.ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  straight = subprocess.Popen(
+    _cli(tmp_path / "straight", tok, steps),
+    cwd=runs.ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   crashed = f"{gcs_dir}/crashed"
-  proc = subprocess.Popen(_cli(crashed, tok, steps), cwd=runs.ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _cli(crashed, tok, steps),
+    cwd=runs.ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 600
   ckpts = epath.Path(crashed) / "checkpoints"
   # On gs:// orbax writes a step in place and marks it complete with commit_success.txt
   # (no atomic rename on an object store): kill once the first step is complete.
-  while not (ckpts.exists() and any((p / "commit_success.txt").exists()
-                                    for p in ckpts.iterdir() if p.name.isdigit())):
+  while not (
+    ckpts.exists()
+    and any((p / "commit_success.txt").exists() for p in ckpts.iterdir() if p.name.isdigit())
+  ):
     assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
@@ -380,8 +452,15 @@ def test_sigkill_on_gcs_then_resume_is_bit_identical_to_a_local_run(gcs_dir, tmp
   listed = sorted(p.name for p in ckpts.iterdir())
   saved = checkpoint.make_manager(crashed, every_steps=2, keep=2).all_steps()
   assert saved and max(saved) < steps, f"the kill did not land mid-run: {saved}, {listed}"
-  rerun = subprocess.run(_cli(crashed, tok, steps), cwd=runs.ROOT, env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+  rerun = subprocess.run(
+    _cli(crashed, tok, steps),
+    cwd=runs.ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   said = [l for l in rerun.stderr.splitlines() if "esumed" in l or "nreadable" in l]
   assert f"Resumed from step {max(saved)}" in rerun.stderr, (saved, listed, said)

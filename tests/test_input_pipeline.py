@@ -1,4 +1,5 @@
 """Input pipeline: views, determinism, resumption, sharding, the three sources, bad files."""
+
 import io
 
 import ml_collections
@@ -25,19 +26,39 @@ TFDS_NAME, TFDS_SIZE = "beit_test_tiny_images", 23
 def make_config(dataset="embedded", **overrides) -> ml_collections.ConfigDict:
   """32px view 1, 16px view 2, a 4x4 patch grid, batch 4, 3 steps per embedded epoch."""
   cfg = dict(
-      dataset=dataset, split="train", data_dir=None, batch_size=4, image_size=32,
-      tokenizer_image_size=16, patch_size=8, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-      color_jitter=0.4, flip=True, shuffle_buffer=8, embedded_epoch_size=12,
-      mask=dict(kind="blockwise", num_masking_patches=6, min_num_patches=2, max_num_patches=None,
-                min_aspect=0.3, max_aspect=None, exact=False))
+    dataset=dataset,
+    split="train",
+    data_dir=None,
+    batch_size=4,
+    image_size=32,
+    tokenizer_image_size=16,
+    patch_size=8,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    color_jitter=0.4,
+    flip=True,
+    shuffle_buffer=8,
+    embedded_epoch_size=12,
+    mask=dict(
+      kind="blockwise",
+      num_masking_patches=6,
+      min_num_patches=2,
+      max_num_patches=None,
+      min_aspect=0.3,
+      max_aspect=None,
+      exact=False,
+    ),
+  )
   cfg.update(overrides)
   return ml_collections.ConfigDict({"input": cfg})
 
 
 def dalle_views(config) -> dict:
   """The ViT's view and the DALL-E tokenizer's (Lanczos, [0, 1]) of `config.input`."""
-  return {"image": views.vit_view(config.input.image_size),
-          "tokenizer_image": tokenizers.KINDS["dvae"].view(config.input)}
+  return {
+    "image": views.vit_view(config.input.image_size),
+    "tokenizer_image": tokenizers.KINDS["dvae"].view(config.input),
+  }
 
 
 def make_pretrain_iterator(config, **kwargs):
@@ -151,8 +172,10 @@ def test_other_seed_other_batches(embedded_ref):
 
 def test_two_processes_split_the_global_batch(embedded_ref):
   batches, ids = embedded_ref
-  parts = [run(make_pretrain_iterator(make_config(), seed=0, process_index=p, process_count=2),
-               4) for p in (0, 1)]
+  parts = [
+    run(make_pretrain_iterator(make_config(), seed=0, process_index=p, process_count=2), 4)
+    for p in (0, 1)
+  ]
   for step in range(4):
     (b0, i0), (b1, i1) = [(part[0][step], part[1][step]) for part in parts]
     assert b0["image"].shape[0] == 2
@@ -200,16 +223,16 @@ def image_folder(tmp_path_factory):
   halves[:, 12:] = 255
   photo = Image.fromarray(skimage.data.chelsea())
   files = {
-      "a/halves.png": _encode(Image.fromarray(halves), "PNG"),
-      "a/solid.png": _encode(Image.new("RGB", (24, 24), SOLID), "PNG"),
-      "b/cmyk.jpg": _encode(Image.new("RGB", (24, 24), CMYK_RGB).convert("CMYK"), "JPEG",
-                            quality=95),
-      "b/gray.png": _encode(Image.fromarray(
-          np.tile(np.linspace(0, 255, 24).astype(np.uint8), (24, 1)), "L"), "PNG"),
-      "b/photo.jpg": _encode(photo.resize((24, 24)), "JPEG"),
-      "bad/garbage.png": np.random.RandomState(0).bytes(600),
-      "bad/truncated.jpg": _encode(photo, "JPEG")[:6000],
-      "notes.txt": b"not an image",
+    "a/halves.png": _encode(Image.fromarray(halves), "PNG"),
+    "a/solid.png": _encode(Image.new("RGB", (24, 24), SOLID), "PNG"),
+    "b/cmyk.jpg": _encode(Image.new("RGB", (24, 24), CMYK_RGB).convert("CMYK"), "JPEG", quality=95),
+    "b/gray.png": _encode(
+      Image.fromarray(np.tile(np.linspace(0, 255, 24).astype(np.uint8), (24, 1)), "L"), "PNG"
+    ),
+    "b/photo.jpg": _encode(photo.resize((24, 24)), "JPEG"),
+    "bad/garbage.png": np.random.RandomState(0).bytes(600),
+    "bad/truncated.jpg": _encode(photo, "JPEG")[:6000],
+    "notes.txt": b"not an image",
   }
   for name, data in files.items():
     (root / name).write_bytes(data)
@@ -218,9 +241,16 @@ def image_folder(tmp_path_factory):
 
 def folder_config(root, **overrides):
   """The whole 24x24 image as the crop, no jitter: pixel values are predictable."""
-  return make_config(f"folder:{root}", **{
-      "batch_size": 7, "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "color_jitter": 0.0,
-      **overrides})
+  return make_config(
+    f"folder:{root}",
+    **{
+      "batch_size": 7,
+      "crop_scale": (1.0, 1.0),
+      "crop_ratio": (1.0, 1.0),
+      "color_jitter": 0.0,
+      **overrides,
+    },
+  )
 
 
 def bright_side(images: np.ndarray) -> np.ndarray:
@@ -232,9 +262,15 @@ def bright_side(images: np.ndarray) -> np.ndarray:
 
 def test_list_image_folder(image_folder):
   paths, labels, classes = sources.list_image_folder(image_folder)
-  assert [p[len(image_folder) + 1:] for p in paths] == [
-      "a/halves.png", "a/solid.png", "b/cmyk.jpg", "b/gray.png", "b/photo.jpg",
-      "bad/garbage.png", "bad/truncated.jpg"]
+  assert [p[len(image_folder) + 1 :] for p in paths] == [
+    "a/halves.png",
+    "a/solid.png",
+    "b/cmyk.jpg",
+    "b/gray.png",
+    "b/photo.jpg",
+    "bad/garbage.png",
+    "bad/truncated.jpg",
+  ]
   assert classes == ("a", "b", "bad") and labels == (0, 0, 1, 1, 1, 2, 2)
 
 
@@ -250,28 +286,33 @@ def test_folder_decodes_formats_and_skips_bad_files(image_folder):
     for k, i in enumerate(batch_ids):
       if i == SOLID_ID:  # exact normalisation with ImageNet mean/std
         np.testing.assert_allclose(
-            batch["image"][k], np.broadcast_to((np.asarray(SOLID) / 255 - MEAN) / STD, (32, 32, 3)),
-            atol=1e-4)
-        np.testing.assert_allclose(view2[k], np.broadcast_to(np.asarray(SOLID) / 255,
-                                                             (16, 16, 3)), atol=1e-4)
+          batch["image"][k],
+          np.broadcast_to((np.asarray(SOLID) / 255 - MEAN) / STD, (32, 32, 3)),
+          atol=1e-4,
+        )
+        np.testing.assert_allclose(
+          view2[k], np.broadcast_to(np.asarray(SOLID) / 255, (16, 16, 3)), atol=1e-4
+        )
       elif i == CMYK_ID:
-        np.testing.assert_allclose(view2[k].mean(axis=(0, 1)), np.asarray(CMYK_RGB) / 255,
-                                   atol=4 / 255)
+        np.testing.assert_allclose(
+          view2[k].mean(axis=(0, 1)), np.asarray(CMYK_RGB) / 255, atol=4 / 255
+        )
       elif i == GRAY_ID:
         for view in (view1[k], view2[k]):
           np.testing.assert_allclose(view[..., 0], view[..., 1], atol=1e-5)
           np.testing.assert_allclose(view[..., 0], view[..., 2], atol=1e-5)
       elif i == HALVES:
-        side = bright_side(view1[k:k + 1])[0]
-        assert bright_side(view2[k:k + 1])[0] == side
+        side = bright_side(view1[k : k + 1])[0]
+        assert bright_side(view2[k : k + 1])[0] == side
         sides.append(side)
   assert set(sides) == {-1.0, 1.0}  # flipped sometimes, both views together
 
 
 def test_tokenizer_iterator_without_flip(image_folder):
   config = folder_config(image_folder, flip=False)
-  batches, ids = run(pretrain.make_tokenizer_iterator(
-      config, dalle_views(config)["tokenizer_image"], seed=0), 2)
+  batches, ids = run(
+    pretrain.make_tokenizer_iterator(config, dalle_views(config)["tokenizer_image"], seed=0), 2
+  )
   for batch, batch_ids in zip(batches, ids):
     assert set(batch) == {"image"}
     assert batch["image"].shape == (7, 16, 16, 3) and batch["image"].dtype == np.float32
@@ -306,9 +347,15 @@ def tfds_dir(tmp_path_factory):
       __module__ = TFDS_NAME
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=3)}))
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(encoding_format="jpeg"),
+              "label": tfds.features.ClassLabel(num_classes=3),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -321,7 +368,8 @@ def tfds_dir(tmp_path_factory):
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   BeitTestTinyImages(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=3))
+    download_config=tfds.download.DownloadConfig(num_shards=3)
+  )
   return data_dir
 
 
@@ -333,8 +381,10 @@ def tfds_config(tfds_dir):
 def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
   """2 processes x 2 examples: each reads its half (11 of 23), 10 of them per 5-step epoch."""
   assert pretrain.num_train_examples(tfds_config) == TFDS_SIZE
-  runs = [run(make_pretrain_iterator(tfds_config, seed=0, process_index=p, process_count=2), 7)
-          for p in (0, 1)]
+  runs = [
+    run(make_pretrain_iterator(tfds_config, seed=0, process_index=p, process_count=2), 7)
+    for p in (0, 1)
+  ]
   batch = runs[0][0][0]
   assert batch["image"].shape == (2, 32, 32, 3) and batch["mask"].shape == (2, 16)
   assert batch["tokenizer_image"].shape == (2, 16, 16, 3)
@@ -345,8 +395,9 @@ def test_tfds_processes_read_disjoint_halves_and_resume(tfds_config):
     assert not np.array_equal(epoch0[:4], epoch1)
   # Resume: skips 6 records of epoch 0 before decoding, then crosses into epoch 1.
   batches, ids = runs[1]
-  resumed, resumed_ids = run(make_pretrain_iterator(
-      tfds_config, seed=0, start_step=3, process_index=1, process_count=2), 3)
+  resumed, resumed_ids = run(
+    make_pretrain_iterator(tfds_config, seed=0, start_step=3, process_index=1, process_count=2), 3
+  )
   assert_same_batches(resumed, batches[3:6])
   np.testing.assert_array_equal(resumed_ids, ids[3:6])
 
@@ -369,8 +420,11 @@ def test_random_crop_window_follows_torchvision():
   @tf.function
   def windows(shape, scale):
     seeds = tf.stack([tf.range(300, dtype=tf.int64), tf.zeros(300, tf.int64)], axis=1)
-    return tf.map_fn(lambda s: ops.random_crop_window(shape, s, scale, (3 / 4, 4 / 3)), seeds,
-                     fn_output_signature=tf.int32)
+    return tf.map_fn(
+      lambda s: ops.random_crop_window(shape, s, scale, (3 / 4, 4 / 3)),
+      seeds,
+      fn_output_signature=tf.int32,
+    )
 
   top, left, h, w = windows(tf.constant([300, 400]), (0.08, 1.0)).numpy().T
   assert np.all((top >= 0) & (left >= 0) & (top + h <= 300) & (left + w <= 400))
@@ -385,21 +439,26 @@ def test_random_crop_window_follows_torchvision():
 
 def _torchvision_color_ops(image: np.ndarray, order, factors) -> np.ndarray:
   """torchvision's functional adjust_{brightness,contrast,saturation} on float images."""
+
   def gray(x):
     return (x * np.asarray([0.2989, 0.587, 0.114])).sum(-1, keepdims=True)
 
   def blend(x, other, f):
     return np.clip(f * x + (1 - f) * other, 0, 1)
 
-  ops = (lambda x, f: blend(x, 0.0, f), lambda x, f: blend(x, gray(x).mean(), f),
-         lambda x, f: blend(x, gray(x), f))
+  ops = (
+    lambda x, f: blend(x, 0.0, f),
+    lambda x, f: blend(x, gray(x).mean(), f),
+    lambda x, f: blend(x, gray(x), f),
+  )
   for op in order:
     image = ops[op](image, factors[op])
   return image
 
 
-@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
-                                   (2, 1, 0)])
+@pytest.mark.parametrize(
+  "order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+)
 def test_color_ops_match_torchvision(order):
   image = np.random.RandomState(0).rand(6, 7, 3).astype(np.float32)
   factors = np.asarray([1.35, 0.7, 1.3], np.float32)  # bright enough to clip
@@ -420,7 +479,9 @@ def test_color_jitter_ranges():
     np.testing.assert_allclose(ops.color_jitter(colour, 0.0, seed), colour, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides, process_count, field", [
+@pytest.mark.parametrize(
+  "overrides, process_count, field",
+  [
     ({"batch_size": 6}, 4, "input.batch_size"),
     ({"embedded_epoch_size": 3}, 1, "input.batch_size"),
     ({"image_size": 30}, 1, "input.image_size"),
@@ -431,7 +492,8 @@ def test_color_jitter_ranges():
     ({"flip": 1}, 1, "input.flip"),
     ({"dataset": "embedded:digits", "split": "test"}, 1, "input.split"),
     ({"dataset": "embedded:digits", "split": "train[9999:]"}, 1, "input.split"),
-])
+  ],
+)
 def test_bad_config_names_the_field(overrides, process_count, field):
   with pytest.raises(ConfigError, match=field):
     make_pretrain_iterator(make_config(**overrides), seed=0, process_count=process_count)

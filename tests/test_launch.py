@@ -1,6 +1,7 @@
 """The launchers (launch/): the TPU script against a stand-in gcloud, its host-side helper,
 the SLURM script with SLURM's environment set by hand, the Colab notebook, the README's
 launcher section."""
+
 import ast
 import json
 import os
@@ -58,8 +59,10 @@ esac
 """
 
 DONE = "exit 0|I1202 main.py:59] Final metrics: {'loss': 4.01}"
-PREEMPTED = ("exit 0|beit_jax: MIM preempted at step 3; checkpoint saved in gs://bkt/beit_base;"
-             " rerun the same command to resume")
+PREEMPTED = (
+  "exit 0|beit_jax: MIM preempted at step 3; checkpoint saved in gs://bkt/beit_base;"
+  " rerun the same command to resume"
+)
 
 
 def _executable(path, text):
@@ -73,12 +76,25 @@ def _tpu_vm(tmp_path, *args, events=(), **env):
   _executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
   (tmp_path / "events").write_text("".join(e + "\n" for e in events))
   proc = subprocess.run(
-      ["bash", os.path.join(LAUNCH, "tpu_vm.sh"), *args], cwd=ROOT, capture_output=True,
-      text=True, timeout=60,
-      env=dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-               FAKE_GCLOUD_DIR=str(tmp_path), NAME="beit-test", ZONE="us-central2-b",
-               TYPE="v4-8", BUCKET="gs://bkt", REPO="https://git.example/beit-jax.git",
-               REF="0123abc", POLL="0", **env))
+    ["bash", os.path.join(LAUNCH, "tpu_vm.sh"), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(
+      os.environ,
+      PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+      FAKE_GCLOUD_DIR=str(tmp_path),
+      NAME="beit-test",
+      ZONE="us-central2-b",
+      TYPE="v4-8",
+      BUCKET="gs://bkt",
+      REPO="https://git.example/beit-jax.git",
+      REF="0123abc",
+      POLL="0",
+      **env,
+    ),
+  )
   calls_file = tmp_path / "calls"
   records = calls_file.read_text().split("\x1e")[:-1] if calls_file.exists() else []
   calls = [r.split("\x1f")[:-1] for r in records]
@@ -93,8 +109,11 @@ def _summary(call):
   verb = call[3]
   if verb == "ssh":
     command = call[-1]
-    what = next(w for w in ("install", "start", "status", "stop") if
-                {"install": "uv pip install"}.get(w, f"tpu_worker.sh {w}") in command)
+    what = next(
+      w
+      for w in ("install", "start", "status", "stop")
+      if {"install": "uv pip install"}.get(w, f"tpu_worker.sh {w}") in command
+    )
     worker = next(a.split("=", 1)[1] for a in call if a.startswith("--worker="))
     return f"ssh {worker} {what}"
   tiers = [a for a in call if a in ("--spot", "--best-effort")]
@@ -112,7 +131,7 @@ def _started_commands(calls):
   for call in calls:
     if _summary(call).endswith(" start"):
       words = shlex.split(call[-1])
-      found.append(words[words.index("start") + 1:])
+      found.append(words[words.index("start") + 1 :])
   return found
 
 
@@ -120,6 +139,7 @@ def _parse_main_flags(argv, monkeypatch):
   """`argv` (after `python -m beit_jax.main`) parsed by main's own flags; (config, flags)."""
   from beit_jax import main  # noqa: F401  (defines main's flags)  # pylint: disable=unused-import
   from beit_jax import trainers  # pylint: disable=g-import-not-at-top
+
   monkeypatch.chdir(ROOT)  # config paths are relative to the repo, as on every host
   # config_flags reads its `--config.*` overrides from sys.argv.
   monkeypatch.setattr(sys, "argv", ["beit_jax.main", *argv])
@@ -140,12 +160,18 @@ def _parse_main_flags(argv, monkeypatch):
 # ---------------------------------------------------------------- launch/tpu_vm.sh
 
 
-def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(tmp_path,
-                                                                              monkeypatch):
+def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(
+  tmp_path, monkeypatch
+):
   proc, calls = _tpu_vm(tmp_path, "run", "configs/beit_base.py", events=["running", DONE])
   assert proc.returncode == 0, proc.stderr
-  assert _actions(calls) == ["create vm", "ssh all install", "ssh all start", "ssh 0 status",
-                             "ssh 0 status"]
+  assert _actions(calls) == [
+    "create vm",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+    "ssh 0 status",
+  ]
   create = next(c for c in calls if c[3] == "create")
   assert create[:5] == ["compute", "tpus", "tpu-vm", "create", "beit-test"]
   assert {"--accelerator-type", "v4-8", "--version", "tpu-ubuntu2204-base"} <= set(create)
@@ -162,16 +188,31 @@ def test_on_demand_run_creates_installs_starts_and_ends_when_the_run_finishes(tm
   assert config.trainer == "mim"
 
 
-def test_spot_vm_preempted_is_deleted_created_again_and_the_same_command_rerun(tmp_path,
-                                                                               monkeypatch):
-  proc, calls = _tpu_vm(tmp_path, "--spot", "run", "configs/beit_base.py",
-                        "--config.input.batch_size=1024",
-                        events=["running", "vm-preempted", "running", DONE])
+def test_spot_vm_preempted_is_deleted_created_again_and_the_same_command_rerun(
+  tmp_path, monkeypatch
+):
+  proc, calls = _tpu_vm(
+    tmp_path,
+    "--spot",
+    "run",
+    "configs/beit_base.py",
+    "--config.input.batch_size=1024",
+    events=["running", "vm-preempted", "running", DONE],
+  )
   assert proc.returncode == 0, proc.stderr
   assert _actions(calls) == [
-      "create vm --spot", "ssh all install", "ssh all start", "ssh 0 status", "ssh 0 status",
-      "delete vm", "create vm --spot", "ssh all install", "ssh all start", "ssh 0 status",
-      "ssh 0 status"]
+    "create vm --spot",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+    "ssh 0 status",
+    "delete vm",
+    "create vm --spot",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+    "ssh 0 status",
+  ]
   assert "beit-test is PREEMPTED: creating it again" in proc.stderr
   first, again = _started_commands(calls)
   assert first == again
@@ -180,31 +221,53 @@ def test_spot_vm_preempted_is_deleted_created_again_and_the_same_command_rerun(t
 
 
 def test_queued_spot_resource_waits_for_active_and_is_recreated_when_suspended(tmp_path):
-  proc, calls = _tpu_vm(tmp_path, "--queued", "--spot", "run", "configs/beit_base.py",
-                        events=["running", "qr-preempted", DONE])
+  proc, calls = _tpu_vm(
+    tmp_path,
+    "--queued",
+    "--spot",
+    "run",
+    "configs/beit_base.py",
+    events=["running", "qr-preempted", DONE],
+  )
   assert proc.returncode == 0, proc.stderr
   assert _actions(calls) == [
-      "create qr --spot", "ssh all install", "ssh all start", "ssh 0 status", "ssh 0 status",
-      "delete qr", "create qr --spot", "ssh all install", "ssh all start", "ssh 0 status"]
+    "create qr --spot",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+    "ssh 0 status",
+    "delete qr",
+    "create qr --spot",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+  ]
   create = next(c for c in calls if c[3] == "create")
   assert create[create.index("--node-id") + 1] == "beit-test"
   assert create[create.index("--runtime-version") + 1] == "tpu-ubuntu2204-base"
   assert "--force" in next(c for c in calls if c[3] == "delete")
   # No install before the queued resource is ACTIVE and its TPU READY.
   states = [l for l in proc.stderr.splitlines() if "beit-test is" in l]
-  assert states[:2] == ["tpu_vm.sh: beit-test is WAITING_FOR_RESOURCES",
-                        "tpu_vm.sh: beit-test is PROVISIONING"]
+  assert states[:2] == [
+    "tpu_vm.sh: beit-test is WAITING_FOR_RESOURCES",
+    "tpu_vm.sh: beit-test is PROVISIONING",
+  ]
   first, again = _started_commands(calls)
   assert first == again
 
 
-@pytest.mark.parametrize("events, expected", [
+@pytest.mark.parametrize(
+  "events, expected",
+  [
     # exited 0 saying "preempted", TPU still READY: rerun in place
-    ([PREEMPTED, "running", DONE],
-     ["ssh 0 status", "ssh all start", "ssh 0 status", "ssh 0 status"]),
+    (
+      [PREEMPTED, "running", DONE],
+      ["ssh 0 status", "ssh all start", "ssh 0 status", "ssh 0 status"],
+    ),
     # a host rebooted: no run, no exit code: install and start again
     (["lost", DONE], ["ssh 0 status", "ssh all install", "ssh all start", "ssh 0 status"]),
-])
+  ],
+)
 def test_rerun_in_place_on_a_live_tpu(tmp_path, events, expected):
   proc, calls = _tpu_vm(tmp_path, "run", "configs/beit_base.py", events=events)
   assert proc.returncode == 0, proc.stderr
@@ -218,8 +281,13 @@ def test_a_failed_run_stops_the_loop_without_a_rerun(tmp_path):
   proc, calls = _tpu_vm(tmp_path, "run", "configs/beit_base.py", events=[failed, failed])
   assert proc.returncode == 1
   assert "the run failed (exit 1)" in proc.stderr and "has no imagenet2012" in proc.stderr
-  assert _actions(calls) == ["create vm", "ssh all install", "ssh all start", "ssh 0 status",
-                             "ssh 0 status"]
+  assert _actions(calls) == [
+    "create vm",
+    "ssh all install",
+    "ssh all start",
+    "ssh 0 status",
+    "ssh 0 status",
+  ]
 
 
 def test_best_effort_is_a_queued_tier_of_gcloud_alpha(tmp_path):
@@ -235,18 +303,28 @@ def test_dry_run_prints_the_commands_and_runs_no_gcloud(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert calls == []
   printed = [shlex.split(l[2:]) for l in proc.stderr.splitlines() if l.startswith("+ gcloud ")]
-  assert [_summary(c[1:]) for c in printed] == ["create vm --spot", "ssh all install",
-                                                "ssh all start"]
-  assert printed[2][-1].startswith("cd beit-jax && . .venv/bin/activate && bash "
-                                   "launch/tpu_worker.sh start python -m beit_jax.main ")
+  assert [_summary(c[1:]) for c in printed] == [
+    "create vm --spot",
+    "ssh all install",
+    "ssh all start",
+  ]
+  assert printed[2][-1].startswith(
+    "cd beit-jax && . .venv/bin/activate && bash "
+    "launch/tpu_worker.sh start python -m beit_jax.main "
+  )
 
 
 # ---------------------------------------------------------------- launch/tpu_worker.sh
 
 
 def _worker(checkout, *args):
-  return subprocess.run(["bash", str(checkout / "launch" / "tpu_worker.sh"), *args],
-                        capture_output=True, text=True, timeout=30, check=True).stdout
+  return subprocess.run(
+    ["bash", str(checkout / "launch" / "tpu_worker.sh"), *args],
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=True,
+  ).stdout
 
 
 def _status_when(checkout, first_line, timeout=20):
@@ -265,21 +343,29 @@ def test_worker_starts_in_background_reports_and_stops_with_sigterm(tmp_path):
   (checkout / "launch" / "tpu_worker.sh").write_text(worker)
   assert _worker(checkout, "status").splitlines() == ["none"]
   # A stand-in run that, like beit_jax.main, saves and exits 0 with one line at a SIGTERM.
-  run = ("import signal, sys, time\n"
-         "def stop(*_):\n"
-         "  print('beit_jax: MIM preempted at step 3; rerun the same command', flush=True)\n"
-         "  sys.exit(0)\n"
-         "signal.signal(signal.SIGTERM, stop)\n"
-         "print('training', flush=True)\n"
-         "time.sleep(60)\n")
+  run = (
+    "import signal, sys, time\n"
+    "def stop(*_):\n"
+    "  print('beit_jax: MIM preempted at step 3; rerun the same command', flush=True)\n"
+    "  sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('training', flush=True)\n"
+    "time.sleep(60)\n"
+  )
   _worker(checkout, "start", sys.executable, "-c", run)
   assert _status_when(checkout, "running").splitlines()[0] == "running"
   deadline = time.time() + 20  # its handler is in place once it has said "training"
   while "training" not in (checkout / "run.log").read_text() and time.time() < deadline:
     time.sleep(0.1)
-  assert "already going" in subprocess.run(
+  assert (
+    "already going"
+    in subprocess.run(
       ["bash", str(checkout / "launch" / "tpu_worker.sh"), "start", "true"],
-      capture_output=True, text=True, check=True).stderr
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stderr
+  )
   _worker(checkout, "stop")
   out = _status_when(checkout, "exit 0").splitlines()
   assert out[0] == "exit 0" and "preempted at step 3" in out[-1]
@@ -325,9 +411,18 @@ def _slurm_env(tmp_path, srun, job_id, ntasks, **extra):
   _executable(tmp_path / "bin" / "srun", srun)
   _executable(tmp_path / "bin" / "scontrol", FAKE_SCONTROL)
   path = f"{tmp_path / 'bin'}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
-  return dict(os.environ, PATH=path, FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID=str(job_id),
-              SLURM_NTASKS=str(ntasks), SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=ROOT,
-              SLURM_STEP_NODELIST="127.0.0.1", VENV=str(tmp_path / "no-venv"), **extra)
+  return dict(
+    os.environ,
+    PATH=path,
+    FAKE_SLURM_DIR=str(tmp_path),
+    SLURM_JOB_ID=str(job_id),
+    SLURM_NTASKS=str(ntasks),
+    SLURM_JOB_NUM_NODES="1",
+    SLURM_SUBMIT_DIR=ROOT,
+    SLURM_STEP_NODELIST="127.0.0.1",
+    VENV=str(tmp_path / "no-venv"),
+    **extra,
+  )
 
 
 def _free_slurm_port() -> int:
@@ -343,8 +438,11 @@ def _free_slurm_port() -> int:
 
 
 def test_sbatch_header_one_process_per_gpu_requeue_and_signal():
-  header = [l.split(None, 1)[1].strip() for l in open(os.path.join(LAUNCH, "slurm_gpu.sbatch"))
-            if l.startswith("#SBATCH")]
+  header = [
+    l.split(None, 1)[1].strip()
+    for l in open(os.path.join(LAUNCH, "slurm_gpu.sbatch"))
+    if l.startswith("#SBATCH")
+  ]
   options = dict(o.split("=", 1) if "=" in o else (o, "") for o in header)
   assert options["--ntasks-per-node"] == options["--gpus-per-node"]
   assert options["--gpu-bind"] == "none" and "--gpus-per-task" not in options
@@ -356,21 +454,38 @@ def test_sbatch_header_one_process_per_gpu_requeue_and_signal():
 def test_slurm_environment_joins_two_processes_into_one_run(tmp_path):
   port = _free_slurm_port()
   job_id = port - 61440 + 4096  # jax: port = 61440 + job_id % 4096
-  env = _slurm_env(tmp_path, FAKE_SRUN, job_id, ntasks=2, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=runs.cpu_env(2)["XLA_FLAGS"])
+  env = _slurm_env(
+    tmp_path,
+    FAKE_SRUN,
+    job_id,
+    ntasks=2,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=runs.cpu_env(2)["XLA_FLAGS"],
+  )
   # A bad value that main reports only after jax.distributed.initialize(): both processes
   # join, say so, then stop with the one-line error, without compiling anything.
   proc = subprocess.run(
-      ["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "tests/tiny_config.py",
-       str(tmp_path / "run"), "--config.total_steps=-1"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    [
+      "bash",
+      os.path.join(LAUNCH, "slurm_gpu.sbatch"),
+      "tests/tiny_config.py",
+      str(tmp_path / "run"),
+      "--config.total_steps=-1",
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   logs = [(tmp_path / f"task{i}.log").read_text() for i in range(2)]
   assert proc.returncode == 1, proc.stdout + proc.stderr + logs[0][-2000:]
   for i, log in enumerate(logs):
     assert f"Connecting to JAX distributed service on 127.0.0.1:{port}" in log, log[-2000:]
     assert f"process {i}/2, 2 local / 4 global devices (cpu)" in log, log[-2000:]
-    assert ("beit_jax: error: total_steps=-1 is invalid; accepted: an integer >= 0 (0: use "
-            "num_epochs)") in log, log[-2000:]
+    assert (
+      "beit_jax: error: total_steps=-1 is invalid; accepted: an integer >= 0 (0: use num_epochs)"
+    ) in log, log[-2000:]
   assert not (tmp_path / "scontrol").exists()
 
 
@@ -385,9 +500,19 @@ wait
 def test_sigterm_before_the_time_limit_is_passed_on_and_the_job_requeued(tmp_path):
   env = _slurm_env(tmp_path, SLEEPING_SRUN, job_id=77, ntasks=16)
   proc = subprocess.Popen(
-      ["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/beit_base.py", "/shared/w",
-       "--config.input.batch_size=1024"],
-      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      "bash",
+      os.path.join(LAUNCH, "slurm_gpu.sbatch"),
+      "configs/beit_base.py",
+      "/shared/w",
+      "--config.input.batch_size=1024",
+    ],
+    cwd=tmp_path,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   record = tmp_path / "srun"
   deadline = time.time() + 20
   while not record.exists() and time.time() < deadline:
@@ -396,9 +521,11 @@ def test_sigterm_before_the_time_limit_is_passed_on_and_the_job_requeued(tmp_pat
   out, _ = proc.communicate(timeout=20)
   assert proc.returncode == 0, out
   argv, term = record.read_text().splitlines()
-  assert argv == ("--kill-on-bad-exit=1 python -m beit_jax.main --multihost "
-                  "--config=configs/beit_base.py --workdir=/shared/w "
-                  "--config.input.batch_size=1024")
+  assert argv == (
+    "--kill-on-bad-exit=1 python -m beit_jax.main --multihost "
+    "--config=configs/beit_base.py --workdir=/shared/w "
+    "--config.input.batch_size=1024"
+  )
   assert term == "TERM"
   assert (tmp_path / "scontrol").read_text() == "requeue 77\n"
   assert "requeueing job 77" in out
@@ -406,8 +533,13 @@ def test_sigterm_before_the_time_limit_is_passed_on_and_the_job_requeued(tmp_pat
 
 def test_without_a_signal_the_job_ends_with_the_run_exit_code_and_no_requeue(tmp_path):
   env = _slurm_env(tmp_path, "#!/usr/bin/env bash\nexit 3\n", job_id=78, ntasks=2)
-  proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/beit_base.py",
-                         "/shared/w"], cwd=tmp_path, env=env, capture_output=True, timeout=30)
+  proc = subprocess.run(
+    ["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/beit_base.py", "/shared/w"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    timeout=30,
+  )
   assert proc.returncode == 3
   assert not (tmp_path / "scontrol").exists()
 
@@ -422,13 +554,19 @@ def test_scripts_parse(script):
 
 def test_launchers_install_the_jax_of_requirements_txt():
   pinned = re.search(r"^jax==(\S+)$", open(os.path.join(ROOT, "requirements.txt")).read(), re.M)[1]
-  for name, extra in [("launch/tpu_vm.sh", "tpu"), ("launch/slurm_gpu.sbatch", "cuda12"),
-                      ("launch/colab.ipynb", "tpu"), ("README.md", "tpu"),
-                      ("README.md", "cuda12")]:
+  for name, extra in [
+    ("launch/tpu_vm.sh", "tpu"),
+    ("launch/slurm_gpu.sbatch", "cuda12"),
+    ("launch/colab.ipynb", "tpu"),
+    ("README.md", "tpu"),
+    ("README.md", "cuda12"),
+  ]:
     found = set(re.findall(rf"jax\[{extra}\]==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
     assert found == {pinned}, (name, extra, found)
-  uv = {name: set(re.findall(r"uv==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
-        for name in ("launch/tpu_vm.sh", "launch/colab.ipynb")}
+  uv = {
+    name: set(re.findall(r"uv==([0-9.]+)", open(os.path.join(ROOT, name)).read()))
+    for name in ("launch/tpu_vm.sh", "launch/colab.ipynb")
+  }
   # The notebook installs with pip into its kernel; if it ever uses uv, the same one.
   assert len(set.union(*uv.values())) == 1 and uv["launch/tpu_vm.sh"], uv
 
@@ -467,6 +605,7 @@ def test_notebook_has_nbformat_4_structure():
 
 def test_notebook_trains_the_readme_config_in_its_kernel_and_shows_tensorboard_and_pictures():
   import beit_jax  # pylint: disable=g-import-not-at-top
+
   cells = _notebook()["cells"]
   code = "\n".join(_source(c) for c in cells if c["cell_type"] == "code")
   (parameters,) = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
@@ -475,8 +614,11 @@ def test_notebook_trains_the_readme_config_in_its_kernel_and_shows_tensorboard_a
   assert values["WORKDIR"].startswith("/content/drive/") and values["INSTALL"]
   # The config it trains: the README's demo, at the lengths of the parameter cell.
   (train,) = [c for c in cells if c.get("id") == "train"]
-  (assign,) = [n for n in ast.parse(_source(train)).body if isinstance(n, ast.Assign)
-               and n.targets[0].id == "config"]
+  (assign,) = [
+    n
+    for n in ast.parse(_source(train)).body
+    if isinstance(n, ast.Assign) and n.targets[0].id == "config"
+  ]
   expression = compile(ast.Expression(assign.value), "train", "eval")
   spec = eval(expression, {}, values)  # pylint: disable=eval-used
   assert spec.startswith("configs/beit_tiny_local.py:")
@@ -487,10 +629,20 @@ def test_notebook_trains_the_readme_config_in_its_kernel_and_shows_tensorboard_a
   assert "beit_jax.train(config, WORKDIR, overrides=OVERRIDES)" in _source(train)
   readme = open(os.path.join(ROOT, "README.md")).read()
   assert "python -m beit_jax.main --config=configs/beit_tiny_local.py --workdir=" in readme
-  for needed in ('pip install -q --no-deps -e "{ROOT}"', "%load_ext tensorboard",
-                 "%tensorboard --logdir {WORKDIR}", "drive.mount(", "auth.authenticate_user()",
-                 "from IPython.display import Image", "images/*.png", "beit_jax.load(WORKDIR)",
-                 ".predict_masked(", ".attention(", ".features(", "beit_jax.load(CHECKPOINT)"):
+  for needed in (
+    'pip install -q --no-deps -e "{ROOT}"',
+    "%load_ext tensorboard",
+    "%tensorboard --logdir {WORKDIR}",
+    "drive.mount(",
+    "auth.authenticate_user()",
+    "from IPython.display import Image",
+    "images/*.png",
+    "beit_jax.load(WORKDIR)",
+    ".predict_masked(",
+    ".attention(",
+    ".features(",
+    "beit_jax.load(CHECKPOINT)",
+  ):
     assert needed in code, needed
   # No placeholder to edit but the workdir: the repository comes from the checkout.
   assert "YOUR_ORG" not in code and values["REPO"] == ""

@@ -1,4 +1,5 @@
 """End to end through `main`: both stages, resumption, the workdir's contents, bad input."""
+
 import json
 import os
 import subprocess
@@ -51,12 +52,15 @@ def test_tiny_run_both_stages_then_resume(tmp_path):
   assert _checkpoints(workdir) == ["6", "8"]
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("model.variant", "X/16", "model.variant"),
     ("input.batch_size", 12, "input.batch_size=12 must be divisible"),
     ("input.dataset", "tfds:imagenet2012", "imagenet2012"),
     ("trainer", "nope", "trainer='nope' is invalid"),
-])
+  ],
+)
 def test_bad_config_is_a_config_error(tmp_path, field, value, message):
   config = tiny_config()
   section, _, key = field.rpartition(".")
@@ -70,8 +74,13 @@ def test_bad_config_is_a_config_error(tmp_path, field, value, message):
 def test_cli_prints_one_line_errors(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  cmd = [sys.executable, "-m", "beit_jax.main", "--config=configs/beit_tiny_local.py",
-         f"--workdir={blocker}/run"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "beit_jax.main",
+    "--config=configs/beit_tiny_local.py",
+    f"--workdir={blocker}/run",
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
@@ -81,6 +90,7 @@ def test_cli_prints_one_line_errors(tmp_path):
 
 def _zeros_like_init(module, *args, **kwargs):
   import jax  # pylint: disable=g-import-not-at-top
+
   shapes = jax.eval_shape(lambda: module.init(*args, **kwargs))["params"]
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
@@ -90,10 +100,15 @@ def test_tokenizer_vocabulary_must_match_the_config(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from beit_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from beit_jax import tokenizers
+
   config = tiny_config()
   model = tokenizers.build(config.tokenizer).model  # 64 codes
-  params = _zeros_like_init(model, {"params": jax.random.key(0), "gumbel": jax.random.key(0)},
-                            jnp.zeros((1, 32, 32, 3)), temperature=1.0)
+  params = _zeros_like_init(
+    model,
+    {"params": jax.random.key(0), "gumbel": jax.random.key(0)},
+    jnp.zeros((1, 32, 32, 3)),
+    temperature=1.0,
+  )
   checkpoint.save_params(str(tmp_path / "tok"), params)
   config.tokenizer.vocab_size = 32
   config.tokenizer.init_from = str(tmp_path / "tok")
@@ -111,6 +126,7 @@ def test_missing_init_from_is_a_config_error(tmp_path):
 def test_a_workdir_gives_back_its_exact_config(tmp_path):
   from beit_jax.training import workdir  # pylint: disable=g-import-not-at-top
   from configs import from_workdir  # pylint: disable=g-import-not-at-top
+
   config = tiny_config()
   workdir.prepare(config, str(tmp_path))
   assert from_workdir.get_config(str(tmp_path)).to_dict() == config.to_dict()

@@ -1,4 +1,5 @@
 """Blockwise/random masking: TF graph ops against the NumPy reference and docs/reference.md §2."""
+
 import functools
 
 import ml_collections
@@ -18,8 +19,9 @@ DEFAULT = masking.MaskSpec()
 def tf_masks(spec: masking.MaskSpec, n: int = N, seed: int = 0) -> np.ndarray:
   """Masks from make_mask_tf run the way the input pipeline runs it; bool [n, h, w]."""
   ds = tf.data.Dataset.range(n).map(
-      lambda i: masking.make_mask_tf(spec, tf.stack([tf.constant(seed, tf.int64), i])),
-      num_parallel_calls=tf.data.AUTOTUNE)
+    lambda i: masking.make_mask_tf(spec, tf.stack([tf.constant(seed, tf.int64), i])),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   masks = np.concatenate(list(ds.batch(500).as_numpy_iterator()))
   assert masks.shape == (n, spec.num_patches) and masks.dtype == bool
   return masks.reshape(n, *spec.grid)
@@ -63,13 +65,17 @@ def test_blockwise_matches_spec_numbers(impl):
   assert 0.65 < freq[6:8, 6:8].mean() < 0.78
 
 
-@pytest.mark.parametrize("spec", [
+@pytest.mark.parametrize(
+  "spec",
+  [
     DEFAULT,
     masking.MaskSpec(max_num_patches=30),  # smaller blocks, more of them
     masking.MaskSpec(grid=(12, 20), num_masking_patches=96),
     masking.MaskSpec(grid=(8, 8), num_masking_patches=26, min_num_patches=4),
     masking.MaskSpec(min_aspect=0.5, max_aspect=4.0),  # tall blocks
-], ids=["default", "max_num_patches", "non_square", "small", "aspect"])
+  ],
+  ids=["default", "max_num_patches", "non_square", "small", "aspect"],
+)
 def test_tf_matches_numpy_reference(spec):
   tf_m, np_m = tf_masks(spec), np_masks(spec)
   assert tf_m.sum((1, 2)).max() <= spec.num_masking_patches
@@ -81,8 +87,9 @@ def test_tf_matches_numpy_reference(spec):
 @pytest.mark.parametrize("aspect,shape", [(2.0, (4, 2)), (0.5, (2, 4))])
 def test_single_block_is_a_filled_rectangle_at_any_position(impl, aspect, shape):
   # area 8 at a fixed aspect: one block of round(sqrt(8*r)) rows x round(sqrt(8/r)) cols.
-  spec = masking.MaskSpec(grid=(6, 9), num_masking_patches=8, min_num_patches=8,
-                          min_aspect=aspect, max_aspect=aspect)
+  spec = masking.MaskSpec(
+    grid=(6, 9), num_masking_patches=8, min_num_patches=8, min_aspect=aspect, max_aspect=aspect
+  )
   corners = set()
   for m in IMPLS[impl](spec, n=600):
     rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
@@ -95,8 +102,9 @@ def test_single_block_is_a_filled_rectangle_at_any_position(impl, aspect, shape)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_block_as_tall_as_the_grid_never_fits(impl):
   # unilm accepts a block only if rows < h and cols < w: a 4 x 2 block never fits 4 rows.
-  spec = masking.MaskSpec(grid=(4, 9), num_masking_patches=8, min_num_patches=8,
-                          min_aspect=2.0, max_aspect=2.0)
+  spec = masking.MaskSpec(
+    grid=(4, 9), num_masking_patches=8, min_num_patches=8, min_aspect=2.0, max_aspect=2.0
+  )
   assert not IMPLS[impl](spec, n=100).any()
 
 
@@ -118,10 +126,14 @@ def test_np_same_rng_seed_same_masks():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("spec", [
+@pytest.mark.parametrize(
+  "spec",
+  [
     masking.MaskSpec(exact=True),
     masking.MaskSpec(grid=(8, 8), num_masking_patches=26, min_num_patches=4, exact=True),
-], ids=["default", "small"])
+  ],
+  ids=["default", "small"],
+)
 def test_exact_always_hits_target(impl, spec):
   masks = IMPLS[impl](spec, n=500)
   np.testing.assert_array_equal(masks.sum((1, 2)), spec.num_masking_patches)
@@ -132,8 +144,10 @@ def test_exact_always_hits_target(impl, spec):
 def test_fix_count_only_flips_the_needed_side(target):
   mask = np.zeros(20, bool)
   mask[3:13] = True  # 10 masked
-  fixed = [masking._fix_count_np(mask, target, np.random.default_rng(0)),
-           masking._fix_count_tf(tf.constant(mask), target, tf.constant([0, 1])).numpy()]
+  fixed = [
+    masking._fix_count_np(mask, target, np.random.default_rng(0)),
+    masking._fix_count_tf(tf.constant(mask), target, tf.constant([0, 1])).numpy(),
+  ]
   for out in fixed:
     assert out.sum() == target
     # removing keeps a subset of the masked cells, adding a superset
@@ -162,16 +176,20 @@ def test_tf_graph_has_no_python_ops():
 
 def test_mask_spec_from_config():
   assert masking.mask_spec_from_config(ml_collections.ConfigDict(), (14, 14)) == DEFAULT
-  cfg = ml_collections.ConfigDict({"kind": "blockwise", "num_masking_patches": 26,
-                                   "min_num_patches": 4, "exact": True})
+  cfg = ml_collections.ConfigDict(
+    {"kind": "blockwise", "num_masking_patches": 26, "min_num_patches": 4, "exact": True}
+  )
   spec = masking.mask_spec_from_config(cfg, (8, 8))
-  assert spec == masking.MaskSpec(grid=(8, 8), num_masking_patches=26, min_num_patches=4,
-                                  exact=True)
+  assert spec == masking.MaskSpec(
+    grid=(8, 8), num_masking_patches=26, min_num_patches=4, exact=True
+  )
   with pytest.raises(ConfigError, match=r"input\.mask: unknown fields \['num_masked'\]"):
     masking.mask_spec_from_config(ml_collections.ConfigDict({"num_masked": 75}), (14, 14))
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
+@pytest.mark.parametrize(
+  "kwargs,pattern",
+  [
     ({"kind": "grid"}, r"input\.mask\.kind must be one of \('blockwise', 'random'\)"),
     ({"num_masking_patches": 197}, r"input\.mask\.num_masking_patches .* \[1, 196\]"),
     ({"num_masking_patches": 0}, r"input\.mask\.num_masking_patches .* \[1, 196\]"),
@@ -182,7 +200,8 @@ def test_mask_spec_from_config():
     ({"max_aspect": 0.2}, r"input\.mask\.max_aspect .* >= min_aspect=0\.3"),
     ({"exact": "yes"}, r"input\.mask\.exact must be True or False"),
     ({"grid": (1, 14)}, r"input\.mask grid .*\(>= 2 for blockwise masking\)"),
-])
+  ],
+)
 def test_invalid_spec_raises_config_error(kwargs, pattern):
   with pytest.raises(ConfigError, match=pattern):
     masking.MaskSpec(**kwargs)

@@ -1,4 +1,5 @@
 """`mim_target='pixels'`: the papers' pixel-regression ablation of MIM (trainers/mim.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def test_patch_pixels_are_each_patch_normalised_in_raster_order():
   got = np.asarray(mim_objective.patch_pixels(jnp.asarray(images), 4))  # [2, 4, 48]
   assert got.shape == (2, 4, 48)
   for i, (r, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # patch i: row r, column c
-    patch = images[:, 4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(2, -1)
+    patch = images[:, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].reshape(2, -1)
     want = (patch - patch.mean(1, keepdims=True)) / np.sqrt(patch.var(1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(got[:, i], want, rtol=1e-5, atol=1e-5)
 
@@ -27,8 +28,9 @@ def test_pixel_loss_is_the_mse_of_exactly_the_masked_positions():
   rng = np.random.default_rng(1)
   pred, target = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))
   weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  loss, metrics = mim_objective.pixel_loss(jnp.asarray(pred), jnp.asarray(target),
-                                           jnp.asarray(weights))
+  loss, metrics = mim_objective.pixel_loss(
+    jnp.asarray(pred), jnp.asarray(target), jnp.asarray(weights)
+  )
   se = ((pred - target) ** 2).mean(-1)
   np.testing.assert_allclose(float(loss), (se[0, 0] + se[0, 1] + se[1, 0]) / 3, rtol=1e-6)
   assert float(metrics["masked_per_image"]) == 1.5
@@ -54,8 +56,9 @@ def test_a_pixel_run_needs_no_tokenizer_and_its_loss_falls():
   b = config.input.batch_size
   mask = np.zeros((b, 16), bool)
   mask[:, :6] = True
-  batch = sharding.host_to_global({"image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
-                                   "mask": mask}, mesh)
+  batch = sharding.host_to_global(
+    {"image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32), "mask": mask}, mesh
+  )
   state, losses = built.state, []
   for _ in range(4):  # the same batch: the regression must fit it
     state, m = built.step(state, batch, built.frozen)

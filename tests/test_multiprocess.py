@@ -1,4 +1,5 @@
 """Two processes (as two hosts, jax.distributed on 127.0.0.1) train like one process."""
+
 import subprocess
 
 import jax
@@ -16,20 +17,46 @@ def test_two_processes_in_fsdp_and_tensor_layout_match_one_process_across_a_kill
   killed, restore collectively and end where one process on 8 devices does."""
   tok = runs.random_tokenizer(tmp_path / "tok")
   steps = 9
-  layout = ["--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.sharding.min_size=0",
-            "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=5"]
-  subprocess.run(runs.main_command(tmp_path / "one", tok, steps, *layout), cwd=ROOT,
-                 env=cpu_env(8), check=True, capture_output=True, timeout=600)
+  layout = [
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    "--config.sharding.min_size=0",
+    "--config.checkpoint.every_steps=3",
+    "--config.checkpoint.keep=5",
+  ]
+  subprocess.run(
+    runs.main_command(tmp_path / "one", tok, steps, *layout),
+    cwd=ROOT,
+    env=cpu_env(8),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
 
   two = tmp_path / "two"
 
   def processes():
     port = free_port()
-    return [runs.main_command(two, tok, steps, *layout, f"--coordinator=127.0.0.1:{port}",
-                              "--num_processes=2", f"--process_id={i}") for i in range(2)]
+    return [
+      runs.main_command(
+        two,
+        tok,
+        steps,
+        *layout,
+        f"--coordinator=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      )
+      for i in range(2)
+    ]
+
   last = runs.kill_mid_run(processes(), two, at_step=3, total_steps=steps, env=cpu_env(4))
-  procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(4), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True) for c in processes()]
+  procs = [
+    subprocess.Popen(
+      c, cwd=ROOT, env=cpu_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    for c in processes()
+  ]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]

@@ -1,4 +1,5 @@
 """Schedule values and the weight-decay mask (docs/reference.md §4)."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,12 +24,16 @@ def test_schedule_warmup_and_cosine_end_points():
 
 def test_decay_mask_follows_beit_rules():
   params = {
-      "cls_token": jnp.zeros((1, 1, 8)), "mask_token": jnp.zeros((1, 1, 8)),
-      "pos_embed": jnp.zeros((1, 5, 8)),
-      "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 8)), "bias": jnp.zeros(8)},
-      "rel_pos_bias": {"relative_position_bias_table": jnp.zeros((12, 2))},
-      "blocks_0": {"gamma_1": jnp.zeros(8), "norm1": {"scale": jnp.zeros(8)},
-                   "attn": {"q_bias": jnp.zeros(8), "qkv": {"kernel": jnp.zeros((8, 24))}}},
+    "cls_token": jnp.zeros((1, 1, 8)),
+    "mask_token": jnp.zeros((1, 1, 8)),
+    "pos_embed": jnp.zeros((1, 5, 8)),
+    "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 8)), "bias": jnp.zeros(8)},
+    "rel_pos_bias": {"relative_position_bias_table": jnp.zeros((12, 2))},
+    "blocks_0": {
+      "gamma_1": jnp.zeros(8),
+      "norm1": {"scale": jnp.zeros(8)},
+      "attn": {"q_bias": jnp.zeros(8), "qkv": {"kernel": jnp.zeros((8, 24))}},
+    },
   }
   mask = optim.weight_decay_mask(params)
   assert mask["cls_token"] is False and mask["pos_embed"] is False
@@ -41,8 +46,7 @@ def test_decay_mask_follows_beit_rules():
 
 
 def _optim_cfg(**kw):
-  base = dict(lr=1e-2, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.5,
-              grad_clip=0.0)
+  base = dict(lr=1e-2, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.5, grad_clip=0.0)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -59,8 +63,11 @@ def test_weight_decay_applies_only_where_masked():
 
 def test_grad_clip_bounds_the_update_direction():
   params = {"w": jnp.zeros(4)}
-  tx, _ = optim.make_optimizer(_optim_cfg(weight_decay=0.0, grad_clip=1.0, b1=0.0,
-                                          b2=0.0, eps=0.0), total_steps=10, warmup_steps=0)
+  tx, _ = optim.make_optimizer(
+    _optim_cfg(weight_decay=0.0, grad_clip=1.0, b1=0.0, b2=0.0, eps=0.0),
+    total_steps=10,
+    warmup_steps=0,
+  )
   g = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}
   state = tx.init(params)
   # Clipping comes before Adam: with b1=0 Adam's first moment is the clipped gradient.
@@ -88,12 +95,19 @@ def test_one_builder_schedules_scales_and_frozen_keys():
   with pytest.raises(ValueError, match="schedule='step'"):
     optim.make_optimizer(cfg, total_steps=10, warmup_steps=0, schedule="step")
 
-  params = {"train": {"w": jnp.ones((2, 2))}, "frozen": {"w": jnp.ones((2, 2))},
-            "codebook": {"e": jnp.ones((3, 2))}}
+  params = {
+    "train": {"w": jnp.ones((2, 2))},
+    "frozen": {"w": jnp.ones((2, 2))},
+    "codebook": {"e": jnp.ones((3, 2))},
+  }
   grads = jax.tree.map(jnp.ones_like, params)
   tx, schedule = optim.make_optimizer(
-      _optim_cfg(), total_steps=10, warmup_steps=0, frozen=("codebook",),
-      lr_scale_fn=lambda p: {k: jax.tree.map(lambda _: 0.5, v) for k, v in p.items()})
+    _optim_cfg(),
+    total_steps=10,
+    warmup_steps=0,
+    frozen=("codebook",),
+    lr_scale_fn=lambda p: {k: jax.tree.map(lambda _: 0.5, v) for k, v in p.items()},
+  )
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
   # Frozen: no update, no Adam moments, no weight decay.

@@ -1,5 +1,6 @@
 """BEiT v2 patch aggregation (docs/reference.md §4): what it reads, how it is numbered, and
 that the MIM trainer trains both losses."""
+
 import types
 
 import jax
@@ -16,8 +17,16 @@ from beit_jax.models import vit
 from beit_jax.trainers import mim
 from tests.tiny_config import tiny_config
 
-KW = dict(patch_size=8, width=32, depth=4, num_heads=2, mlp_dim=64, image_size=32,
-          vocab_size=16, layer_scale_init=0.1)
+KW = dict(
+  patch_size=8,
+  width=32,
+  depth=4,
+  num_heads=2,
+  mlp_dim=64,
+  image_size=32,
+  vocab_size=16,
+  layer_scale_init=0.1,
+)
 N = 16  # 4x4 patches
 
 
@@ -40,8 +49,10 @@ def _apply(model, params, *args, **kwargs):
 def _random(params, seed=0):
   """Generic nonzero values everywhere (tables, biases, gammas), so every weight matters."""
   rng = np.random.default_rng(seed)
-  flat = {k: jnp.asarray(rng.normal(0, 0.2, v.shape) + (k[-1] == "scale"), jnp.float32)
-          for k, v in traverse_util.flatten_dict(params).items()}
+  flat = {
+    k: jnp.asarray(rng.normal(0, 0.2, v.shape) + (k[-1] == "scale"), jnp.float32)
+    for k, v in traverse_util.flatten_dict(params).items()
+  }
   return traverse_util.unflatten_dict(flat)
 
 
@@ -49,8 +60,9 @@ def _perturbed(params, block, seed=1):
   """`params` with every weight of `block` (e.g. 'blocks_2') moved at random."""
   rng = np.random.default_rng(seed)
   out = dict(params)
-  out[block] = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
-                            params[block])
+  out[block] = jax.tree.map(
+    lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), params[block]
+  )
   return out
 
 
@@ -77,9 +89,13 @@ def test_reads_the_patches_of_block_layer_and_the_last_cls(layer):
 
   def run(p):
     out = _apply(model, p, images, mask, return_hidden=(layer - 1, KW["depth"] - 1))
-    rebuilt = _apply(model, p, out["hidden"][KW["depth"] - 1][:, :1],
-                     out["hidden"][layer - 1][:, 1:],
-                     method=vit.VisionTransformer.patch_aggregation_logits)
+    rebuilt = _apply(
+      model,
+      p,
+      out["hidden"][KW["depth"] - 1][:, :1],
+      out["hidden"][layer - 1][:, 1:],
+      method=vit.VisionTransformer.patch_aggregation_logits,
+    )
     return out, rebuilt
 
   out, rebuilt = run(params)
@@ -87,9 +103,13 @@ def test_reads_the_patches_of_block_layer_and_the_last_cls(layer):
   # Another block's patches give other logits: the test can tell the blocks apart.
   for other in {0, layer, KW["depth"] - 1} - {layer - 1}:
     hidden = _apply(model, params, images, mask, return_hidden=(other,))["hidden"]
-    wrong = _apply(model, params, out["hidden"][KW["depth"] - 1][:, :1],
-                   hidden[other][:, 1:],
-                   method=vit.VisionTransformer.patch_aggregation_logits)
+    wrong = _apply(
+      model,
+      params,
+      out["hidden"][KW["depth"] - 1][:, :1],
+      hidden[other][:, 1:],
+      method=vit.VisionTransformer.patch_aggregation_logits,
+    )
     assert np.abs(np.asarray(wrong - out["mim_logits_c"])).max() > 1e-3
 
   # A block after `layer` changes L_MIM^c only through the last [CLS]: with the [CLS] held
@@ -98,9 +118,13 @@ def test_reads_the_patches_of_block_layer_and_the_last_cls(layer):
   out2, _ = run(later)
   assert np.abs(np.asarray(out2["mim_logits_c"] - out["mim_logits_c"])).max() > 1e-3
   np.testing.assert_array_equal(out2["hidden"][layer - 1], out["hidden"][layer - 1])
-  held = _apply(model, later, out["hidden"][KW["depth"] - 1][:, :1],
-                out2["hidden"][layer - 1][:, 1:],
-                method=vit.VisionTransformer.patch_aggregation_logits)
+  held = _apply(
+    model,
+    later,
+    out["hidden"][KW["depth"] - 1][:, :1],
+    out2["hidden"][layer - 1][:, 1:],
+    method=vit.VisionTransformer.patch_aggregation_logits,
+  )
   np.testing.assert_allclose(held, out["mim_logits_c"], atol=1e-6)
   # A block up to `layer` changes the aggregated patches themselves.
   earlier = _perturbed(params, f"blocks_{layer - 1}")
@@ -110,33 +134,39 @@ def test_reads_the_patches_of_block_layer_and_the_last_cls(layer):
 
 def test_decoder_continues_the_layer_numbering_and_shares_norm_head_and_bias():
   images, mask = _inputs()
-  b12 = vit.VisionTransformer(**dict(KW, depth=12), drop_path_rate=0.1,
-                              patch_aggregation_layer=9)
+  b12 = vit.VisionTransformer(**dict(KW, depth=12), drop_path_rate=0.1, patch_aggregation_layer=9)
   bound = b12.bind(jax.eval_shape(b12.init, jax.random.key(0), images, mask))
   # unilm: layer ids early_layers + j + 1, rates linspace(0, 0.1, max(12, 11))[9 + j].
   rates = np.linspace(0, 0.1, 12)
   assert [b.layer_id for b in bound.cls_pt_layers] == [10, 11]
   np.testing.assert_allclose([b.drop_path_rate for b in bound.cls_pt_layers], rates[9:11])
   assert [b.drop_path_rate for b in bound.blocks] == pytest.approx(list(rates))
-  deep = vit.VisionTransformer(**dict(KW, depth=4), drop_path_rate=0.1,
-                               patch_aggregation_layer=4, patch_aggregation_depth=3)
+  deep = vit.VisionTransformer(
+    **dict(KW, depth=4), drop_path_rate=0.1, patch_aggregation_layer=4, patch_aggregation_depth=3
+  )
   bound = deep.bind(jax.eval_shape(deep.init, jax.random.key(0), images, mask))
   assert [b.layer_id for b in bound.cls_pt_layers] == [5, 6, 7]
-  np.testing.assert_allclose([b.drop_path_rate for b in bound.cls_pt_layers],
-                             np.linspace(0, 0.1, 7)[4:])
+  np.testing.assert_allclose(
+    [b.drop_path_rate for b in bound.cls_pt_layers], np.linspace(0, 0.1, 7)[4:]
+  )
   model = vit.VisionTransformer(**KW, patch_aggregation_layer=2)
   params = _random(_init(model))
   # No norm, head or relative position table of its own.
-  assert not any(k.startswith("cls_pt_") and k not in ("cls_pt_layers_0", "cls_pt_layers_1")
-                 for k in params)
+  assert not any(
+    k.startswith("cls_pt_") and k not in ("cls_pt_layers_0", "cls_pt_layers_1") for k in params
+  )
   assert "relative_position_bias_table" not in params["cls_pt_layers_0"]["attn"]
   # The shared bias is used by the decoder: changing it changes L_MIM^c with the
   # backbone's inputs to the decoder held fixed.
   out = _apply(model, params, images, mask, return_hidden=(1, 3))
   args = (out["hidden"][3][:, :1], out["hidden"][1][:, 1:])
-  moved = dict(params, rel_pos_bias={"relative_position_bias_table": params["rel_pos_bias"][
-      "relative_position_bias_table"] + 1.0 * np.arange(params["rel_pos_bias"][
-          "relative_position_bias_table"].shape[0])[:, None]})
+  moved = dict(
+    params,
+    rel_pos_bias={
+      "relative_position_bias_table": params["rel_pos_bias"]["relative_position_bias_table"]
+      + 1.0 * np.arange(params["rel_pos_bias"]["relative_position_bias_table"].shape[0])[:, None]
+    },
+  )
   a = _apply(model, params, *args, method=vit.VisionTransformer.patch_aggregation_logits)
   b = _apply(model, moved, *args, method=vit.VisionTransformer.patch_aggregation_logits)
   assert np.abs(np.asarray(a - b)).max() > 1e-3
@@ -145,14 +175,22 @@ def test_decoder_continues_the_layer_numbering_and_shares_norm_head_and_bias():
 def test_bad_settings_are_one_line_errors():
   images, mask = _inputs()
   # The model names its attributes (plain ValueErrors); the config check, its fields.
-  for kw, match in [(dict(patch_aggregation_layer=5),
-                     r"^VisionTransformer: patch_aggregation_layer 5 is not in 1..4"),
-                    (dict(patch_aggregation_layer=2, patch_aggregation_depth=0),
-                     r"^VisionTransformer: patch_aggregation_depth 0 is not >= 1"),
-                    (dict(patch_aggregation_layer=2, vocab_size=0, num_classes=3),
-                     r"^VisionTransformer: patch aggregation needs the MIM head and no "
-                     r"classifier \(vocab_size > 0, num_classes 0\), not vocab_size 0, "
-                     r"num_classes 3")]:
+  for kw, match in [
+    (
+      dict(patch_aggregation_layer=5),
+      r"^VisionTransformer: patch_aggregation_layer 5 is not in 1..4",
+    ),
+    (
+      dict(patch_aggregation_layer=2, patch_aggregation_depth=0),
+      r"^VisionTransformer: patch_aggregation_depth 0 is not >= 1",
+    ),
+    (
+      dict(patch_aggregation_layer=2, vocab_size=0, num_classes=3),
+      r"^VisionTransformer: patch aggregation needs the MIM head and no "
+      r"classifier \(vocab_size > 0, num_classes 0\), not vocab_size 0, "
+      r"num_classes 3",
+    ),
+  ]:
     with pytest.raises(ValueError, match=match) as e:
       vit.VisionTransformer(**dict(KW, **kw)).init(jax.random.key(0), images, mask)
     assert not isinstance(e.value, ConfigError), e.value
@@ -160,10 +198,12 @@ def test_bad_settings_are_one_line_errors():
   config.model.patch_aggregation.layer = 3  # tiny_config has 2 blocks
   with pytest.raises(ConfigError, match=r"^model.patch_aggregation.layer=3 must be in 1..2"):
     trainers.validate_config(config)
-  for value, match in [(dict(layer=1), r"^model.patch_aggregation has fields \['layer'\]"),
-                       (dict(layer=1, depth=0), r"^model.patch_aggregation.depth=0 is invalid"),
-                       (dict(layer=1.5, depth=2), r"^model.patch_aggregation.layer=1.5 is inv"),
-                       (9, r"^model.patch_aggregation=9 is invalid; accepted: None")]:
+  for value, match in [
+    (dict(layer=1), r"^model.patch_aggregation has fields \['layer'\]"),
+    (dict(layer=1, depth=0), r"^model.patch_aggregation.depth=0 is invalid"),
+    (dict(layer=1.5, depth=2), r"^model.patch_aggregation.layer=1.5 is inv"),
+    (9, r"^model.patch_aggregation=9 is invalid; accepted: None"),
+  ]:
     with config.ignore_type():
       config.model.patch_aggregation = value
     with pytest.raises(ConfigError, match=match):
@@ -181,6 +221,7 @@ def test_both_v2_losses_fall_on_a_tiny_run():
   config = _v2_config()
   trainers.validate_config(config)
   config.optim.update(dict(warmup_steps=0, lr=3e-3))
+
   # A stand-in tokenizer (the step only calls `tokenize`): a fixed function of each
   # 8x8 patch's mean colour, so the targets can be learnt (a dVAE's init costs a minute).
   def tokenize(w, images):
@@ -188,21 +229,27 @@ def test_both_v2_losses_fall_on_a_tiny_run():
     return jnp.argmax(pooled @ w, -1).astype(jnp.int32)
 
   tokenizer = types.SimpleNamespace(tokenize=tokenize)
-  tok_params = jnp.asarray(np.random.default_rng(2).normal(
-      size=(3, config.tokenizer.vocab_size)), jnp.float32)
+  tok_params = jnp.asarray(
+    np.random.default_rng(2).normal(size=(3, config.tokenizer.vocab_size)), jnp.float32
+  )
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,
-                                                                            tok_params)}), mesh)
+  built = runner.setup(
+    config, mim.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)}), mesh
+  )
   assert {"cls_pt_layers_0", "cls_pt_layers_1"} <= set(built.state.params)
   rng = np.random.default_rng(0)
   b, s = config.input.batch_size, config.input.image_size
   mask = np.zeros((b, N), bool)
   for i in range(b):
     mask[i, rng.choice(N, 6, replace=False)] = True
-  batch = sharding.host_to_global({
+  batch = sharding.host_to_global(
+    {
       "image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
       "tokenizer_image": rng.uniform(size=(b, s, s, 3)).astype(np.float32),
-      "mask": mask}, mesh)
+      "mask": mask,
+    },
+    mesh,
+  )
   state, history = built.state, []
   for _ in range(8):
     state, m = built.step(state, batch, built.frozen)

@@ -1,5 +1,6 @@
 """Ahead-of-time plans (beit_jax/plan.py) on the 8 fake CPU devices of conftest.py: the
 exact train step is compiled, not run, and its memory follows the batch and the sharding."""
+
 import dataclasses
 import pathlib
 import re
@@ -28,8 +29,9 @@ def _config(batch=8, mesh=None):
 
 def _plan(config):
   target = plan.parse_topology("cpu:8")
-  return plan.make_plan(config, target, jax.devices("cpu")[:8], compiler="XLA:CPU",
-                        stand_in=False, memory_gib=1.0)
+  return plan.make_plan(
+    config, target, jax.devices("cpu")[:8], compiler="XLA:CPU", stand_in=False, memory_gib=1.0
+  )
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +98,16 @@ def test_step_time_and_mfu_at_peak(base):
   assert 0 < p.model_flops < p.flops  # XLA counts the tokenizer and the elementwise work too
 
 
-@pytest.mark.parametrize("name,devices,topology", [
-    ("v4-32", 16, "v4:2x2x4"), ("v5e-64", 64, "v5e:8x8"), ("v5p-128", 64, "v5:4x4x4"),
-    ("v5e:4x4", 16, "v5e:4x4"), ("v5p:2x2x1", 4, "v5:2x2x1")])
+@pytest.mark.parametrize(
+  "name,devices,topology",
+  [
+    ("v4-32", 16, "v4:2x2x4"),
+    ("v5e-64", 64, "v5e:8x8"),
+    ("v5p-128", 64, "v5:4x4x4"),
+    ("v5e:4x4", 16, "v5e:4x4"),
+    ("v5p:2x2x1", 4, "v5:2x2x1"),
+  ],
+)
 def test_tpu_names(name, devices, topology):
   t = plan.parse_topology(name)
   assert (t.num_devices, t.tpu["topology_name"]) == (devices, topology)
@@ -112,12 +121,17 @@ def test_bad_topology_names(name):
 
 def test_a_bad_topology_is_a_one_line_error():
   out = subprocess.run(
-      [sys.executable, "-m", "beit_jax.plan", "--config=tests/tiny_config.py",
-       "--topology=v5e-3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [sys.executable, "-m", "beit_jax.plan", "--config=tests/tiny_config.py", "--topology=v5e-3"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 1
   lines = [l for l in out.stderr.splitlines() if l.strip()]
-  assert lines == [f"beit_jax: error: --topology='v5e-3' is not a known target; "
-                   f"accepted: {plan.ACCEPTED}"], out.stderr[-2000:]
+  assert lines == [
+    f"beit_jax: error: --topology='v5e-3' is not a known target; accepted: {plan.ACCEPTED}"
+  ], out.stderr[-2000:]
 
 
 def test_an_mim_config_is_needed():
@@ -127,12 +141,19 @@ def test_an_mim_config_is_needed():
     _plan(c)
 
 
-@pytest.mark.skipif(plan.libtpu_version() is None, reason="libtpu is not installed "
-                    "(requirements-tpu.txt, in a venv of its own)")
+@pytest.mark.skipif(
+  plan.libtpu_version() is None,
+  reason="libtpu is not installed (requirements-tpu.txt, in a venv of its own)",
+)
 def test_compiles_for_a_tpu_slice_with_libtpu():
   target = plan.parse_topology("v5e-4")
-  p = plan.make_plan(_config(batch=8, mesh=dict(data=4, fsdp=1)), target,
-                     plan.tpu_devices(target), compiler="libtpu", stand_in=False)
+  p = plan.make_plan(
+    _config(batch=8, mesh=dict(data=4, fsdp=1)),
+    target,
+    plan.tpu_devices(target),
+    compiler="libtpu",
+    stand_in=False,
+  )
   assert p.mesh == {"slice": 1, "data": 4, "fsdp": 1, "tensor": 1}
   assert p.memory_bytes == 16 * plan.GIB and p.peak_flops == 197e12
   assert p.flops > 0 and p.temp_bytes > 0
@@ -142,22 +163,28 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(monkeypatch):
   """The TPU compiler itself fails a program larger than HBM (seen with libtpu for L/16 at
   batch 2048 without FSDP or remat); the plan reports that as its verdict, not a traceback.
   XLA:CPU never refuses, so its refusal is simulated here with libtpu's message."""
-  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
-             "HLO temporaries (20.81G) exceeds available HBM (15.75G).")
+  message = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+    "HLO temporaries (20.81G) exceeds available HBM (15.75G)."
+  )
 
   def refuse(self, *args, **kwargs):
     raise jax.errors.JaxRuntimeError(message)
+
   monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
   p = _plan(_config())
   assert not p.fits and p.params_bytes > 0 and p.temp_bytes == 0
   text = plan.format_plan(p)
-  assert text.splitlines()[-1] == ("verdict: does not fit (the compiler refused it: Ran out "
-                                   "of memory on HBM, the total memory required for HLO "
-                                   "temporaries (20.81G) exceeds available HBM (15.75G).)")
+  assert text.splitlines()[-1] == (
+    "verdict: does not fit (the compiler refused it: Ran out "
+    "of memory on HBM, the total memory required for HLO "
+    "temporaries (20.81G) exceeds available HBM (15.75G).)"
+  )
   assert "parameters" in text and "FLOPs" not in text
 
   def fail(self, *args, **kwargs):
     raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
   monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
   with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
     _plan(_config())
@@ -174,6 +201,10 @@ def test_accumulation_holds_activations_of_one_micro_batch(base):
   assert p.flops == pytest.approx(whole.flops, rel=0.2)  # XLA's loop body, counted 4 times
   text = plan.format_plan(p)
   assert "(4 per data-parallel shard, in 4 micro-batches of 1)" in text
-  line = re.search(r"^  without accumulation \(optim.accum_steps=1\): total (.*), "
-                   r"temporaries (.*)$", text, re.M)
+  line = re.search(
+    r"^  without accumulation \(optim.accum_steps=1\): total (.*), "
+    r"temporaries (.*)$",
+    text,
+    re.M,
+  )
   assert line, text

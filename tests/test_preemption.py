@@ -1,6 +1,7 @@
 """SIGTERM (a preemption notice) mid-run: every process saves a checkpoint at the same step,
 the run exits 0 with one line saying so, and the same command resumes to the parameters of
 a run never interrupted, bit for bit. That uninterrupted run also shows the MFU a run logs."""
+
 import functools
 import re
 import signal
@@ -11,8 +12,10 @@ import pytest
 from beit_jax.training import checkpoint
 from tests import runs
 
-LINE = (r"^beit_jax: MIM preempted at step (\d+); checkpoint saved in (\S+); rerun the same "
-        r"command to resume$")
+LINE = (
+  r"^beit_jax: MIM preempted at step (\d+); checkpoint saved in (\S+); rerun the same "
+  r"command to resume$"
+)
 REPORT = r"\] \[(\d+)\] grad_norm="  # a step's metrics, as the log writer prints them
 STEPS = 60
 # Checkpoints only at step 1 (orbax's first) and at the end: any other is the preemption's.
@@ -31,9 +34,13 @@ def uninterrupted(tokenizer, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   log = workdir.parent / f"{workdir.name}.stderr"
   with open(log, "w") as f:
-    proc = subprocess.Popen(runs.main_command(workdir, tokenizer, STEPS, *FLAGS),
-                            cwd=runs.ROOT, env=runs.cpu_env(1), stdout=subprocess.DEVNULL,
-                            stderr=f)
+    proc = subprocess.Popen(
+      runs.main_command(workdir, tokenizer, STEPS, *FLAGS),
+      cwd=runs.ROOT,
+      env=runs.cpu_env(1),
+      stdout=subprocess.DEVNULL,
+      stderr=f,
+    )
 
   @functools.cache
   def result():
@@ -41,6 +48,7 @@ def uninterrupted(tokenizer, tmp_path_factory):
     stderr = log.read_text()
     assert proc.returncode == 0, stderr[-3000:]
     return workdir, stderr
+
   yield result
   if proc.poll() is None:  # a test failed before waiting for it
     proc.kill()
@@ -79,8 +87,7 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identical(tokenizer, uninterrupte
   assert max(int(s) for s in re.findall(REPORT, stderr)) <= step  # it stopped there
   assert _checkpoints(workdir)[-1] == step
 
-  rerun = subprocess.run(cmd, cwd=runs.ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+  rerun = subprocess.run(cmd, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"Resumed from step {step}" in rerun.stderr
   assert not re.search(LINE, rerun.stderr, re.M)
@@ -105,12 +112,23 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tokenizer, tmp_p
   steps = 2000  # a notice takes up to a second to reach the coordination service
   workdir = tmp_path / "two"
   port = runs.free_port()
-  cmds = [runs.main_command(workdir, tokenizer, steps, "--config.checkpoint.every_steps=5000",
-                            "--config.images_every_steps=5000",
-                            f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                            f"--process_id={i}") for i in range(2)]
-  with runs.Watched(cmds[0], runs.cpu_env(1)) as first, \
-       runs.Watched(cmds[1], runs.cpu_env(1)) as second:
+  cmds = [
+    runs.main_command(
+      workdir,
+      tokenizer,
+      steps,
+      "--config.checkpoint.every_steps=5000",
+      "--config.images_every_steps=5000",
+      f"--coordinator=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    )
+    for i in range(2)
+  ]
+  with (
+    runs.Watched(cmds[0], runs.cpu_env(1)) as first,
+    runs.Watched(cmds[1], runs.cpu_env(1)) as second,
+  ):
     first.wait_for(REPORT.replace(r"(\d+)", "4"))
     second.proc.send_signal(signal.SIGTERM)
     results = [first.finish(), second.finish()]

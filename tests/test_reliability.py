@@ -1,4 +1,5 @@
 """A bad batch or a bad image must not cost the run (issue: reliability)."""
+
 import dataclasses
 import io
 import json
@@ -39,8 +40,7 @@ class _NanAt:
     batch = next(self._batches)
     self._step += 1
     if self._step in self._steps:
-      batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
-               for k, v in batch.items()}
+      batch = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in batch.items()}
     return batch
 
   def skipped_counts(self):
@@ -51,13 +51,16 @@ class _NanAt:
 def nan_batches(monkeypatch):
   """`nan_batches(steps)`: the runs started afterwards (`runner.run`) get NaN batches at
   `steps`, the fault the bad-step guard must absorb. A test hook: no config field."""
+
   def inject(steps):
     run = runner.run
 
     def run_with_nans(config, workdir, task):
       batches = lambda start: _NanAt(task.batches(start), start, steps)
       return run(config, workdir, dataclasses.replace(task, batches=batches))
+
     monkeypatch.setattr(runner, "run", run_with_nans)
+
   return inject
 
 
@@ -67,6 +70,7 @@ def _params(workdir, step):
 
 def _same(a, b):
   import jax  # pylint: disable=g-import-not-at-top
+
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 

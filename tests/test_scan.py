@@ -1,5 +1,6 @@
 """Scan over layers: the scanned ViT computes what the unscanned one does, and parameters,
 optimizer states, shardings and checkpoints convert between the two layouts."""
+
 import shutil
 import subprocess
 
@@ -19,8 +20,7 @@ from configs import common
 from tests import runs
 from tests.runs import ROOT
 
-_KW = dict(patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64, image_size=32,
-           vocab_size=16)
+_KW = dict(patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64, image_size=32, vocab_size=16)
 
 
 def _inputs():
@@ -30,15 +30,17 @@ def _inputs():
 
 
 def _max_diff(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
-                                                            jax.tree.leaves(b)))
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("extra", [
+@pytest.mark.parametrize(
+  "extra",
+  [
     dict(patch_aggregation_layer=2),
     dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, layer_scale_init=0.0),
     dict(remat=True, remat_policy="dots_saveable", patch_aggregation_layer=3),
-])
+  ],
+)
 def test_scanned_equals_unscanned_outputs_and_gradients(extra):
   images, mask = _inputs()
   plain = vit.VisionTransformer(**_KW, **extra)
@@ -46,7 +48,8 @@ def test_scanned_equals_unscanned_outputs_and_gradients(extra):
   params = plain.init(jax.random.key(0), images, mask)["params"]
   stacked = blocks.stacked(params)
   assert jax.tree.structure(stacked) == jax.tree.structure(
-      jax.eval_shape(scanned.init, jax.random.key(0), images, mask)["params"])
+    jax.eval_shape(scanned.init, jax.random.key(0), images, mask)["params"]
+  )
   assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 3, 32)
 
   kw = dict(return_hidden=(0, 2), return_attention=True)
@@ -62,14 +65,14 @@ def test_scanned_equals_unscanned_outputs_and_gradients(extra):
   def loss(p, model):
     out = model.apply({"params": p}, images, mask)
     return sum(jnp.mean(out[k] ** 2) for k in ("mim_logits", "mim_logits_c") if k in out)
+
   grads = jax.grad(loss)(params, plain)
   assert _max_diff(blocks.stacked(grads), jax.grad(loss)(stacked, scanned)) < 1e-6
 
 
 def test_scanned_init_scales_each_layer_as_unilm():
   """attn/proj and mlp/fc2 start at 0.02 / sqrt(2 * layer_id), layer by layer."""
-  model = vit.VisionTransformer(**dict(_KW, width=128, mlp_dim=256, depth=4),
-                                scan_layers=True)
+  model = vit.VisionTransformer(**dict(_KW, width=128, mlp_dim=256, depth=4), scan_layers=True)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   for name in ("attn/proj", "mlp/fc2"):
     kernel = params["blocks"][name.split("/")[0]][name.split("/")[1]]["kernel"]
@@ -81,8 +84,9 @@ def test_scanned_init_scales_each_layer_as_unilm():
 
 def test_drop_path_under_scan_drops_whole_samples():
   images, _ = _inputs()
-  model = vit.VisionTransformer(**dict(_KW, depth=1), drop_path_rate=0.99, scan_layers=True,
-                                layer_scale_init=0.0)
+  model = vit.VisionTransformer(
+    **dict(_KW, depth=1), drop_path_rate=0.99, scan_layers=True, layer_scale_init=0.0
+  )
   params = model.init(jax.random.key(0), images)["params"]
   # depth 1: linspace(0, rate, 1) gives the only block rate 0, so nothing is dropped
   a = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})
@@ -90,15 +94,20 @@ def test_drop_path_under_scan_drops_whole_samples():
   np.testing.assert_allclose(a["tokens"], b["tokens"], atol=1e-6)
   deep = vit.VisionTransformer(**_KW, drop_path_rate=0.9, scan_layers=True)
   params = deep.init(jax.random.key(0), images)["params"]
-  outs = [deep.apply({"params": params}, images, train=True,
-                     rngs={"dropout": jax.random.key(s)})["tokens"] for s in range(2)]
+  outs = [
+    deep.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(s)})[
+      "tokens"
+    ]
+    for s in range(2)
+  ]
   assert not np.allclose(outs[0], outs[1])  # the rng is used
 
 
 def test_layouts_convert_params_opt_state_and_abstract_trees():
   images, mask = _inputs()
   params = vit.VisionTransformer(**_KW, patch_aggregation_layer=2).init(
-      jax.random.key(0), images, mask)["params"]
+    jax.random.key(0), images, mask
+  )["params"]
   assert blocks.layout(params) == blocks.UNSCANNED
   stacked = blocks.stacked(params)
   assert blocks.layout(stacked) == blocks.SCANNED
@@ -115,11 +124,15 @@ def test_layouts_convert_params_opt_state_and_abstract_trees():
   # Abstract trees keep their shardings, the layer axis unsharded.
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 1, 8, 1), sharding.AXES)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=NamedSharding(mesh, P(*([None] * (x.ndim - 1)),
-                                                                   "fsdp")
-                                                           if x.ndim and x.shape[-1] % 8 == 0
-                                                           else P())), params)
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape,
+      x.dtype,
+      sharding=NamedSharding(
+        mesh, P(*([None] * (x.ndim - 1)), "fsdp") if x.ndim and x.shape[-1] % 8 == 0 else P()
+      ),
+    ),
+    params,
+  )
   up = blocks.stacked(abstract)["blocks"]["mlp"]["fc1"]["kernel"]
   assert up.shape == (3, 32, 64) and up.sharding.spec == P(None, None, "fsdp")
   down = blocks.unstacked(blocks.stacked(abstract))
@@ -128,14 +141,15 @@ def test_layouts_convert_params_opt_state_and_abstract_trees():
 
 def _optim():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(lr=1e-3, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                        weight_decay=0.05, grad_clip=3.0))
+
+  return ml_collections.ConfigDict(
+    dict(lr=1e-3, min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=3.0)
+  )
 
 
 def test_layer_decay_and_fsdp_shardings_of_scanned_params():
   images, _ = _inputs()
-  params = vit.VisionTransformer(**_KW, num_classes=5).init(jax.random.key(0), images)[
-      "params"]
+  params = vit.VisionTransformer(**_KW, num_classes=5).init(jax.random.key(0), images)["params"]
   stacked = blocks.stacked(params)
   plain = optim.layer_decay_scales(params, depth=3, decay=0.65)
   scanned = optim.layer_decay_scales(stacked, depth=3, decay=0.65)
@@ -145,8 +159,9 @@ def test_layer_decay_and_fsdp_shardings_of_scanned_params():
     y = dict((jax.tree_util.keystr(p), v) for p, v in y)[jax.tree_util.keystr(path)]
     np.testing.assert_allclose(np.ravel(x), np.ravel(y), rtol=1e-6)  # [depth, 1, ..]
   mesh = sharding.make_mesh(dict(fsdp=4, tensor=2))
-  shardings = sharding.param_shardings(stacked, mesh, dict(common.sharding_config(),
-                                                           min_size=0), vit.PARAM_AXES)
+  shardings = sharding.param_shardings(
+    stacked, mesh, dict(common.sharding_config(), min_size=0), vit.PARAM_AXES
+  )
   # [depth, 32, 64]: the layer axis whole, then the roles' axes.
   assert shardings["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
   assert shardings["blocks"]["attn"]["qkv"]["kernel"].spec == P(None, "fsdp", None, "tensor")
@@ -163,8 +178,7 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path):
   manager.wait_until_finished()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   want = blocks.stacked(state)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          want)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), want)
   restored, meta = checkpoint.restore_latest(manager, abstract)
   assert meta["step"] == 3
   assert jax.tree.structure(restored) == jax.tree.structure(want)
@@ -184,12 +198,18 @@ def test_an_unscanned_run_resumes_scanned(tmp_path):
   env = runs.cpu_env(1)
   straight, switched = tmp_path / "straight", tmp_path / "switched"
   command = lambda w, *f: runs.main_command(w, tok, 6, "--config.model.drop_path_rate=0", *f)
-  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True,
-                 timeout=600)
+  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
   shutil.copytree(straight, switched)
   shutil.rmtree(switched / "checkpoints" / "6")
-  out = subprocess.run(command(switched, "--config.model.scan_layers=True"), cwd=ROOT,
-                       env=env, check=True, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    command(switched, "--config.model.scan_layers=True"),
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert "Resumed from step 3" in out.stderr
   assert "is unscanned; converted to the run's scanned blocks" in out.stderr
   a = params_lib.read(str(straight))

@@ -1,5 +1,6 @@
 """Segmentation: UperNet shapes, the pixel loss, mmseg's metrics and sliding windows, the
 poly schedule, loading a pretrained backbone, and a tiny run through main."""
+
 import json
 
 import jax
@@ -31,10 +32,12 @@ def tiny_seg_config(**overrides):
   c.log_every_steps = 2
   c.eval_every_steps = 2
   c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
-  c.upernet.update(dict(out_indices=(0, 1, 1, 1), channels=16, aux_channels=16,
-                        norm_groups=8))
-  c.input.update(dict(image_size=48, scale=(256, 64), eval_stride=32, eval_split="validation[:6]",
-                      shuffle_buffer=64))
+  c.upernet.update(dict(out_indices=(0, 1, 1, 1), channels=16, aux_channels=16, norm_groups=8))
+  c.input.update(
+    dict(
+      image_size=48, scale=(256, 64), eval_stride=32, eval_split="validation[:6]", shuffle_buffer=64
+    )
+  )
   c.checkpoint = dict(every_steps=2, keep=2)
   c.update(overrides)
   return c
@@ -46,8 +49,11 @@ def tiny_seg_config(**overrides):
 def test_pyramid_and_logits_of_b16_at_512():
   config = seg_ade20k_base.get_config()
   model = trainer.make_model(config)
-  out, variables = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.zeros((2, 512, 512, 3)), return_pyramid=True))
+  out, variables = jax.eval_shape(
+    lambda: model.init_with_output(
+      jax.random.key(0), jnp.zeros((2, 512, 512, 3)), return_pyramid=True
+    )
+  )
   # Strides 4, 8, 16, 32 of the 512-px image (unilm's fpn1..fpn4 of the 32x32 patch grid).
   assert [p.shape for p in out["pyramid"]] == [(2, 512 // s, 512 // s, 768) for s in (4, 8, 16, 32)]
   assert out["logits"].shape == out["aux_logits"].shape == (2, 512, 512, 150)
@@ -56,7 +62,9 @@ def test_pyramid_and_logits_of_b16_at_512():
   assert sorted(params) == ["auxiliary_head", "backbone", "decode_head", "neck"]
   # Per-block relative position tables of the 32x32 grid.
   assert params["backbone"]["blocks_11"]["attn"]["relative_position_bias_table"].shape == (
-      63 * 63 + 3, 12)
+    63 * 63 + 3,
+    12,
+  )
   assert sorted(params["neck"]) == ["fpn1_deconv0", "fpn1_deconv1", "fpn1_gn", "fpn2_deconv0"]
 
 
@@ -93,13 +101,16 @@ def test_pooling_and_resizing_match_torch(torch):
   nchw = torch.tensor(x).permute(0, 3, 1, 2)
   to_nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
   for out in (1, 2, 3, 6):  # 6 > 5: bins repeat, as torch's
-    np.testing.assert_allclose(seg_model.adaptive_avg_pool(jnp.asarray(x), out),
-                               to_nhwc(torch.nn.functional.adaptive_avg_pool2d(nchw, out)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      seg_model.adaptive_avg_pool(jnp.asarray(x), out),
+      to_nhwc(torch.nn.functional.adaptive_avg_pool2d(nchw, out)),
+      atol=1e-6,
+    )
   for size in ((3, 4), (11, 16)):
     want = torch.nn.functional.interpolate(nchw, size=size, mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(seg_model.resize_bilinear(jnp.asarray(x), size), to_nhwc(want),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      seg_model.resize_bilinear(jnp.asarray(x), size), to_nhwc(want), atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- loss, metrics
@@ -125,8 +136,9 @@ def test_the_loss_ignores_label_255():
 def test_miou_pixel_accuracy_and_class_iou_by_hand():
   labels = np.array([[0, 0, 1, 1], [2, 255, 1, 0]])
   preds = np.array([[0, 1, 1, 1], [0, 2, 2, 0]])
-  conf = segmentation.confusion_update(jnp.zeros((4, 4), jnp.int32), jnp.asarray(preds),
-                                       jnp.asarray(labels))
+  conf = segmentation.confusion_update(
+    jnp.zeros((4, 4), jnp.int32), jnp.asarray(preds), jnp.asarray(labels)
+  )
   # rows: true 0 (3 pixels: 0, 1, 0), true 1 (1, 1, 2), true 2 (0); the 255 pixel nowhere.
   np.testing.assert_array_equal(conf, [[2, 1, 0, 0], [0, 2, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
   metrics, iou = segmentation.segmentation_metrics(np.asarray(conf))
@@ -157,9 +169,16 @@ def _mesh():
 
 def _evaluator(predict, *, crop, stride, classes, flip=False):
   mesh = _mesh()
-  return segmentation.Evaluator(predict, mesh=mesh, params_sharding=sharding.replicated(mesh),
-                                crop=crop, stride=stride, window_batch=8, num_classes=classes,
-                                flip=flip)
+  return segmentation.Evaluator(
+    predict,
+    mesh=mesh,
+    params_sharding=sharding.replicated(mesh),
+    crop=crop,
+    stride=stride,
+    window_batch=8,
+    num_classes=classes,
+    flip=flip,
+  )
 
 
 def test_sliding_window_equals_whole_image_where_one_window_covers_it():
@@ -168,7 +187,8 @@ def test_sliding_window_equals_whole_image_where_one_window_covers_it():
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))["params"]
   rng = np.random.default_rng(0)  # random weights: no init to compile
   params = jax.tree.map(
-      lambda x: jax.device_put((0.2 * rng.normal(size=x.shape)).astype(np.float32)), shapes)
+    lambda x: jax.device_put((0.2 * rng.normal(size=x.shape)).astype(np.float32)), shapes
+  )
   predict = lambda p, w: trainer.predict(p, w, model=model)
   view = np.random.default_rng(0).normal(size=(48, 48, 3)).astype(np.float32)
   evaluator = _evaluator(predict, crop=48, stride=32, classes=11)
@@ -197,8 +217,9 @@ def test_overlapping_windows_average_to_the_whole_image():
   # Scored at the label's size (another one): the mean logits resized (bilinear), softmax,
   # summed over the view and its mirror image (mirrored back).
   probs = np.asarray(evaluator.predict_image(weights, (view,), (30, 91)))
-  want = jax.nn.softmax(seg_model.resize_bilinear(jnp.asarray(view @ np.asarray(weights))[None],
-                                                  (30, 91))[0])
+  want = jax.nn.softmax(
+    seg_model.resize_bilinear(jnp.asarray(view @ np.asarray(weights))[None], (30, 91))[0]
+  )
   assert probs.shape == (64, 128, 4)
   np.testing.assert_allclose(probs[:30, :91], 2 * np.asarray(want), atol=1e-5)
 
@@ -220,8 +241,9 @@ def test_poly_schedule_with_mmcv_warmup():
 
 def test_layer_decay_reaches_the_backbone_only():
   config = tiny_seg_config()
-  params = jax.eval_shape(trainer.make_model(config).init, jax.random.key(0),
-                          jnp.zeros((1, 48, 48, 3)))["params"]
+  params = jax.eval_shape(
+    trainer.make_model(config).init, jax.random.key(0), jnp.zeros((1, 48, 48, 3))
+  )["params"]
   scales = _flat(trainer.layer_decay_scales(params, depth=2, decay=0.5))
   assert scales["backbone/patch_embed/kernel"] == pytest.approx(0.125)
   assert scales["backbone/blocks_0/attn/qkv/kernel"] == pytest.approx(0.25)
@@ -230,11 +252,9 @@ def test_layer_decay_reaches_the_backbone_only():
   task = trainer.make_task(config)  # the poly schedule, the backbone's layer decay
   tx, schedule = task.tx, task.train_step.keywords["schedule"]
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
-  updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p))(
-      zeros)
+  updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p))(zeros)
   updates, lr = _flat(updates), float(schedule(0))
-  np.testing.assert_allclose(updates["backbone/blocks_0/attn/qkv/kernel"], -lr * 0.75 ** 2,
-                             rtol=1e-4)
+  np.testing.assert_allclose(updates["backbone/blocks_0/attn/qkv/kernel"], -lr * 0.75**2, rtol=1e-4)
   np.testing.assert_allclose(updates["decode_head/conv_seg/kernel"], -lr, rtol=1e-4)
 
 
@@ -249,14 +269,16 @@ def test_every_backbone_weight_is_loaded_from_a_pretraining_checkpoint(pretraine
   init = jax.tree.map(lambda x: jax.device_put(np.full(x.shape, 0.5, x.dtype)), shapes)
   loaded = _flat(task.load_params(init))
   init = _flat(init)
-  want_table = relpos.resize_rel_pos_table(source["rel_pos_bias/relative_position_bias_table"],
-                                           (4, 4), (6, 6))
+  want_table = relpos.resize_rel_pos_table(
+    source["rel_pos_bias/relative_position_bias_table"], (4, 4), (6, 6)
+  )
   backbone = [k for k in loaded if k.startswith("backbone/")]
   tables = {f"backbone/blocks_{i}/attn/relative_position_bias_table" for i in range(2)}
-  assert set(backbone) - tables == {f"backbone/{k}" for k in source
-                                    if not k.startswith(("lm_head/", "rel_pos_bias/"))}
+  assert set(backbone) - tables == {
+    f"backbone/{k}" for k in source if not k.startswith(("lm_head/", "rel_pos_bias/"))
+  }
   for name in backbone:
-    inner = name[len("backbone/"):]
+    inner = name[len("backbone/") :]
     if inner.endswith("attn/relative_position_bias_table"):  # shared -> per block, 4x4 -> 6x6
       np.testing.assert_allclose(loaded[name], want_table, rtol=1e-6, err_msg=name)
     else:
@@ -280,5 +302,6 @@ def test_tiny_segmentation_through_main(pretrained, tmp_path):
   best = _flat(params_lib.read(str(workdir / "best")))
   assert best["decode_head/conv_seg/kernel"].shape == (1, 1, 16, 11)
   # Trained from the checkpoint: a few small steps leave the backbone near it.
-  np.testing.assert_allclose(best["backbone/blocks_1/mlp/fc1/kernel"],
-                             source["blocks_1/mlp/fc1/kernel"], atol=0.05)
+  np.testing.assert_allclose(
+    best["backbone/blocks_1/mlp/fc1/kernel"], source["blocks_1/mlp/fc1/kernel"], atol=0.05
+  )

@@ -1,5 +1,6 @@
 """Segmentation data: the embedded digits-on-photos set, training batches, the image-folder
 source and its bad inputs (a one-line ConfigError or a counted skip)."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,8 +27,9 @@ def test_paste_digit_labels_its_stroke_in_its_colour():
   digit[2:6, 3:5] = 255  # a bar
   image, label = np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), np.uint8)
   colour = np.array([250.0, 20.0, 90.0])
-  new_image, new_label = data.paste_digit(image, label, digit, 7, top=4, left=6, side=8,
-                                          colour=colour)
+  new_image, new_label = data.paste_digit(
+    image, label, digit, 7, top=4, left=6, side=8, colour=colour
+  )
   assert not label.any() and not image.any()  # copies
   np.testing.assert_array_equal(new_label[4:12, 6:14], np.where(digit >= 128, 7, 0))
   assert new_label.sum() == 7 * 8
@@ -56,8 +58,16 @@ def test_the_embedded_set_is_deterministic_and_labelled_by_its_pastes():
       k, side = int(rng.integers(len(digits))), int(rng.integers(28, 57))
       top, left = (int(x) for x in rng.integers(0, 96 - side + 1, size=2))
       rng.uniform(), rng.uniform()  # the colour's hue and saturation
-      _, label = data.paste_digit(np.zeros((96, 96, 3), np.uint8), label, digits[k][..., 0],
-                                  int(classes[k]) + 1, top, left, side, np.zeros(3))
+      _, label = data.paste_digit(
+        np.zeros((96, 96, 3), np.uint8),
+        label,
+        digits[k][..., 0],
+        int(classes[k]) + 1,
+        top,
+        left,
+        side,
+        np.zeros(3),
+      )
     np.testing.assert_array_equal(label, labels[i], err_msg=f"image {i}")
 
 
@@ -68,8 +78,9 @@ def test_training_batches_are_crops_with_ignored_padding():
   assert set(np.unique(batch["label"])) <= set(range(11)) | {255}
   assert np.any((batch["label"] > 0) & (batch["label"] < 255))
   # Shrunk (ratio 0.25: 24 px at scale (384, 96)) below the crop: padded with 255 and 0.
-  small = next(data.make_train_iterator(_config(split="validation", ratio_range=(0.25, 0.25)),
-                                        seed=0))
+  small = next(
+    data.make_train_iterator(_config(split="validation", ratio_range=(0.25, 0.25)), seed=0)
+  )
   assert (small["label"][:, 24:, :] == 255).all() and (small["label"][:, :24, :24] != 255).all()
   assert (small["image"][:, 24:] == 0).all()
 
@@ -82,15 +93,21 @@ def _write_pair(root, split, stem, size, label_size=None, value=1):
   (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(len(stem))
   Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(
-      root / "images" / split / f"{stem}.jpg")
+    root / "images" / split / f"{stem}.jpg"
+  )
   label = np.zeros(label_size or size, np.uint8)
   label[: label.shape[0] // 2] = value
   Image.fromarray(label).save(root / "annotations" / split / f"{stem}.png")
 
 
 def _folder_config(root, **overrides):
-  fields = dict(dataset=f"folder:{root}", split="training", eval_split="validation",
-                num_classes=3, reduce_zero_label=True)
+  fields = dict(
+    dataset=f"folder:{root}",
+    split="training",
+    eval_split="validation",
+    num_classes=3,
+    reduce_zero_label=True,
+  )
   return _config(**{**fields, **overrides})
 
 
@@ -115,17 +132,27 @@ def test_a_folder_of_pairs_is_evaluated_with_bad_pairs_counted(tmp_path):
 
   mesh_predict = lambda params, windows: windows[..., :1].repeat(3, -1) * params
   evaluator = segmentation.Evaluator(
-      mesh_predict, mesh=_mesh(), params_sharding=None, crop=32, stride=21, window_batch=8,
-      num_classes=3, flip=False)
+    mesh_predict,
+    mesh=_mesh(),
+    params_sharding=None,
+    crop=32,
+    stride=21,
+    window_batch=8,
+    num_classes=3,
+    flip=False,
+  )
   confusion, pictures, skipped = evaluator.evaluate(np.float32(1.0), eval_data)
-  assert dict(skipped) == {"its label map has another size": 1,
-                           "its label map has a value that is no class": 1}
+  assert dict(skipped) == {
+    "its label map has another size": 1,
+    "its label map has a value that is no class": 1,
+  }
   assert confusion.sum() == 20 * 60  # the top half of a's label; the rest is ignored
   assert len(pictures) == 1 and pictures[0][1].shape == (40, 60)
 
 
 def _mesh():
   from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
+
   return sharding.make_mesh({"data": -1})
 
 
@@ -142,13 +169,21 @@ def test_training_skips_and_counts_pairs_that_do_not_fit(tmp_path):
   assert it.skipped_counts() == {"undecodable": 2}  # both refilled from the good ones
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda root: (root / "annotations" / "training" / "t1.png").unlink(),
-     r"^input.dataset='folder:.*': 1 images have no annotation \(e.g. .*t1.jpg: expected "
-     r".*annotations/training/t1.png\)$"),
-    (lambda root: None, r"^input.eval_split='val' is not a split of .*: images/ holds "
-                        r"\['training', 'validation'\]$"),
-])
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (
+      lambda root: (root / "annotations" / "training" / "t1.png").unlink(),
+      r"^input.dataset='folder:.*': 1 images have no annotation \(e.g. .*t1.jpg: expected "
+      r".*annotations/training/t1.png\)$",
+    ),
+    (
+      lambda root: None,
+      r"^input.eval_split='val' is not a split of .*: images/ holds "
+      r"\['training', 'validation'\]$",
+    ),
+  ],
+)
 def test_folder_errors_are_one_line(tmp_path, make, message):
   for i in range(2):
     _write_pair(tmp_path, "training", f"t{i}", (20, 20))
@@ -163,6 +198,9 @@ def test_embedded_set_checks():
     data.check(_config(num_classes=150))
   with pytest.raises(ConfigError, match=r"^input.eval_split='test' of embedded:digits: split"):
     data.check(_config(eval_split="test"))
-  with pytest.raises(ConfigError, match=r"^input.dataset='embedded:photos' is not a "
-                                        r"segmentation data set"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^input.dataset='embedded:photos' is not a "
+    r"segmentation data set",
+  ):
     data.check(_config(dataset="embedded:photos"))

@@ -1,6 +1,7 @@
 """The code's structure, read from its imports (ast): no cycles, trainers stay apart,
 TensorFlow only in the input pipelines and loaded at first use, every import is pinned and
 every pin imported."""
+
 import ast
 import importlib.metadata
 import pathlib
@@ -17,8 +18,15 @@ PACKAGE = "beit_jax"
 # whether it is installed (importlib.util.find_spec), it never imports it by name.
 # pytest-xdist (and its execnet): the pytest plugin that runs the tests on both cores.
 # jax-cuda12-plugin and -pjrt (requirements-gpu.txt): jax loads them as its CUDA plugin.
-RUNTIME_ONLY = {"jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "pytest-xdist",
-                "execnet", "ruff"}
+RUNTIME_ONLY = {
+  "jaxlib",
+  "libtpu",
+  "jax-cuda12-plugin",
+  "jax-cuda12-pjrt",
+  "pytest-xdist",
+  "execnet",
+  "ruff",
+}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -40,11 +48,10 @@ def _imported(tree: ast.AST, importer: str, is_package: bool, known: set[str]) -
       base = node.module or ""
       if node.level:  # relative: from the importer's package
         anchor = importer.split(".")
-        anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+        anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
         base = ".".join(anchor + ([base] if base else []))
       # `from a import b` imports module a.b if there is one, else a name of a.
-      names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-               for a in node.names]
+      names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
     else:
       continue
     for name in names:
@@ -57,8 +64,10 @@ def _imported(tree: ast.AST, importer: str, is_package: bool, known: set[str]) -
 
 def import_graph(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
   known = set(modules)
-  return {name: _imported(ast.parse(path.read_text()), name, path.name == "__init__.py", known)
-          for name, path in modules.items()}
+  return {
+    name: _imported(ast.parse(path.read_text()), name, path.name == "__init__.py", known)
+    for name, path in modules.items()
+  }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -71,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -96,28 +105,50 @@ def trainer_violations(graph: dict[str, set[str]]) -> list[str]:
     for target in targets:
       if target.startswith(prefix):
         inside = importer.startswith(prefix)
-        bad.append(f"{importer} imports the trainer {target}" if not inside
-                   else f"trainer {importer} imports trainer {target}")
+        bad.append(
+          f"{importer} imports the trainer {target}"
+          if not inside
+          else f"trainer {importer} imports trainer {target}"
+        )
   return sorted(bad)
 
 
 def test_the_checker_sees_cycles_and_trainer_imports():
-  graph = {"beit_jax.a": {"beit_jax.b"}, "beit_jax.b": {"beit_jax.c"},
-           "beit_jax.c": {"beit_jax.a"}, "beit_jax.d": set()}
+  graph = {
+    "beit_jax.a": {"beit_jax.b"},
+    "beit_jax.b": {"beit_jax.c"},
+    "beit_jax.c": {"beit_jax.a"},
+    "beit_jax.d": set(),
+  }
   assert find_cycle(graph) == ["beit_jax.a", "beit_jax.b", "beit_jax.c", "beit_jax.a"]
   assert find_cycle({"beit_jax.a": {"beit_jax.b"}, "beit_jax.b": set()}) is None
-  graph = {"beit_jax.training.visuals": {"beit_jax.trainers.mim"},
-           "beit_jax.trainers.mim": {"beit_jax.trainers.dvae"},
-           "beit_jax.trainers": set(), "beit_jax.main": {"beit_jax.trainers"}}
+  graph = {
+    "beit_jax.training.visuals": {"beit_jax.trainers.mim"},
+    "beit_jax.trainers.mim": {"beit_jax.trainers.dvae"},
+    "beit_jax.trainers": set(),
+    "beit_jax.main": {"beit_jax.trainers"},
+  }
   assert trainer_violations(graph) == [
-      "beit_jax.training.visuals imports the trainer beit_jax.trainers.mim",
-      "trainer beit_jax.trainers.mim imports trainer beit_jax.trainers.dvae"]
-  tree = ast.parse("from beit_jax.data import ops\nimport beit_jax.models.vit\n"
-                   "def f():\n  from beit_jax import trainers\n")
-  known = {"beit_jax", "beit_jax.data", "beit_jax.data.ops", "beit_jax.models",
-           "beit_jax.models.vit", "beit_jax.trainers"}
+    "beit_jax.training.visuals imports the trainer beit_jax.trainers.mim",
+    "trainer beit_jax.trainers.mim imports trainer beit_jax.trainers.dvae",
+  ]
+  tree = ast.parse(
+    "from beit_jax.data import ops\nimport beit_jax.models.vit\n"
+    "def f():\n  from beit_jax import trainers\n"
+  )
+  known = {
+    "beit_jax",
+    "beit_jax.data",
+    "beit_jax.data.ops",
+    "beit_jax.models",
+    "beit_jax.models.vit",
+    "beit_jax.trainers",
+  }
   assert _imported(tree, "beit_jax.x", False, known) == {
-      "beit_jax.data.ops", "beit_jax.models.vit", "beit_jax.trainers"}
+    "beit_jax.data.ops",
+    "beit_jax.models.vit",
+    "beit_jax.trainers",
+  }
 
 
 def test_no_import_cycles():
@@ -138,15 +169,22 @@ _CONFIG_ONLY = (f"{PACKAGE}.errors", f"{PACKAGE}.training.validate")
 
 
 def model_config_violations(graph: dict[str, set[str]]) -> list[str]:
-  return sorted(f"{importer} imports {target}" for importer, targets in graph.items()
-                if importer.startswith(f"{PACKAGE}.models.")
-                for target in targets if target in _CONFIG_ONLY)
+  return sorted(
+    f"{importer} imports {target}"
+    for importer, targets in graph.items()
+    if importer.startswith(f"{PACKAGE}.models.")
+    for target in targets
+    if target in _CONFIG_ONLY
+  )
 
 
 def test_models_raise_no_config_errors():
-  assert model_config_violations({"beit_jax.models.vit": {"beit_jax.errors"},
-                                  "beit_jax.training.model_rules": {"beit_jax.errors"}}) == [
-                                      "beit_jax.models.vit imports beit_jax.errors"]
+  assert model_config_violations(
+    {
+      "beit_jax.models.vit": {"beit_jax.errors"},
+      "beit_jax.training.model_rules": {"beit_jax.errors"},
+    }
+  ) == ["beit_jax.models.vit imports beit_jax.errors"]
   modules = package_modules()
   assert f"{PACKAGE}.models.vit" in modules  # the check looks at the real tree
   assert model_config_violations(import_graph(modules)) == []
@@ -167,11 +205,18 @@ def tf_import_violations(trees: dict[str, ast.AST]) -> list[str]:
   """Imports of TensorFlow outside the input pipelines, or inside them but not lazy."""
   bad = []
   for name, tree in trees.items():
-    lazy = {id(node) for with_ in ast.walk(tree) if isinstance(with_, ast.With)
-            and any(isinstance(i.context_expr, ast.Call)
-                    and isinstance(i.context_expr.func, ast.Attribute)
-                    and i.context_expr.func.attr == "lazy_imports" for i in with_.items)
-            for node in ast.walk(with_)}
+    lazy = {
+      id(node)
+      for with_ in ast.walk(tree)
+      if isinstance(with_, ast.With)
+      and any(
+        isinstance(i.context_expr, ast.Call)
+        and isinstance(i.context_expr.func, ast.Attribute)
+        and i.context_expr.func.attr == "lazy_imports"
+        for i in with_.items
+      )
+      for node in ast.walk(with_)
+    }
     for node in ast.walk(tree):
       if isinstance(node, ast.Import):
         targets = [a.name for a in node.names]
@@ -191,15 +236,17 @@ def tf_import_violations(trees: dict[str, ast.AST]) -> list[str]:
 
 def test_the_checker_sees_tensorflow_imports():
   lazy = "from etils import epy\nwith epy.lazy_imports():\n  import tensorflow as tf\n"
-  trees = {"beit_jax.data.ops": ast.parse(lazy),
-           "beit_jax.data.masking": ast.parse("import tensorflow as tf\n"),
-           "beit_jax.training.runner": ast.parse(
-               "def f():\n  from tensorflow_datasets import core\n"),
-           "beit_jax.models.vit": ast.parse(lazy)}
+  trees = {
+    "beit_jax.data.ops": ast.parse(lazy),
+    "beit_jax.data.masking": ast.parse("import tensorflow as tf\n"),
+    "beit_jax.training.runner": ast.parse("def f():\n  from tensorflow_datasets import core\n"),
+    "beit_jax.models.vit": ast.parse(lazy),
+  }
   assert tf_import_violations(trees) == [
-      "beit_jax.data.masking imports tensorflow at import time, not in epy.lazy_imports()",
-      "beit_jax.models.vit imports tensorflow: only the input pipelines may",
-      "beit_jax.training.runner imports tensorflow_datasets: only the input pipelines may"]
+    "beit_jax.data.masking imports tensorflow at import time, not in epy.lazy_imports()",
+    "beit_jax.models.vit imports tensorflow: only the input pipelines may",
+    "beit_jax.training.runner imports tensorflow_datasets: only the input pipelines may",
+  ]
 
 
 def test_tensorflow_is_loaded_by_the_input_pipelines_only_at_first_use():
@@ -214,8 +261,11 @@ def test_tensorflow_is_loaded_by_the_input_pipelines_only_at_first_use():
 # Who may touch checkpoints on disk with orbax: `params.read` (a checkpoint's params, for a
 # model), `training.checkpoint` (saving, and resuming a run's train state),
 # `evaluation.classification` (its best/ record, written through `checkpoint`'s manager).
-ORBAX_ALLOWED = {f"{PACKAGE}.params.read", f"{PACKAGE}.training.checkpoint",
-                 f"{PACKAGE}.evaluation.classification"}
+ORBAX_ALLOWED = {
+  f"{PACKAGE}.params.read",
+  f"{PACKAGE}.training.checkpoint",
+  f"{PACKAGE}.evaluation.classification",
+}
 # params/'s loaders, which other modules call as `params.<name>` (never imported under
 # another name: that is how a second way to load weights would start).
 _LOADERS = ("read", "cast", "load_into")
@@ -246,19 +296,22 @@ def weight_loading_violations(trees: dict[str, ast.AST]) -> list[str]:
 
 
 def test_the_checker_sees_weight_loading():
-  trees = {"beit_jax.params.read": ast.parse("import orbax.checkpoint as ocp\n"),
-           "beit_jax.visualize": ast.parse("import orbax.checkpoint as ocp\n"),
-           "beit_jax.training.checkpoint": ast.parse(
-               "from beit_jax.params.read import read as load_params\n"),
-           "beit_jax.trainers.mim": ast.parse("from beit_jax.params import load_into\n"),
-           "beit_jax.api": ast.parse("from beit_jax.params import read\n"),
-           "beit_jax.training.runner": ast.parse(
-               "from beit_jax import params\nparams.load_into(t, p)\n")}
+  trees = {
+    "beit_jax.params.read": ast.parse("import orbax.checkpoint as ocp\n"),
+    "beit_jax.visualize": ast.parse("import orbax.checkpoint as ocp\n"),
+    "beit_jax.training.checkpoint": ast.parse(
+      "from beit_jax.params.read import read as load_params\n"
+    ),
+    "beit_jax.trainers.mim": ast.parse("from beit_jax.params import load_into\n"),
+    "beit_jax.api": ast.parse("from beit_jax.params import read\n"),
+    "beit_jax.training.runner": ast.parse("from beit_jax import params\nparams.load_into(t, p)\n"),
+  }
   assert weight_loading_violations(trees) == [
-      "beit_jax.api imports beit_jax.params.read: use beit_jax.params",
-      "beit_jax.trainers.mim imports beit_jax.params.load_into: use beit_jax.params",
-      "beit_jax.training.checkpoint imports beit_jax.params.read: use beit_jax.params",
-      f"beit_jax.visualize imports orbax.checkpoint: only {sorted(ORBAX_ALLOWED)} may"]
+    "beit_jax.api imports beit_jax.params.read: use beit_jax.params",
+    "beit_jax.trainers.mim imports beit_jax.params.load_into: use beit_jax.params",
+    "beit_jax.training.checkpoint imports beit_jax.params.read: use beit_jax.params",
+    f"beit_jax.visualize imports orbax.checkpoint: only {sorted(ORBAX_ALLOWED)} may",
+  ]
 
 
 def test_only_params_loads_checkpoints():
@@ -325,19 +378,36 @@ def test_every_import_is_pinned_and_every_pin_imported():
 
 
 def _ruff(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache",
-                         "--output-format=concise", *args], cwd=cwd, capture_output=True,
-                        text=True, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "ruff", *args, "--no-cache"],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
 
 
 def test_the_linter_sees_an_unused_import(tmp_path):
   (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
   (tmp_path / "bad.py").write_text("import os\n")
-  run = _ruff(".", cwd=tmp_path)
+  run = _ruff("check", "--output-format=concise", ".", cwd=tmp_path)
   assert run.returncode == 1 and "bad.py:1:8: F401" in run.stdout, run.stdout + run.stderr
 
 
 def test_ruff_finds_nothing():
   """The lint rules of pyproject.toml [tool.ruff] over the package, configs and tests."""
-  run = _ruff(".", cwd=ROOT)
+  run = _ruff("check", "--output-format=concise", ".", cwd=ROOT)
+  assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_formatter_sees_single_quotes(tmp_path):
+  (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+  (tmp_path / "bad.py").write_text("x = 'a'\n")
+  run = _ruff("format", "--check", ".", cwd=tmp_path)
+  assert run.returncode == 1 and "bad.py" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_the_code_is_formatted():
+  """`ruff format` (pyproject.toml [tool.ruff.format]) leaves every file as it is."""
+  run = _ruff("format", "--check", ".", cwd=ROOT)
   assert run.returncode == 0, run.stdout + run.stderr

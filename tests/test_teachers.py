@@ -5,6 +5,7 @@ Parity is against randomly initialised HuggingFace models built here from tiny c
 weights by the renaming their sources use. Torch tests skip without torch /
 transformers (`pip install -r requirements-interop.txt`).
 """
+
 import functools
 import json
 
@@ -27,11 +28,25 @@ ATOL = 1e-4
 # The statistics each teacher was trained with (CLIP's from OpenAI, DINO's ImageNet's).
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IN_MEAN, IN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-VISION_TINY = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=DEPTH,
-                   num_attention_heads=HEADS, patch_size=PATCH, image_size=IMAGE)
-TEXT_TINY = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=1,
-                 num_attention_heads=HEADS, vocab_size=64, max_position_embeddings=8,
-                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+VISION_TINY = dict(
+  hidden_size=WIDTH,
+  intermediate_size=MLP,
+  num_hidden_layers=DEPTH,
+  num_attention_heads=HEADS,
+  patch_size=PATCH,
+  image_size=IMAGE,
+)
+TEXT_TINY = dict(
+  hidden_size=WIDTH,
+  intermediate_size=MLP,
+  num_hidden_layers=1,
+  num_attention_heads=HEADS,
+  vocab_size=64,
+  max_position_embeddings=8,
+  bos_token_id=0,
+  eos_token_id=1,
+  pad_token_id=1,
+)
 
 
 def _images01(seed=0, batch=2):
@@ -51,9 +66,12 @@ def _random_params(shapes, seed=0):
   """
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(shapes)
-  return traverse_util.unflatten_dict({
+  return traverse_util.unflatten_dict(
+    {
       path: (rng.normal(0.0, 0.2, s.shape) + (path[-1] == "scale")).astype(np.float32)
-      for path, s in flat.items()})
+      for path, s in flat.items()
+    }
+  )
 
 
 def _assert_one_line(excinfo, *fragments):
@@ -68,12 +86,30 @@ def test_each_teacher_names_its_view_with_the_published_statistics():
   """Normalisation is a view (data/views.py), named by the teacher, not model code."""
   x = _images01()
   for teacher, name, mean, std in [
-      (teachers.clip_teacher(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS,
-                             mlp_dim=MLP, image_size=IMAGE, proj_dim=PROJ),
-       "clip", CLIP_MEAN, CLIP_STD),
-      (teachers.dino_teacher(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS,
-                             mlp_dim=MLP, image_size=IMAGE), "imagenet", IN_MEAN, IN_STD),
-      (teachers.vit_teacher(VIT_KW), "imagenet", IN_MEAN, IN_STD)]:
+    (
+      teachers.clip_teacher(
+        patch_size=PATCH,
+        width=WIDTH,
+        depth=1,
+        num_heads=HEADS,
+        mlp_dim=MLP,
+        image_size=IMAGE,
+        proj_dim=PROJ,
+      ),
+      "clip",
+      CLIP_MEAN,
+      CLIP_STD,
+    ),
+    (
+      teachers.dino_teacher(
+        patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS, mlp_dim=MLP, image_size=IMAGE
+      ),
+      "imagenet",
+      IN_MEAN,
+      IN_STD,
+    ),
+    (teachers.vit_teacher(VIT_KW), "imagenet", IN_MEAN, IN_STD),
+  ]:
     assert teacher.normalization == name
     want = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
     got = _teacher_view(teacher, x)
@@ -82,8 +118,12 @@ def test_each_teacher_names_its_view_with_the_published_statistics():
 
 def _teacher_view(teacher, images01):
   """What the input pipeline gives the teacher: its view's value mapping of [0, 1] pixels."""
-  return np.asarray(views.View(teacher.image_size, "bicubic", teacher.normalization)
-                    .to_model(np.asarray(images01, np.float32)), np.float32)
+  return np.asarray(
+    views.View(teacher.image_size, "bicubic", teacher.normalization).to_model(
+      np.asarray(images01, np.float32)
+    ),
+    np.float32,
+  )
 
 
 def test_default_sizes_are_b16():
@@ -91,8 +131,9 @@ def test_default_sizes_are_b16():
   clip, dino = teachers.clip_teacher(), teachers.dino_teacher()
   for teacher, dim in [(clip, 512), (dino, 768)]:
     assert (teacher.num_patches, teacher.dim, teacher.image_size) == (196, dim, 224)
-    out = jax.eval_shape(teacher.features, teacher.param_shapes(),
-                         jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    out = jax.eval_shape(
+      teacher.features, teacher.param_shapes(), jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    )
     assert out.shape == (2, 196, dim) and out.dtype == jnp.float32
   shapes = jax.tree_util.tree_map(lambda s: s.shape, clip.param_shapes())
   assert shapes["proj"] == (768, 512) and shapes["positional_embedding"] == (197, 768)
@@ -104,18 +145,19 @@ def test_default_sizes_are_b16():
 
 
 def test_features_are_frozen():
-  teacher = teachers.dino_teacher(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS,
-                                  mlp_dim=MLP, image_size=IMAGE)
+  teacher = teachers.dino_teacher(
+    patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS, mlp_dim=MLP, image_size=IMAGE
+  )
   params = _random_params(teacher.param_shapes())
   x = jnp.asarray(_images01())
 
   @jax.jit
   def grads(params, x):
-    frozen = jax.grad(lambda p, im: jnp.sum(teacher.features(p, im) ** 2),
-                      argnums=(0, 1))(params, x)
+    frozen = jax.grad(lambda p, im: jnp.sum(teacher.features(p, im) ** 2), argnums=(0, 1))(
+      params, x
+    )
     # Without the stop_gradient the same function has gradients: the check can fail.
-    raw = jax.grad(lambda im: jnp.sum(teacher.module.apply(
-        {"params": params}, im) ** 2))(x)
+    raw = jax.grad(lambda im: jnp.sum(teacher.module.apply({"params": params}, im) ** 2))(x)
     return frozen, raw
 
   (g_params, g_images), raw = grads(params, x)
@@ -125,23 +167,44 @@ def test_features_are_frozen():
 
 
 def test_wrong_sizes_and_shapes_are_value_errors_naming_them():
-  teacher = teachers.clip_teacher(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS,
-                                  mlp_dim=MLP, image_size=IMAGE, proj_dim=PROJ)
+  teacher = teachers.clip_teacher(
+    patch_size=PATCH,
+    width=WIDTH,
+    depth=1,
+    num_heads=HEADS,
+    mlp_dim=MLP,
+    image_size=IMAGE,
+    proj_dim=PROJ,
+  )
   with pytest.raises(ValueError) as e:
-    jax.eval_shape(teacher.features, teacher.param_shapes(),
-                   jax.ShapeDtypeStruct((1, 2 * IMAGE, 2 * IMAGE, 3), jnp.float32))
-  assert str(e.value).startswith(f"ClipVisionTower: images [1, {2 * IMAGE}, {2 * IMAGE}, 3]: "
-                                 f"expected [B, {IMAGE}, {IMAGE}, 3] (image_size {IMAGE})"), e.value
-  bad = teachers.DinoViT(patch_size=PATCH, width=WIDTH, depth=1, num_heads=WIDTH + 1,
-                         mlp_dim=MLP, image_size=IMAGE)
+    jax.eval_shape(
+      teacher.features,
+      teacher.param_shapes(),
+      jax.ShapeDtypeStruct((1, 2 * IMAGE, 2 * IMAGE, 3), jnp.float32),
+    )
+  assert str(e.value).startswith(
+    f"ClipVisionTower: images [1, {2 * IMAGE}, {2 * IMAGE}, 3]: "
+    f"expected [B, {IMAGE}, {IMAGE}, 3] (image_size {IMAGE})"
+  ), e.value
+  bad = teachers.DinoViT(
+    patch_size=PATCH, width=WIDTH, depth=1, num_heads=WIDTH + 1, mlp_dim=MLP, image_size=IMAGE
+  )
   with pytest.raises(ValueError) as e:
     jax.eval_shape(bad.init, jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))
-  assert str(e.value).startswith(f"DinoViT: width {WIDTH} is not divisible by num_heads "
-                                 f"{WIDTH + 1}"), e.value
+  assert str(e.value).startswith(
+    f"DinoViT: width {WIDTH} is not divisible by num_heads {WIDTH + 1}"
+  ), e.value
 
 
-VIT_KW = dict(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
-              image_size=IMAGE, use_abs_pos_emb=True)
+VIT_KW = dict(
+  patch_size=PATCH,
+  width=WIDTH,
+  depth=DEPTH,
+  num_heads=HEADS,
+  mlp_dim=MLP,
+  image_size=IMAGE,
+  use_abs_pos_emb=True,
+)
 
 
 def _random_vit(seed=0):
@@ -185,8 +248,9 @@ def test_load_teacher_from_beit_jax_checkpoint(tmp_path):
   assert teacher == teachers.vit_teacher(kw, 0)
   with pytest.raises(ConfigError) as e:  # the config's block: checked where it is read
     convert.load_teacher(str(tmp_path / "ckpt"), block=DEPTH)
-  _assert_one_line(e, f"teacher block={DEPTH} must index the {DEPTH} blocks of",
-                   f"{-DEPTH}..{DEPTH - 1}")
+  _assert_one_line(
+    e, f"teacher block={DEPTH} must index the {DEPTH} blocks of", f"{-DEPTH}..{DEPTH - 1}"
+  )
   assert teacher.module.use_abs_pos_emb and teacher.module.depth == DEPTH
   loaded = vit_params.flat(loaded)
   assert loaded.keys() == flat.keys()
@@ -227,9 +291,12 @@ def test_state_dict_errors_name_the_problem():
     convert.dino_params({"cls_token": np.zeros((1, 1, 4))}, "dino.pth")
   _assert_one_line(e, "dino.pth", "not a DINO ViT")
   # A BEiT (unilm) state dict looks like timm's but is not a DINO ViT.
-  beit_like = {"cls_token": np.zeros((1, 1, 64)), "pos_embed": np.zeros((1, 5, 64)),
-               "patch_embed.proj.weight": np.zeros((64, 3, 8, 8)),
-               "blocks.0.attn.q_bias": np.zeros(64)}
+  beit_like = {
+    "cls_token": np.zeros((1, 1, 64)),
+    "pos_embed": np.zeros((1, 5, 64)),
+    "patch_embed.proj.weight": np.zeros((64, 3, 8, 8)),
+    "blocks.0.attn.q_bias": np.zeros(64),
+  }
   with pytest.raises(ConfigError) as e:
     convert.dino_params(beit_like, "beit.pth")
   _assert_one_line(e, "beit.pth", "BEiT")
@@ -255,8 +322,9 @@ def _nchw(torch, images01, mean, std):
 def _hf_clip_features(torch, model, images01):
   """BEiT v2's CLIP target from the torch model: proj(post_layernorm(tokens))[:, 1:]."""
   with torch.no_grad():
-    tokens = model.vision_model(pixel_values=_nchw(torch, images01, CLIP_MEAN, CLIP_STD)
-                                ).last_hidden_state  # [B, N+1, D]
+    tokens = model.vision_model(
+      pixel_values=_nchw(torch, images01, CLIP_MEAN, CLIP_STD)
+    ).last_hidden_state  # [B, N+1, D]
     feats = model.visual_projection(model.vision_model.post_layernorm(tokens[:, 1:]))
   return feats.numpy()
 
@@ -278,8 +346,9 @@ def hf_clip_vision(torch, transformers, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_clip_model(torch, transformers, tmp_path_factory):
-  config = transformers.CLIPConfig(text_config=TEXT_TINY, vision_config=VISION_TINY,
-                                   projection_dim=PROJ)
+  config = transformers.CLIPConfig(
+    text_config=TEXT_TINY, vision_config=VISION_TINY, projection_dim=PROJ
+  )
   model = _randomize(torch, transformers.CLIPModel(config))
   folder = tmp_path_factory.mktemp("clip_model")
   model.save_pretrained(str(folder))
@@ -295,10 +364,26 @@ def hf_dino(torch, transformers, tmp_path_factory):
   return model, str(folder)
 
 
-CLIP_KW = dict(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
-               image_size=IMAGE, proj_dim=PROJ, layer_norm_eps=1e-5, use_quick_gelu=True)
-DINO_KW = dict(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
-               image_size=IMAGE, layer_norm_eps=1e-6)
+CLIP_KW = dict(
+  patch_size=PATCH,
+  width=WIDTH,
+  depth=DEPTH,
+  num_heads=HEADS,
+  mlp_dim=MLP,
+  image_size=IMAGE,
+  proj_dim=PROJ,
+  layer_norm_eps=1e-5,
+  use_quick_gelu=True,
+)
+DINO_KW = dict(
+  patch_size=PATCH,
+  width=WIDTH,
+  depth=DEPTH,
+  num_heads=HEADS,
+  mlp_dim=MLP,
+  image_size=IMAGE,
+  layer_norm_eps=1e-6,
+)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -344,28 +429,36 @@ def test_hf_clip_bin_same_params(torch, hf_clip_vision, tmp_path):
 def _openai_state_dict(hf_sd):
   """OpenAI CLIP's `visual.*` names of a HF CLIP vision state dict (numpy)."""
   h = {k.removeprefix("vision_model."): v for k, v in hf_sd.items()}
-  sd = {"visual.conv1.weight": h["embeddings.patch_embedding.weight"],
-        "visual.class_embedding": h["embeddings.class_embedding"],
-        "visual.positional_embedding": h["embeddings.position_embedding.weight"],
-        "visual.proj": h["visual_projection.weight"].T.copy()}
+  sd = {
+    "visual.conv1.weight": h["embeddings.patch_embedding.weight"],
+    "visual.class_embedding": h["embeddings.class_embedding"],
+    "visual.positional_embedding": h["embeddings.position_embedding.weight"],
+    "visual.proj": h["visual_projection.weight"].T.copy(),
+  }
   for ours, theirs in [("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")]:
     for p in ("weight", "bias"):
       sd[f"visual.{ours}.{p}"] = h[f"{theirs}.{p}"]
   for i in range(DEPTH):
     rb, layer = f"visual.transformer.resblocks.{i}.", f"encoder.layers.{i}."
-    for ours, theirs in [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                         ("attn.out_proj", "self_attn.out_proj"), ("mlp.c_fc", "mlp.fc1"),
-                         ("mlp.c_proj", "mlp.fc2")]:
+    for ours, theirs in [
+      ("ln_1", "layer_norm1"),
+      ("ln_2", "layer_norm2"),
+      ("attn.out_proj", "self_attn.out_proj"),
+      ("mlp.c_fc", "mlp.fc1"),
+      ("mlp.c_proj", "mlp.fc2"),
+    ]:
       for p in ("weight", "bias"):
         sd[f"{rb}{ours}.{p}"] = h[f"{layer}{theirs}.{p}"]
     for p in ("weight", "bias"):
       sd[f"{rb}attn.in_proj_{p}"] = np.concatenate(
-          [h[f"{layer}self_attn.{n}_proj.{p}"] for n in "qkv"])
+        [h[f"{layer}self_attn.{n}_proj.{p}"] for n in "qkv"]
+      )
   return sd
 
 
 def _load_safetensors(folder):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   return load_file(f"{folder}/model.safetensors")
 
 
@@ -374,15 +467,22 @@ def test_openai_layout_same_params_and_features(torch, hf_clip_model, tmp_path):
   want, want_kw = convert.load_hf_clip(folder)
   sd = _openai_state_dict(_load_safetensors(folder))
   # A whole OpenAI CLIP state dict also has a text tower and integer buffers.
-  sd.update({"transformer.resblocks.0.attn.in_proj_weight": np.ones((96, WIDTH), np.float32),
-             "logit_scale": np.float32(4.6), "input_resolution": np.int64(IMAGE)})
+  sd.update(
+    {
+      "transformer.resblocks.0.attn.in_proj_weight": np.ones((96, WIDTH), np.float32),
+      "logit_scale": np.float32(4.6),
+      "input_resolution": np.int64(IMAGE),
+    }
+  )
   params, kw = convert.clip_params(sd, "openai", num_heads=HEADS)
   assert kw == want_kw and params.keys() == want.keys()
   for path in params:
     np.testing.assert_array_equal(params[path], want[path])
   x = _images01(seed=2)
-  assert _max_abs(_features(teachers.clip_teacher, params, kw, x),
-                  _hf_clip_features(torch, model, x)) < ATOL
+  assert (
+    _max_abs(_features(teachers.clip_teacher, params, kw, x), _hf_clip_features(torch, model, x))
+    < ATOL
+  )
 
   tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
   torch.save(tensors, str(tmp_path / "clip.pt"))
@@ -413,8 +513,9 @@ def test_openai_torchscript_archive(torch, hf_clip_vision, tmp_path):
       if not hasattr(module, name):
         module.add_module(name, torch.nn.Module())
       module = getattr(module, name)
-    module.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(value),
-                                                       requires_grad=False))
+    module.register_parameter(
+      leaf, torch.nn.Parameter(torch.from_numpy(value), requires_grad=False)
+    )
   root.register_buffer("input_resolution", torch.tensor(IMAGE))
   torch.jit.script(root).save(str(tmp_path / "ViT-tiny.pt"))
   teacher, params = convert.load_teacher(str(tmp_path / "ViT-tiny.pt"), num_heads=HEADS)
@@ -467,12 +568,17 @@ def test_dino_own_layout_same_params(torch, hf_dino, tmp_path):
     sd[f"norm.{p}"] = h[f"layernorm.{p}"]
     for i in range(DEPTH):
       layer, block = f"encoder.layer.{i}.", f"blocks.{i}."
-      for ours, theirs in [("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-                           ("attn.proj", "attention.output.dense"),
-                           ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]:
+      for ours, theirs in [
+        ("norm1", "layernorm_before"),
+        ("norm2", "layernorm_after"),
+        ("attn.proj", "attention.output.dense"),
+        ("mlp.fc1", "intermediate.dense"),
+        ("mlp.fc2", "output.dense"),
+      ]:
         sd[f"{block}{ours}.{p}"] = h[f"{layer}{theirs}.{p}"]
       sd[f"{block}attn.qkv.{p}"] = np.concatenate(
-          [h[f"{layer}attention.attention.{n}.{p}"] for n in ("query", "key", "value")])
+        [h[f"{layer}attention.attention.{n}.{p}"] for n in ("query", "key", "value")]
+      )
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, str(tmp_path / "dino.pth"))
   params, kw = convert.load_dino(str(tmp_path / "dino.pth"), num_heads=HEADS)
   assert kw == dict(want_kw, layer_norm_eps=1e-6) and params.keys() == want.keys()
@@ -481,9 +587,14 @@ def test_dino_own_layout_same_params(torch, hf_dino, tmp_path):
 
 
 def test_hf_beit_folder_is_not_a_teacher(torch, transformers, tmp_path):
-  config = transformers.BeitConfig(hidden_size=WIDTH, num_hidden_layers=1,
-                                   num_attention_heads=HEADS, intermediate_size=MLP,
-                                   image_size=IMAGE, patch_size=PATCH)
+  config = transformers.BeitConfig(
+    hidden_size=WIDTH,
+    num_hidden_layers=1,
+    num_attention_heads=HEADS,
+    intermediate_size=MLP,
+    image_size=IMAGE,
+    patch_size=PATCH,
+  )
   transformers.BeitModel(config).save_pretrained(str(tmp_path))
   for load in (convert.load_hf_clip, convert.load_hf_dino, convert.load_teacher):
     with pytest.raises(ConfigError) as e:
@@ -501,15 +612,23 @@ def test_hf_beit_folder_is_not_a_teacher(torch, transformers, tmp_path):
 @pytest.mark.parametrize("which", ["clip", "dino"])
 def test_b16_defaults_match_hf_b16(torch, transformers, which):
   """At ViT-B/16 sizes (HF's own init) the inferred fields are the modules' defaults."""
-  b16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-             num_attention_heads=12, patch_size=16, image_size=224)
+  b16 = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    patch_size=16,
+    image_size=224,
+  )
   torch.manual_seed(0)
   if which == "clip":
     model = transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(**b16, projection_dim=512)).eval()
+      transformers.CLIPVisionConfig(**b16, projection_dim=512)
+    ).eval()
   else:
-    model = transformers.ViTModel(transformers.ViTConfig(**b16, layer_norm_eps=1e-6),
-                                  add_pooling_layer=False).eval()
+    model = transformers.ViTModel(
+      transformers.ViTConfig(**b16, layer_norm_eps=1e-6), add_pooling_layer=False
+    ).eval()
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   if which == "clip":  # heads from OpenAI's width / 64 rule
     params, kw = convert.clip_params(convert.hf_clip_to_openai(sd, "b16"), "b16")

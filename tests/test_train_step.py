@@ -1,4 +1,5 @@
 """The MIM train step: loss definition, and sharding that changes nothing but speed."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,11 +50,13 @@ def _two_steps(config, mesh):
 # (mesh, the bounds of the fraction of the parameter bytes one device holds): data parallel
 # holds everything; fsdp and fsdp x tensor about 1/8 (the few weights no axis divides
 # whole); tensor alone halves the matrices the heads, MLP units and vocabulary split.
-LAYOUTS = {"data": (dict(data=8), 1.0, 1.0),
-           "fsdp": (dict(fsdp=8), 0.12, 0.2),
-           "fsdp+tensor": (dict(fsdp=4, tensor=2), 0.12, 0.2),
-           "data+tensor": (dict(data=4, tensor=2), 0.5, 0.7),
-           "2 slices x fsdp+tensor": (dict(slice=2, fsdp=2, tensor=2), 0.24, 0.4)}
+LAYOUTS = {
+  "data": (dict(data=8), 1.0, 1.0),
+  "fsdp": (dict(fsdp=8), 0.12, 0.2),
+  "fsdp+tensor": (dict(fsdp=4, tensor=2), 0.12, 0.2),
+  "data+tensor": (dict(data=4, tensor=2), 0.5, 0.7),
+  "2 slices x fsdp+tensor": (dict(slice=2, fsdp=2, tensor=2), 0.24, 0.4),
+}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -67,15 +70,18 @@ def test_sharded_step_equals_single_device_step(layout):
   sharded, m8, held = _two_steps(config, sharding.make_mesh(mesh_cfg))
   assert low <= held <= high, f"one device holds {held:.3f} of the parameter bytes"
   assert int(sharded.step) == 2
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single.params),
-                          jax.tree.leaves(sharded.params)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(single.params), jax.tree.leaves(sharded.params)
+  ):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   # The step did train: parameters moved away from the initial ones.
   init = mim_step.setup(config, sharding.make_mesh({"data": 1}, jax.devices()[:1])).state
-  moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
-           for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(sharded.params))]
+  moved = [
+    np.abs(np.asarray(a) - np.asarray(b)).max()
+    for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(sharded.params))
+  ]
   assert max(moved) > 0
 
 
@@ -106,9 +112,11 @@ def test_the_step_constrains_activations_to_the_mesh():
   batch_axes = '{"slice", "data", "fsdp"}'
   # The residual stream [B, T, D] (batch split, D whole), per head [B, T, H, hd] (heads
   # over tensor) and the MLP's hidden units [B, T, M] (over tensor).
-  for spec, shape in [(f"[{batch_axes}, {{}}, {{}}]", "8x17x32xf32"),
-                      (f'[{batch_axes}, {{}}, {{"tensor"}}, {{}}]', "8x17x2x16xf32"),
-                      (f'[{batch_axes}, {{}}, {{"tensor"}}]', "8x17x64xf32")]:
+  for spec, shape in [
+    (f"[{batch_axes}, {{}}, {{}}]", "8x17x32xf32"),
+    (f'[{batch_axes}, {{}}, {{"tensor"}}, {{}}]', "8x17x2x16xf32"),
+    (f'[{batch_axes}, {{}}, {{"tensor"}}]', "8x17x64xf32"),
+  ]:
     assert any(spec in line and shape in line for line in constraints), (spec, constraints)
 
 

@@ -1,5 +1,6 @@
 """Every trainer has the `runner.Trainer` protocol: one `make_task` signature, a dict of
 frozen inputs for its train step."""
+
 import inspect
 
 import pytest
@@ -21,14 +22,17 @@ def test_every_trainer_has_the_protocol(name):
   # The step's frozen input is one positional dict, never a default.
   frozen = inspect.signature(trainer.train_step).parameters["frozen"]
   assert list(inspect.signature(trainer.train_step).parameters)[:4] == [
-      "state", "batch", "rng", "frozen"]
+    "state",
+    "batch",
+    "rng",
+    "frozen",
+  ]
   assert frozen.default is inspect.Parameter.empty
 
 
 def test_a_frozen_model_a_trainer_does_not_read_is_an_error():
   assert runner.given_frozen(None, "MIM", "tokenizer") == {}
-  assert runner.given_frozen({"tokenizer": (1, 2)}, "MIM", "tokenizer") == {
-      "tokenizer": (1, 2)}
+  assert runner.given_frozen({"tokenizer": (1, 2)}, "MIM", "tokenizer") == {"tokenizer": (1, 2)}
   with pytest.raises(ValueError, match=r"Fine-tune reads no frozen model named \['teacher'\]"):
     runner.given_frozen({"teacher": (None, None)}, "Fine-tune")
   assert runner.no_prerequisites(None, "/tmp") == []

@@ -1,4 +1,5 @@
 """The VQ-KD tokenizer kind (tokenizers/vqkd.py) and its trainer (trainers/vqkd.py)."""
+
 import copy
 import json
 
@@ -28,7 +29,6 @@ from tests.tiny_vqkd_config import CODE_DIM, CODES, GRID, PATCH, SIZE, TEACHER_D
 from tests.tiny_vqkd_config import tiny_vqkd_config
 
 
-
 def _one_line(excinfo, *fragments):
   msg = str(excinfo.value)
   assert "\n" not in msg, msg
@@ -42,8 +42,7 @@ def _zeros(shapes):
 
 
 def _images(n=3, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, SIZE, SIZE, 3)),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, SIZE, SIZE, 3)), jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,7 @@ def test_registry_entry_round_trip(saved):
   assert tokens.shape == (3, GRID, GRID) and tokens.dtype == jnp.int32
   assert int(tokens.min()) >= 0 and int(tokens.max()) < CODES
   # The same as the model's own lookup.
-  want = vqkd_model.tokenize(params, images,
-                             model=tokenizer.model.clone(image_size=SIZE))
+  want = vqkd_model.tokenize(params, images, model=tokenizer.model.clone(image_size=SIZE))
   np.testing.assert_array_equal(tokens, want)
   # Another image size than the weights': one line naming the field.
   with pytest.raises(ConfigError) as e:
@@ -81,9 +79,16 @@ def test_registry_entry_round_trip(saved):
   _one_line(e, "input.tokenizer_image_size=64", f"{SIZE}x{SIZE}")
 
 
-@pytest.mark.parametrize("field,value", [
-    ("code_dim", 2 * CODE_DIM), ("teacher_dim", 2 * TEACHER_DIM), ("encoder.width", 48),
-    ("decoder.depth", 2), ("patch_size", 4)])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("code_dim", 2 * CODE_DIM),
+    ("teacher_dim", 2 * TEACHER_DIM),
+    ("encoder.width", 48),
+    ("decoder.depth", 2),
+    ("patch_size", 4),
+  ],
+)
 def test_a_size_the_checkpoint_does_not_have_is_one_line(saved, field, value):
   config, _, _, path = saved
   tok = config.tokenizer.copy_and_resolve_references()
@@ -101,6 +106,7 @@ def test_a_size_the_checkpoint_does_not_have_is_one_line(saved, field, value):
 def test_a_kind_the_checkpoint_is_not_is_one_line(saved, tmp_path):
   config, _, _, path = saved
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+
   dvae_tok = tiny_config().tokenizer
   dvae_tok.vocab_size = CODES
   with pytest.raises(ConfigError) as e:
@@ -129,24 +135,31 @@ def test_vocab_size_is_the_codebook_size(saved):
 
 def _vit_teacher_checkpoint(path, width=TEACHER_DIM, image_size=SIZE, seed=None):
   """A beit-jax ViT checkpoint (zeros, or random weights with `seed`) as a teacher."""
-  kw = dict(patch_size=PATCH, width=width, depth=2, num_heads=2, mlp_dim=2 * width,
-            image_size=image_size, use_abs_pos_emb=True)
+  kw = dict(
+    patch_size=PATCH,
+    width=width,
+    depth=2,
+    num_heads=2,
+    mlp_dim=2 * width,
+    image_size=image_size,
+    use_abs_pos_emb=True,
+  )
   model = vit.VisionTransformer(**kw)
-  shapes = jax.eval_shape(model.init, jax.random.key(5),
-                          jnp.zeros((1, image_size, image_size, 3)))
+  shapes = jax.eval_shape(model.init, jax.random.key(5), jnp.zeros((1, image_size, image_size, 3)))
   flat = vit_params.flat(_zeros(shapes["params"]))
   if seed is not None:  # LayerNorm scales 1, the rest N(0, 0.2): features vary with the image
     rng = np.random.default_rng(seed)
-    flat = {k: (np.ones_like(v) if k.endswith("scale") else
-                rng.normal(0, 0.2, v.shape).astype(v.dtype)) for k, v in flat.items()}
+    flat = {
+      k: (np.ones_like(v) if k.endswith("scale") else rng.normal(0, 0.2, v.shape).astype(v.dtype))
+      for k, v in flat.items()
+    }
   vit_params.save(str(path), flat, vit_params.infer_model_kwargs(flat, "test", num_heads=2), "test")
   return str(path)
 
 
 def test_teacher_checks_are_one_line(tmp_path):
   config = tiny_vqkd_config()
-  config.tokenizer.teacher.update(kind="vit", init_from=_vit_teacher_checkpoint(
-      tmp_path / "t16"))
+  config.tokenizer.teacher.update(kind="vit", init_from=_vit_teacher_checkpoint(tmp_path / "t16"))
   teacher, _ = vqkd.load_teacher(config)
   assert teacher.dim == TEACHER_DIM and teacher.normalization == "imagenet"
   assert vqkd.teacher_view(teacher) == View(SIZE, "bicubic", "imagenet")
@@ -187,8 +200,7 @@ def _recipe_config(width=TEACHER_DIM, image_size=SIZE):
   config = tiny_vqkd_config()
   recipe = finetune_tiny_local.get_config("steps=2,batch=8")
   recipe.model.update(dict(width=width, depth=1, num_heads=2, mlp_dim=2 * width))
-  recipe.input.update(dict(dataset="embedded:photos", image_size=image_size,
-                           eval_batch_size=64))
+  recipe.input.update(dict(dataset="embedded:photos", image_size=image_size, eval_batch_size=64))
   recipe.eval_every_steps = 2
   config.tokenizer.teacher.update(dict(kind="vit", recipe=recipe))
   return config
@@ -196,8 +208,9 @@ def _recipe_config(width=TEACHER_DIM, image_size=SIZE):
 
 def test_a_teacher_recipe_that_cannot_fit_stops_before_any_compute(tmp_path):
   for config, fragments in (
-      (_recipe_config(width=24), (f"tokenizer.teacher_dim={TEACHER_DIM}", "width 24")),
-      (_recipe_config(image_size=64), ("recipe.input.image_size=64", "8x8", "4x4"))):
+    (_recipe_config(width=24), (f"tokenizer.teacher_dim={TEACHER_DIM}", "width 24")),
+    (_recipe_config(image_size=64), ("recipe.input.image_size=64", "8x8", "4x4")),
+  ):
     with pytest.raises(ConfigError) as e:
       trainers.run(config, str(tmp_path / "run"))
     _one_line(e, *fragments)
@@ -290,19 +303,35 @@ def test_sharded_step_equals_single_device_step_codebook_included(single):
   # k-means then EMA on 8 devices: the codebook of the whole batch on one.
   np.testing.assert_allclose(cb1["embedding"], cb8["embedding"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(cb1["cluster_size"], cb8["cluster_size"], rtol=1e-5, atol=1e-5)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one.params["params"]),
-                          jax.tree.leaves(eight.params["params"])):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(one.params["params"]),
+    jax.tree.leaves(eight.params["params"]),
+  ):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
   for a, b in zip(m1, m8):
-    for key in ("loss", "cosine_loss", "commitment_loss", "codebook_perplexity",
-                "used_codes", "dead_codes"):
+    for key in (
+      "loss",
+      "cosine_loss",
+      "commitment_loss",
+      "codebook_perplexity",
+      "used_codes",
+      "dead_codes",
+    ):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
   # The codebook did move (k-means, then EMA each step).
   assert not bool(init.params["codebook"]["initted"])
   assert np.abs(init.params["codebook"]["embedding"] - cb8["embedding"]).max() > 0
   assert np.abs(cb8["cluster_size"]).sum() > 0
-  assert {"cosine_loss", "commitment_loss", "codebook_perplexity", "used_codes",
-          "used_fraction", "dead_codes", "dead_fraction", "learning_rate"} <= set(m8[-1])
+  assert {
+    "cosine_loss",
+    "commitment_loss",
+    "codebook_perplexity",
+    "used_codes",
+    "used_fraction",
+    "dead_codes",
+    "dead_fraction",
+    "learning_rate",
+  } <= set(m8[-1])
 
 
 def test_non_finite_step_leaves_codebook_and_params_unchanged(single):
@@ -313,13 +342,15 @@ def test_non_finite_step_leaves_codebook_and_params_unchanged(single):
   good, _ = _run(*single, [_batch(config, 0)])
   both, m = _run(*single, [_batch(config, 0), _batch(config, 1, nan=True)])
   assert m[1]["skipped_steps"] == 1 and m[0]["skipped_steps"] == 0
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(good.params),
-                          jax.tree.leaves(both.params)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(good.params), jax.tree.leaves(both.params)
+  ):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # ...and a good step does change it (the check can fail).
   two, _ = _run(*single, [_batch(config, 0), _batch(config, 1)])
-  assert np.abs(two.params["codebook"]["embedding"]
-                - good.params["codebook"]["embedding"]).max() > 0
+  assert (
+    np.abs(two.params["codebook"]["embedding"] - good.params["codebook"]["embedding"]).max() > 0
+  )
 
 
 def test_optimizer_never_touches_the_codebook():
@@ -343,15 +374,14 @@ def test_restart_option_revives_dead_codes_in_the_step(single):
   batches = [_batch(tiny_vqkd_config(), s) for s in range(2)]
   # With 8 x 16 patches for 32 codes, every code is below a threshold of 1e3.
   off, m_off = _run(*single, batches)
-  on, m_on = _steps(tiny_vqkd_config(dead_threshold=1e3, restart_dead_codes=True), mesh,
-                    batches)
+  on, m_on = _steps(tiny_vqkd_config(dead_threshold=1e3, restart_dead_codes=True), mesh, batches)
   assert "restarted_codes" not in m_off[-1]
   assert m_on[-1]["restarted_codes"] == CODES  # all dead: all restarted
   assert m_on[-1]["dead_codes"] == CODES  # counted before the restart
-  assert np.abs(on.params["codebook"]["embedding"]
-                - off.params["codebook"]["embedding"]).max() > 0
-  np.testing.assert_allclose(np.linalg.norm(on.params["codebook"]["embedding"], axis=-1),
-                             1.0, atol=1e-5)
+  assert np.abs(on.params["codebook"]["embedding"] - off.params["codebook"]["embedding"]).max() > 0
+  np.testing.assert_allclose(
+    np.linalg.norm(on.params["codebook"]["embedding"], axis=-1), 1.0, atol=1e-5
+  )
   assert float(on.params["codebook"]["cluster_size"].min()) >= 1e3 * 0.99
 
 
@@ -362,6 +392,7 @@ def _scalars(workdir):
   """tag -> values of the scalars clu wrote (TF2 summaries are stored as tensors)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
   acc.Reload()
   out = {}
@@ -375,8 +406,9 @@ def _scalars(workdir):
 @pytest.mark.slow
 def test_tiny_run_through_main_learns_and_leaves_pictures(tmp_path):
   config = tiny_vqkd_config(total_steps=30)
-  config.tokenizer.teacher.update(kind="vit", init_from=_vit_teacher_checkpoint(
-      tmp_path / "teacher", seed=0))
+  config.tokenizer.teacher.update(
+    kind="vit", init_from=_vit_teacher_checkpoint(tmp_path / "teacher", seed=0)
+  )
   config.update(dict(log_every_steps=5, images_every_steps=30))
   config.optim.update(lr=2e-3, warmup_steps=4)
   metrics = main.run(config, str(tmp_path / "run"))
@@ -385,8 +417,7 @@ def test_tiny_run_through_main_learns_and_leaves_pictures(tmp_path):
   cos = logged["cosine_loss"]
   assert len(cos) >= 6 and all(np.isfinite(cos)) and all(np.isfinite(logged["commitment_loss"]))
   assert np.mean(cos[-2:]) < 0.8 * cos[0], cos
-  for key in ("codebook_perplexity", "used_codes", "dead_codes", "dead_fraction",
-              "learning_rate"):
+  for key in ("codebook_perplexity", "used_codes", "dead_codes", "dead_fraction", "learning_rate"):
     assert key in logged, key
   pngs = sorted(p.name for p in (tmp_path / "run" / "images").iterdir())
   assert any(p.startswith("vqkd_token_maps_") for p in pngs), pngs
@@ -401,15 +432,16 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   argument; the MIM run validates with a 'vqkd' tokenizer and would train it first."""
   from beit_jax.trainers import mim  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+
   vq_config, tokenizer, params, path = saved
   config = tiny_config()
   common.set_tokenizer(config, vq_config.copy_and_resolve_references())
   trainers.validate_config(config)
-  (stage, stage_dir), = mim.prerequisites(config, "/tmp/w")
+  ((stage, stage_dir),) = mim.prerequisites(config, "/tmp/w")
   assert stage.trainer == "vqkd" and stage_dir == "/tmp/w/tokenizer"
   # Stage 1 is the recipe as it is: its own crops, not the MIM run's.
   config.input.update(dict(crop_scale=(0.2, 1.0), color_jitter=0.4))
-  (stage, _), = mim.prerequisites(config, "/tmp/w")
+  ((stage, _),) = mim.prerequisites(config, "/tmp/w")
   assert stage.to_dict() == vq_config.to_dict()
   assert (stage.input.crop_scale, stage.input.color_jitter) == ((0.08, 1.0), 0.0)
   trainers.validate_config(stage)
@@ -421,20 +453,26 @@ def test_a_mim_step_tokenizes_with_vqkd(saved):
   # ... and checked where the link is gone (a config read back from a workdir's JSON).
   read_back = ml_collections.ConfigDict(json.loads(config.to_json()))
   read_back.tokenizer.recipe.tokenizer.encoder.depth = 2
-  with pytest.raises(ConfigError, match=r"^tokenizer.encoder.depth=1 but "
-                     r"tokenizer.recipe.tokenizer.encoder.depth=2: "):
+  with pytest.raises(
+    ConfigError,
+    match=r"^tokenizer.encoder.depth=1 but "
+    r"tokenizer.recipe.tokenizer.encoder.depth=2: ",
+  ):
     mim.prerequisites(read_back, "/tmp/w")
   tokenizer, tok_params = tokenizers.load(config.tokenizer, path)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  built = runner.setup(config, mim.make_task(config, frozen={"tokenizer": (tokenizer,
-                                                                            tok_params)}), mesh)
+  built = runner.setup(
+    config, mim.make_task(config, frozen={"tokenizer": (tokenizer, tok_params)}), mesh
+  )
   rng = np.random.default_rng(0)
   b = config.input.batch_size
   mask = np.zeros((b, GRID * GRID), bool)
   mask[:, :5] = True
-  batch = {"image": rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32),
-           "tokenizer_image": rng.uniform(-1, 1, (b, SIZE, SIZE, 3)).astype(np.float32),
-           "mask": mask}
+  batch = {
+    "image": rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32),
+    "tokenizer_image": rng.uniform(-1, 1, (b, SIZE, SIZE, 3)).astype(np.float32),
+    "mask": mask,
+  }
   _, m = built.step(built.state, sharding.host_to_global(batch, mesh), built.frozen)
   assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
 
@@ -447,6 +485,7 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
   from beit_jax.training import visuals  # pylint: disable=g-import-not-at-top
   from beit_jax.training import mim_objective  # pylint: disable=g-import-not-at-top
   from tests.tiny_config import tiny_config  # pylint: disable=g-import-not-at-top
+
   vq_config, _, tok_params, _ = saved
   config = tiny_config()
   config.tokenizer = vq_config.tokenizer.copy_and_resolve_references()
@@ -459,11 +498,18 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
     checkpoint.save_params(str(path), p)
     (path / "config.json").write_text(config.to_json_best_effort())
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).save(
-      tmp_path / "x.png")
+    tmp_path / "x.png"
+  )
   out = tmp_path / "out"
-  visualize.run(checkpoint_dir=str(root), tokenizer_dir=str(root / "tokenizer"),
-                images=str(tmp_path / "x.png"), out=str(out), layers="0,1", heads="0")
-  cell = (SIZE * 4 + 2)  # 4x enlarged cells and visuals.image_grid's 2-pixel gap
+  visualize.run(
+    checkpoint_dir=str(root),
+    tokenizer_dir=str(root / "tokenizer"),
+    images=str(tmp_path / "x.png"),
+    out=str(out),
+    layers="0,1",
+    heads="0",
+  )
+  cell = SIZE * 4 + 2  # 4x enlarged cells and visuals.image_grid's 2-pixel gap
   attention = np.asarray(Image.open(out / "x_attention_r2c2.png"))
   top, left = visuals.label_margins(["head 0", "mean"], ["layer 0", "layer 1"], cell)
   # Head 0 and the mean; layers 0 and 1; the label margins.
@@ -476,15 +522,18 @@ def test_visualize_takes_a_v2_run_and_its_vqkd_tokenizer(saved, tmp_path):
 
 def test_the_pipeline_gives_both_views_of_one_crop():
   from beit_jax.data import pretrain  # pylint: disable=g-import-not-at-top
+
   config = tiny_vqkd_config()
   own = tokenizers.view(config)
   teacher = View(SIZE, "bicubic", "clip")
-  both = next(pretrain.make_tokenizer_iterator(
-      config, {"image": own, "teacher_image": teacher}, seed=0))
+  both = next(
+    pretrain.make_tokenizer_iterator(config, {"image": own, "teacher_image": teacher}, seed=0)
+  )
   alone = next(pretrain.make_tokenizer_iterator(config, own, seed=0))
   assert set(both) == {"image", "teacher_image"} and set(alone) == {"image"}
   np.testing.assert_array_equal(both["image"], alone["image"])  # a View is {"image": it}
   assert both["image"].min() >= -1 - 1e-6 and both["image"].min() < -0.5
   # The same crop and flip, in the two value mappings.
-  np.testing.assert_allclose(own.to_pixels(both["image"]), teacher.to_pixels(
-      both["teacher_image"]), atol=1e-5)
+  np.testing.assert_allclose(
+    own.to_pixels(both["image"]), teacher.to_pixels(both["teacher_image"]), atol=1e-5
+  )

@@ -1,4 +1,5 @@
 """A seconds-sized version of configs/beit_tiny_local.py for tests."""
+
 from configs import beit_tiny_local
 
 
@@ -9,8 +10,9 @@ def tiny_config(**input_overrides):
   c.log_every_steps = 2
   c.images_every_steps = 100
   c.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
-  c.input.update(dict(image_size=32, tokenizer_image_size=32, embedded_epoch_size=64,
-                      shuffle_buffer=64))
+  c.input.update(
+    dict(image_size=32, tokenizer_image_size=32, embedded_epoch_size=64, shuffle_buffer=64)
+  )
   c.input.mask.update(dict(num_masking_patches=6, min_num_patches=2))
   c.input.update(input_overrides)
   c.tokenizer.update(dict(vocab_size=64, n_hid=8, n_init=16))
@@ -32,6 +34,7 @@ def get_config(arg=None):
 def tiny_finetune_config(**overrides):
   """configs/finetune_tiny_local.py with the model of `tiny_config` (its checkpoints fit)."""
   from configs import finetune_tiny_local  # pylint: disable=g-import-not-at-top
+
   c = finetune_tiny_local.get_config("steps=6,batch=8")
   c.log_every_steps = 2
   c.eval_every_steps = 3

@@ -4,6 +4,7 @@ are jitted on it, as the VQ-KD trainer's step runs them.
 
   python -m tests.two_process_codebook PORT PROCESS_ID OUT.npz
 """
+
 import sys
 
 import jax
@@ -24,8 +25,12 @@ def main(port: str, process_id: str, out: str) -> None:
   codes_g = jax.make_array_from_process_local_data(batch, np.asarray(codes)[mine])
   results = codebook_case.run_all(codebook_case.sharded(mesh), state, z_g, codes_g, key)
   if jax.process_index() == 0:
-    np.savez(out, **{k: np.asarray(jax.device_get(v), np.float32)
-                     for k, v in codebook_case.flat(results).items()})
+    np.savez(
+      out,
+      **{
+        k: np.asarray(jax.device_get(v), np.float32) for k, v in codebook_case.flat(results).items()
+      },
+    )
   jax.distributed.shutdown()
 
 

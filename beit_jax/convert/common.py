@@ -1,4 +1,5 @@
 """What every converter shares: reading torch / safetensors files safely, key checks."""
+
 import argparse
 import json
 from typing import Any, Iterable
@@ -40,6 +41,7 @@ class PickledModule:
   Lets a pickled module (OpenAI's `encoder.pkl`) be read without the package that
   defined it and without unpickling arbitrary code.
   """
+
   pickled_name: str = ""
 
   def __setstate__(self, state: dict) -> None:
@@ -78,21 +80,24 @@ def load_torch(path: str, what: str, module_classes: Iterable[str] = ()) -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ConfigError(f"reading {what} needs torch: "
-                      "pip install -r requirements-interop.txt") from None
+    raise ConfigError(
+      f"reading {what} needs torch: pip install -r requirements-interop.txt"
+    ) from None
   # unilm checkpoints also pickle their argparse arguments.
   safe = [argparse.Namespace] + [(_stand_in(n), n) for n in module_classes]
   try:
     with torch.serialization.safe_globals(safe):
       return torch.load(str(p), map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f"{what} cannot be read as a PyTorch checkpoint of that kind "
-                      f"({first_line(e)})") from None
+    raise ConfigError(
+      f"{what} cannot be read as a PyTorch checkpoint of that kind ({first_line(e)})"
+    ) from None
 
 
 def tensors_to_numpy(tree: dict[str, Any], what: str) -> StateDict:
   """A flat dict of torch tensors -> float32 (or integer) numpy arrays."""
   import torch  # pylint: disable=g-import-not-at-top
+
   out = {}
   for key, value in tree.items():
     if not isinstance(value, torch.Tensor):
@@ -112,14 +117,15 @@ def load_safetensors(path: str, what: str) -> StateDict:
   try:
     sd = load_file(str(p))
   except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f"{what} is not a safetensors file numpy can read "
-                      f"({first_line(e)})") from None
-  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
-          for k, v in sd.items()}
+    raise ConfigError(
+      f"{what} is not a safetensors file numpy can read ({first_line(e)})"
+    ) from None
+  return {
+    k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in sd.items()
+  }
 
 
-def check_keys(what: str, *, missing: Iterable[str] = (),
-               unexpected: Iterable[str] = ()) -> None:
+def check_keys(what: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = ()) -> None:
   """One ConfigError naming every missing and unexpected key."""
   missing, unexpected = set(missing), set(unexpected)
   parts = []
@@ -143,6 +149,7 @@ def ensure_new_dir(path: str, what: str) -> epath.Path:
 def read_hf_weights(folder: epath.Path, what: str) -> StateDict:
   """A save_pretrained folder's model.safetensors or pytorch_model.bin, either possibly
   sharded (*.index.json)."""
+
   def bin_(path):
     return tensors_to_numpy(load_torch(path, f"HF weights {path}"), f"HF weights {path}")
 

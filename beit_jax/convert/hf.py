@@ -10,6 +10,7 @@ Key names: `save_pretrained` writes the long-standing names
 transformers 5 uses shorter ones in memory (`beit.layers.0.attention.q_proj.weight`),
 which a `torch.save(model.state_dict())` file has. Both are read; the former is written.
 """
+
 import functools
 import json
 import re
@@ -23,53 +24,73 @@ from beit_jax.convert import unilm
 from beit_jax.errors import ConfigError
 
 MIM, CLASSIFICATION, BASE = (
-    "BeitForMaskedImageModeling", "BeitForImageClassification", "BeitModel")
+  "BeitForMaskedImageModeling",
+  "BeitForImageClassification",
+  "BeitModel",
+)
 _LN_EPS = 1e-6  # beit-jax's (unilm's); HF's BEiT default is 1e-12
 
 # transformers >= 5 in-memory names -> saved names (first match wins).
-_RENAMED_IN_V5 = [(re.compile(a), b) for a, b in [
-    (r"^beit\.layers\.(\d+)\.relative_position_bias\.",
-     r"beit.encoder.layer.\1.attention.attention.relative_position_bias."),
-    (r"^beit\.layers\.(\d+)\.attention\.q_proj\.",
-     r"beit.encoder.layer.\1.attention.attention.query."),
-    (r"^beit\.layers\.(\d+)\.attention\.k_proj\.",
-     r"beit.encoder.layer.\1.attention.attention.key."),
-    (r"^beit\.layers\.(\d+)\.attention\.v_proj\.",
-     r"beit.encoder.layer.\1.attention.attention.value."),
-    (r"^beit\.layers\.(\d+)\.attention\.o_proj\.",
-     r"beit.encoder.layer.\1.attention.output.dense."),
+_RENAMED_IN_V5 = [
+  (re.compile(a), b)
+  for a, b in [
+    (
+      r"^beit\.layers\.(\d+)\.relative_position_bias\.",
+      r"beit.encoder.layer.\1.attention.attention.relative_position_bias.",
+    ),
+    (
+      r"^beit\.layers\.(\d+)\.attention\.q_proj\.",
+      r"beit.encoder.layer.\1.attention.attention.query.",
+    ),
+    (
+      r"^beit\.layers\.(\d+)\.attention\.k_proj\.",
+      r"beit.encoder.layer.\1.attention.attention.key.",
+    ),
+    (
+      r"^beit\.layers\.(\d+)\.attention\.v_proj\.",
+      r"beit.encoder.layer.\1.attention.attention.value.",
+    ),
+    (
+      r"^beit\.layers\.(\d+)\.attention\.o_proj\.",
+      r"beit.encoder.layer.\1.attention.output.dense.",
+    ),
     (r"^beit\.layers\.(\d+)\.mlp\.fc1\.", r"beit.encoder.layer.\1.intermediate.dense."),
     (r"^beit\.layers\.(\d+)\.mlp\.fc2\.", r"beit.encoder.layer.\1.output.dense."),
     (r"^beit\.layers\.(\d+)\.", r"beit.encoder.layer.\1."),
     (r"^beit\.shared_position_bias\.", "beit.encoder.relative_position_bias."),
-]]
+  ]
+]
 
 # (HF name, unilm name); {i} block, {p} weight|bias, {t} table|index, {n} 1|2.
 _PAIRS = [
-    ("beit.embeddings.cls_token", "cls_token"),
-    ("beit.embeddings.mask_token", "mask_token"),
-    ("beit.embeddings.position_embeddings", "pos_embed"),
-    ("beit.embeddings.patch_embeddings.projection.{p}", "patch_embed.proj.{p}"),
-    ("beit.encoder.relative_position_bias.{t}", "rel_pos_bias.{t}"),
-    ("beit.encoder.layer.{i}.layernorm_before.{p}", "blocks.{i}.norm1.{p}"),
-    ("beit.encoder.layer.{i}.layernorm_after.{p}", "blocks.{i}.norm2.{p}"),
-    ("beit.encoder.layer.{i}.attention.attention.query.bias", "blocks.{i}.attn.q_bias"),
-    ("beit.encoder.layer.{i}.attention.attention.value.bias", "blocks.{i}.attn.v_bias"),
-    ("beit.encoder.layer.{i}.attention.attention.relative_position_bias.{t}",
-     "blocks.{i}.attn.{t}"),
-    ("beit.encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.proj.{p}"),
-    ("beit.encoder.layer.{i}.intermediate.dense.{p}", "blocks.{i}.mlp.fc1.{p}"),
-    ("beit.encoder.layer.{i}.output.dense.{p}", "blocks.{i}.mlp.fc2.{p}"),
-    ("beit.encoder.layer.{i}.lambda_{n}", "blocks.{i}.gamma_{n}"),
-    ("beit.pooler.layernorm.{p}", "fc_norm.{p}"),
-    ("classifier.{p}", "head.{p}"),
-    ("lm_head.{p}", "lm_head.{p}"),
+  ("beit.embeddings.cls_token", "cls_token"),
+  ("beit.embeddings.mask_token", "mask_token"),
+  ("beit.embeddings.position_embeddings", "pos_embed"),
+  ("beit.embeddings.patch_embeddings.projection.{p}", "patch_embed.proj.{p}"),
+  ("beit.encoder.relative_position_bias.{t}", "rel_pos_bias.{t}"),
+  ("beit.encoder.layer.{i}.layernorm_before.{p}", "blocks.{i}.norm1.{p}"),
+  ("beit.encoder.layer.{i}.layernorm_after.{p}", "blocks.{i}.norm2.{p}"),
+  ("beit.encoder.layer.{i}.attention.attention.query.bias", "blocks.{i}.attn.q_bias"),
+  ("beit.encoder.layer.{i}.attention.attention.value.bias", "blocks.{i}.attn.v_bias"),
+  ("beit.encoder.layer.{i}.attention.attention.relative_position_bias.{t}", "blocks.{i}.attn.{t}"),
+  ("beit.encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.proj.{p}"),
+  ("beit.encoder.layer.{i}.intermediate.dense.{p}", "blocks.{i}.mlp.fc1.{p}"),
+  ("beit.encoder.layer.{i}.output.dense.{p}", "blocks.{i}.mlp.fc2.{p}"),
+  ("beit.encoder.layer.{i}.lambda_{n}", "blocks.{i}.gamma_{n}"),
+  ("beit.pooler.layernorm.{p}", "fc_norm.{p}"),
+  ("classifier.{p}", "head.{p}"),
+  ("lm_head.{p}", "lm_head.{p}"),
 ]
 # The final LayerNorm: BeitForMaskedImageModeling's own, else BeitModel's.
 _MIM_NORM, _MODEL_NORM = ("layernorm.{p}", "norm.{p}"), ("beit.layernorm.{p}", "norm.{p}")
 _QKV = ("beit.encoder.layer.{i}.attention.attention.{qkv}.weight", "blocks.{i}.attn.qkv.weight")
-_FIELDS = {"i": r"\d+", "p": "weight|bias", "n": "1|2", "qkv": "query|key|value",
-           "t": "relative_position_bias_table|relative_position_index"}
+_FIELDS = {
+  "i": r"\d+",
+  "p": "weight|bias",
+  "n": "1|2",
+  "qkv": "query|key|value",
+  "t": "relative_position_bias_table|relative_position_index",
+}
 
 
 @functools.cache
@@ -91,7 +112,7 @@ def _translate(key: str, pairs, src: int) -> str | None:
 
 def hf_name(key: str, arch: str = MIM) -> str:
   """The HF name of a unilm key (messages, export); the fused qkv names all three."""
-  if (m := _regex(_QKV[1]).fullmatch(key)):
+  if m := _regex(_QKV[1]).fullmatch(key):
     return _QKV[0].format(i=m["i"], qkv="{query,key,value}")
   norm = _MIM_NORM if arch == MIM else _MODEL_NORM
   return _translate(key, _PAIRS + [norm], 1) or key
@@ -112,25 +133,35 @@ def to_unilm(sd: common.StateDict, what: str) -> tuple[common.StateDict, str]:
         key = pattern.sub(repl, key)
         break
     renamed[key] = value
-  arch = (MIM if "lm_head.weight" in renamed else
-          CLASSIFICATION if "classifier.weight" in renamed else BASE)
+  arch = (
+    MIM
+    if "lm_head.weight" in renamed
+    else CLASSIFICATION
+    if "classifier.weight" in renamed
+    else BASE
+  )
   if "layernorm.weight" in renamed and "beit.layernorm.weight" in renamed:
-    raise ConfigError(f"{what} applies two final LayerNorms (beit.layernorm and "
-                      "layernorm: use_mean_pooling=False with a MIM head); beit-jax has one")
+    raise ConfigError(
+      f"{what} applies two final LayerNorms (beit.layernorm and "
+      "layernorm: use_mean_pooling=False with a MIM head); beit-jax has one"
+    )
   if arch == BASE and "beit.pooler.layernorm.weight" in renamed:
-    raise ConfigError(f"{what} is a BeitModel with use_mean_pooling=True: it has no final "
-                      "LayerNorm for a headless beit-jax model; convert the "
-                      "BeitForImageClassification it came from")
+    raise ConfigError(
+      f"{what} is a BeitModel with use_mean_pooling=True: it has no final "
+      "LayerNorm for a headless beit-jax model; convert the "
+      "BeitForImageClassification it came from"
+    )
   out, qkv = {}, {}
   for key, value in renamed.items():
-    if (m := _regex(_QKV[0]).fullmatch(key)):
+    if m := _regex(_QKV[0]).fullmatch(key):
       qkv.setdefault(int(m["i"]), {})[m["qkv"]] = (key, value)
       continue
     out[_translate(key, _PAIRS + [_MIM_NORM, _MODEL_NORM], 0) or key] = value
   for i, parts in qkv.items():
     if len(parts) == 3:
       out[_QKV[1].format(i=i)] = np.concatenate(
-          [parts[n][1] for n in ("query", "key", "value")], axis=0)
+        [parts[n][1] for n in ("query", "key", "value")], axis=0
+      )
     else:  # the missing ones are reported under the fused key's HF name
       out.update({key: value for key, value in parts.values()})
   return out, arch
@@ -139,8 +170,9 @@ def to_unilm(sd: common.StateDict, what: str) -> tuple[common.StateDict, str]:
 def _square(value: Any, field: str, what: str) -> int:
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
-      raise ConfigError(f"{what}: config {field}={value} is not square; beit-jax needs "
-                        "square images and patches")
+      raise ConfigError(
+        f"{what}: config {field}={value} is not square; beit-jax needs square images and patches"
+      )
     value = value[0]
   return int(value)
 
@@ -158,22 +190,33 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   what = f"HF folder {path}"
   sd_hf, config = read_folder(path)
   if config.get("hidden_act", "gelu") != "gelu":
-    raise ConfigError(f"{what}: hidden_act={config['hidden_act']!r}; beit-jax uses exact "
-                      "GELU ('gelu')")
+    raise ConfigError(
+      f"{what}: hidden_act={config['hidden_act']!r}; beit-jax uses exact GELU ('gelu')"
+    )
   if config.get("num_channels", 3) != 3:
     raise ConfigError(f"{what}: num_channels={config['num_channels']}; beit-jax takes RGB")
   eps = config.get("layer_norm_eps", 1e-12)
   if eps != _LN_EPS:
-    logging.warning("%s: layer_norm_eps=%g but beit-jax uses %g (unilm's); outputs "
-                    "differ slightly from this HF model's", what, eps, _LN_EPS)
+    logging.warning(
+      "%s: layer_norm_eps=%g but beit-jax uses %g (unilm's); outputs "
+      "differ slightly from this HF model's",
+      what,
+      eps,
+      _LN_EPS,
+    )
   sd, arch = to_unilm(sd_hf, what)
   patch = _square(config.get("patch_size", 16), "patch_size", what)
   if "patch_embed.proj.weight" in sd and sd["patch_embed.proj.weight"].shape[-1] != patch:
-    raise ConfigError(f"{what}: config patch_size={patch} but the patch embedding is "
-                      f"{sd['patch_embed.proj.weight'].shape[-1]} wide")
+    raise ConfigError(
+      f"{what}: config patch_size={patch} but the patch embedding is "
+      f"{sd['patch_embed.proj.weight'].shape[-1]} wide"
+    )
   kw = unilm.infer_model_kwargs(
-      sd, what, num_heads=config.get("num_attention_heads"),
-      image_size=_square(config.get("image_size", 224), "image_size", what))
+    sd,
+    what,
+    num_heads=config.get("num_attention_heads"),
+    image_size=_square(config.get("image_size", 224), "image_size", what),
+  )
   return unilm.to_params(sd, kw, what, name=lambda k: hf_name(k, arch)), kw
 
 
@@ -181,20 +224,28 @@ def config_json(kw: dict[str, Any]) -> dict[str, Any]:
   """The BeitConfig fields of a model with fields `kw` (unset ones keep HF defaults)."""
   arch = MIM if kw["vocab_size"] else CLASSIFICATION if kw["num_classes"] else BASE
   config = {
-      "architectures": [arch], "model_type": "beit",
-      "hidden_size": kw["width"], "num_hidden_layers": kw["depth"],
-      "num_attention_heads": kw["num_heads"], "intermediate_size": kw["mlp_dim"],
-      "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-      "layer_norm_eps": _LN_EPS, "image_size": kw["image_size"],
-      "patch_size": kw["patch_size"], "num_channels": 3, "use_mask_token": True,
-      "use_absolute_position_embeddings": kw["use_abs_pos_emb"],
-      "use_relative_position_bias": kw["use_rel_pos_bias"],
-      "use_shared_relative_position_bias": kw["use_shared_rel_pos_bias"],
-      "layer_scale_init_value": kw["layer_scale_init"],
-      # Mean pooling makes BeitModel's own final norm an identity: the MIM head's
-      # `layernorm` (= beit-jax `norm`) and the pooler's (= `fc_norm`) are the only ones.
-      "use_mean_pooling": arch != BASE,
-      "vocab_size": kw["vocab_size"] or 8192,
+    "architectures": [arch],
+    "model_type": "beit",
+    "hidden_size": kw["width"],
+    "num_hidden_layers": kw["depth"],
+    "num_attention_heads": kw["num_heads"],
+    "intermediate_size": kw["mlp_dim"],
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "layer_norm_eps": _LN_EPS,
+    "image_size": kw["image_size"],
+    "patch_size": kw["patch_size"],
+    "num_channels": 3,
+    "use_mask_token": True,
+    "use_absolute_position_embeddings": kw["use_abs_pos_emb"],
+    "use_relative_position_bias": kw["use_rel_pos_bias"],
+    "use_shared_relative_position_bias": kw["use_shared_rel_pos_bias"],
+    "layer_scale_init_value": kw["layer_scale_init"],
+    # Mean pooling makes BeitModel's own final norm an identity: the MIM head's
+    # `layernorm` (= beit-jax `norm`) and the pooler's (= `fc_norm`) are the only ones.
+    "use_mean_pooling": arch != BASE,
+    "vocab_size": kw["vocab_size"] or 8192,
   }
   if kw["num_classes"]:
     config["id2label"] = {str(i): f"LABEL_{i}" for i in range(kw["num_classes"])}
@@ -216,7 +267,7 @@ def save_pretrained(path: str, params: dict[str, np.ndarray], kw: dict[str, Any]
   arch = config["architectures"][0]
   sd = {}
   for key, value in unilm.from_params(params, kw).items():
-    if (m := _regex(_QKV[1]).fullmatch(key)):
+    if m := _regex(_QKV[1]).fullmatch(key):
       for name, part in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
         sd[_QKV[0].format(i=m["i"], qkv=name)] = np.ascontiguousarray(part)
     else:

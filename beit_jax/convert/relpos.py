@@ -3,6 +3,7 @@
 Host-side numpy, run once on loaded weights: when converting a checkpoint, and when
 fine-tuning at a resolution other than the pretraining one.
 """
+
 import numpy as np
 from scipy import interpolate
 
@@ -55,8 +56,9 @@ def _resize_offset_axis(x: np.ndarray, axis: int, dst_len: int) -> np.ndarray:
   return spline(np.clip(np.arange(-t, t + 1.0), positions[0], positions[-1]))
 
 
-def resize_rel_pos_table(table: np.ndarray, src_grid: tuple[int, int],
-                         dst_grid: tuple[int, int]) -> np.ndarray:
+def resize_rel_pos_table(
+  table: np.ndarray, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> np.ndarray:
   """A relative position bias table for another patch grid.
 
   Per head, the (2h-1) x (2w-1) offset part is resampled (unilm's geometric grid +
@@ -77,8 +79,10 @@ def resize_rel_pos_table(table: np.ndarray, src_grid: tuple[int, int],
     raise ConfigError(f"patch grids must be positive, got {src_grid} -> {dst_grid}")
   num = (2 * h - 1) * (2 * w - 1)
   if table.ndim != 2 or table.shape[0] != num + _NUM_EXTRA:
-    raise ConfigError(f"relative position bias table of shape {table.shape} does not fit "
-                      f"a {h}x{w} patch grid: expected [{num + _NUM_EXTRA}, heads]")
+    raise ConfigError(
+      f"relative position bias table of shape {table.shape} does not fit "
+      f"a {h}x{w} patch grid: expected [{num + _NUM_EXTRA}, heads]"
+    )
   offsets = table[:num].astype(np.float64).reshape(2 * h - 1, 2 * w - 1, -1)
   offsets = _resize_offset_axis(offsets, 0, 2 * dh - 1)
   offsets = _resize_offset_axis(offsets, 1, 2 * dw - 1)
@@ -88,6 +92,7 @@ def resize_rel_pos_table(table: np.ndarray, src_grid: tuple[int, int],
 
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
   """Keys cubic convolution weights of the 4 taps at offsets -1, 0, 1, 2 (torch's a)."""
+
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
 
@@ -112,8 +117,9 @@ def bicubic_matrix(src_len: int, dst_len: int) -> np.ndarray:
   return matrix
 
 
-def resize_abs_pos_embed(pos_embed: np.ndarray, src_grid: tuple[int, int],
-                         dst_grid: tuple[int, int]) -> np.ndarray:
+def resize_abs_pos_embed(
+  pos_embed: np.ndarray, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> np.ndarray:
   """[1, 1+h*w, D] absolute position embedding -> [1, 1+h'*w', D]; [CLS] row kept.
 
   The patch rows are resized bicubically on the patch grid, as unilm's fine-tuning
@@ -122,10 +128,11 @@ def resize_abs_pos_embed(pos_embed: np.ndarray, src_grid: tuple[int, int],
   pos_embed = np.asarray(pos_embed)
   (h, w), (dh, dw) = src_grid, dst_grid
   if pos_embed.ndim != 3 or pos_embed.shape[:2] != (1, 1 + h * w):
-    raise ConfigError(f"position embedding of shape {pos_embed.shape} does not fit a "
-                      f"{h}x{w} patch grid: expected [1, {1 + h * w}, width]")
+    raise ConfigError(
+      f"position embedding of shape {pos_embed.shape} does not fit a "
+      f"{h}x{w} patch grid: expected [1, {1 + h * w}, width]"
+    )
   patches = pos_embed[0, 1:].astype(np.float64).reshape(h, w, -1)
-  patches = np.einsum("Hh,Ww,hwd->HWd", bicubic_matrix(h, dh), bicubic_matrix(w, dw),
-                      patches)
+  patches = np.einsum("Hh,Ww,hwd->HWd", bicubic_matrix(h, dh), bicubic_matrix(w, dw), patches)
   out = np.concatenate([pos_embed[0, :1], patches.reshape(dh * dw, -1)], axis=0)
   return out[None].astype(pos_embed.dtype)

@@ -11,6 +11,7 @@ patch-aggregation decoder `cls_pt_layers.j.*` (blocks like the backbone's); beit
 keeps it as `cls_pt_layers_j/...` when the model fields have `patch_aggregation_layer`
 (`patch_aggregation_kwargs`), and drops it otherwise.
 """
+
 import argparse
 import math
 import re
@@ -43,8 +44,7 @@ _STANDARD_EARLY_LAYERS = {12: 9, 24: 21}
 # Keys that may be absent: their zero value is what the model computes without them
 # (unilm's fine-tuning model has no mask token; qkv_bias=False has no q/v bias).
 _ZERO_IF_ABSENT = re.compile(r"^(mask_token|blocks\.\d+\.attn\.[qv]_bias)$")
-_INDEX = re.compile(
-    r"^(rel_pos_bias|(blocks|cls_pt_layers)\.\d+\.attn)\.relative_position_index$")
+_INDEX = re.compile(r"^(rel_pos_bias|(blocks|cls_pt_layers)\.\d+\.attn)\.relative_position_index$")
 
 
 class Rule(NamedTuple):
@@ -52,14 +52,14 @@ class Rule(NamedTuple):
 
   `split3`: the fused qkv weight, whose [D, 3D] beit-jax keeps as [D, 3, D].
   """
+
   path: str
   key: str
   perm: tuple[int, ...] | None = None
   split3: bool = False
 
   def to_flax(self, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value if self.perm is None else np.transpose(value, self.perm),
-                       np.float32)
+    value = np.asarray(value if self.perm is None else np.transpose(value, self.perm), np.float32)
     return value.reshape(value.shape[0], 3, -1) if self.split3 else value
 
   def to_torch(self, value: np.ndarray) -> np.ndarray:
@@ -67,7 +67,8 @@ class Rule(NamedTuple):
     if self.split3:
       value = value.reshape(value.shape[0], -1)
     return np.ascontiguousarray(
-        value if self.perm is None else np.transpose(value, np.argsort(self.perm)))
+      value if self.perm is None else np.transpose(value, np.argsort(self.perm))
+    )
 
   def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     if self.split3:
@@ -79,13 +80,15 @@ class Rule(NamedTuple):
 
 def rules(kw: dict[str, Any]) -> list[Rule]:
   """The param <-> key correspondence of a VisionTransformer with fields `kw`."""
-  out = [Rule("patch_embed/kernel", "patch_embed.proj.weight", _CONV),
-         Rule("patch_embed/bias", "patch_embed.proj.bias"),
-         Rule("cls_token", "cls_token"), Rule("mask_token", "mask_token")]
+  out = [
+    Rule("patch_embed/kernel", "patch_embed.proj.weight", _CONV),
+    Rule("patch_embed/bias", "patch_embed.proj.bias"),
+    Rule("cls_token", "cls_token"),
+    Rule("mask_token", "mask_token"),
+  ]
 
   def linear(path, key):
-    return [Rule(f"{path}/kernel", f"{key}.weight", _LINEAR),
-            Rule(f"{path}/bias", f"{key}.bias")]
+    return [Rule(f"{path}/kernel", f"{key}.weight", _LINEAR), Rule(f"{path}/bias", f"{key}.bias")]
 
   def norm(path, key):
     return [Rule(f"{path}/scale", f"{key}.weight"), Rule(f"{path}/bias", f"{key}.bias")]
@@ -93,8 +96,9 @@ def rules(kw: dict[str, Any]) -> list[Rule]:
   if kw["use_abs_pos_emb"]:
     out.append(Rule("pos_embed", "pos_embed"))
   if kw["use_shared_rel_pos_bias"]:
-    out.append(Rule("rel_pos_bias/relative_position_bias_table",
-                    "rel_pos_bias.relative_position_bias_table"))
+    out.append(
+      Rule("rel_pos_bias/relative_position_bias_table", "rel_pos_bias.relative_position_bias_table")
+    )
   for i in range(kw["depth"]):
     out += block_rules(f"blocks_{i}", f"blocks.{i}", kw)
   out += decoder_rules(kw)
@@ -109,21 +113,24 @@ def rules(kw: dict[str, Any]) -> list[Rule]:
 
 def block_rules(p: str, k: str, kw: dict[str, Any]) -> list[Rule]:
   """One `Block` at param path `p` <-> unilm block `k`."""
+
   def linear(path, key):
-    return [Rule(f"{path}/kernel", f"{key}.weight", _LINEAR),
-            Rule(f"{path}/bias", f"{key}.bias")]
+    return [Rule(f"{path}/kernel", f"{key}.weight", _LINEAR), Rule(f"{path}/bias", f"{key}.bias")]
 
   def norm(path, key):
     return [Rule(f"{path}/scale", f"{key}.weight"), Rule(f"{path}/bias", f"{key}.bias")]
 
   out = norm(f"{p}/norm1", f"{k}.norm1") + norm(f"{p}/norm2", f"{k}.norm2")
-  out += [Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR, split3=True),
-          Rule(f"{p}/attn/q_bias", f"{k}.attn.q_bias"),
-          Rule(f"{p}/attn/v_bias", f"{k}.attn.v_bias")]
+  out += [
+    Rule(f"{p}/attn/qkv/kernel", f"{k}.attn.qkv.weight", _LINEAR, split3=True),
+    Rule(f"{p}/attn/q_bias", f"{k}.attn.q_bias"),
+    Rule(f"{p}/attn/v_bias", f"{k}.attn.v_bias"),
+  ]
   out += linear(f"{p}/attn/proj", f"{k}.attn.proj")
   if kw["use_rel_pos_bias"]:
-    out.append(Rule(f"{p}/attn/relative_position_bias_table",
-                    f"{k}.attn.relative_position_bias_table"))
+    out.append(
+      Rule(f"{p}/attn/relative_position_bias_table", f"{k}.attn.relative_position_bias_table")
+    )
   out += linear(f"{p}/mlp/fc1", f"{k}.mlp.fc1") + linear(f"{p}/mlp/fc2", f"{k}.mlp.fc2")
   if kw["layer_scale_init"] > 0:
     out += [Rule(f"{p}/gamma_1", f"{k}.gamma_1"), Rule(f"{p}/gamma_2", f"{k}.gamma_2")]
@@ -134,8 +141,11 @@ def decoder_rules(kw: dict[str, Any]) -> list[Rule]:
   """The patch-aggregation decoder's rules (none without `patch_aggregation_layer`)."""
   if not kw.get("patch_aggregation_layer"):
     return []
-  return [r for j in range(kw.get("patch_aggregation_depth", 2))
-          for r in block_rules(f"cls_pt_layers_{j}", f"cls_pt_layers.{j}", kw)]
+  return [
+    r
+    for j in range(kw.get("patch_aggregation_depth", 2))
+    for r in block_rules(f"cls_pt_layers_{j}", f"cls_pt_layers.{j}", kw)
+  ]
 
 
 def without_patch_aggregation(kw: dict[str, Any]) -> dict[str, Any]:
@@ -147,10 +157,14 @@ def has_patch_aggregation(sd: common.StateDict) -> bool:
   return any(_V2_DECODER.match(k) for k in sd)
 
 
-def patch_aggregation_kwargs(sd: common.StateDict, kw: dict[str, Any], what: str, *,
-                             layer: int | None = None,
-                             checkpoint_args: dict[str, Any] | None = None
-                             ) -> dict[str, Any]:
+def patch_aggregation_kwargs(
+  sd: common.StateDict,
+  kw: dict[str, Any],
+  what: str,
+  *,
+  layer: int | None = None,
+  checkpoint_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """The decoder's model fields of a BEiT v2 pretraining state dict ({} if it has none).
 
   The depth is the number of `cls_pt_layers.j` blocks. The aggregated layer is not in any
@@ -161,32 +175,44 @@ def patch_aggregation_kwargs(sd: common.StateDict, kw: dict[str, Any], what: str
   if not has_patch_aggregation(sd):
     return {}
   if any(k.startswith(("cls_pt_norm.", "cls_pt_lm_head.")) for k in sd):
-    raise ConfigError(f"{what} has its own patch-aggregation norm and head (cls_pt_norm, "
-                      "cls_pt_lm_head: unilm --shared_lm_head False); beit-jax shares the "
-                      "final norm and MIM head: convert with --patch_aggregation=drop")
+    raise ConfigError(
+      f"{what} has its own patch-aggregation norm and head (cls_pt_norm, "
+      "cls_pt_lm_head: unilm --shared_lm_head False); beit-jax shares the "
+      "final norm and MIM head: convert with --patch_aggregation=drop"
+    )
   blocks = {int(m.group(1)) for k in sd if (m := _V2_DECODER_BLOCK.match(k))}
   if blocks != set(range(len(blocks))):
-    raise ConfigError(f"{what}: patch-aggregation blocks cls_pt_layers.{sorted(blocks)} "
-                      "are not numbered 0..n-1")
+    raise ConfigError(
+      f"{what}: patch-aggregation blocks cls_pt_layers.{sorted(blocks)} are not numbered 0..n-1"
+    )
   args = checkpoint_args or {}
   if args.get("head_layers") not in (None, len(blocks)):
-    raise ConfigError(f"{what}: args.head_layers={args['head_layers']} but it holds "
-                      f"{len(blocks)} cls_pt_layers blocks")
+    raise ConfigError(
+      f"{what}: args.head_layers={args['head_layers']} but it holds "
+      f"{len(blocks)} cls_pt_layers blocks"
+    )
   source = "--patch_aggregation_layer"
   if layer is None and args.get("early_layers") is not None:
     layer, source = int(args["early_layers"]), "its args.early_layers"
   if layer is None and kw["depth"] in _STANDARD_EARLY_LAYERS:
     layer = _STANDARD_EARLY_LAYERS[kw["depth"]]
-    logging.warning("%s: the aggregated layer is not recorded; assuming unilm's "
-                    "--early_layers %d for depth %d (else pass --patch_aggregation_layer)",
-                    what, layer, kw["depth"])
+    logging.warning(
+      "%s: the aggregated layer is not recorded; assuming unilm's "
+      "--early_layers %d for depth %d (else pass --patch_aggregation_layer)",
+      what,
+      layer,
+      kw["depth"],
+    )
     source = "unilm's default"
   if layer is None:
-    raise ConfigError(f"{what} has a patch-aggregation decoder but does not record which "
-                      f"block it reads (args.early_layers); pass --patch_aggregation_layer")
+    raise ConfigError(
+      f"{what} has a patch-aggregation decoder but does not record which "
+      f"block it reads (args.early_layers); pass --patch_aggregation_layer"
+    )
   if not 1 <= layer <= kw["depth"]:
-    raise ConfigError(f"{what}: patch aggregation layer {layer} ({source}) must be in "
-                      f"1..{kw['depth']} (the depth)")
+    raise ConfigError(
+      f"{what}: patch aggregation layer {layer} ({source}) must be in 1..{kw['depth']} (the depth)"
+    )
   return dict(patch_aggregation_layer=layer, patch_aggregation_depth=len(blocks))
 
 
@@ -211,17 +237,24 @@ def _infer_grid(sd: common.StateDict, what: str) -> int | None:
   """The patch grid side the position parameters were trained for, if any."""
   if "pos_embed" in sd:
     return _grid_side(sd["pos_embed"].shape[1] - 1, what, "pos_embed")
-  for key in ("rel_pos_bias.relative_position_bias_table",
-              "blocks.0.attn.relative_position_bias_table"):
+  for key in (
+    "rel_pos_bias.relative_position_bias_table",
+    "blocks.0.attn.relative_position_bias_table",
+  ):
     if key in sd:
       rows = sd[key].shape[0] - 3  # (2g-1)^2
       return (_grid_side(rows, what, key) + 1) // 2
   return None
 
 
-def infer_model_kwargs(sd: common.StateDict, what: str, *, num_heads: int | None = None,
-                       image_size: int | None = None,
-                       fallback_image_size: int | None = None) -> dict[str, Any]:
+def infer_model_kwargs(
+  sd: common.StateDict,
+  what: str,
+  *,
+  num_heads: int | None = None,
+  image_size: int | None = None,
+  fallback_image_size: int | None = None,
+) -> dict[str, Any]:
   """VisionTransformer fields from the tensors of a unilm-layout state dict.
 
   Args:
@@ -240,13 +273,16 @@ def infer_model_kwargs(sd: common.StateDict, what: str, *, num_heads: int | None
     layer_scale_init.
   """
   if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-    raise ConfigError(f"{what} is not a BEiT state dict: no cls_token / "
-                      f"patch_embed.proj.weight, nor a VQ-KD tokenizer: no "
-                      f"quantize.embedding.weight (keys: {common.listing(sd)})")
+    raise ConfigError(
+      f"{what} is not a BEiT state dict: no cls_token / "
+      f"patch_embed.proj.weight, nor a VQ-KD tokenizer: no "
+      f"quantize.embedding.weight (keys: {common.listing(sd)})"
+    )
   width = sd["cls_token"].shape[-1]
   patch = sd["patch_embed.proj.weight"].shape[-1]
-  depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))),
-                  default=-1)
+  depth = 1 + max(
+    (int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1
+  )
   if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
     raise ConfigError(f"{what} has no transformer blocks (blocks.0.mlp.fc1.weight)")
   shared = "rel_pos_bias.relative_position_bias_table" in sd
@@ -254,57 +290,79 @@ def infer_model_kwargs(sd: common.StateDict, what: str, *, num_heads: int | None
   num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
   vocab_size = sd["lm_head.weight"].shape[0] if "lm_head.weight" in sd else 0
   if num_classes and vocab_size:
-    raise ConfigError(f"{what} has both a classification head and a MIM head (lm_head); "
-                      "beit-jax models have one")
+    raise ConfigError(
+      f"{what} has both a classification head and a MIM head (lm_head); beit-jax models have one"
+    )
   if num_classes and "fc_norm.weight" not in sd:
-    raise ConfigError(f"{what} classifies from the [CLS] token (head without fc_norm); "
-                      "beit-jax classifies from fc_norm(mean of the patch tokens)")
+    raise ConfigError(
+      f"{what} classifies from the [CLS] token (head without fc_norm); "
+      "beit-jax classifies from fc_norm(mean of the patch tokens)"
+    )
 
-  table = sd.get("rel_pos_bias.relative_position_bias_table",
-                 sd.get("blocks.0.attn.relative_position_bias_table"))
+  table = sd.get(
+    "rel_pos_bias.relative_position_bias_table",
+    sd.get("blocks.0.attn.relative_position_bias_table"),
+  )
   heads = table.shape[1] if table is not None else None
   if heads is not None and num_heads is not None and heads != num_heads:
-    raise ConfigError(f"{what}: num_heads={num_heads} but the relative position table "
-                      f"has {heads} heads")
+    raise ConfigError(
+      f"{what}: num_heads={num_heads} but the relative position table has {heads} heads"
+    )
   if heads is None and num_heads is None:
     if width not in _HEADS_OF_WIDTH:
-      raise ConfigError(f"{what}: cannot tell the number of heads of width {width} from "
-                        "the weights; pass --num_heads")
-    logging.warning("%s: no relative position table tells the number of heads; assuming "
-                    "%d, the standard for width %d (else pass --num_heads)", what,
-                    _HEADS_OF_WIDTH[width], width)
+      raise ConfigError(
+        f"{what}: cannot tell the number of heads of width {width} from "
+        "the weights; pass --num_heads"
+      )
+    logging.warning(
+      "%s: no relative position table tells the number of heads; assuming "
+      "%d, the standard for width %d (else pass --num_heads)",
+      what,
+      _HEADS_OF_WIDTH[width],
+      width,
+    )
   heads = heads or num_heads or _HEADS_OF_WIDTH[width]
   if width % heads:
     raise ConfigError(f"{what}: width {width} is not divisible by num_heads={heads}")
 
   grid = _infer_grid(sd, what)
   if grid is not None and image_size is not None and grid * patch != image_size:
-    raise ConfigError(f"{what}: its position parameters are for image size "
-                      f"{grid * patch}, not {image_size}")
+    raise ConfigError(
+      f"{what}: its position parameters are for image size {grid * patch}, not {image_size}"
+    )
   image_size = image_size or fallback_image_size
   if grid is None and image_size is None:
-    raise ConfigError(f"{what} has no position parameters telling its image size; "
-                      "pass --image_size")
+    raise ConfigError(
+      f"{what} has no position parameters telling its image size; pass --image_size"
+    )
   return dict(
-      patch_size=patch, width=width, depth=depth, num_heads=heads,
-      mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
-      image_size=grid * patch if grid is not None else image_size,
-      vocab_size=vocab_size, num_classes=num_classes,
-      use_abs_pos_emb="pos_embed" in sd, use_shared_rel_pos_bias=shared,
-      use_rel_pos_bias=per_layer,
-      # Only whether LayerScale exists matters here: the loaded gammas replace the init.
-      layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else 0.0)
+    patch_size=patch,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+    image_size=grid * patch if grid is not None else image_size,
+    vocab_size=vocab_size,
+    num_classes=num_classes,
+    use_abs_pos_emb="pos_embed" in sd,
+    use_shared_rel_pos_bias=shared,
+    use_rel_pos_bias=per_layer,
+    # Only whether LayerScale exists matters here: the loaded gammas replace the init.
+    layer_scale_init=0.1 if "blocks.0.gamma_1" in sd else 0.0,
+  )
 
 
 def _check_index(key: str, index: np.ndarray, kw: dict[str, Any], what: str) -> None:
   grid = (kw["image_size"] // kw["patch_size"],) * 2
   if not np.array_equal(index, vit.relative_position_index(grid)):
-    raise ConfigError(f"{what}: {key} is not the relative position index of a "
-                      f"{grid[0]}x{grid[1]} patch grid")
+    raise ConfigError(
+      f"{what}: {key} is not the relative position index of a {grid[0]}x{grid[1]} patch grid"
+    )
 
 
-def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
-              name: Callable[[str], str] = str) -> dict[str, np.ndarray]:
+def to_params(
+  sd: common.StateDict, kw: dict[str, Any], what: str, name: Callable[[str], str] = str
+) -> dict[str, np.ndarray]:
   """A unilm-layout state dict -> flat beit-jax params {'blocks_0/attn/qkv/kernel': ...}.
 
   Every key must be used: stored relative position indices are checked and dropped,
@@ -320,22 +378,36 @@ def to_params(sd: common.StateDict, kw: dict[str, Any], what: str,
   """
   backbone = without_patch_aggregation(kw)
   expected = expected_shapes(kw)
-  params = _take(sd, rules(backbone), kw, expected, what, name,
-                 ignore=lambda k: bool(_V2_DECODER.match(k)))
+  params = _take(
+    sd, rules(backbone), kw, expected, what, name, ignore=lambda k: bool(_V2_DECODER.match(k))
+  )
   if kw.get("patch_aggregation_layer"):
-    params.update(_take(sd, decoder_rules(kw), kw, expected, what, name,
-                        ignore=lambda k: not _V2_DECODER.match(k)))
+    params.update(
+      _take(
+        sd, decoder_rules(kw), kw, expected, what, name, ignore=lambda k: not _V2_DECODER.match(k)
+      )
+    )
   else:
     dropped = sorted(k for k in sd if _V2_DECODER.match(k))
     if dropped:
-      logging.warning("%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
-                      what, len(dropped), common.listing(dropped))
+      logging.warning(
+        "%s: dropped BEiT v2's patch-aggregation decoder (%d tensors: %s)",
+        what,
+        len(dropped),
+        common.listing(dropped),
+      )
   return params
 
 
-def _take(sd: common.StateDict, rule_list: list[Rule], kw: dict[str, Any],
-          expected: dict[str, tuple[int, ...]], what: str, name: Callable[[str], str],
-          ignore: Callable[[str], bool]) -> dict[str, np.ndarray]:
+def _take(
+  sd: common.StateDict,
+  rule_list: list[Rule],
+  kw: dict[str, Any],
+  expected: dict[str, tuple[int, ...]],
+  what: str,
+  name: Callable[[str], str],
+  ignore: Callable[[str], bool],
+) -> dict[str, np.ndarray]:
   """The params of `rule_list`; every key of `sd` but the `ignore`d ones must be used."""
   params, missing, zero_filled = {}, [], []
   for rule in rule_list:
@@ -349,19 +421,18 @@ def _take(sd: common.StateDict, rule_list: list[Rule], kw: dict[str, Any],
     value = sd[rule.key]
     want = rule.torch_shape(expected[rule.path])
     if tuple(value.shape) != want:
-      raise ConfigError(f"{what}: {name(rule.key)} has shape {tuple(value.shape)}, "
-                        f"expected {want}")
+      raise ConfigError(f"{what}: {name(rule.key)} has shape {tuple(value.shape)}, expected {want}")
     params[rule.path] = rule.to_flax(value)
   used = {r.key for r in rule_list}
   for key in sd:
     if _INDEX.match(key) and not ignore(key):
       _check_index(key, sd[key], kw, what)
-  unexpected = [name(k) for k in sd
-                if k not in used and not ignore(k) and not _INDEX.match(k)]
+  unexpected = [name(k) for k in sd if k not in used and not ignore(k) and not _INDEX.match(k)]
   common.check_keys(what, missing=missing, unexpected=unexpected)
   if zero_filled:
-    logging.warning("%s: not in the checkpoint, set to zeros: %s", what,
-                    common.listing(zero_filled))
+    logging.warning(
+      "%s: not in the checkpoint, set to zeros: %s", what, common.listing(zero_filled)
+    )
   return params
 
 
@@ -373,8 +444,9 @@ def from_params(params: dict[str, np.ndarray], kw: dict[str, Any]) -> common.Sta
 def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Flat param path -> shape of `VisionTransformer(**kw)`, from the model itself."""
   model = vit.VisionTransformer(**kw)
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, kw["image_size"], kw["image_size"], 3)))
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, kw["image_size"], kw["image_size"], 3))
+  )
   flat = traverse_util.flatten_dict(shapes["params"], sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
 

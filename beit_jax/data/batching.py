@@ -8,6 +8,7 @@ to decode is dropped and counted on the iterator; its slot is filled with a new 
 of another image of the same group (refill rounds), so a bad file never shifts later batches.
 Nothing here touches jax or devices.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from absl import logging
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -50,15 +52,17 @@ def hide_accelerators() -> None:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TF was initialised before: only harmful if it saw a GPU
     if tf.config.get_visible_devices("GPU"):
-      logging.warning("TensorFlow already initialised and sees GPUs: %s",
-                      tf.config.get_visible_devices("GPU"))
+      logging.warning(
+        "TensorFlow already initialised and sees GPUs: %s", tf.config.get_visible_devices("GPU")
+      )
 
 
 def one_batch(examples: tf.data.Dataset, n: int) -> tf.data.Dataset:
   """Exactly one element: a batch of the first n examples, shorter (even empty) if fewer."""
   batched = examples.take(n).batch(n)
-  empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype),
-                                batched.element_spec)
+  empty = tf.nest.map_structure(
+    lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), batched.element_spec
+  )
   return batched.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
 
 
@@ -84,16 +88,24 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self.last_ids, fresh = batch.pop("_id"), batch.pop("_fresh")
     if len(fresh) < self._batch_size:
       raise ConfigError(
-          f"input.dataset={self._source_name!r}: only {len(fresh)} of {self._batch_size} images "
-          f"of a batch could be decoded and augmented, even in {MAX_ROUNDS} refill rounds; is "
-          f"it image data?")
+        f"input.dataset={self._source_name!r}: only {len(fresh)} of {self._batch_size} images "
+        f"of a batch could be decoded and augmented, even in {MAX_ROUNDS} refill rounds; is "
+        f"it image data?"
+      )
     self._skipped["undecodable"] += int(np.sum(~fresh))
     return batch
 
 
-def make_iterator(source: sources.Source, example_fn: ExampleFn, *, batch_size: int,
-                  seed: int, start_step: int, process_index: int,
-                  process_count: int) -> BatchIterator:
+def make_iterator(
+  source: sources.Source,
+  example_fn: ExampleFn,
+  *,
+  batch_size: int,
+  seed: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+) -> BatchIterator:
   """Batches of `example_fn(seed, payload, source.decode_crop)` over `source`.
 
   `batch_size` is the global batch; this process gets its 1/process_count of it.
@@ -102,16 +114,19 @@ def make_iterator(source: sources.Source, example_fn: ExampleFn, *, batch_size: 
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
   if batch_size % process_count:
-    raise ConfigError(f"input.batch_size={batch_size} must be divisible by the number of "
-                      f"processes ({process_count})")
+    raise ConfigError(
+      f"input.batch_size={batch_size} must be divisible by the number of "
+      f"processes ({process_count})"
+    )
   steps_per_epoch = source.num_examples // batch_size
   if steps_per_epoch == 0:
-    raise ConfigError(f"input.batch_size={batch_size} is larger than input.dataset="
-                      f"{source.name!r} ({source.num_examples} examples)")
+    raise ConfigError(
+      f"input.batch_size={batch_size} is larger than input.dataset="
+      f"{source.name!r} ({source.num_examples} examples)"
+    )
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  shard = sources.Shard(process_index, process_count, batch_size // process_count,
-                        steps_per_epoch)
+  shard = sources.Shard(process_index, process_count, batch_size // process_count, steps_per_epoch)
   start_epoch, start_batch = divmod(start_step, steps_per_epoch)
   base = base_seed(seed)
   b = shard.batch_size
@@ -119,18 +134,25 @@ def make_iterator(source: sources.Source, example_fn: ExampleFn, *, batch_size: 
   def epoch_groups(epoch):  # raw records of one epoch, one batch per element
     start = tf.cast(epoch == start_epoch, tf.int64) * (start_batch * b)
     records = source.epoch(base, epoch, start, shard).batch(b, drop_remainder=True)
-    return records.map(ops.graph_only(
-        lambda ids, payloads: {"epoch": epoch, "id": ids, "payload": payloads}))
+    return records.map(
+      ops.graph_only(lambda ids, payloads: {"epoch": epoch, "id": ids, "payload": payloads})
+    )
 
   def group_batch(group):  # decode and augment one group into exactly one batch
     def round_examples(round_):
       def one(example_id, payload):
-        example = example_fn(ops.fold(base, EXAMPLE_SALT, group["epoch"], example_id, round_),
-                             payload, source.decode_crop)
+        example = example_fn(
+          ops.fold(base, EXAMPLE_SALT, group["epoch"], example_id, round_),
+          payload,
+          source.decode_crop,
+        )
         return {**example, "_id": example_id, "_fresh": tf.equal(round_, 0)}
+
       examples = tf.data.Dataset.from_tensor_slices((group["id"], group["payload"]))
-      return examples.map(one, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True).ignore_errors()
+      return examples.map(
+        one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+      ).ignore_errors()
+
     return one_batch(tf.data.Dataset.range(MAX_ROUNDS).flat_map(round_examples), b)
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(ops.graph_only(epoch_groups))

@@ -4,6 +4,7 @@ scikit-image and scikit-learn bundle a few dozen natural and scientific images. 
 them are enough to smoke-test every stage of a run (and to overfit a tiny model) on a machine
 without ImageNet or internet access.
 """
+
 import functools
 import re
 
@@ -14,9 +15,25 @@ import sklearn.datasets
 
 # skimage.data loaders that work offline; stereo_motorcycle returns (left, right, disparity).
 _SKIMAGE_NAMES = (
-    "astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field",
-    "immunohistochemistry", "rocket", "retina", "stereo_motorcycle", "brick", "grass", "gravel",
-    "moon", "clock", "page", "text", "colorwheel")
+  "astronaut",
+  "camera",
+  "chelsea",
+  "coffee",
+  "coins",
+  "hubble_deep_field",
+  "immunohistochemistry",
+  "rocket",
+  "retina",
+  "stereo_motorcycle",
+  "brick",
+  "grass",
+  "gravel",
+  "moon",
+  "clock",
+  "page",
+  "text",
+  "colorwheel",
+)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -83,8 +100,12 @@ _FLAT = 4.0
 def _digits() -> tuple[np.ndarray, np.ndarray]:
   data = sklearn.datasets.load_digits()
   small = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)  # [n, 8, 8], 0..16 -> 0..255
-  images = np.stack([np.asarray(Image.fromarray(x).resize(
-      (_DIGIT_SIDE, _DIGIT_SIDE), Image.Resampling.BICUBIC)) for x in small])
+  images = np.stack(
+    [
+      np.asarray(Image.fromarray(x).resize((_DIGIT_SIDE, _DIGIT_SIDE), Image.Resampling.BICUBIC))
+      for x in small
+    ]
+  )
   return np.repeat(images[..., None], 3, axis=-1), data.target.astype(np.int64)
 
 
@@ -111,7 +132,7 @@ def _photo_split(split: str) -> tuple[list[np.ndarray], np.ndarray, tuple[str, .
     held_out = max(1, round(cols / _HOLD_OUT))  # right-most columns: no pixel is in both splits
     for r in range(rows):
       for c in range(cols):
-        tile = photo[r * _TILE:(r + 1) * _TILE, c * _TILE:(c + 1) * _TILE]
+        tile = photo[r * _TILE : (r + 1) * _TILE, c * _TILE : (c + 1) * _TILE]
         # A flat tile (sky of the moon photo, the clock's wall) shows nothing of its photo.
         if (c >= cols - held_out) == (split == "validation") and tile.std() >= _FLAT:
           tiles.append(tile)
@@ -161,8 +182,10 @@ def parse_split(split: str) -> tuple[str, str | None, str | None]:
   """
   match = _SLICE.match(split) if isinstance(split, str) else None
   if not match or match.group(1) not in SPLITS:
-    raise ValueError(f"split {split!r} is not one of {SPLITS} or a slice of one such as "
-                     "'train[:10%]' or 'train[:200]'")
+    raise ValueError(
+      f"split {split!r} is not one of {SPLITS} or a slice of one such as "
+      "'train[:10%]' or 'train[:200]'"
+    )
   return match.group(1), match.group(2), match.group(3)
 
 
@@ -171,4 +194,5 @@ def _slice_bounds(start: str | None, stop: str | None, n: int) -> tuple[int | No
     if b is None:
       return None
     return round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+
   return bound(start), bound(stop)

@@ -5,6 +5,7 @@
 every restart. `make_mask_np` is a plain NumPy transcription of unilm's `MaskingGenerator` that
 serves as the reference the TF version is tested against.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ import math
 import ml_collections
 import numpy as np
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -41,6 +43,7 @@ class MaskSpec:
     exact: BEiT v2: after the blocks, add/remove single random patches to hit the target
       exactly ("random" masks always are exact).
   """
+
   kind: str = "blockwise"
   grid: tuple[int, int] = (14, 14)
   num_masking_patches: int = 75
@@ -53,23 +56,32 @@ class MaskSpec:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(f"{_FIELD}.kind must be one of {KINDS}, got {self.kind!r}")
-    if (not isinstance(self.grid, tuple) or len(self.grid) != 2
-        or not all(_is_int(g) and g >= 1 for g in self.grid)
-        or (self.kind == "blockwise" and min(self.grid) < 2)):
-      raise ConfigError(f"{_FIELD} grid (image size / patch size) must be two ints >= 1 "
-                        f"(>= 2 for blockwise masking), got {self.grid}")
+    if (
+      not isinstance(self.grid, tuple)
+      or len(self.grid) != 2
+      or not all(_is_int(g) and g >= 1 for g in self.grid)
+      or (self.kind == "blockwise" and min(self.grid) < 2)
+    ):
+      raise ConfigError(
+        f"{_FIELD} grid (image size / patch size) must be two ints >= 1 "
+        f"(>= 2 for blockwise masking), got {self.grid}"
+      )
     n = self.grid[0] * self.grid[1]
     _check_int("num_masking_patches", self.num_masking_patches, 1, n)
     _check_int("min_num_patches", self.min_num_patches, 1, self.num_masking_patches)
     if self.max_num_patches is not None:
-      _check_int("max_num_patches", self.max_num_patches, self.min_num_patches,
-                 self.num_masking_patches)
+      _check_int(
+        "max_num_patches", self.max_num_patches, self.min_num_patches, self.num_masking_patches
+      )
     if not (isinstance(self.min_aspect, (int, float)) and self.min_aspect > 0):
       raise ConfigError(f"{_FIELD}.min_aspect must be a number > 0, got {self.min_aspect!r}")
-    if self.max_aspect is not None and not (isinstance(self.max_aspect, (int, float))
-                                            and self.max_aspect >= self.min_aspect):
-      raise ConfigError(f"{_FIELD}.max_aspect must be None or a number >= min_aspect="
-                        f"{self.min_aspect}, got {self.max_aspect!r}")
+    if self.max_aspect is not None and not (
+      isinstance(self.max_aspect, (int, float)) and self.max_aspect >= self.min_aspect
+    ):
+      raise ConfigError(
+        f"{_FIELD}.max_aspect must be None or a number >= min_aspect="
+        f"{self.min_aspect}, got {self.max_aspect!r}"
+      )
     if not isinstance(self.exact, bool):
       raise ConfigError(f"{_FIELD}.exact must be True or False, got {self.exact!r}")
 
@@ -152,7 +164,8 @@ def _blockwise_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
   sqrt_aspect = tf.exp(0.5 * (lo_log_aspect + (hi_log_aspect - lo_log_aspect) * aspect_u))
   # random.uniform(a, b) = a + (b - a) * U = a * (1 - U) + b * U, also when b < a.
   table = tf.stack(  # [K, 6, 1, A]
-      [area_u, min_area * (1.0 - area_u), sqrt_aspect, 1.0 / sqrt_aspect, top_u, left_u], axis=1)
+    [area_u, min_area * (1.0 - area_u), sqrt_aspect, 1.0 / sqrt_aspect, top_u, left_u], axis=1
+  )
   dims = tf.constant([h, w], tf.float32)[:, None, None]  # [2, 1, 1]
   coords = tf.range(n, dtype=tf.float32)[:, None]  # [n, 1]
   ones = tf.ones([1, n])
@@ -165,22 +178,26 @@ def _blockwise_tf(spec: MaskSpec, seed: tf.Tensor) -> tf.Tensor:
     # randint(0, m) includes m: floor(U * (m + 1)).
     starts = tf.floor(pos_u * (dims + 1 - sizes))
     in_rows, in_cols = tf.unstack(  # each [n, A]
-        tf.cast((coords >= starts) & (coords < starts + sizes), tf.float32))
+      tf.cast((coords >= starts) & (coords < starts + sizes), tf.float32)
+    )
     covered = tf.matmul(ones, in_rows * tf.matmul(mask, in_cols))  # [1, A] already masked
     rows, cols = tf.unstack(sizes)  # each [1, A]
     new = rows * cols - covered
     ok = (rows < h) & (cols < w) & (new > 0) & (new <= max_new)  # [1, A]
     accepted = tf.reduce_any(ok)
     pick = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)  # [1]
-    block = tf.matmul(tf.gather(in_rows, pick, axis=1), tf.gather(in_cols, pick, axis=1),
-                      transpose_b=True)  # [n, n]
+    block = tf.matmul(
+      tf.gather(in_rows, pick, axis=1), tf.gather(in_cols, pick, axis=1), transpose_b=True
+    )  # [n, n]
     mask = tf.where(accepted, tf.maximum(mask, block), mask)
     count = tf.reduce_sum(mask)
     return step + 1, mask, count, accepted & (count < target)
 
   _, mask, _, _ = tf.while_loop(
-      lambda step, mask, count, go: go, body,
-      (tf.constant(0, tf.int32), tf.zeros([n, n]), tf.constant(0.0), tf.constant(True)))
+    lambda step, mask, count, go: go,
+    body,
+    (tf.constant(0, tf.int32), tf.zeros([n, n]), tf.constant(0.0), tf.constant(True)),
+  )
   return mask[:h, :w] > 0
 
 
@@ -211,8 +228,7 @@ def make_mask_np(spec: MaskSpec, rng: np.random.Generator) -> np.ndarray:
   return mask
 
 
-def _add_block_np(spec: MaskSpec, mask: np.ndarray, max_new: int,
-                  rng: np.random.Generator) -> int:
+def _add_block_np(spec: MaskSpec, mask: np.ndarray, max_new: int, rng: np.random.Generator) -> int:
   """unilm's MaskingGenerator._mask: masks one block in place, returns the patches it added."""
   h, w = spec.grid
   lo_log_aspect, hi_log_aspect = spec.log_aspect_range
@@ -224,7 +240,7 @@ def _add_block_np(spec: MaskSpec, mask: np.ndarray, max_new: int,
     if hb < h and wb < w:
       top = rng.integers(0, h - hb, endpoint=True)
       left = rng.integers(0, w - wb, endpoint=True)
-      block = mask[top:top + hb, left:left + wb]
+      block = mask[top : top + hb, left : left + wb]
       new = hb * wb - block.sum()
       if 0 < new <= max_new:
         block[...] = 1

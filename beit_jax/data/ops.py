@@ -4,6 +4,7 @@ An op is `(image, seed) -> image` (or takes no seed when it is deterministic), s
 built from them is a pure function of (seed, example): that is what makes a resumed run see
 the batches of an uninterrupted one. Images are float [h, w, 3] in [0, 1] unless said.
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ import math
 from typing import Callable
 
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -48,7 +50,7 @@ def split(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
 
 def crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
   top, left, height, width = tf.unstack(window)
-  return image[top:top + height, left:left + width]
+  return image[top : top + height, left : left + width]
 
 
 def decode_crop(data: tf.Tensor, window_fn) -> tf.Tensor:
@@ -56,9 +58,11 @@ def decode_crop(data: tf.Tensor, window_fn) -> tf.Tensor:
 
   JPEGs (nearly all of ImageNet) decode only the crop window; other formats decode whole.
   """
+
   def jpeg():
     return tf.io.decode_and_crop_jpeg(
-        data, window_fn(tf.io.extract_jpeg_shape(data)[:2]), channels=3)
+      data, window_fn(tf.io.extract_jpeg_shape(data)[:2]), channels=3
+    )
 
   def other():
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -67,8 +71,9 @@ def decode_crop(data: tf.Tensor, window_fn) -> tf.Tensor:
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def random_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float],
-                       ratio: tuple[float, float]) -> tf.Tensor:
+def random_crop_window(
+  shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tf.Tensor:
   """torchvision RandomResizedCrop.get_params: int32 [top, left, height, width].
 
   All 10 attempts are drawn at once and the first that fits is kept (same distribution);
@@ -99,8 +104,14 @@ def center_window(shape: tf.Tensor) -> tf.Tensor:
   return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
 
 
-def random_resized_crop(payload: tf.Tensor, decode: DecodeCrop, seed: tf.Tensor, *,
-                        scale: tuple[float, float], ratio: tuple[float, float]) -> tf.Tensor:
+def random_resized_crop(
+  payload: tf.Tensor,
+  decode: DecodeCrop,
+  seed: tf.Tensor,
+  *,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+) -> tf.Tensor:
   """Decodes the random window of torchvision's RandomResizedCrop: float in [0, 1]."""
   window = functools.partial(random_crop_window, seed=seed, scale=scale, ratio=ratio)
   return tf.image.convert_image_dtype(decode(payload, window), tf.float32)
@@ -113,8 +124,9 @@ def color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tenso
   a random order.
   """
   order_seed, factor_seed = split(seed, 2)
-  factors = tf.random.stateless_uniform([3], factor_seed, minval=max(0.0, 1.0 - strength),
-                                        maxval=1.0 + strength)
+  factors = tf.random.stateless_uniform(
+    [3], factor_seed, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength
+  )
   order = tf.argsort(tf.random.stateless_uniform([3], order_seed))  # int32
   return color_ops(image, order, factors)
 

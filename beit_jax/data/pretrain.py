@@ -4,10 +4,12 @@ One jittered random crop per example, shown through each of the views the caller
 (e.g. `{"image": the ViT's view, "tokenizer_image": the tokenizer's}`), all flipped alike,
 plus a blockwise mask over the ViT's patch grid. Yields host NumPy batches for this process.
 """
+
 from __future__ import annotations
 
 import ml_collections
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -43,17 +45,24 @@ def _mask_spec(cfg: ml_collections.ConfigDict) -> masking.MaskSpec:
   return masking.mask_spec_from_config(cfg.mask, augment.patch_grid(cfg))
 
 
-def _views_and_mask(crop: tf.Tensor, seed: tf.Tensor, views: dict[str, View],
-                    flip: bool, spec: masking.MaskSpec) -> dict:
+def _views_and_mask(
+  crop: tf.Tensor, seed: tf.Tensor, views: dict[str, View], flip: bool, spec: masking.MaskSpec
+) -> dict:
   flip_seed, mask_seed = ops.split(seed, 2)
   out = {name: view.apply(crop, flip_seed if flip else None) for name, view in views.items()}
   out["mask"] = tf.ensure_shape(masking.make_mask_tf(spec, mask_seed), [spec.num_patches])
   return out
 
 
-def make_pretrain_iterator(config: ml_collections.ConfigDict, views: dict[str, View], *,
-                           seed: int, start_step: int = 0, process_index: int = 0,
-                           process_count: int = 1) -> batching.BatchIterator:
+def make_pretrain_iterator(
+  config: ml_collections.ConfigDict,
+  views: dict[str, View],
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> batching.BatchIterator:
   """BEiT pretraining batches of this process, from step `start_step` on.
 
   Returns:
@@ -71,13 +80,25 @@ def make_pretrain_iterator(config: ml_collections.ConfigDict, views: dict[str, V
     return _views_and_mask(crop, views_seed, views, aug.flip, spec)
 
   return batching.make_iterator(
-      sources.make_source(cfg), example, batch_size=cfg.batch_size, seed=seed,
-      start_step=start_step, process_index=process_index, process_count=process_count)
+    sources.make_source(cfg),
+    example,
+    batch_size=cfg.batch_size,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def make_tokenizer_iterator(config: ml_collections.ConfigDict, view: View | dict[str, View],
-                            *, seed: int, start_step: int = 0, process_index: int = 0,
-                            process_count: int = 1) -> batching.BatchIterator:
+def make_tokenizer_iterator(
+  config: ml_collections.ConfigDict,
+  view: View | dict[str, View],
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> batching.BatchIterator:
   """Tokenizer training batches: `image` float32 [b, T, T, 3] in `view`; no mask.
 
   The same crop, flip and jitter as pretraining and the tokenizer's view there, so the
@@ -97,12 +118,23 @@ def make_tokenizer_iterator(config: ml_collections.ConfigDict, view: View | dict
     return {name: v.apply(crop, flip_seed) for name, v in views.items()}
 
   return batching.make_iterator(
-      sources.make_source(cfg), example, batch_size=cfg.batch_size, seed=seed,
-      start_step=start_step, process_index=process_index, process_count=process_count)
+    sources.make_source(cfg),
+    example,
+    batch_size=cfg.batch_size,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def make_eval_batch(config: ml_collections.ConfigDict, views: dict[str, View], n: int,
-                    seed: int = 0, masks: bool = True) -> dict:
+def make_eval_batch(
+  config: ml_collections.ConfigDict,
+  views: dict[str, View],
+  n: int,
+  seed: int = 0,
+  masks: bool = True,
+) -> dict:
   """A fixed batch for pictures, with the keys of pretraining (`masks=False`: no `mask`, and
   no `input.mask` read: a tokenizer's run).
 
@@ -118,17 +150,14 @@ def make_eval_batch(config: ml_collections.ConfigDict, views: dict[str, View], n
   base = batching.base_seed(seed)
 
   def one(example_id, payload):
-    crop = tf.image.convert_image_dtype(source.decode_crop(payload, ops.center_window),
-                                        tf.float32)
+    crop = tf.image.convert_image_dtype(source.decode_crop(payload, ops.center_window), tf.float32)
     if spec is None:  # no flip: the views need no seed
       return {**{name: v.apply(crop, None) for name, v in views.items()}, "_id": example_id}
     out = _views_and_mask(crop, ops.fold(base, _EVAL_SALT, example_id), views, False, spec)
     return {**out, "_id": example_id}
 
   examples = source.in_order().map(one, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  batch = next(batching.one_batch(examples, n).with_options(batching.options())
-               .as_numpy_iterator())
+  batch = next(batching.one_batch(examples, n).with_options(batching.options()).as_numpy_iterator())
   if len(batch.pop("_id")) < n:
-    raise ConfigError(
-        f"input.dataset={source.name!r} has fewer than n={n} decodable images")
+    raise ConfigError(f"input.dataset={source.name!r} has fewer than n={n} decodable images")
   return batch

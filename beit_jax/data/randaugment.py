@@ -6,6 +6,7 @@ N(9, 0.5) clipped to [0, 10]. Pixel ops reproduce PIL's arithmetic on uint8 valu
 are float32 holding integers 0..255 here); geometric ops sample bilinearly (TF has no
 bicubic projective transform; timm uses the training interpolation, bicubic in BEiT).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ import math
 import re
 
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -20,9 +22,23 @@ with epy.lazy_imports():
 from beit_jax.errors import ConfigError
 
 # timm's _RAND_INCREASING_TRANSFORMS / _RAND_TRANSFORMS, in its order.
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-       "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-       "TranslateYRel")
+OPS = (
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "Posterize",
+  "Solarize",
+  "SolarizeAdd",
+  "Color",
+  "Contrast",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
 _LEVEL_DENOM = 10.0
 _GRAY = (19595, 38470, 7471)  # PIL's RGB -> L weights, in 1/65536
 
@@ -30,6 +46,7 @@ _GRAY = (19595, 38470, 7471)  # PIL's RGB -> L weights, in 1/65536
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """One RandAugment policy (timm's `rand-...` string, parsed)."""
+
   num_ops: int = 2
   magnitude: float = 9.0
   magnitude_std: float = 0.5
@@ -49,16 +66,20 @@ def parse(text: str, field: str = "input.randaugment") -> Spec | None:
     return None
   parts = str(text).split("-")
   if parts[0] != "rand":
-    raise ConfigError(f"{field}={text!r} is invalid; accepted: '' or a timm RandAugment string "
-                      "like 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, inc, p)")
+    raise ConfigError(
+      f"{field}={text!r} is invalid; accepted: '' or a timm RandAugment string "
+      "like 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, inc, p)"
+    )
   kwargs = {}
   for part in parts[1:]:
     m = re.fullmatch(r"(mstd|inc|m|n|p)([0-9.]+)", part)
     try:
       key, value = m.group(1), float(m.group(2))
     except (AttributeError, ValueError):
-      raise ConfigError(f"{field}={text!r}: section {part!r} is not one of m<float>, n<int>, "
-                        "mstd<float>, inc<0|1>, p<float>") from None
+      raise ConfigError(
+        f"{field}={text!r}: section {part!r} is not one of m<float>, n<int>, "
+        "mstd<float>, inc<0|1>, p<float>"
+      ) from None
     if key == "m" and 0 <= value <= _LEVEL_DENOM:
       kwargs["magnitude"] = value
     elif key == "n" and value >= 1 and value.is_integer():
@@ -70,8 +91,10 @@ def parse(text: str, field: str = "input.randaugment") -> Spec | None:
     elif key == "p" and 0 <= value <= 1:
       kwargs["prob"] = value
     else:
-      raise ConfigError(f"{field}={text!r}: {part!r} is out of range (m in [0, 10], n >= 1, "
-                        "mstd >= 0, inc 0 or 1, p in [0, 1])")
+      raise ConfigError(
+        f"{field}={text!r}: {part!r} is out of range (m in [0, 10], n >= 1, "
+        "mstd >= 0, inc 0 or 1, p in [0, 1])"
+      )
   return Spec(**kwargs)
 
 
@@ -106,8 +129,7 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
 def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
   """PIL ImageOps.equalize of one band: [h, w] -> [h, w]."""
   values = tf.cast(channel, tf.int32)
-  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256,
-                          dtype=tf.int64)
+  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256, dtype=tf.int64)
   last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)[:, 0]))  # count of the top value
   step = (tf.reduce_sum(hist) - last) // 255
   safe = tf.maximum(step, 1)
@@ -149,7 +171,7 @@ def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
 
 def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13; border pixels kept)."""
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
+  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
   smooth = _floor8(smooth + 0.5)
@@ -170,13 +192,19 @@ def affine(image: tf.Tensor, matrix: tf.Tensor, fill: tuple[int, int, int]) -> t
   fill = tf.constant(fill, tf.float32)
   a, b, c, d, e, f = tf.unstack(matrix)
   # TF maps pixel indices (centres at i, not i + 0.5): in - 0.5 = M (out + 0.5) + t - 0.5.
-  transform = tf.stack([a, b, c + 0.5 * (a + b) - 0.5, d, e, f + 0.5 * (d + e) - 0.5,
-                        0.0, 0.0])[None]  # [1, 8]
+  transform = tf.stack([a, b, c + 0.5 * (a + b) - 0.5, d, e, f + 0.5 * (d + e) - 0.5, 0.0, 0.0])[
+    None
+  ]  # [1, 8]
   shape = tf.shape(image)[:2]
   # Constant fill is a scalar in TF: transform (image - fill) with 0 outside, add fill back.
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=(image - fill)[None], transforms=transform, output_shape=shape,
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    images=(image - fill)[None],
+    transforms=transform,
+    output_shape=shape,
+    fill_value=0.0,
+    interpolation="BILINEAR",
+    fill_mode="CONSTANT",
+  )[0]
   return tf.round(out + fill)
 
 
@@ -186,8 +214,9 @@ def rotate(image: tf.Tensor, degrees: tf.Tensor, fill) -> tf.Tensor:
   a = -degrees * (math.pi / 180.0)
   cos, sin = tf.cos(a), tf.sin(a)
   cx, cy = w / 2.0, h / 2.0
-  return affine(image, tf.stack([cos, sin, cx - cos * cx - sin * cy,
-                                 -sin, cos, cy + sin * cx - cos * cy]), fill)
+  return affine(
+    image, tf.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy]), fill
+  )
 
 
 def _shear_x(image, f, fill):
@@ -209,8 +238,9 @@ def _translate_y(image, pixels, fill):
 # --------------------------------------------------------------------------- the policy
 
 
-def apply_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, sign: tf.Tensor,
-             spec: Spec) -> tf.Tensor:
+def apply_op(
+  image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, sign: tf.Tensor, spec: Spec
+) -> tf.Tensor:
   """OPS[op] at `magnitude` (0..10), or the image unchanged for op == len(OPS).
 
   `sign` (+-1) negates the signed ones as timm does. Levels as timm's `*_level_to_arg`
@@ -230,22 +260,22 @@ def apply_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, sign: tf.Ten
   shear = sign * level * 0.3
   fill = spec.fill
   branches = [
-      lambda: auto_contrast(image),
-      lambda: equalize(image),
-      lambda: 255.0 - image,
-      lambda: rotate(image, sign * level * 30.0, fill),
-      lambda: posterize(image, bits),
-      lambda: solarize(image, threshold),
-      lambda: solarize_add(image, tf.floor(level * 110.0)),
-      lambda: color(image, enhance),
-      lambda: contrast(image, enhance),
-      lambda: brightness(image, enhance),
-      lambda: sharpness(image, enhance),
-      lambda: _shear_x(image, shear, fill),
-      lambda: _shear_y(image, shear, fill),
-      lambda: _translate_x(image, sign * level * spec.translate_pct * w, fill),
-      lambda: _translate_y(image, sign * level * spec.translate_pct * h, fill),
-      lambda: image,
+    lambda: auto_contrast(image),
+    lambda: equalize(image),
+    lambda: 255.0 - image,
+    lambda: rotate(image, sign * level * 30.0, fill),
+    lambda: posterize(image, bits),
+    lambda: solarize(image, threshold),
+    lambda: solarize_add(image, tf.floor(level * 110.0)),
+    lambda: color(image, enhance),
+    lambda: contrast(image, enhance),
+    lambda: brightness(image, enhance),
+    lambda: sharpness(image, enhance),
+    lambda: _shear_x(image, shear, fill),
+    lambda: _shear_y(image, shear, fill),
+    lambda: _translate_x(image, sign * level * spec.translate_pct * w, fill),
+    lambda: _translate_y(image, sign * level * spec.translate_pct * h, fill),
+    lambda: image,
   ]
   return tf.ensure_shape(tf.switch_case(op, branches), image.shape)
 
@@ -261,13 +291,18 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, spec: Spec) -> tf.Tensor:
   magnitudes = tf.clip_by_value(spec.magnitude + noise, 0.0, _LEVEL_DENOM)
   signs = tf.where(tf.random.stateless_uniform([n], seeds[3]) < 0.5, -1.0, 1.0)
   # A loop, not n copies: the 16-branch switch is traced once (tf.data builds it per map).
-  return tf.foldl(lambda x, args: apply_op(x, *args, spec=spec), (ops, magnitudes, signs),
-                  initializer=image)
+  return tf.foldl(
+    lambda x, args: apply_op(x, *args, spec=spec), (ops, magnitudes, signs), initializer=image
+  )
 
 
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float,
-                   scale: tuple[float, float] = (0.02, 1 / 3),
-                   ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> tf.Tensor:
+def random_erasing(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  prob: float,
+  scale: tuple[float, float] = (0.02, 1 / 3),
+  ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tf.Tensor:
   """timm RandomErasing(mode='pixel', max_count=1) on a normalised float [h, w, c] image.
 
   With probability `prob`, the first of 10 random rectangles (area fraction in `scale`,

@@ -22,6 +22,7 @@ more than `input.cat_max_ratio` of it); flip; photometric distortion; normalise;
 (`beit_jax.evaluation.segmentation`). An image whose label does not fit (another size, a value
 that is no class) is skipped and counted, in training as in evaluation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 from etils import epy
 from PIL import Image
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -47,8 +49,10 @@ from beit_jax.errors import ConfigError
 
 IGNORE = 255
 EMBEDDED = "embedded:digits"
-DATASETS = (f"'{EMBEDDED}', 'tfds:NAME' (features image, annotation) or 'folder:ROOT' "
-            "(images/ and annotations/)")
+DATASETS = (
+  f"'{EMBEDDED}', 'tfds:NAME' (features image, annotation) or 'folder:ROOT' "
+  "(images/ and annotations/)"
+)
 _LABEL_EXTENSION = ".png"
 # mmseg RandomCrop: the crop is redrawn up to this many times while one class dominates.
 _CROP_ATTEMPTS = 10
@@ -58,25 +62,33 @@ _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 32.0, (0.5, 1.5), (0.5, 1.5), 0.1
 
 
 def _int_pair(v) -> bool:
-  return (isinstance(v, (tuple, list)) and len(v) == 2
-          and all(validate.number(1, integer=True)(x) for x in v))
+  return (
+    isinstance(v, (tuple, list))
+    and len(v) == 2
+    and all(validate.number(1, integer=True)(x) for x in v)
+  )
 
 
 def _positive_numbers(v) -> bool:
-  return (isinstance(v, (tuple, list)) and len(v) > 0
-          and all(validate.number(0, lo_open=True)(x) for x in v))
+  return (
+    isinstance(v, (tuple, list))
+    and len(v) > 0
+    and all(validate.number(0, lo_open=True)(x) for x in v)
+  )
 
 
 RULES = (
-    ("input.scale", _int_pair, "(long side, short side), integers >= 1, e.g. (2048, 512)"),
-    ("input.ratio_range", validate.pair(0.01, 100), "(min, max) with 0.01 <= min <= max"),
-    ("input.cat_max_ratio", validate.number(0, 1, lo_open=True),
-     "a number in (0, 1] (1: any crop)"),
-    ("input.photometric", lambda v: isinstance(v, bool), "True or False"),
-    ("input.reduce_zero_label", lambda v: isinstance(v, bool), "True or False"),
-    ("input.num_classes", validate.number(1, IGNORE - 1, integer=True),
-     f"an integer in [1, {IGNORE - 1}] (label {IGNORE} is ignored)"),
-    ("input.eval_scales", _positive_numbers, "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
+  ("input.scale", _int_pair, "(long side, short side), integers >= 1, e.g. (2048, 512)"),
+  ("input.ratio_range", validate.pair(0.01, 100), "(min, max) with 0.01 <= min <= max"),
+  ("input.cat_max_ratio", validate.number(0, 1, lo_open=True), "a number in (0, 1] (1: any crop)"),
+  ("input.photometric", lambda v: isinstance(v, bool), "True or False"),
+  ("input.reduce_zero_label", lambda v: isinstance(v, bool), "True or False"),
+  (
+    "input.num_classes",
+    validate.number(1, IGNORE - 1, integer=True),
+    f"an integer in [1, {IGNORE - 1}] (label {IGNORE} is ignored)",
+  ),
+  ("input.eval_scales", _positive_numbers, "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
 )
 
 
@@ -98,8 +110,16 @@ _OPACITY_LEVELS = (0.4, 0.6)
 _STROKE = 0.5
 
 
-def paste_digit(image: np.ndarray, label: np.ndarray, digit: np.ndarray, cls: int, top: int,
-                left: int, side: int, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def paste_digit(
+  image: np.ndarray,
+  label: np.ndarray,
+  digit: np.ndarray,
+  cls: int,
+  top: int,
+  left: int,
+  side: int,
+  colour: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
   """One digit pasted in `colour`: its (stretched) gray levels blend the colour in, and the
   pixels of its stroke (opacity >= _STROKE) get label `cls`.
 
@@ -111,8 +131,10 @@ def paste_digit(image: np.ndarray, label: np.ndarray, digit: np.ndarray, cls: in
   Returns:
     (image, label) with the digit in the box at (top, left).
   """
-  gray = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR),
-                    np.float32) / 255.0
+  gray = (
+    np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BILINEAR), np.float32)
+    / 255.0
+  )
   lo, hi = _OPACITY_LEVELS
   alpha = np.clip((gray - lo) / (hi - lo), 0.0, 1.0)[..., None]  # [side, side, 1]
   image, label = image.copy(), label.copy()
@@ -124,8 +146,10 @@ def paste_digit(image: np.ndarray, label: np.ndarray, digit: np.ndarray, cls: in
 
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
   """A saturated colour of random hue: bright on a dark background, dark on a bright one."""
-  hsv = np.array([[[rng.uniform(0, 255), rng.uniform(180, 255),
-                    70 if background.mean() > 128 else 255]]], np.uint8)
+  hsv = np.array(
+    [[[rng.uniform(0, 255), rng.uniform(180, 255), 70 if background.mean() > 128 else 255]]],
+    np.uint8,
+  )
   return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)[0, 0]
 
 
@@ -135,9 +159,8 @@ def _background(rng: np.random.Generator, photo: np.ndarray, validation: bool) -
   x0, x1 = (lo, w) if validation else (0, lo)
   side = int(rng.integers(_CROP_SIDES[0], min(_CROP_SIDES[1], x1 - x0, h) + 1))
   top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(x0, x1 - side + 1))
-  crop = photo[top:top + side, left:left + side]
-  return np.asarray(Image.fromarray(crop).resize((SEG_SIDE, SEG_SIDE),
-                                                 Image.Resampling.BILINEAR))
+  crop = photo[top : top + side, left : left + side]
+  return np.asarray(Image.fromarray(crop).resize((SEG_SIDE, SEG_SIDE), Image.Resampling.BILINEAR))
 
 
 @functools.lru_cache(maxsize=4)
@@ -169,9 +192,10 @@ def digits_on_photos(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
       k = int(rng.integers(len(digits)))
       side = int(rng.integers(_DIGIT_SIDES[0], _DIGIT_SIDES[1] + 1))
       top, left = (int(x) for x in rng.integers(0, SEG_SIDE - side + 1, size=2))
-      colour = _contrasting_colour(rng, image[top:top + side, left:left + side])
-      image, label = paste_digit(image, label, digits[k][..., 0], int(classes[k]) + 1, top,
-                                 left, side, colour)
+      colour = _contrasting_colour(rng, image[top : top + side, left : left + side])
+      image, label = paste_digit(
+        image, label, digits[k][..., 0], int(classes[k]) + 1, top, left, side, colour
+      )
     images.append(image)
     labels.append(label)
   images, labels = np.stack(images), np.stack(labels)
@@ -194,6 +218,7 @@ def _decode_label(data: tf.Tensor) -> tf.Tensor:
 class _Pairs:
   """A source of (image, label) payloads: `decode_pair(payload) -> (uint8 [h, w, 3], uint8
   [h, w])`; `describe(id)` names an example in messages."""
+
   name: str
   num_examples: int
   class_names: tuple[str, ...] = ()
@@ -219,8 +244,9 @@ class EmbeddedPairs(_Pairs):
       raise ConfigError(f"{field}={split!r} of {EMBEDDED}: {e}") from None
     images, labels = digits_on_photos(base)
     n = len(images)
-    bound = lambda b: None if b is None else (
-        round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b))
+    bound = lambda b: (
+      None if b is None else (round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b))
+    )
     window = slice(bound(start), bound(stop))
     images, labels = images[window], labels[window]
     if not len(images):
@@ -244,18 +270,18 @@ def _split_dirs(root: str, split: str, field: str, split_field: str) -> tuple[st
   root = root.rstrip("/")
   images, labels = f"{root}/images", f"{root}/annotations"
   if not tf.io.gfile.isdir(images) or not tf.io.gfile.isdir(labels):
-    raise ConfigError(f"{field}='folder:{root}': needs the folders {root}/images and "
-                      f"{root}/annotations")
+    raise ConfigError(
+      f"{field}='folder:{root}': needs the folders {root}/images and {root}/annotations"
+    )
   if tf.io.gfile.isdir(f"{images}/{split}"):
     if not tf.io.gfile.isdir(f"{labels}/{split}"):
-      raise ConfigError(f"{split_field}={split!r}: {images}/{split} has no "
-                        f"{labels}/{split}")
+      raise ConfigError(f"{split_field}={split!r}: {images}/{split} has no {labels}/{split}")
     return f"{images}/{split}", f"{labels}/{split}"
-  subdirs = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(images)
-                   if tf.io.gfile.isdir(f"{images}/{d}"))
+  subdirs = sorted(
+    d.rstrip("/") for d in tf.io.gfile.listdir(images) if tf.io.gfile.isdir(f"{images}/{d}")
+  )
   if subdirs:
-    raise ConfigError(f"{split_field}={split!r} is not a split of {root}: images/ holds "
-                      f"{subdirs}")
+    raise ConfigError(f"{split_field}={split!r} is not a split of {root}: images/ holds {subdirs}")
   return images, labels
 
 
@@ -268,14 +294,17 @@ class FolderPairs(_Pairs):
     self._images = sources.FolderSource(images_dir)  # sorted image files, read by id
     paths = sources.list_image_folder(images_dir)[0]
     self._paths = paths
-    stems = [p[len(images_dir) + 1:].rpartition(".")[0] for p in paths]
+    stems = [p[len(images_dir) + 1 :].rpartition(".")[0] for p in paths]
     label_paths = [f"{labels_dir}/{s}{_LABEL_EXTENSION}" for s in stems]
-    present = {f"{d.rstrip('/')}/{n}" for d, _, names in tf.io.gfile.walk(labels_dir)
-               for n in names}
+    present = {
+      f"{d.rstrip('/')}/{n}" for d, _, names in tf.io.gfile.walk(labels_dir) for n in names
+    }
     missing = [p for p, lp in zip(paths, label_paths) if lp not in present]
     if missing:
-      raise ConfigError(f"{field}='folder:{root}': {len(missing)} images have no annotation "
-                        f"(e.g. {missing[0]}: expected {label_paths[paths.index(missing[0])]})")
+      raise ConfigError(
+        f"{field}='folder:{root}': {len(missing)} images have no annotation "
+        f"(e.g. {missing[0]}: expected {label_paths[paths.index(missing[0])]})"
+      )
     self.num_examples = len(paths)
     self._labels = tf.constant(label_paths)
 
@@ -301,8 +330,10 @@ class TfdsPairs(_Pairs, sources.TfdsSource):
   def __init__(self, name: str, split: str, data_dir: str | None, shuffle_buffer: int):
     super().__init__(name, split, data_dir, shuffle_buffer)
     if "annotation" not in self._features:
-      raise ConfigError(f"input.dataset='tfds:{name}' has no 'annotation' feature "
-                        f"(features: {list(self._features)})")
+      raise ConfigError(
+        f"input.dataset='tfds:{name}' has no 'annotation' feature "
+        f"(features: {list(self._features)})"
+      )
     # Plain graph code, kept from AutoGraph (wrapped here, not by a decorator: a decorator
     # would load TensorFlow when this module is imported).
     self._payload = ops.graph_only(self._payload)
@@ -310,7 +341,8 @@ class TfdsPairs(_Pairs, sources.TfdsSource):
   def _payload(self, example_id, record):
     skip = tfds.decode.SkipDecoding()
     example = self._features.deserialize_example(
-        record, decoders={"image": skip, "annotation": skip})
+      record, decoders={"image": skip, "annotation": skip}
+    )
     return example_id, (example["image"], example["annotation"])
 
   def decode_pair(self, payload):
@@ -334,8 +366,7 @@ def make_source(cfg: ml_collections.ConfigDict, *, train: bool) -> _Pairs:
       return TfdsPairs(arg, split, cfg.get("data_dir"), cfg.shuffle_buffer)
     except ConfigError as e:  # TfdsSource names input.split for any split
       raise ConfigError(str(e).replace("input.split=", f"{split_field}=", 1)) from None
-  raise ConfigError(f"{field}={dataset!r} is not a segmentation data set; accepted: "
-                    f"{DATASETS}")
+  raise ConfigError(f"{field}={dataset!r} is not a segmentation data set; accepted: {DATASETS}")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -343,11 +374,14 @@ def check(config: ml_collections.ConfigDict) -> None:
   train = make_source(config.input, train=True)
   make_source(config.input, train=False)
   if train.name == EMBEDDED and config.input.num_classes != 11:
-    raise ConfigError(f"input.num_classes={config.input.num_classes} but {EMBEDDED} has 11 "
-                      "classes (background and the 10 digits)")
+    raise ConfigError(
+      f"input.num_classes={config.input.num_classes} but {EMBEDDED} has 11 "
+      "classes (background and the 10 digits)"
+    )
   if config.input.reduce_zero_label and train.name == EMBEDDED:
-    raise ConfigError(f"input.reduce_zero_label=True would ignore the background of "
-                      f"{EMBEDDED} (its class 0)")
+    raise ConfigError(
+      f"input.reduce_zero_label=True would ignore the background of {EMBEDDED} (its class 0)"
+    )
 
 
 # --------------------------------------------------------------------------- examples
@@ -369,9 +403,17 @@ class Recipe:
   def from_config(cls, config: ml_collections.ConfigDict) -> "Recipe":
     validate.check(config, RULES)
     c = config.input
-    return cls(c.image_size, (max(c.scale), min(c.scale)), tuple(c.ratio_range),
-               float(c.cat_max_ratio), c.flip, c.photometric, c.reduce_zero_label,
-               c.num_classes, tuple(float(s) for s in c.eval_scales))
+    return cls(
+      c.image_size,
+      (max(c.scale), min(c.scale)),
+      tuple(c.ratio_range),
+      float(c.cat_max_ratio),
+      c.flip,
+      c.photometric,
+      c.reduce_zero_label,
+      c.num_classes,
+      tuple(float(s) for s in c.eval_scales),
+    )
 
 
 def rescale_size(h, w, long_side, short_side):
@@ -412,19 +454,19 @@ def _random_crop_window(label, seed, recipe: Recipe):
   lefts = tf.cast(tf.floor(u[:, 1] * tf.cast(w - cw + 1, tf.float32)), tf.int32)
 
   def ok(k):
-    crop = label[tops[k]:tops[k] + ch, lefts[k]:lefts[k] + cw]
-    counts = tf.math.bincount(tf.reshape(crop, [-1]), minlength=IGNORE + 1,
-                              maxlength=IGNORE + 1)[:IGNORE]
+    crop = label[tops[k] : tops[k] + ch, lefts[k] : lefts[k] + cw]
+    counts = tf.math.bincount(tf.reshape(crop, [-1]), minlength=IGNORE + 1, maxlength=IGNORE + 1)[
+      :IGNORE
+    ]
     total = tf.maximum(tf.reduce_sum(counts), 1)
-    return ((tf.math.count_nonzero(counts) > 1) &
-            (tf.cast(tf.reduce_max(counts), tf.float32) / tf.cast(total, tf.float32)
-             < recipe.cat_max_ratio))
+    return (tf.math.count_nonzero(counts) > 1) & (
+      tf.cast(tf.reduce_max(counts), tf.float32) / tf.cast(total, tf.float32) < recipe.cat_max_ratio
+    )
 
   if recipe.cat_max_ratio >= 1.0:
     k = tf.constant(0)
   else:
-    k = tf.while_loop(lambda k: (k < _CROP_ATTEMPTS) & ~ok(k), lambda k: k + 1,
-                      [tf.constant(0)])[0]
+    k = tf.while_loop(lambda k: (k < _CROP_ATTEMPTS) & ~ok(k), lambda k: k + 1, [tf.constant(0)])[0]
   return tf.stack([tops[k], lefts[k], ch, cw])
 
 
@@ -440,10 +482,10 @@ def photometric_distortion(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   contrast_first = coin(4)
   image = tf.where(contrast_first, contrast(image), image)
   hsv = tf.image.rgb_to_hsv(image / 255.0)
-  sat = tf.where(coin(5), tf.clip_by_value(hsv[..., 1] * between(6, *_SATURATION), 0.0, 1.0),
-                 hsv[..., 1])
-  hue = tf.where(coin(7), tf.math.floormod(hsv[..., 0] + between(8, -_HUE, _HUE), 1.0),
-                 hsv[..., 0])
+  sat = tf.where(
+    coin(5), tf.clip_by_value(hsv[..., 1] * between(6, *_SATURATION), 0.0, 1.0), hsv[..., 1]
+  )
+  hue = tf.where(coin(7), tf.math.floormod(hsv[..., 0] + between(8, -_HUE, _HUE), 1.0), hsv[..., 0])
   image = tf.image.hsv_to_rgb(tf.stack([hue, sat, hsv[..., 2]], -1)) * 255.0
   return tf.where(contrast_first, image, contrast(image))
 
@@ -479,9 +521,14 @@ def _train_example(seed, payload, decode_pair, recipe: Recipe) -> dict:
   return {"image": tf.ensure_shape(image, [s, s, 3]), "label": tf.ensure_shape(label, [s, s])}
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: int = 0,
-                        process_index: int = 0, process_count: int = 1
-                        ) -> batching.BatchIterator:
+def make_train_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> batching.BatchIterator:
   """Augmented training batches of this process from step `start_step` on.
 
   Returns:
@@ -491,10 +538,16 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_s
   recipe = Recipe.from_config(config)
   source = make_source(config.input, train=True)
   return batching.make_iterator(
-      source, ops.graph_only(
-          lambda seed, payload, _: _train_example(seed, payload, source.decode_pair, recipe)),
-      batch_size=config.input.batch_size, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count)
+    source,
+    ops.graph_only(
+      lambda seed, payload, _: _train_example(seed, payload, source.decode_pair, recipe)
+    ),
+    batch_size=config.input.batch_size,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 class EvalData:
@@ -506,20 +559,21 @@ class EvalData:
     self.recipe = Recipe.from_config(config)
     self.source = make_source(config.input, train=False)
     self.num_examples = self.source.num_examples
-    ds = self.source.in_order().map(ops.graph_only(self._example),
-                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = self.source.in_order().map(
+      ops.graph_only(self._example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     self._ds = ds.ignore_errors().prefetch(2).with_options(batching.options())
 
   def _example(self, example_id, payload) -> dict:
     recipe = self.recipe
     image, label, problem = _decoded(payload, self.source.decode_pair, recipe)
-    out = {"id": example_id, "image": image, "label": tf.cast(label, tf.uint8),
-           "problem": problem}
+    out = {"id": example_id, "image": image, "label": tf.cast(label, tf.uint8), "problem": problem}
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     pixels = tf.cast(image, tf.float32)
     for k, ratio in enumerate(recipe.eval_scales):  # mmseg MultiScaleFlipAug img_ratios
-      size = rescale_size(h, w, float(int(recipe.scale[0] * ratio)),
-                          float(int(recipe.scale[1] * ratio)))
+      size = rescale_size(
+        h, w, float(int(recipe.scale[0] * ratio)), float(int(recipe.scale[1] * ratio))
+      )
       out[f"view_{k}"] = _normalize(tf.image.resize(pixels, size, "bilinear", antialias=False))
     return out
 

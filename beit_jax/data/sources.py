@@ -9,6 +9,7 @@ uninterrupted one:
     skips consumed examples for free;
   * TFDS reads its files in a seeded order through a seeded shuffle buffer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -41,23 +43,31 @@ ORDER_SALT = 1
 
 
 def _dataset(v) -> bool:
-  return isinstance(v, str) and (v in EMBEDDED or (
-      v.startswith(("tfds:", "folder:")) and len(v.partition(":")[2]) > 0))
+  return isinstance(v, str) and (
+    v in EMBEDDED or (v.startswith(("tfds:", "folder:")) and len(v.partition(":")[2]) > 0)
+  )
 
 
 RULES = (
-    ("input.dataset", _dataset, f"one of {EMBEDDED}, 'tfds:NAME' or 'folder:/path'"),
-    ("input.eval_dataset", lambda v: v == "" or _dataset(v),
-     "'' (the training data set) or a data set like input.dataset"),
-    ("input.eval_split", lambda v: isinstance(v, str) and len(v) > 0,
-     "a split name, e.g. 'validation'"),
-    ("input.shuffle_buffer", *validate.POSITIVE_INT),
+  ("input.dataset", _dataset, f"one of {EMBEDDED}, 'tfds:NAME' or 'folder:/path'"),
+  (
+    "input.eval_dataset",
+    lambda v: v == "" or _dataset(v),
+    "'' (the training data set) or a data set like input.dataset",
+  ),
+  (
+    "input.eval_split",
+    lambda v: isinstance(v, str) and len(v) > 0,
+    "a split name, e.g. 'validation'",
+  ),
+  ("input.shuffle_buffer", *validate.POSITIVE_INT),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
   """This process's part of every epoch."""
+
   index: int
   count: int
   batch_size: int  # per process
@@ -70,12 +80,14 @@ class Shard:
 
 class Source(Protocol):
   """Examples with ids 0..num_examples-1; records are (id, payload)."""
+
   name: str  # the `input.dataset` value, for messages
   num_examples: int
   class_names: tuple[str, ...]  # labelled sources only
 
-  def epoch(self, seed: tf.Tensor, epoch: tf.Tensor, start: tf.Tensor,
-            shard: Shard) -> tf.data.Dataset:
+  def epoch(
+    self, seed: tf.Tensor, epoch: tf.Tensor, start: tf.Tensor, shard: Shard
+  ) -> tf.data.Dataset:
     """(id, payload) records of one epoch of `shard` from its position `start` on."""
 
   def in_order(self) -> tf.data.Dataset:
@@ -87,6 +99,7 @@ class Source(Protocol):
 
 class _Indexed:
   """Random access by id: an epoch is a stateless permutation, a resume costs nothing."""
+
   name: str
   num_examples: int
 
@@ -103,15 +116,14 @@ class _Indexed:
       step, row = position // shard.batch_size, position % shard.batch_size
       position = step * global_batch + shard.index * shard.batch_size + row
       return tf.random.experimental.index_shuffle(
-          position, order_seed, tf.constant(self.num_examples - 1, tf.int64))
+        position, order_seed, tf.constant(self.num_examples - 1, tf.int64)
+      )
 
     ids = tf.data.Dataset.range(start, shard.epoch_length).map(ops.graph_only(example_id))
-    return ids.map(ops.graph_only(lambda i: (i, self.load(i))),
-                   num_parallel_calls=tf.data.AUTOTUNE)
+    return ids.map(ops.graph_only(lambda i: (i, self.load(i))), num_parallel_calls=tf.data.AUTOTUNE)
 
   def in_order(self):
-    return tf.data.Dataset.range(self.num_examples).map(
-        ops.graph_only(lambda i: (i, self.load(i))))
+    return tf.data.Dataset.range(self.num_examples).map(ops.graph_only(lambda i: (i, self.load(i))))
 
   def decode_crop(self, image, window_fn):
     return ops.decode_crop(image, window_fn)
@@ -120,8 +132,14 @@ class _Indexed:
 class ArraySource(_Indexed):
   """uint8 images held in memory (the embedded sets); example id -> image id % count."""
 
-  def __init__(self, name: str, images, num_examples: int | None = None,
-               labels=None, class_names: tuple[str, ...] = ()):
+  def __init__(
+    self,
+    name: str,
+    images,
+    num_examples: int | None = None,
+    labels=None,
+    class_names: tuple[str, ...] = (),
+  ):
     self.name, self._count = name, len(images)
     self.num_examples = self._count if num_examples is None else num_examples
     self.class_names = class_names
@@ -137,8 +155,9 @@ class ArraySource(_Indexed):
 
   def decode_crop(self, image, window_fn):
     shape = self._shapes[image]
-    pixels = tf.reshape(self._pixels[self._offsets[image]:self._offsets[image + 1]],
-                        [shape[0], shape[1], 3])
+    pixels = tf.reshape(
+      self._pixels[self._offsets[image] : self._offsets[image + 1]], [shape[0], shape[1], 3]
+    )
     return ops.crop(pixels, window_fn(shape))
 
 
@@ -162,8 +181,10 @@ class FolderSource(_Indexed):
     if labelled:
       loose = sum(1 for label in labels if label < 0)
       if loose or not self.class_names:
-        raise ConfigError(f"input.dataset='folder:{root}': classification needs one subfolder "
-                          f"per class; {loose} image files lie directly in {root}")
+        raise ConfigError(
+          f"input.dataset='folder:{root}': classification needs one subfolder "
+          f"per class; {loose} image files lie directly in {root}"
+        )
     self.num_examples = len(paths)
     self._paths = tf.constant(paths)
     self._labels = tf.constant(labels, tf.int32) if labelled else None
@@ -189,11 +210,14 @@ def list_image_folder(root: str) -> tuple[tuple[str, ...], tuple[int, ...], tupl
     raise ConfigError(f"{field}: {root} is not a directory")
   prefix = root.rstrip("/") + "/"
   paths = sorted(
-      f"{dirpath.rstrip('/')}/{name}" for dirpath, _, names in tf.io.gfile.walk(root)
-      for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    f"{dirpath.rstrip('/')}/{name}"
+    for dirpath, _, names in tf.io.gfile.walk(root)
+    for name in names
+    if name.lower().endswith(IMAGE_EXTENSIONS)
+  )
   if not paths:
     raise ConfigError(f"{field}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-  tops = [p[len(prefix):].split("/")[0] if "/" in p[len(prefix):] else None for p in paths]
+  tops = [p[len(prefix) :].split("/")[0] if "/" in p[len(prefix) :] else None for p in paths]
   class_names = tuple(sorted({t for t in tops if t is not None}))
   index = {name: i for i, name in enumerate(class_names)}
   return tuple(paths), tuple(index.get(t, -1) for t in tops), class_names
@@ -202,40 +226,50 @@ def list_image_folder(root: str) -> tuple[tuple[str, ...], tuple[int, ...], tupl
 class TfdsSource:
   """A prepared TFDS dataset (TFRecord files), read without decoding the images."""
 
-  def __init__(self, name: str, split: str, data_dir: str | None, shuffle_buffer: int,
-               labelled: bool = False):
+  def __init__(
+    self, name: str, split: str, data_dir: str | None, shuffle_buffer: int, labelled: bool = False
+  ):
     self.name = f"tfds:{name}"
     field = f"input.dataset={self.name!r}"
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
-      raise ConfigError(f"{field}: TFDS knows no dataset {name!r} (not registered, nothing "
-                        f"prepared in input.data_dir={data_dir})") from None
+      raise ConfigError(
+        f"{field}: TFDS knows no dataset {name!r} (not registered, nothing "
+        f"prepared in input.data_dir={data_dir})"
+      ) from None
     root = builder.data_dir_root
     if not builder.is_prepared():
       how = f"run `tfds build {name} --data_dir={root}`"
       if name.split("/")[0].split(":")[0] == "imagenet2012":
-        how = (f"download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into "
-               f"{root}/downloads/manual/, then {how}")
+        how = (
+          f"download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into "
+          f"{root}/downloads/manual/, then {how}"
+        )
       raise ConfigError(f"{field} is not prepared in input.data_dir={root}: {how}")
     info = builder.info
     if "image" not in info.features:
       raise ConfigError(f"{field} has no 'image' feature (features: {list(info.features)})")
     if info.file_format != tfds.core.FileFormat.TFRECORD:
-      raise ConfigError(f"{field} is stored as {info.file_format.value}; this pipeline reads "
-                        f"tfrecord: rebuild with `tfds build {name} --file_format=tfrecord`")
+      raise ConfigError(
+        f"{field} is stored as {info.file_format.value}; this pipeline reads "
+        f"tfrecord: rebuild with `tfds build {name} --file_format=tfrecord`"
+      )
     try:
       split_info = info.splits[split]
     except (KeyError, ValueError):
-      raise ConfigError(f"input.split={split!r} is not a split of {name}; available: "
-                        f"{sorted(info.splits)}") from None
+      raise ConfigError(
+        f"input.split={split!r} is not a split of {name}; available: {sorted(info.splits)}"
+      ) from None
     self.class_names: tuple[str, ...] = ()
     self._labelled = labelled
     if labelled:
       label = info.features["label"] if "label" in info.features else None
       if not isinstance(label, tfds.features.ClassLabel):
-        raise ConfigError(f"input.dataset='tfds:{name}' has no ClassLabel feature 'label' "
-                          f"(features: {list(info.features)})")
+        raise ConfigError(
+          f"input.dataset='tfds:{name}' has no ClassLabel feature 'label' "
+          f"(features: {list(info.features)})"
+        )
       self.class_names = tuple(label.names)
     self.num_examples = split_info.num_examples
     self._features = info.features
@@ -259,7 +293,8 @@ class TfdsSource:
 
   def _payload(self, example_id, record):
     example = self._features.deserialize_example(
-        record, decoders={"image": tfds.decode.SkipDecoding()})
+      record, decoders={"image": tfds.decode.SkipDecoding()}
+    )
     if self._labelled:
       return example_id, (example["image"], tf.cast(example["label"], tf.int32))
     return example_id, example["image"]
@@ -275,20 +310,35 @@ class TfdsSource:
       return records.enumerate(firsts[k])
 
     records = tf.data.Dataset.from_tensor_slices(order).interleave(
-        read, cycle_length=min(_FILE_CYCLE, len(instructions)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      read,
+      cycle_length=min(_FILE_CYCLE, len(instructions)),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     records = records.shuffle(
-        self._buffer, reshuffle_each_iteration=False,
-        seed=tf.random.stateless_uniform([], buffer_seed, minval=None, maxval=None,
-                                         dtype=tf.int64))
-    return records.take(shard.epoch_length).skip(start).map(
-        self._payload, num_parallel_calls=tf.data.AUTOTUNE)
+      self._buffer,
+      reshuffle_each_iteration=False,
+      seed=tf.random.stateless_uniform([], buffer_seed, minval=None, maxval=None, dtype=tf.int64),
+    )
+    return (
+      records.take(shard.epoch_length)
+      .skip(start)
+      .map(self._payload, num_parallel_calls=tf.data.AUTOTUNE)
+    )
 
   def in_order(self):
     files, skips, takes, firsts = _instruction_tensors(self._instructions)
-    return tf.data.Dataset.range(len(self._instructions)).flat_map(ops.graph_only(
-        lambda k: tf.data.TFRecordDataset(files[k]).skip(skips[k]).take(takes[k]).enumerate(
-            firsts[k]))).map(self._payload)
+    return (
+      tf.data.Dataset.range(len(self._instructions))
+      .flat_map(
+        ops.graph_only(
+          lambda k: (
+            tf.data.TFRecordDataset(files[k]).skip(skips[k]).take(takes[k]).enumerate(firsts[k])
+          )
+        )
+      )
+      .map(self._payload)
+    )
 
   def decode_crop(self, image, window_fn):
     return ops.decode_crop(image, window_fn)
@@ -296,8 +346,12 @@ class TfdsSource:
 
 def _instruction_tensors(instructions) -> tuple[tf.Tensor, ...]:
   files, skips, takes, firsts = zip(*instructions)
-  return (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
-          tf.constant(firsts, tf.int64))
+  return (
+    tf.constant(files),
+    tf.constant(skips, tf.int64),
+    tf.constant(takes, tf.int64),
+    tf.constant(firsts, tf.int64),
+  )
 
 
 def _get(cfg: ml_collections.ConfigDict, name: str):
@@ -311,17 +365,21 @@ def make_source(cfg: ml_collections.ConfigDict) -> Source:
   dataset = _get(cfg, "dataset")
   kind, sep, arg = dataset.partition(":") if isinstance(dataset, str) else ("", "", "")
   if dataset == "embedded":  # random crops of the bundled photos; id -> photo id % 20
-    return ArraySource("embedded", embedded.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE),
-                       _get(cfg, "embedded_epoch_size"))
+    return ArraySource(
+      "embedded",
+      embedded.load_embedded_images(max_side=_EMBEDDED_MAX_SIDE),
+      _get(cfg, "embedded_epoch_size"),
+    )
   if kind == "embedded" and arg in embedded.LABELLED:  # its images, labels unused
     return ArraySource(dataset, load_labelled(arg, _get(cfg, "split"), "input.split")[0])
   if sep and arg and kind == "folder":
     return FolderSource(arg)
   if sep and arg and kind == "tfds":
-    return TfdsSource(arg, _get(cfg, "split"), _get(cfg, "data_dir"),
-                      _get(cfg, "shuffle_buffer"))
-  raise ConfigError(f"input.dataset must be 'embedded', {EMBEDDED[1:]}, 'tfds:NAME' or "
-                    f"'folder:PATH', got {dataset!r}")
+    return TfdsSource(arg, _get(cfg, "split"), _get(cfg, "data_dir"), _get(cfg, "shuffle_buffer"))
+  raise ConfigError(
+    f"input.dataset must be 'embedded', {EMBEDDED[1:]}, 'tfds:NAME' or "
+    f"'folder:PATH', got {dataset!r}"
+  )
 
 
 def make_labelled_source(cfg: ml_collections.ConfigDict, *, train: bool) -> Source:
@@ -337,7 +395,7 @@ def make_labelled_source(cfg: ml_collections.ConfigDict, *, train: bool) -> Sour
   if sep and arg and kind == "folder":
     return FolderSource(arg, labelled=True)
   if sep and arg and kind == "tfds":
-    return TfdsSource(arg, split, cfg.get("data_dir"), _get(cfg, "shuffle_buffer"),
-                      labelled=True)
-  raise ConfigError(f"{field}={dataset!r} is not a labelled data set; accepted: "
-                    f"{LABELLED_DATASETS}")
+    return TfdsSource(arg, split, cfg.get("data_dir"), _get(cfg, "shuffle_buffer"), labelled=True)
+  raise ConfigError(
+    f"{field}={dataset!r} is not a labelled data set; accepted: {LABELLED_DATASETS}"
+  )

@@ -6,12 +6,14 @@ Lanczos, [0, 1]; VQ-KD: 224 in [-1, 1]). A view is data -- a size, a resize meth
 value mapping -- so a new tokenizer or teacher declares its view instead of adding a
 pipeline function. Every view of an example shares its flip.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 from etils import epy
+
 # Loaded at first use, by a tf.data pipeline: the compute path imports this module without TF.
 with epy.lazy_imports():
   import tensorflow as tf
@@ -25,10 +27,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Value mappings of [0, 1] pixels: (mean, std) of (x - mean) / std; None keeps [0, 1].
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
-    "unit": None,
-    "signed": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1]
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (CLIP_MEAN, CLIP_STD),
+  "unit": None,
+  "signed": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1]
+  "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+  "clip": (CLIP_MEAN, CLIP_STD),
 }
 RESIZE_METHODS = ("bicubic", "bilinear", "lanczos3", "lanczos5", "area", "nearest")
 
@@ -36,6 +38,7 @@ RESIZE_METHODS = ("bicubic", "bilinear", "lanczos3", "lanczos5", "area", "neares
 @dataclasses.dataclass(frozen=True)
 class View:
   """One picture of the shared crop: resize, flip (shared), then map the values."""
+
   size: int
   resize: str = "bicubic"
   normalization: str = "imagenet"
@@ -44,8 +47,9 @@ class View:
     if self.resize not in RESIZE_METHODS:
       raise ValueError(f"view resize={self.resize!r}; accepted: {RESIZE_METHODS}")
     if self.normalization not in NORMALIZATIONS:
-      raise ValueError(f"view normalization={self.normalization!r}; accepted: "
-                       f"{tuple(NORMALIZATIONS)}")
+      raise ValueError(
+        f"view normalization={self.normalization!r}; accepted: {tuple(NORMALIZATIONS)}"
+      )
 
   def apply(self, crop: tf.Tensor, flip_seed: tf.Tensor | None) -> tf.Tensor:
     """float [h, w, 3] crop in [0, 1] -> [size, size, 3]."""

@@ -4,6 +4,7 @@ Top-1 / top-5 / loss over a full, padded pass of the validation split; `best/` k
 params of the best evaluation; `results.json` the last and best metrics. `evaluation_hook`
 turns these into a runner hook (every `eval_every_steps` and at the end).
 """
+
 import json
 import math
 from typing import Any, Callable
@@ -25,8 +26,9 @@ from beit_jax.data import classification as data
 RULES = (("eval_every_steps", *validate.POSITIVE_INT),)
 
 
-def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array
-                        ) -> dict[str, jax.Array]:
+def classification_sums(
+  logits: jax.Array, labels: jax.Array, valid: jax.Array
+) -> dict[str, jax.Array]:
   """Sums over the valid rows of a batch: top-1 / top-5 hits, cross-entropy, count.
 
   Args:
@@ -35,13 +37,20 @@ def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array
   weight = valid.astype(jnp.float32)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, k]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return {"top1": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
-          "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weight),
-          "loss": jnp.sum(ce * weight), "examples": jnp.sum(weight)}
+  return {
+    "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
+    "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weight),
+    "loss": jnp.sum(ce * weight),
+    "examples": jnp.sum(weight),
+  }
 
 
-def evaluate(eval_fn: Callable[[Any, dict], dict], params: Any, data_pass: data.EvalData,
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
+def evaluate(
+  eval_fn: Callable[[Any, dict], dict],
+  params: Any,
+  data_pass: data.EvalData,
+  mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
   """top1, top5 (fractions), loss (mean) and examples over a full pass of `data_pass`."""
   sums = None
   for batch in data_pass:
@@ -61,8 +70,9 @@ class BestCheckpoint:
 
   def __init__(self, workdir: str, key: str = "top1"):
     self._key = key
-    self._manager = checkpoint.make_manager(str(epath.Path(workdir) / "best"), every_steps=1,
-                                            keep=1, async_save=False)
+    self._manager = checkpoint.make_manager(
+      str(epath.Path(workdir) / "best"), every_steps=1, keep=1, async_save=False
+    )
     self.step, self.metrics = None, {}
     step = self._manager.latest_step()
     if step is not None:
@@ -88,39 +98,57 @@ class BestCheckpoint:
     self._manager.close()
 
 
-def evaluation_hook(ctx: runner.Context, config: ml_collections.ConfigDict, desc: str,
-                    eval_step: Callable[[Any, dict, Any], dict],
-                    metric_keys: Callable[[dict], dict] = dict) -> runner.Hook:
+def evaluation_hook(
+  ctx: runner.Context,
+  config: ml_collections.ConfigDict,
+  desc: str,
+  eval_step: Callable[[Any, dict, Any], dict],
+  metric_keys: Callable[[dict], dict] = dict,
+) -> runner.Hook:
   """Validation every `eval_every_steps` and at the end, keeping `best/` and `results.json`.
 
   `eval_step(params, batch, frozen)` returns `classification_sums` (per-layer keys are fine
   if `metric_keys` derives top1/top5/loss from them, as the probe's best layer does).
   The hook returns `val_*` of this evaluation and `best_val_*` / `best_step`.
   """
-  eval_data = data.EvalData(config, process_index=jax.process_index(),
-                            process_count=jax.process_count())
-  sharding.check_batch_size(eval_data.batch_size * jax.process_count(), ctx.mesh,
-                            "input.eval_batch_size")
-  jitted = jax.jit(eval_step, in_shardings=(
-      ctx.state_shardings.params, sharding.batch_sharding(ctx.mesh),
-      jax.tree.map(lambda x: x.sharding, ctx.frozen)), out_shardings=sharding.replicated(ctx.mesh))
+  eval_data = data.EvalData(
+    config, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  sharding.check_batch_size(
+    eval_data.batch_size * jax.process_count(), ctx.mesh, "input.eval_batch_size"
+  )
+  jitted = jax.jit(
+    eval_step,
+    in_shardings=(
+      ctx.state_shardings.params,
+      sharding.batch_sharding(ctx.mesh),
+      jax.tree.map(lambda x: x.sharding, ctx.frozen),
+    ),
+    out_shardings=sharding.replicated(ctx.mesh),
+  )
   best = BestCheckpoint(ctx.workdir)
   logging.info("%s: %d validation images", desc, eval_data.num_examples)
 
   def evaluation(step: int, state) -> dict[str, float]:
-    metrics = evaluate(lambda p, b: jitted(p, b, ctx.frozen), state.params, eval_data,
-                       ctx.mesh)
+    metrics = evaluate(lambda p, b: jitted(p, b, ctx.frozen), state.params, eval_data, ctx.mesh)
     metrics.update(metric_keys(metrics))
     improved = best.update(step, state.params, metrics)
     ctx.writer.write_scalars(step, {f"val_{k}": v for k, v in metrics.items()})
     last = {f"val_{k}": v for k, v in metrics.items()}
     last.update({f"best_val_{k}": v for k, v in best.metrics.items()}, best_step=best.step)
-    logging.info("%s: step %d validation top-1 %.4f, top-5 %.4f (%d images)%s", desc, step,
-                 metrics["top1"], metrics["top5"], metrics["examples"],
-                 " (best so far)" if improved else f"; best {best.value:.4f} at {best.step}")
+    logging.info(
+      "%s: step %d validation top-1 %.4f, top-5 %.4f (%d images)%s",
+      desc,
+      step,
+      metrics["top1"],
+      metrics["top5"],
+      metrics["examples"],
+      " (best so far)" if improved else f"; best {best.value:.4f} at {best.step}",
+    )
     if jax.process_index() == 0:
-      (epath.Path(ctx.workdir) / "results.json").write_text(json.dumps(dict(last, step=step),
-                                                                       indent=2))
+      (epath.Path(ctx.workdir) / "results.json").write_text(
+        json.dumps(dict(last, step=step), indent=2)
+      )
     return last
 
   return runner.Hook(config.eval_every_steps, evaluation, best.close)

@@ -4,18 +4,32 @@ Apart from the runs (`pretraining_helps`) so that it can be used and tested with
 module's command-line flags. Runs are keyed `<task>/<init>`: task 'finetune', 'probe' or
 'segment' (validation mIoU; optional), init 'random' or a pretraining method ('v1', 'v2').
 """
+
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
-TASKS = {"finetune": "fine-tuning", "probe": "linear probe (best block)",
-         "segment": "segmentation mIoU"}
-NAMES = {"random": "random init", "v1": "BEiT v1 (dVAE tokens)", "v2": "BEiT v2 (VQ-KD tokens)",
-         "random_masking": "v1, random masking", "pixels": "v1, pixel regression"}
+TASKS = {
+  "finetune": "fine-tuning",
+  "probe": "linear probe (best block)",
+  "segment": "segmentation mIoU",
+}
+NAMES = {
+  "random": "random init",
+  "v1": "BEiT v1 (dVAE tokens)",
+  "v2": "BEiT v2 (VQ-KD tokens)",
+  "random_masking": "v1, random masking",
+  "pixels": "v1, pixel regression",
+}
 # The orderings the table checks: (better, worse) as the papers have it.
 COMPARISONS = (("v2", "v1"), ("v1", "random_masking"), ("v1", "pixels"))
-COLOURS = {"random": (190, 190, 190), "v1": (31, 119, 180), "v2": (214, 39, 40),
-           "random_masking": (255, 127, 14), "pixels": (44, 160, 44)}
+COLOURS = {
+  "random": (190, 190, 190),
+  "v1": (31, 119, 180),
+  "v2": (214, 39, 40),
+  "random_masking": (255, 127, 14),
+  "pixels": (44, 160, 44),
+}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -37,8 +51,11 @@ def summarise(runs: dict[str, list[float]], methods: tuple[str, ...]) -> dict:
     rand = runs[f"{task}/random"]
     s = {"random": {"top1": mean_std(rand), "per_seed": rand}}
     for m in methods:
-      s[m] = {"top1": mean_std(runs[f"{task}/{m}"]), "per_seed": runs[f"{task}/{m}"],
-              **paired(runs[f"{task}/{m}"], rand)}
+      s[m] = {
+        "top1": mean_std(runs[f"{task}/{m}"]),
+        "per_seed": runs[f"{task}/{m}"],
+        **paired(runs[f"{task}/{m}"], rand),
+      }
     for a, b in COMPARISONS:
       if {a, b} <= set(methods):
         s[f"{a}_vs_{b}"] = paired(runs[f"{task}/{a}"], runs[f"{task}/{b}"])
@@ -60,44 +77,68 @@ def markdown(summary: dict, meta: dict) -> str:
   the per-seed scores; `meta['mim']` = {method: {mim_accuracy, majority_baseline}},
   `meta['segmentation_steps']` if segmentation ran."""
   methods = [m for m in NAMES if m != "random" and m in summary["finetune"]]
-  rows = ["| validation top-1 (%) | fine-tuning | vs random | linear probe (best block) | "
-          "vs random | MIM accuracy (majority) |", "|---|---|---|---|---|---|"]
+  rows = [
+    "| validation top-1 (%) | fine-tuning | vs random | linear probe (best block) | "
+    "vs random | MIM accuracy (majority) |",
+    "|---|---|---|---|---|---|",
+  ]
   ft, pr = summary["finetune"], summary["probe"]
-  rows.append(f"| {NAMES['random']} | {_pct(ft['random']['top1'])} | | "
-              f"{_pct(pr['random']['top1'])} | | |")
+  rows.append(
+    f"| {NAMES['random']} | {_pct(ft['random']['top1'])} | | {_pct(pr['random']['top1'])} | | |"
+  )
   for m in methods:
     mim = meta["mim"][m]
-    acc = ("—" if np.isnan(mim["mim_accuracy"][0]) else
-           f"{_pct(mim['mim_accuracy'])} ({_pct(mim['majority_baseline'])})")
-    rows.append(f"| {NAMES[m]} | {_pct(ft[m]['top1'])} | {_diff(ft[m])} | "
-                f"{_pct(pr[m]['top1'])} | {_diff(pr[m])} | {acc} |")
+    acc = (
+      "—"
+      if np.isnan(mim["mim_accuracy"][0])
+      else f"{_pct(mim['mim_accuracy'])} ({_pct(mim['majority_baseline'])})"
+    )
+    rows.append(
+      f"| {NAMES[m]} | {_pct(ft[m]['top1'])} | {_diff(ft[m])} | "
+      f"{_pct(pr[m]['top1'])} | {_diff(pr[m])} | {acc} |"
+    )
   rows.append("")
   seg = summary.get("segment")
   if seg:
-    rows += ["| validation mIoU (%) | segmentation | vs random |", "|---|---|---|",
-             f"| {NAMES['random']} | {_pct(seg['random']['top1'])} | |"]
+    rows += [
+      "| validation mIoU (%) | segmentation | vs random |",
+      "|---|---|---|",
+      f"| {NAMES['random']} | {_pct(seg['random']['top1'])} | |",
+    ]
     rows += [f"| {NAMES[m]} | {_pct(seg[m]['top1'])} | {_diff(seg[m])} |" for m in methods]
     rows.append("")
   for a, b in COMPARISONS:
     if f"{a}_vs_{b}" in ft:
-      rows.append(f"{NAMES[a]} - {NAMES[b]}, paired (seeds where the first is better): "
-                  f"fine-tuning {_diff(ft[f'{a}_vs_{b}'])}, linear probe "
-                  f"{_diff(pr[f'{a}_vs_{b}'])}"
-                  + (f", segmentation {_diff(seg[f'{a}_vs_{b}'])}." if seg else "."))
+      rows.append(
+        f"{NAMES[a]} - {NAMES[b]}, paired (seeds where the first is better): "
+        f"fine-tuning {_diff(ft[f'{a}_vs_{b}'])}, linear probe "
+        f"{_diff(pr[f'{a}_vs_{b}'])}"
+        + (f", segmentation {_diff(seg[f'{a}_vs_{b}'])}." if seg else ".")
+      )
       rows.append("")
   for task, s in summary.items():
-    rows.append(f"Per seed, {TASKS[task]}: " + "; ".join(
+    rows.append(
+      f"Per seed, {TASKS[task]}: "
+      + "; ".join(
         f"{NAMES[i]} {', '.join(f'{100 * v:.1f}' for v in s[i]['per_seed'])}"
-        for i in ["random"] + methods) + ".")
+        for i in ["random"] + methods
+      )
+      + "."
+    )
   rows.append("")
-  rows.append(f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
-              f"{meta['dataset']}` ({meta['num_train']} labelled training images, split "
-              f"'{meta['labels']}'; {meta['num_eval']} validation images); 'vs random': the "
-              "paired difference (seeds where pretraining is better)."
-              + (" Segmentation: validation mIoU on the pixel labels of `embedded:digits`' "
-                 f"segmentation set (11 classes), {meta['segmentation_steps']} steps per run."
-                 if seg else "")
-              + f" {meta['minutes']:.1f} min.")
+  rows.append(
+    f"Mean ± std over seeds {list(range(meta['seeds']))} on `embedded:"
+    f"{meta['dataset']}` ({meta['num_train']} labelled training images, split "
+    f"'{meta['labels']}'; {meta['num_eval']} validation images); 'vs random': the "
+    "paired difference (seeds where pretraining is better)."
+    + (
+      " Segmentation: validation mIoU on the pixel labels of `embedded:digits`' "
+      f"segmentation set (11 classes), {meta['segmentation_steps']} steps per run."
+      if seg
+      else ""
+    )
+    + f" {meta['minutes']:.1f} min."
+  )
   return "\n".join(rows) + "\n"
 
 
@@ -119,11 +160,11 @@ def plot(path: epath.Path, summary: dict, runs: dict[str, list[float]]) -> None:
       mean, std = summary[task][init]["top1"]
       bx = x0 + 20 + k * (bar + 15)
       draw.rectangle([bx, y(mean), bx + bar, y(0)], fill=COLOURS[init])
-      draw.line([(bx + bar // 2, y(mean - std)), (bx + bar // 2, y(mean + std))],
-                fill="black", width=2)
+      draw.line(
+        [(bx + bar // 2, y(mean - std)), (bx + bar // 2, y(mean + std))], fill="black", width=2
+      )
       for v in runs[f"{task}/{init}"]:
-        draw.ellipse([bx + bar // 2 - 4, y(v) - 4, bx + bar // 2 + 4, y(v) + 4],
-                     outline="black")
+        draw.ellipse([bx + bar // 2 - 4, y(v) - 4, bx + bar // 2 + 4, y(v) + 4], outline="black")
   for k, init in enumerate(inits):
     draw.rectangle([left + 10 + 170 * k, 8, left + 20 + 170 * k, 18], fill=COLOURS[init])
     draw.text((left + 25 + 170 * k, 7), NAMES[init], fill="black")

@@ -16,6 +16,7 @@ Parameter names mirror the PyTorch module paths of `dall_e` so that `encoder.pkl
   blocks/output/conv                              1x1 output conv (after a ReLU)
 Inside `DiscreteVAE` they sit under `encoder/` and `decoder/`.
 """
+
 import math
 from typing import Any, Callable, ClassVar, Optional
 
@@ -61,6 +62,7 @@ class Conv2d(nn.Module):
     kw: kernel width (odd).
     dtype: computation dtype; parameters are stored in float32.
   """
+
   n_out: int
   kw: int
   dtype: Dtype = jnp.float32
@@ -69,19 +71,24 @@ class Conv2d(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = x.shape[-1]
     std = 1 / math.sqrt(n_in * self.kw * self.kw)
-    w = self.param("w", nn.initializers.normal(stddev=std),
-                   (self.kw, self.kw, n_in, self.n_out), jnp.float32)
+    w = self.param(
+      "w", nn.initializers.normal(stddev=std), (self.kw, self.kw, n_in, self.n_out), jnp.float32
+    )
     b = self.param("b", nn.initializers.zeros, (self.n_out,), jnp.float32)
     pad = (self.kw - 1) // 2
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), w.astype(self.dtype), window_strides=(1, 1),
-        padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x.astype(self.dtype),
+      w.astype(self.dtype),
+      window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + b.astype(self.dtype)
 
 
 class _ResPath(nn.Module):
   """ReLU before each conv; hidden width `n_hid`, last conv to `n_out`."""
+
   n_hid: int
   n_out: int
   kernel_sizes: tuple[int, ...]
@@ -106,6 +113,7 @@ class _ResBlock(nn.Module):
     n_layers: total number of residual blocks of the network (sets the post-gain).
     dtype: computation dtype.
   """
+
   n_out: int
   n_layers: int
   dtype: Dtype = jnp.float32
@@ -121,18 +129,21 @@ class _ResBlock(nn.Module):
       identity = Conv2d(self.n_out, 1, dtype=self.dtype, name="id_path")(x)
     else:
       identity = x.astype(self.dtype)
-    res = _ResPath(self.n_out // 4, self.n_out, self.kernel_sizes, dtype=self.dtype,
-                   name="res_path")(x)
+    res = _ResPath(
+      self.n_out // 4, self.n_out, self.kernel_sizes, dtype=self.dtype, name="res_path"
+    )(x)
     return identity + self.post_gain * res
 
 
 class EncoderBlock(_ResBlock):
   """Encoder residual block: res_path convs 3x3, 3x3, 3x3, 1x1."""
+
   kernel_sizes = (3, 3, 3, 1)
 
 
 class DecoderBlock(_ResBlock):
   """Decoder residual block: res_path convs 1x1, 3x3, 3x3, 3x3."""
+
   kernel_sizes = (1, 3, 3, 3)
 
 
@@ -147,6 +158,7 @@ def _upsample_2x(x: jax.Array) -> jax.Array:
 
 class _Group(nn.Module):
   """`group_i`: residual blocks `block_1..n` (the first one changes width), then resampling."""
+
   n_out: int
   n_blk: int
   n_layers: int
@@ -163,6 +175,7 @@ class _Group(nn.Module):
 
 class _Output(nn.Module):
   """`output`: ReLU then a 1x1 conv named `conv`."""
+
   n_out: int
   dtype: Dtype = jnp.float32
 
@@ -178,6 +191,7 @@ class _Blocks(nn.Module):
   resampling. The stem/output conv touching the 8192-way code space keeps float32
   (`use_float16=False` in dall_e).
   """
+
   input_kw: int
   n_input: int
   group_widths: tuple[int, ...]
@@ -195,9 +209,15 @@ class _Blocks(nn.Module):
     x = Conv2d(self.n_input, self.input_kw, dtype=self.input_dtype, name="input")(x)
     for g, width in enumerate(self.group_widths):
       last = g == len(self.group_widths) - 1
-      x = _Group(width, self.n_blk_per_group, self.n_layers, self.block,
-                 None if last else self.resample, dtype=self.dtype,
-                 name=f"group_{g + 1}")(x)
+      x = _Group(
+        width,
+        self.n_blk_per_group,
+        self.n_layers,
+        self.block,
+        None if last else self.resample,
+        dtype=self.dtype,
+        name=f"group_{g + 1}",
+      )(x)
     return _Output(self.n_output, dtype=self.output_dtype, name="output")(x)
 
 
@@ -213,6 +233,7 @@ class Encoder(nn.Module):
     input_channels: image channels.
     dtype: computation dtype of the convs (the output conv is float32).
   """
+
   n_hid: int = 256
   n_blk_per_group: int = 2
   vocab_size: int = 8192
@@ -222,22 +243,35 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_sizes(self, n_blk_per_group=self.n_blk_per_group, vocab_size=self.vocab_size,
-                 group_count=self.group_count)
+    _check_sizes(
+      self,
+      n_blk_per_group=self.n_blk_per_group,
+      vocab_size=self.vocab_size,
+      group_count=self.group_count,
+    )
     if x.ndim != 4 or x.shape[-1] != self.input_channels:
-      raise ValueError(f"dVAE Encoder: images {list(x.shape)}: expected "
-                       f"[B, H, W, {self.input_channels}] (input_channels)")
+      raise ValueError(
+        f"dVAE Encoder: images {list(x.shape)}: expected "
+        f"[B, H, W, {self.input_channels}] (input_channels)"
+      )
     if x.shape[1] % 8 or x.shape[2] % 8:
-      raise ValueError(f"dVAE Encoder: images {list(x.shape)}: height and width must be "
-                       "multiples of 8")
+      raise ValueError(
+        f"dVAE Encoder: images {list(x.shape)}: height and width must be multiples of 8"
+      )
     logits = _Blocks(
-        input_kw=7, n_input=self.n_hid,
-        group_widths=tuple(m * self.n_hid for m in (1, 2, 4, 8)),
-        n_blk_per_group=self.n_blk_per_group,
-        n_layers=self.group_count * self.n_blk_per_group,
-        block=EncoderBlock, resample=_max_pool_2x, n_output=self.vocab_size,
-        input_dtype=self.dtype, output_dtype=jnp.float32, dtype=self.dtype,
-        name="blocks")(x)
+      input_kw=7,
+      n_input=self.n_hid,
+      group_widths=tuple(m * self.n_hid for m in (1, 2, 4, 8)),
+      n_blk_per_group=self.n_blk_per_group,
+      n_layers=self.group_count * self.n_blk_per_group,
+      block=EncoderBlock,
+      resample=_max_pool_2x,
+      n_output=self.vocab_size,
+      input_dtype=self.dtype,
+      output_dtype=jnp.float32,
+      dtype=self.dtype,
+      name="blocks",
+    )(x)
     return logits.astype(jnp.float32)  # [B, H/8, W/8, vocab]
 
 
@@ -256,6 +290,7 @@ class Decoder(nn.Module):
     group_count: enters only the post-gain, as in `Encoder`.
     dtype: computation dtype of the convs (the stem conv is float32).
   """
+
   n_init: int = 128
   n_hid: int = 256
   n_blk_per_group: int = 2
@@ -266,20 +301,32 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
-    _check_sizes(self, n_init=self.n_init, n_blk_per_group=self.n_blk_per_group,
-                 vocab_size=self.vocab_size, output_channels=self.output_channels,
-                 group_count=self.group_count)
+    _check_sizes(
+      self,
+      n_init=self.n_init,
+      n_blk_per_group=self.n_blk_per_group,
+      vocab_size=self.vocab_size,
+      output_channels=self.output_channels,
+      group_count=self.group_count,
+    )
     if z.ndim != 4 or z.shape[-1] != self.vocab_size:
-      raise ValueError(f"dVAE Decoder: codes {list(z.shape)}: expected "
-                       f"[B, h, w, {self.vocab_size}] (vocab_size)")
+      raise ValueError(
+        f"dVAE Decoder: codes {list(z.shape)}: expected [B, h, w, {self.vocab_size}] (vocab_size)"
+      )
     out = _Blocks(
-        input_kw=1, n_input=self.n_init,
-        group_widths=tuple(m * self.n_hid for m in (8, 4, 2, 1)),
-        n_blk_per_group=self.n_blk_per_group,
-        n_layers=self.group_count * self.n_blk_per_group,
-        block=DecoderBlock, resample=_upsample_2x, n_output=2 * self.output_channels,
-        input_dtype=jnp.float32, output_dtype=self.dtype, dtype=self.dtype,
-        name="blocks")(z)
+      input_kw=1,
+      n_input=self.n_init,
+      group_widths=tuple(m * self.n_hid for m in (8, 4, 2, 1)),
+      n_blk_per_group=self.n_blk_per_group,
+      n_layers=self.group_count * self.n_blk_per_group,
+      block=DecoderBlock,
+      resample=_upsample_2x,
+      n_output=2 * self.output_channels,
+      input_dtype=jnp.float32,
+      output_dtype=self.dtype,
+      dtype=self.dtype,
+      name="blocks",
+    )(z)
     return out.astype(jnp.float32)  # [B, 8h, 8w, 2 * output_channels]
 
 
@@ -295,6 +342,7 @@ class DiscreteVAE(nn.Module):
     n_init: decoder stem width.
     dtype: computation dtype of the convs.
   """
+
   vocab_size: int = 8192
   n_hid: int = 256
   n_blk_per_group: int = 2
@@ -302,14 +350,23 @@ class DiscreteVAE(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.encoder = Encoder(n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
-                           vocab_size=self.vocab_size, dtype=self.dtype)
-    self.decoder = Decoder(n_init=self.n_init, n_hid=self.n_hid,
-                           n_blk_per_group=self.n_blk_per_group,
-                           vocab_size=self.vocab_size, dtype=self.dtype)
+    self.encoder = Encoder(
+      n_hid=self.n_hid,
+      n_blk_per_group=self.n_blk_per_group,
+      vocab_size=self.vocab_size,
+      dtype=self.dtype,
+    )
+    self.decoder = Decoder(
+      n_init=self.n_init,
+      n_hid=self.n_hid,
+      n_blk_per_group=self.n_blk_per_group,
+      vocab_size=self.vocab_size,
+      dtype=self.dtype,
+    )
 
-  def __call__(self, images: jax.Array, *, temperature: float | jax.Array,
-               train: bool = True) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, *, temperature: float | jax.Array, train: bool = True
+  ) -> dict[str, jax.Array]:
     """Encodes, relaxes, decodes.
 
     Args:
@@ -329,8 +386,12 @@ class DiscreteVAE(nn.Module):
     else:
       z = jax.nn.one_hot(jnp.argmax(logits, axis=-1), self.vocab_size, dtype=jnp.float32)
     mu, log_scale = jnp.split(self.decoder(z), 2, axis=-1)  # [B, H, W, 3] each
-    return {"logits": logits, "mu": mu, "log_scale": log_scale,
-            "recon": unmap_pixels(jax.nn.sigmoid(mu))}
+    return {
+      "logits": logits,
+      "mu": mu,
+      "log_scale": log_scale,
+      "recon": unmap_pixels(jax.nn.sigmoid(mu)),
+    }
 
   def encode(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] in [0, 1] -> logits [B, H/8, W/8, V] (float32)."""
@@ -339,8 +400,9 @@ class DiscreteVAE(nn.Module):
   def decode_tokens(self, tokens: jax.Array) -> jax.Array:
     """int tokens [B, h, w] -> reconstructed images [B, 8h, 8w, 3] in [0, 1]."""
     if tokens.ndim != 3:
-      raise ValueError(f"DiscreteVAE.decode_tokens: tokens {list(tokens.shape)}: expected "
-                       "[B, h, w]")
+      raise ValueError(
+        f"DiscreteVAE.decode_tokens: tokens {list(tokens.shape)}: expected [B, h, w]"
+      )
     z = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)  # [B, h, w, V]
     mu, _ = jnp.split(self.decoder(z), 2, axis=-1)
     return unmap_pixels(jax.nn.sigmoid(mu))
@@ -362,8 +424,7 @@ def tokenize(params: Any, images: jax.Array, *, model: DiscreteVAE) -> jax.Array
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def logit_laplace_nll(x_mapped: jax.Array, mu: jax.Array,
-                      log_scale: jax.Array) -> jax.Array:
+def logit_laplace_nll(x_mapped: jax.Array, mu: jax.Array, log_scale: jax.Array) -> jax.Array:
   """Per-element -log p(x) of the logit-Laplace density on (0, 1) (DALL-E, appendix A.3).
 
   logit(x) ~ Laplace(mu, b), b = exp(log_scale), so
@@ -371,8 +432,13 @@ def logit_laplace_nll(x_mapped: jax.Array, mu: jax.Array,
   """
   x = x_mapped.astype(jnp.float32)
   log_x, log_1mx = jnp.log(x), jnp.log1p(-x)
-  return (math.log(2.0) + log_scale + jnp.abs(log_x - log_1mx - mu) * jnp.exp(-log_scale)
-          + log_x + log_1mx)
+  return (
+    math.log(2.0)
+    + log_scale
+    + jnp.abs(log_x - log_1mx - mu) * jnp.exp(-log_scale)
+    + log_x
+    + log_1mx
+  )
 
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
@@ -382,8 +448,9 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
   return jnp.mean(kl)
 
 
-def elbo_loss(outputs: dict[str, jax.Array], images: jax.Array,
-              kl_weight: float | jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def elbo_loss(
+  outputs: dict[str, jax.Array], images: jax.Array, kl_weight: float | jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """beta-weighted negative ELBO, in nats per latent position.
 
   Both terms are the per-image sums of the ELBO divided by the same count, the number of
@@ -406,13 +473,18 @@ def elbo_loss(outputs: dict[str, jax.Array], images: jax.Array,
   recon_nll = jnp.sum(nll) / (batch * h * w)
   kl = kl_to_uniform(outputs["logits"])
   loss = recon_nll + kl_weight * kl
-  metrics = {"recon_nll": recon_nll, "kl": kl, "nelbo": recon_nll + kl,
-             "mse": jnp.mean(jnp.square(outputs["recon"] - images))}
+  metrics = {
+    "recon_nll": recon_nll,
+    "kl": kl,
+    "nelbo": recon_nll + kl,
+    "mse": jnp.mean(jnp.square(outputs["recon"] - images)),
+  }
   return loss, metrics
 
 
-def _cosine_interp(step: int | jax.Array, start: float, end: float, num_steps: int,
-                   where: str) -> jax.Array:
+def _cosine_interp(
+  step: int | jax.Array, start: float, end: float, num_steps: int, where: str
+) -> jax.Array:
   """start -> end along half a cosine over `num_steps`, then constant at `end`."""
   if num_steps < 0:
     raise ValueError(f"{where} {num_steps} is not >= 0")
@@ -423,13 +495,15 @@ def _cosine_interp(step: int | jax.Array, start: float, end: float, num_steps: i
   return end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
 
 
-def gumbel_temperature(step: int | jax.Array, *, start: float = 1.0, end: float = 1 / 16,
-                       anneal_steps: int) -> jax.Array:
+def gumbel_temperature(
+  step: int | jax.Array, *, start: float = 1.0, end: float = 1 / 16, anneal_steps: int
+) -> jax.Array:
   """Relaxation temperature: cosine-annealed from `start` to `end` (DALL-E: 1 -> 1/16)."""
   return _cosine_interp(step, start, end, anneal_steps, "gumbel_temperature: anneal_steps")
 
 
-def kl_weight(step: int | jax.Array, *, start: float = 0.0, end: float,
-              warmup_steps: int) -> jax.Array:
+def kl_weight(
+  step: int | jax.Array, *, start: float = 0.0, end: float, warmup_steps: int
+) -> jax.Array:
   """KL weight beta: cosine-increased from `start` to `end` (DALL-E: 0 -> 6.6 in 5000)."""
   return _cosine_interp(step, start, end, warmup_steps, "kl_weight: warmup_steps")

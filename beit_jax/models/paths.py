@@ -6,6 +6,7 @@ name (or None) per dimension. `sharding.param_shardings` matches each pattern ag
 end of a leaf's path at a name boundary, so a table also finds its weights in optimizer
 states; a model holding another as a submodule composes that model's table with `nested`.
 """
+
 from typing import Sequence
 
 # (pattern, logical axes) pairs: a model's PARAM_AXES.
@@ -14,8 +15,7 @@ AxesTable = tuple[tuple[str, tuple[str | None, ...]], ...]
 
 def path_str(path) -> str:
   """'blocks_0/attn/qkv/kernel' for a jax key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def nested(prefix: str, table: Sequence[tuple[str, tuple]]) -> AxesTable:

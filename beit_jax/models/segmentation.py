@@ -15,6 +15,7 @@ cross-device mean (mmseg uses SyncBN because each GPU sees 2 images); GroupNorm 
 behaves the same in training and evaluation, and is the usual replacement at small
 per-device batches.
 """
+
 import math
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _SEG_INIT = nn.initializers.normal(0.01)
 # Sharding (`param_paths`): the backbone's weights are the ViT's; the neck's and heads'
 # convolutions and norms have no roles (sharded by size).
-PARAM_AXES = param_paths.nested('backbone', vit.PARAM_AXES)
+PARAM_AXES = param_paths.nested("backbone", vit.PARAM_AXES)
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -65,6 +66,7 @@ def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
 
 class ConvModule(nn.Module):
   """mmcv's ConvModule: conv (no bias) -> GroupNorm -> ReLU."""
+
   features: int
   kernel: int
   norm_groups: int
@@ -72,8 +74,15 @@ class ConvModule(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel,) * 2, padding="SAME", use_bias=False,
-                kernel_init=_CONV_INIT, dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      (self.kernel,) * 2,
+      padding="SAME",
+      use_bias=False,
+      kernel_init=_CONV_INIT,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
     x = nn.GroupNorm(self.norm_groups, epsilon=_GN_EPS, dtype=jnp.float32, name="gn")(x)
     return nn.relu(x).astype(self.dtype)
 
@@ -84,6 +93,7 @@ class Pyramid(nn.Module):
   A level finer than the patch is reached by 2x2/2 transposed convolutions (with norm and
   GELU between two of them), a coarser one by max pooling.
   """
+
   patch_size: int
   norm_groups: int
   dtype: Any = jnp.float32
@@ -97,11 +107,18 @@ class Pyramid(nn.Module):
       if stride < self.patch_size:
         for k in range(int(math.log2(self.patch_size // stride))):
           if k:
-            x = nn.GroupNorm(self.norm_groups, epsilon=_GN_EPS, dtype=jnp.float32,
-                             name=f"fpn{level + 1}_gn")(x)
+            x = nn.GroupNorm(
+              self.norm_groups, epsilon=_GN_EPS, dtype=jnp.float32, name=f"fpn{level + 1}_gn"
+            )(x)
             x = nn.gelu(x, approximate=False).astype(self.dtype)
-          x = nn.ConvTranspose(d, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                               name=f"fpn{level + 1}_deconv{k}")(x)
+          x = nn.ConvTranspose(
+            d,
+            (2, 2),
+            strides=(2, 2),
+            padding="VALID",
+            dtype=self.dtype,
+            name=f"fpn{level + 1}_deconv{k}",
+          )(x)
       elif stride > self.patch_size:
         k = stride // self.patch_size
         x = nn.max_pool(x, (k, k), strides=(k, k))
@@ -116,6 +133,7 @@ PATCH_SIZES = (4, 8, 16, 32)
 class PPM(nn.Module):
   """mmseg's pyramid pooling module + bottleneck: x and its average pools to each scale
   (1x1 conv, upsampled back), concatenated, through a 3x3 conv."""
+
   channels: int
   pool_scales: tuple[int, ...] = (1, 2, 3, 6)
   norm_groups: int = 32
@@ -126,15 +144,18 @@ class PPM(nn.Module):
     """[B, h, w, D] -> [B, h, w, channels]."""
     outs = [x]
     for scale in self.pool_scales:
-      y = ConvModule(self.channels, 1, self.norm_groups, self.dtype,
-                     name=f"psp_{scale}")(adaptive_avg_pool(x, scale))
+      y = ConvModule(self.channels, 1, self.norm_groups, self.dtype, name=f"psp_{scale}")(
+        adaptive_avg_pool(x, scale)
+      )
       outs.append(resize_bilinear(y, x.shape[1:3]))
-    return ConvModule(self.channels, 3, self.norm_groups, self.dtype,
-                      name="bottleneck")(jnp.concatenate(outs, axis=-1))
+    return ConvModule(self.channels, 3, self.norm_groups, self.dtype, name="bottleneck")(
+      jnp.concatenate(outs, axis=-1)
+    )
 
 
 class UperHead(nn.Module):
   """mmseg's UPerHead: PPM on the coarsest level, FPN, fused 3x3 conv, dropout, 1x1 classes."""
+
   channels: int
   num_classes: int
   pool_scales: tuple[int, ...] = (1, 2, 3, 6)
@@ -145,14 +166,21 @@ class UperHead(nn.Module):
   @nn.compact
   def __call__(self, levels: Sequence[jax.Array], train: bool = False) -> jax.Array:
     """levels: finest first. Returns logits [B, h0, w0, num_classes] at the finest level."""
-    laterals = [ConvModule(self.channels, 1, self.norm_groups, self.dtype,
-                           name=f"lateral_{i}")(x) for i, x in enumerate(levels[:-1])]
-    laterals.append(PPM(self.channels, tuple(self.pool_scales), self.norm_groups, self.dtype,
-                        name="ppm")(levels[-1]))
+    laterals = [
+      ConvModule(self.channels, 1, self.norm_groups, self.dtype, name=f"lateral_{i}")(x)
+      for i, x in enumerate(levels[:-1])
+    ]
+    laterals.append(
+      PPM(self.channels, tuple(self.pool_scales), self.norm_groups, self.dtype, name="ppm")(
+        levels[-1]
+      )
+    )
     for i in range(len(laterals) - 1, 0, -1):  # top-down
       laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
-    outs = [ConvModule(self.channels, 3, self.norm_groups, self.dtype, name=f"fpn_{i}")(x)
-            for i, x in enumerate(laterals[:-1])] + [laterals[-1]]
+    outs = [
+      ConvModule(self.channels, 3, self.norm_groups, self.dtype, name=f"fpn_{i}")(x)
+      for i, x in enumerate(laterals[:-1])
+    ] + [laterals[-1]]
     size = outs[0].shape[1:3]
     fused = jnp.concatenate([resize_bilinear(x, size) for x in outs], axis=-1)
     x = ConvModule(self.channels, 3, self.norm_groups, self.dtype, name="fpn_bottleneck")(fused)
@@ -161,6 +189,7 @@ class UperHead(nn.Module):
 
 class FCNHead(nn.Module):
   """mmseg's FCNHead with num_convs=1, concat_input=False: the auxiliary head."""
+
   channels: int
   num_classes: int
   dropout: float = 0.1
@@ -176,8 +205,9 @@ class FCNHead(nn.Module):
 def _classify(x: jax.Array, num_classes: int, dropout: float, train: bool, dtype) -> jax.Array:
   """mmseg's cls_seg: Dropout2d (whole channels) then a 1x1 conv; float32 logits."""
   x = nn.Dropout(dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
-  return nn.Conv(num_classes, (1, 1), kernel_init=_SEG_INIT, dtype=dtype,
-                 name="conv_seg")(x).astype(jnp.float32)
+  return nn.Conv(num_classes, (1, 1), kernel_init=_SEG_INIT, dtype=dtype, name="conv_seg")(
+    x
+  ).astype(jnp.float32)
 
 
 class Segmenter(nn.Module):
@@ -186,6 +216,7 @@ class Segmenter(nn.Module):
   Attributes:
     backbone: the ViT (no heads); its blocks `out_indices` feed the pyramid.
   """
+
   backbone: vit.VisionTransformer
   out_indices: tuple[int, ...]
   num_classes: int
@@ -197,8 +228,9 @@ class Segmenter(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               return_pyramid: bool = False) -> dict[str, Any]:
+  def __call__(
+    self, images: jax.Array, *, train: bool = False, return_pyramid: bool = False
+  ) -> dict[str, Any]:
     """Args: images [B, S, S, 3] (S = the backbone's image_size).
 
     Returns:
@@ -207,22 +239,40 @@ class Segmenter(nn.Module):
     """
     name = type(self).__name__
     if len(self.out_indices) != len(LEVEL_STRIDES):
-      raise ValueError(f"{name}: out_indices {tuple(self.out_indices)} must name "
-                       f"{len(LEVEL_STRIDES)} blocks, one per pyramid level")
+      raise ValueError(
+        f"{name}: out_indices {tuple(self.out_indices)} must name "
+        f"{len(LEVEL_STRIDES)} blocks, one per pyramid level"
+      )
     if self.backbone.patch_size not in PATCH_SIZES:
-      raise ValueError(f"{name}: backbone patch_size {self.backbone.patch_size} is not one "
-                       f"of {PATCH_SIZES} (the pyramid's strides 4..32 are powers of 2 of it)")
+      raise ValueError(
+        f"{name}: backbone patch_size {self.backbone.patch_size} is not one "
+        f"of {PATCH_SIZES} (the pyramid's strides 4..32 are powers of 2 of it)"
+      )
     b = images.shape[0]
     hidden = self.backbone(images, train=train, return_hidden=tuple(self.out_indices))["hidden"]
     h, w = self.backbone.grid
-    features = [hidden[i][:, 1:].reshape(b, h, w, -1).astype(self.dtype)  # [B, h, w, D]
-                for i in self.out_indices]
-    pyramid = Pyramid(self.backbone.patch_size, self.norm_groups, self.dtype,
-                      name="neck")(features)
-    logits = UperHead(self.channels, self.num_classes, tuple(self.pool_scales), self.dropout,
-                      self.norm_groups, self.dtype, name="decode_head")(pyramid, train)
-    aux = FCNHead(self.aux_channels, self.num_classes, self.dropout, self.norm_groups,
-                  self.dtype, name="auxiliary_head")(pyramid[2], train)
+    features = [
+      hidden[i][:, 1:].reshape(b, h, w, -1).astype(self.dtype)  # [B, h, w, D]
+      for i in self.out_indices
+    ]
+    pyramid = Pyramid(self.backbone.patch_size, self.norm_groups, self.dtype, name="neck")(features)
+    logits = UperHead(
+      self.channels,
+      self.num_classes,
+      tuple(self.pool_scales),
+      self.dropout,
+      self.norm_groups,
+      self.dtype,
+      name="decode_head",
+    )(pyramid, train)
+    aux = FCNHead(
+      self.aux_channels,
+      self.num_classes,
+      self.dropout,
+      self.norm_groups,
+      self.dtype,
+      name="auxiliary_head",
+    )(pyramid[2], train)
     size = images.shape[1:3]
     out = {"logits": resize_bilinear(logits, size), "aux_logits": resize_bilinear(aux, size)}
     if return_pyramid:

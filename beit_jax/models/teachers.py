@@ -20,6 +20,7 @@ teacher's view of each crop, and `Teacher.features` takes images already in it.
 Precision: Dense/Conv compute in `dtype`; parameters, LayerNorm, attention softmax
 and returned features are float32.
 """
+
 import dataclasses
 from typing import Any
 
@@ -44,17 +45,17 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 def _check(module: nn.Module, images: jax.Array) -> int:
   """The number of patches N of `module`'s images, after its sizes and `images`' shape
   are checked (ValueErrors naming the module's attribute or the array's shape)."""
-  name, width, heads, s = (type(module).__name__, module.width, module.num_heads,
-                           module.image_size)
+  name, width, heads, s = (type(module).__name__, module.width, module.num_heads, module.image_size)
   if heads < 1 or width % heads:
-    raise ValueError(f'{name}: width {width} is not divisible by num_heads {heads}')
+    raise ValueError(f"{name}: width {width} is not divisible by num_heads {heads}")
   try:
     n = vit.num_patches(s, module.patch_size)
   except ValueError as e:
-    raise ValueError(f'{name}: {e}') from None
+    raise ValueError(f"{name}: {e}") from None
   if images.shape[1:] != (s, s, 3):
-    raise ValueError(f'{name}: images {list(images.shape)}: expected [B, {s}, {s}, 3] '
-                     f'(image_size {s})')
+    raise ValueError(
+      f"{name}: images {list(images.shape)}: expected [B, {s}, {s}, 3] (image_size {s})"
+    )
   return n
 
 
@@ -73,9 +74,10 @@ class SelfAttention(nn.Module):
   The two projections' names are fields so each teacher keeps its source's names
   (CLIP: in_proj / out_proj of nn.MultiheadAttention; DINO: qkv / proj).
   """
+
   num_heads: int
-  qkv_name: str = 'qkv'
-  out_name: str = 'proj'
+  qkv_name: str = "qkv"
+  out_name: str = "proj"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,10 +93,11 @@ class SelfAttention(nn.Module):
 
 class Mlp(nn.Module):
   """Dense -> GELU (exact, or CLIP's quick_gelu) -> Dense, with source names."""
+
   mlp_dim: int
   use_quick_gelu: bool = False
-  in_name: str = 'fc1'
-  out_name: str = 'fc2'
+  in_name: str = "fc1"
+  out_name: str = "fc2"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -111,6 +114,7 @@ class Block(nn.Module):
   mlp/c_fc, mlp/c_proj) over timm's (norm1, attn/qkv, attn/proj, norm2,
   mlp/fc1, mlp/fc2).
   """
+
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float
@@ -121,14 +125,23 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.clip_names
-    norm1, norm2 = ('ln_1', 'ln_2') if c else ('norm1', 'norm2')
+    norm1, norm2 = ("ln_1", "ln_2") if c else ("norm1", "norm2")
     y = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name=norm1)(x)
-    y = SelfAttention(self.num_heads, *(('in_proj', 'out_proj') if c else ('qkv', 'proj')),
-                      dtype=self.dtype, name='attn')(y)
+    y = SelfAttention(
+      self.num_heads,
+      *(("in_proj", "out_proj") if c else ("qkv", "proj")),
+      dtype=self.dtype,
+      name="attn",
+    )(y)
     x = x + y.astype(jnp.float32)  # [B, T, D]
     y = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name=norm2)(x)
-    y = Mlp(self.mlp_dim, self.use_quick_gelu, *(('c_fc', 'c_proj') if c else ('fc1', 'fc2')),
-            dtype=self.dtype, name='mlp')(y)
+    y = Mlp(
+      self.mlp_dim,
+      self.use_quick_gelu,
+      *(("c_fc", "c_proj") if c else ("fc1", "fc2")),
+      dtype=self.dtype,
+      name="mlp",
+    )(y)
     return x + y.astype(jnp.float32)
 
 
@@ -139,6 +152,7 @@ class ClipVisionTower(nn.Module):
   distils from the patch tokens passed through the same two, [CLS] dropped.
   Defaults are ViT-B/16 at 224 (mlp_dim = 4 * width, heads = width / 64).
   """
+
   patch_size: int = 16
   width: int = 768
   depth: int = 12
@@ -154,20 +168,35 @@ class ClipVisionTower(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] normalised images -> [B, N, proj_dim] float32."""
     n = _check(self, images)
-    init = nn.initializers.normal(self.width ** -0.5)  # OpenAI's scale
-    conv = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                   padding='VALID', use_bias=False, dtype=self.dtype, name='conv1')
-    cls = self.param('class_embedding', init, (self.width,))
-    pos = self.param('positional_embedding', init, (n + 1, self.width))
+    init = nn.initializers.normal(self.width**-0.5)  # OpenAI's scale
+    conv = nn.Conv(
+      self.width,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      use_bias=False,
+      dtype=self.dtype,
+      name="conv1",
+    )
+    cls = self.param("class_embedding", init, (self.width,))
+    pos = self.param("positional_embedding", init, (n + 1, self.width))
     x = _embed(images, conv, cls, pos)  # [B, N+1, D]
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name='ln_pre')(x)
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name="ln_pre")(x)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.use_quick_gelu,
-                clip_names=True, dtype=self.dtype, name=f'resblocks_{i}')(x)
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name='ln_post')(x[:, 1:])
-    proj = self.param('proj', init, (self.width, self.proj_dim))  # OpenAI's [D, out]
-    return jnp.einsum('bnd,de->bne', x.astype(self.dtype),
-                      proj.astype(self.dtype)).astype(jnp.float32)  # [B, N, out]
+      x = Block(
+        self.num_heads,
+        self.mlp_dim,
+        self.layer_norm_eps,
+        self.use_quick_gelu,
+        clip_names=True,
+        dtype=self.dtype,
+        name=f"resblocks_{i}",
+      )(x)
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name="ln_post")(x[:, 1:])
+    proj = self.param("proj", init, (self.width, self.proj_dim))  # OpenAI's [D, out]
+    return jnp.einsum("bnd,de->bne", x.astype(self.dtype), proj.astype(self.dtype)).astype(
+      jnp.float32
+    )  # [B, N, out]
 
 
 class DinoViT(nn.Module):
@@ -176,6 +205,7 @@ class DinoViT(nn.Module):
   Defaults are ViT-B/16 at 224; DINO's LayerNorms use eps 1e-6 (converters set
   what a checkpoint's config says).
   """
+
   patch_size: int = 16
   width: int = 768
   depth: int = 12
@@ -190,15 +220,22 @@ class DinoViT(nn.Module):
     """[B, H, W, 3] normalised images -> [B, N, width] float32."""
     n = _check(self, images)
     init = nn.initializers.truncated_normal(0.02)
-    conv = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                   padding='VALID', dtype=self.dtype, name='patch_embed')
-    cls = self.param('cls_token', init, (1, 1, self.width))
-    pos = self.param('pos_embed', init, (1, n + 1, self.width))
+    conv = nn.Conv(
+      self.width,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      dtype=self.dtype,
+      name="patch_embed",
+    )
+    cls = self.param("cls_token", init, (1, 1, self.width))
+    pos = self.param("pos_embed", init, (1, n + 1, self.width))
     x = _embed(images, conv, cls, pos)  # [B, N+1, D]
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.layer_norm_eps, dtype=self.dtype,
-                name=f'blocks_{i}')(x)
-    return nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name='norm')(x[:, 1:])
+      x = Block(
+        self.num_heads, self.mlp_dim, self.layer_norm_eps, dtype=self.dtype, name=f"blocks_{i}"
+      )(x)
+    return nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name="norm")(x[:, 1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +252,7 @@ class Teacher:
     block: VisionTransformer only: None for its patch tokens after the final
       norm, else the 0-based block whose output (before the norm) to use.
   """
+
   module: nn.Module
   normalization: str
   block: int | None = None
@@ -230,7 +268,7 @@ class Teacher:
   @property
   def dim(self) -> int:
     """C of the [B, N, C] features (the VQ-KD decoder's output width)."""
-    return getattr(self.module, 'proj_dim', self.module.width)
+    return getattr(self.module, "proj_dim", self.module.width)
 
   def features(self, params: Any, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] images in the teacher's view -> [B, N, C] float32 targets, no gradient.
@@ -240,20 +278,20 @@ class Teacher:
       images: H = W = image_size, already normalised as `normalization` says
         (the pipeline's teacher view).
     """
-    variables, x = {'params': params}, jnp.asarray(images, jnp.float32)
+    variables, x = {"params": params}, jnp.asarray(images, jnp.float32)
     if not isinstance(self.module, vit.VisionTransformer):
       out = self.module.apply(variables, x)
     elif self.block is None:
-      out = self.module.apply(variables, x)['tokens'][:, 1:]  # [B, N, D]
+      out = self.module.apply(variables, x)["tokens"][:, 1:]  # [B, N, D]
     else:
       out = self.module.apply(variables, x, return_hidden=(self.block,))
-      out = out['hidden'][self.block][:, 1:]  # [B, N, D]
+      out = out["hidden"][self.block][:, 1:]  # [B, N, D]
     return jax.lax.stop_gradient(out.astype(jnp.float32))
 
   def init(self, rng: jax.Array) -> Any:
     """Random params of the module (tests, shapes); teachers are loaded in practice."""
     x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-    return jax.jit(self.module.init)(rng, x)['params']
+    return jax.jit(self.module.init)(rng, x)["params"]
 
   def param_shapes(self) -> dict[str, Any]:
     """The module's param tree as ShapeDtypeStructs (no compute)."""
@@ -262,12 +300,12 @@ class Teacher:
 
 def clip_teacher(**kwargs) -> Teacher:
   """CLIP image tower (ClipVisionTower fields, e.g. from a converter), CLIP's view."""
-  return Teacher(ClipVisionTower(**kwargs), 'clip')
+  return Teacher(ClipVisionTower(**kwargs), "clip")
 
 
 def dino_teacher(**kwargs) -> Teacher:
   """DINO ViT (DinoViT fields), ImageNet-normalised view."""
-  return Teacher(DinoViT(**kwargs), 'imagenet')
+  return Teacher(DinoViT(**kwargs), "imagenet")
 
 
 def vit_teacher(vit_kwargs: dict[str, Any], block: int | None = None) -> Teacher:
@@ -284,7 +322,9 @@ def vit_teacher(vit_kwargs: dict[str, Any], block: int | None = None) -> Teacher
   model = vit.VisionTransformer(**vit_kwargs)
   if block is not None:
     if not -model.depth <= block < model.depth:
-      raise ValueError(f'vit_teacher: block {block} is not in {-model.depth}..'
-                       f'{model.depth - 1} (depth {model.depth})')
+      raise ValueError(
+        f"vit_teacher: block {block} is not in {-model.depth}.."
+        f"{model.depth - 1} (depth {model.depth})"
+      )
     block %= model.depth
-  return Teacher(model, 'imagenet', block)
+  return Teacher(model, "imagenet", block)

@@ -29,6 +29,7 @@ and sums across all of them, so every device keeps the codebook of the whole bat
 unilm instead initialises the codebook on each GPU's own batch; synchronising it is
 deliberate.
 """
+
 import math
 from typing import Any
 
@@ -43,7 +44,7 @@ from beit_jax.models.vit import Block, num_patches
 Codebook = dict[str, jax.Array]  # {'embedding': [K, C], 'cluster_size': [K], 'initted': []}
 # Sharding (`param_paths`): the encoder and decoder (`FeatureViT`) name their weights as the
 # ViT does; the task layers and the codebook have no roles (sharded by size).
-PARAM_AXES = param_paths.nested('encoder|decoder', vit.PARAM_AXES)
+PARAM_AXES = param_paths.nested("encoder|decoder", vit.PARAM_AXES)
 
 _LN_EPS = 1e-6
 _NORM_EPS = 1e-12  # torch F.normalize's default
@@ -66,13 +67,13 @@ def nearest_code(z: jax.Array, embedding: jax.Array) -> jax.Array:
   For unit z and codes this is the Euclidean nearest code (unilm's argmin distance);
   the first index wins a tie.
   """
-  sim = jnp.einsum('...c,kc->...k', z, l2_normalize(embedding),
-                   precision=_HIGHEST)  # [..., K]
+  sim = jnp.einsum("...c,kc->...k", z, l2_normalize(embedding), precision=_HIGHEST)  # [..., K]
   return jnp.argmax(sim, axis=-1).astype(jnp.int32)
 
 
-def quantize(z: jax.Array, embedding: jax.Array, beta: float = 1.0
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize(
+  z: jax.Array, embedding: jax.Array, beta: float = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Snaps l2-normalised z to the nearest code, with a straight-through gradient.
 
   Args:
@@ -93,16 +94,16 @@ def quantize(z: jax.Array, embedding: jax.Array, beta: float = 1.0
   return z_q, codes, commitment
 
 
-def _code_sums(z: jax.Array, codes: jax.Array, num_codes: int
-               ) -> tuple[jax.Array, jax.Array]:
+def _code_sums(z: jax.Array, codes: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
   """Per-code sum of the assigned vectors [K, C] and counts [K]."""
   z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)  # [n, C]
   codes = codes.reshape(-1)  # [n]
   # segment_sum adds in f32 on every backend (a one-hot matmul would run at bf16
   # precision on TPU by default).
   sums = jax.ops.segment_sum(z, codes, num_segments=num_codes)  # [K, C]
-  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes,
-                               num_segments=num_codes)  # [K]
+  counts = jax.ops.segment_sum(
+    jnp.ones(codes.shape, jnp.float32), codes, num_segments=num_codes
+  )  # [K]
   return sums, counts
 
 
@@ -115,8 +116,9 @@ def _sample_rows(x: jax.Array, num: int, rng: jax.Array) -> jax.Array:
   return x[index]
 
 
-def ema_update(codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Array,
-               decay: float = 0.99) -> Codebook:
+def ema_update(
+  codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Array, decay: float = 0.99
+) -> Codebook:
   """One EMA step of the codebook on a batch's assignments (unilm's training update).
 
   For every code with count n_k > 0 this step: mean_k = l2norm(sum of its z / n_k) and
@@ -132,20 +134,22 @@ def ema_update(codebook_state: Codebook, z_normalised: jax.Array, codes: jax.Arr
   Returns:
     the new codebook state (same structure; 'initted' unchanged).
   """
-  embedding = codebook_state['embedding']
+  embedding = codebook_state["embedding"]
   z_normalised = jax.lax.stop_gradient(z_normalised)
   sums, counts = _code_sums(z_normalised, codes, embedding.shape[0])
   used = counts > 0  # [K]
   mean = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])  # [K, C]
   moved = l2_normalize(decay * embedding + (1.0 - decay) * mean)
   return dict(
-      codebook_state,
-      embedding=jnp.where(used[:, None], moved, embedding),
-      cluster_size=decay * codebook_state['cluster_size'] + (1.0 - decay) * counts)
+    codebook_state,
+    embedding=jnp.where(used[:, None], moved, embedding),
+    cluster_size=decay * codebook_state["cluster_size"] + (1.0 - decay) * counts,
+  )
 
 
-def kmeans_init(z_normalised: jax.Array, num_codes: int, rng: jax.Array,
-                iters: int = 10) -> tuple[jax.Array, jax.Array]:
+def kmeans_init(
+  z_normalised: jax.Array, num_codes: int, rng: jax.Array, iters: int = 10
+) -> tuple[jax.Array, jax.Array]:
   """Cosine k-means (Lloyd) on l2-normalised vectors: unilm's codebook initialisation.
 
   Starts from `num_codes` distinct random rows (drawn with `rng`; with replacement if
@@ -172,12 +176,12 @@ def kmeans_init(z_normalised: jax.Array, num_codes: int, rng: jax.Array,
     new = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
     return jnp.where((counts > 0)[:, None], new, means), counts
 
-  return jax.lax.fori_loop(0, iters, step,
-                           (means, jnp.zeros((num_codes,), jnp.float32)))
+  return jax.lax.fori_loop(0, iters, step, (means, jnp.zeros((num_codes,), jnp.float32)))
 
 
-def init_codebook(codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Array,
-                  iters: int = 10) -> Codebook:
+def init_codebook(
+  codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Array, iters: int = 10
+) -> Codebook:
   """k-means initialisation of a codebook that is not 'initted' yet; else a no-op.
 
   Meant for the first training batch (jit-safe, so a trainer may call it every step:
@@ -185,17 +189,22 @@ def init_codebook(codebook_state: Codebook, z_normalised: jax.Array, rng: jax.Ar
   the scale of one step's counts, so codes are not all reported dead at step 0 (unilm
   starts its usage statistics at zero).
   """
+
   def initialise(state):
-    means, counts = kmeans_init(z_normalised, state['embedding'].shape[0], rng, iters)
-    return dict(state, embedding=means.astype(state['embedding'].dtype),
-                cluster_size=counts, initted=jnp.ones_like(state['initted']))
+    means, counts = kmeans_init(z_normalised, state["embedding"].shape[0], rng, iters)
+    return dict(
+      state,
+      embedding=means.astype(state["embedding"].dtype),
+      cluster_size=counts,
+      initted=jnp.ones_like(state["initted"]),
+    )
 
-  return jax.lax.cond(codebook_state['initted'], lambda s: s, initialise,
-                      codebook_state)
+  return jax.lax.cond(codebook_state["initted"], lambda s: s, initialise, codebook_state)
 
 
-def codebook_usage(codebook_state: Codebook, codes: jax.Array,
-                   dead_threshold: float = 1.0) -> dict[str, jax.Array]:
+def codebook_usage(
+  codebook_state: Codebook, codes: jax.Array, dead_threshold: float = 1.0
+) -> dict[str, jax.Array]:
   """How much of the codebook is in use: the statistics to watch for collapse.
 
   Args:
@@ -209,21 +218,25 @@ def codebook_usage(codebook_state: Codebook, codes: jax.Array,
       batch; 'dead_codes', 'dead_fraction': number and fraction of codes with
       cluster_size < dead_threshold.
   """
-  cluster_size = codebook_state['cluster_size']
+  cluster_size = codebook_state["cluster_size"]
   num_codes = cluster_size.shape[0]
-  counts = jax.ops.segment_sum(jnp.ones(codes.size, jnp.float32), codes.reshape(-1),
-                               num_segments=num_codes)  # [K]
+  counts = jax.ops.segment_sum(
+    jnp.ones(codes.size, jnp.float32), codes.reshape(-1), num_segments=num_codes
+  )  # [K]
   p = counts / jnp.maximum(jnp.sum(counts), 1.0)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   dead = jnp.sum(cluster_size < dead_threshold)
-  return {'perplexity': jnp.exp(entropy),
-          'used_codes': jnp.sum(counts > 0),
-          'dead_codes': dead,
-          'dead_fraction': dead / num_codes}
+  return {
+    "perplexity": jnp.exp(entropy),
+    "used_codes": jnp.sum(counts > 0),
+    "dead_codes": dead,
+    "dead_fraction": dead / num_codes,
+  }
 
 
-def restart_dead_codes(codebook_state: Codebook, recent_z: jax.Array, rng: jax.Array,
-                       threshold: float = 1.0) -> Codebook:
+def restart_dead_codes(
+  codebook_state: Codebook, recent_z: jax.Array, rng: jax.Array, threshold: float = 1.0
+) -> Codebook:
   """Replaces dead codes (cluster_size < threshold) by random recent encoder outputs.
 
   A remedy for codebook collapse that unilm does not use (recipes keep it off). Each
@@ -237,22 +250,24 @@ def restart_dead_codes(codebook_state: Codebook, recent_z: jax.Array, rng: jax.A
     rng: PRNG key.
     threshold: the dead threshold of `codebook_usage`.
   """
-  embedding = codebook_state['embedding']
-  cluster_size = codebook_state['cluster_size']
-  fresh = l2_normalize(_sample_rows(jax.lax.stop_gradient(recent_z),
-                                    embedding.shape[0], rng))  # [K, C]
+  embedding = codebook_state["embedding"]
+  cluster_size = codebook_state["cluster_size"]
+  fresh = l2_normalize(
+    _sample_rows(jax.lax.stop_gradient(recent_z), embedding.shape[0], rng)
+  )  # [K, C]
   dead = cluster_size < threshold  # [K]
-  return dict(codebook_state,
-              embedding=jnp.where(dead[:, None], fresh.astype(embedding.dtype),
-                                  embedding),
-              cluster_size=jnp.where(dead, jnp.asarray(threshold, cluster_size.dtype),
-                                     cluster_size))
+  return dict(
+    codebook_state,
+    embedding=jnp.where(dead[:, None], fresh.astype(embedding.dtype), embedding),
+    cluster_size=jnp.where(dead, jnp.asarray(threshold, cluster_size.dtype), cluster_size),
+  )
 
 
 def cosine_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
   """1 - cos(prediction_i, target_i), averaged over all patches: [..., T] -> []."""
-  cos = jnp.sum(l2_normalize(prediction.astype(jnp.float32))
-                * l2_normalize(target.astype(jnp.float32)), axis=-1)
+  cos = jnp.sum(
+    l2_normalize(prediction.astype(jnp.float32)) * l2_normalize(target.astype(jnp.float32)), axis=-1
+  )
   return jnp.mean(1.0 - cos)
 
 
@@ -275,6 +290,7 @@ class FeatureViT(nn.Module):
       code vectors (the patch embedding is then a Linear(C, D) per position).
     image_size: input side (the decoder's is the token grid side).
   """
+
   patch_size: int = 16
   width: int = 768
   depth: int = 12
@@ -288,30 +304,44 @@ class FeatureViT(nn.Module):
 
   def setup(self):
     if self.depth < 1:  # width % num_heads: `Attention`'s guard
-      raise ValueError(f'FeatureViT: depth {self.depth} is not >= 1')
+      raise ValueError(f"FeatureViT: depth {self.depth} is not >= 1")
     n = num_patches(self.image_size, self.patch_size)
     init = nn.initializers.normal(self.init_std)
     self.patch_embed = nn.Conv(
-        self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-        padding='VALID', dtype=self.dtype, kernel_init=init)
-    self.cls_token = self.param('cls_token', init, (1, 1, self.width))
-    self.pos_embed = self.param('pos_embed', init, (1, n + 1, self.width))
+      self.width,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=init,
+    )
+    self.cls_token = self.param("cls_token", init, (1, 1, self.width))
+    self.pos_embed = self.param("pos_embed", init, (1, n + 1, self.width))
     block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-    rates = [self.drop_path_rate * i / max(self.depth - 1, 1)
-             for i in range(self.depth)]
+    rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [
-        block_cls(self.width, self.num_heads, self.mlp_dim, layer_id=i + 1,
-                  drop_path_rate=rates[i], layer_scale_init=0.0,
-                  init_std=self.init_std, truncate_init=False, dtype=self.dtype)
-        for i in range(self.depth)]
+      block_cls(
+        self.width,
+        self.num_heads,
+        self.mlp_dim,
+        layer_id=i + 1,
+        drop_path_rate=rates[i],
+        layer_scale_init=0.0,
+        init_std=self.init_std,
+        truncate_init=False,
+        dtype=self.dtype,
+      )
+      for i in range(self.depth)
+    ]
     self.fc_norm = nn.LayerNorm(_LN_EPS, dtype=jnp.float32)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, S, S, in_channels] (S = image_size) -> patch tokens [B, N, D] (float32)."""
     s = self.image_size
     if x.ndim != 4 or x.shape[1:3] != (s, s):
-      raise ValueError(f'FeatureViT: inputs {list(x.shape)}: expected [B, {s}, {s}, C] '
-                       f'(image_size {s})')
+      raise ValueError(
+        f"FeatureViT: inputs {list(x.shape)}: expected [B, {s}, {s}, C] (image_size {s})"
+      )
     b = x.shape[0]
     x = self.patch_embed(x)  # [B, h, w, D]
     x = x.reshape(b, -1, self.width).astype(jnp.float32)  # [B, N, D]
@@ -341,6 +371,7 @@ class VQKD(nn.Module):
       the first batch; False: random unit codes marked 'initted'.
     decoder_*: the decoder ViT's sizes (its patch size is 1, its grid the token grid).
   """
+
   image_size: int = 224
   patch_size: int = 16
   width: int = 768
@@ -367,29 +398,47 @@ class VQKD(nn.Module):
 
   def setup(self):
     if self.num_codes < 1 or self.code_dim < 1:
-      raise ValueError(f'VQKD: num_codes {self.num_codes} and code_dim {self.code_dim} '
-                       'must be >= 1')
+      raise ValueError(
+        f"VQKD: num_codes {self.num_codes} and code_dim {self.code_dim} must be >= 1"
+      )
     init = nn.initializers.normal(0.02)
     self.encoder = FeatureViT(
-        self.patch_size, self.width, self.depth, self.num_heads, self.mlp_dim,
-        self.image_size, self.drop_path_rate, remat=self.remat, dtype=self.dtype)
+      self.patch_size,
+      self.width,
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      self.image_size,
+      self.drop_path_rate,
+      remat=self.remat,
+      dtype=self.dtype,
+    )
     self.encode_task_layer_0 = nn.Dense(self.width, kernel_init=init)
     self.encode_task_layer_2 = nn.Dense(self.code_dim, kernel_init=init)
     self.decoder = FeatureViT(
-        1, self.decoder_width, self.decoder_depth, self.decoder_num_heads,
-        self.decoder_mlp_dim, self.grid[0], self.drop_path_rate, remat=self.remat,
-        dtype=self.dtype)
+      1,
+      self.decoder_width,
+      self.decoder_depth,
+      self.decoder_num_heads,
+      self.decoder_mlp_dim,
+      self.grid[0],
+      self.drop_path_rate,
+      remat=self.remat,
+      dtype=self.dtype,
+    )
     self.decode_task_layer_0 = nn.Dense(self.decoder_width, kernel_init=init)
     self.decode_task_layer_2 = nn.Dense(self.teacher_dim, kernel_init=init)
 
     shape = (self.num_codes, self.code_dim)
     self.embedding = self.variable(
-        'codebook', 'embedding',
-        lambda: l2_normalize(jax.random.normal(self.make_rng('params'), shape)))
+      "codebook",
+      "embedding",
+      lambda: l2_normalize(jax.random.normal(self.make_rng("params"), shape)),
+    )
     self.cluster_size = self.variable(
-        'codebook', 'cluster_size', jnp.zeros, (self.num_codes,), jnp.float32)
-    self.initted = self.variable(
-        'codebook', 'initted', lambda: jnp.asarray(not self.kmeans_init))
+      "codebook", "cluster_size", jnp.zeros, (self.num_codes,), jnp.float32
+    )
+    self.initted = self.variable("codebook", "initted", lambda: jnp.asarray(not self.kmeans_init))
 
   def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
     """[B, S, S, 3] in [-1, 1] -> z [B, h, w, C], l2-normalised (before quantization)."""
@@ -413,8 +462,9 @@ class VQKD(nn.Module):
     x = nn.tanh(self.decode_task_layer_0(x.astype(jnp.float32)))
     return self.decode_task_layer_2(x)  # [B, N, T] float32
 
-  def distill(self, z: jax.Array, embedding: jax.Array, teacher_features: jax.Array,
-              train: bool = False) -> dict[str, jax.Array]:
+  def distill(
+    self, z: jax.Array, embedding: jax.Array, teacher_features: jax.Array, train: bool = False
+  ) -> dict[str, jax.Array]:
     """Quantizes z with `embedding`, decodes and scores against the teacher: the loss.
 
     The codebook is an argument so that a trainer can k-means-initialise it on the
@@ -433,15 +483,22 @@ class VQKD(nn.Module):
     z_q, codes, commitment = quantize(z, embedding, self.beta)
     reconstruction = self.decode(z_q, train)  # [B, N, T]
     if teacher_features.shape != reconstruction.shape:
-      raise ValueError(f'VQKD: teacher_features {list(teacher_features.shape)}: expected '
-                       f'{list(reconstruction.shape)} (batch, patches, teacher_dim)')
+      raise ValueError(
+        f"VQKD: teacher_features {list(teacher_features.shape)}: expected "
+        f"{list(reconstruction.shape)} (batch, patches, teacher_dim)"
+      )
     rec = cosine_loss(reconstruction, jax.lax.stop_gradient(teacher_features))
-    return {'loss': rec + commitment, 'cosine_loss': rec,
-            'commitment_loss': commitment, 'codes': codes,
-            'reconstruction': reconstruction}
+    return {
+      "loss": rec + commitment,
+      "cosine_loss": rec,
+      "commitment_loss": commitment,
+      "codes": codes,
+      "reconstruction": reconstruction,
+    }
 
-  def __call__(self, images: jax.Array, teacher_features: jax.Array,
-               train: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, teacher_features: jax.Array, train: bool = False
+  ) -> dict[str, jax.Array]:
     """Encodes, then `distill` with the model's codebook (`init` runs this).
 
     Args:

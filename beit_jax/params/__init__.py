@@ -12,6 +12,7 @@ unscanned blocks, and conversion of any tree between the two: a tree's "layout")
 ViT checkpoint adapted to another ViT: relative position bias, position tables, model
 fields).
 """
+
 import fnmatch
 from typing import Any, Iterable
 
@@ -35,8 +36,17 @@ CLASSIFIER = ("fc_norm", "head")
 # final norms of another use, and v2's decoder.
 OTHER_USES = ("lm_head", "norm", "fc_norm", "head", DECODER)
 
-__all__ = ["CLASSIFIER", "DECODER", "OTHER_USES", "ViTFit", "blocks", "cast", "load_into",
-           "read", "vit_params"]
+__all__ = [
+  "CLASSIFIER",
+  "DECODER",
+  "OTHER_USES",
+  "ViTFit",
+  "blocks",
+  "cast",
+  "load_into",
+  "read",
+  "vit_params",
+]
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -51,9 +61,15 @@ def _listing(names: list[str]) -> str:
   return f"{len(names)} parameters ({', '.join(names[:6])}" + (", ...)" if len(names) > 6 else ")")
 
 
-def load_into(target: Any, path: str, *, field: str = "init_from",
-              drop: tuple[str, ...] = (), fresh: tuple[str, ...] = (),
-              vit: ViTFit | None = None) -> Any:
+def load_into(
+  target: Any,
+  path: str,
+  *,
+  field: str = "init_from",
+  drop: tuple[str, ...] = (),
+  fresh: tuple[str, ...] = (),
+  vit: ViTFit | None = None,
+) -> Any:
   """The checkpoint's params at `path`, in `target`'s tree, dtypes, shardings and blocks.
 
   Args:
@@ -80,9 +96,13 @@ def load_into(target: Any, path: str, *, field: str = "init_from",
   source = None
   if vit is not None:
     loaded, source = vit_params.fit(loaded, path, what, vit)
-  shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
-      blocks.unstacked(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    target)), sep="/").items()}
+  shapes = {
+    k: tuple(v.shape)
+    for k, v in traverse_util.flatten_dict(
+      blocks.unstacked(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)),
+      sep="/",
+    ).items()
+  }
 
   restarted = []
   for pattern in fresh:
@@ -98,14 +118,22 @@ def load_into(target: Any, path: str, *, field: str = "init_from",
 
   missing = sorted(k for k in shapes if k not in loaded and k not in restarted)
   unexpected = sorted(k for k in loaded if k not in shapes)
-  misshapen = [f"{k}: {tuple(loaded[k].shape)} vs {shapes[k]}" for k in sorted(loaded)
-               if k in shapes and tuple(loaded[k].shape) != shapes[k]]
+  misshapen = [
+    f"{k}: {tuple(loaded[k].shape)} vs {shapes[k]}"
+    for k in sorted(loaded)
+    if k in shapes and tuple(loaded[k].shape) != shapes[k]
+  ]
   if missing or unexpected or misshapen:
-    problems = ([f"the checkpoint lacks {_listing(missing)}"] * bool(missing) +
-                [f"the model has no place for {_listing(unexpected)}"] * bool(unexpected) +
-                [f"shape mismatches {misshapen[:6]}"] * bool(misshapen))
-    hint = (f"; set the model fields to the checkpoint's: {vit_params.config_flags(source)}"
-            if source else "")
+    problems = (
+      [f"the checkpoint lacks {_listing(missing)}"] * bool(missing)
+      + [f"the model has no place for {_listing(unexpected)}"] * bool(unexpected)
+      + [f"shape mismatches {misshapen[:6]}"] * bool(misshapen)
+    )
+    hint = (
+      f"; set the model fields to the checkpoint's: {vit_params.config_flags(source)}"
+      if source
+      else ""
+    )
     raise ConfigError(f"{what}: parameters do not fit the model: {'; '.join(problems)}{hint}")
   if dropped:
     logging.info("%s: not used: %s", what, ", ".join(dropped))

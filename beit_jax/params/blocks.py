@@ -7,6 +7,7 @@ optimizer states (whose moments mirror the params) and abstract trees
 (`jax.ShapeDtypeStruct`s with shardings) convert alike, so a checkpoint written in one
 layout resumes in the other.
 """
+
 import re
 from typing import Any
 
@@ -26,8 +27,9 @@ def _is_unscanned(x) -> bool:
 
 def _is_scanned(x) -> bool:
   """A dict holding a ViT's scanned blocks (a Block has `norm1`; the dVAE's `blocks` not)."""
-  return (isinstance(x, dict) and isinstance(x.get(SCANNED_BLOCKS), dict)
-          and "norm1" in x[SCANNED_BLOCKS])
+  return (
+    isinstance(x, dict) and isinstance(x.get(SCANNED_BLOCKS), dict) and "norm1" in x[SCANNED_BLOCKS]
+  )
 
 
 def layout(tree: Any) -> str | None:
@@ -41,11 +43,15 @@ def layout(tree: Any) -> str | None:
 def stacked_mask(tree: Any) -> Any:
   """`tree`'s structure with a bool per leaf: whether it is [depth, ...], a leaf anywhere
   below a scanned ViT's SCANNED_BLOCKS (params, and the optimizer state's mirrors of them)."""
+
   def mark(x):
     if not _is_scanned(x):
       return False  # a leaf
-    return {k: jax.tree.map(lambda _: True, v) if k == SCANNED_BLOCKS else stacked_mask(v)
-            for k, v in x.items()}
+    return {
+      k: jax.tree.map(lambda _: True, v) if k == SCANNED_BLOCKS else stacked_mask(v)
+      for k, v in x.items()
+    }
+
   return jax.tree.map(mark, tree, is_leaf=_is_scanned)
 
 
@@ -55,8 +61,7 @@ def _stack_leaves(leaves: list) -> Any:
     sharding = first.sharding
     if isinstance(sharding, NamedSharding):
       sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
-    return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype,
-                                sharding=sharding)
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype, sharding=sharding)
   return jnp.stack(leaves)
 
 
@@ -90,14 +95,16 @@ def _unstack_dict(d: dict) -> dict:
 
 def stacked(tree: Any) -> Any:
   """`tree` with every dict of `blocks_<i>` subtrees in the scanned layout."""
-  return jax.tree.map(lambda x: _stack_dict(x) if _is_unscanned(x) else x, tree,
-                      is_leaf=_is_unscanned)
+  return jax.tree.map(
+    lambda x: _stack_dict(x) if _is_unscanned(x) else x, tree, is_leaf=_is_unscanned
+  )
 
 
 def unstacked(tree: Any) -> Any:
   """`tree` with every scanned `blocks` subtree split into `blocks_<i>` ones."""
-  return jax.tree.map(lambda x: _unstack_dict(x) if _is_scanned(x) else x, tree,
-                      is_leaf=_is_scanned)
+  return jax.tree.map(
+    lambda x: _unstack_dict(x) if _is_scanned(x) else x, tree, is_leaf=_is_scanned
+  )
 
 
 def to_layout(tree: Any, target: str | None) -> Any:

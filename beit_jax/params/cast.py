@@ -1,5 +1,6 @@
 """Loaded params checked against a model's (names and shapes) and cast to its dtypes,
 shardings and scanned/unscanned blocks."""
+
 from typing import Any
 
 import jax
@@ -19,11 +20,17 @@ def cast(target: Any, loaded: Any, field: str) -> Any:
   want = traverse_util.flatten_dict(target, sep="/")
   got = traverse_util.flatten_dict(loaded, sep="/")
   missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  shapes = [f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
-            for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]
+  shapes = [
+    f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
+    for k in sorted(set(want) & set(got))
+    if tuple(got[k].shape) != tuple(want[k].shape)
+  ]
   if missing or unexpected or shapes:
-    raise ConfigError(f"{field}: parameters do not fit the model: missing {missing[:8]}, "
-                      f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
-  out = {k: jax.device_put(jax.numpy.asarray(got[k], want[k].dtype), want[k].sharding)
-         for k in want}
+    raise ConfigError(
+      f"{field}: parameters do not fit the model: missing {missing[:8]}, "
+      f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
+    )
+  out = {
+    k: jax.device_put(jax.numpy.asarray(got[k], want[k].dtype), want[k].sharding) for k in want
+  }
   return traverse_util.unflatten_dict(out, sep="/")

@@ -1,4 +1,5 @@
 """A beit-jax checkpoint's params, read onto one host device (the optimizer state stays on disk)."""
+
 from typing import Any
 
 import jax
@@ -16,11 +17,14 @@ def find_step_dir(path: str) -> epath.Path:
     return p
   if (p / "checkpoints").exists():
     p = p / "checkpoints"
-  steps = [c for c in p.iterdir() if c.name.isdigit() and (c / "state").exists()] \
-      if p.exists() else []
+  steps = (
+    [c for c in p.iterdir() if c.name.isdigit() and (c / "state").exists()] if p.exists() else []
+  )
   if not steps:
-    raise ConfigError(f"no beit-jax checkpoint found at {path} (expected a workdir with "
-                      "checkpoints/<step>/state, or a step folder)")
+    raise ConfigError(
+      f"no beit-jax checkpoint found at {path} (expected a workdir with "
+      "checkpoints/<step>/state, or a step folder)"
+    )
   return max(steps, key=lambda c: int(c.name))
 
 
@@ -38,9 +42,17 @@ def read(path: str) -> Any:
     # Onto one local device, whatever mesh wrote it (8 TPU cores, fsdp...); only the
     # params are read, the optimizer state (twice their size) stays on disk.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
-    state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    target = {
+      "params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"]
+      )
+    }
+    state = ckptr.restore(
+      step_dir / "state",
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   return blocks.unstacked(jax.device_get(state["params"]))

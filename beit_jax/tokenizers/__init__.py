@@ -9,6 +9,7 @@ and the trainer that trains it. Nothing here trains: a MIM run without
 (`configs/dvae.py`, `configs/vqkd_*.py`), whose `tokenizer` group `check_recipe` holds to
 the MIM run's.
 """
+
 import dataclasses
 from typing import Any
 
@@ -30,13 +31,18 @@ from beit_jax.tokenizers.base import Entry
 KINDS: dict[str, Entry] = {"dvae": dvae.ENTRY, "vqkd": vqkd.ENTRY}
 _TRAINERS = tuple(e.trainer for e in KINDS.values())
 RULES = (
-    ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
-    ("tokenizer.recipe", lambda v: isinstance(v, ml_collections.ConfigDict)
-     and v.get("trainer") in _TRAINERS,
-     f"a config whose trainer (one of {_TRAINERS}) trains the tokenizer"),
-    ("tokenizer.vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool)
-     and v >= 2, "an integer >= 2"),
-    ("input.tokenizer_image_size", *validate.POSITIVE_INT),
+  ("tokenizer.kind", lambda v: v in KINDS, f"one of {tuple(KINDS)}"),
+  (
+    "tokenizer.recipe",
+    lambda v: isinstance(v, ml_collections.ConfigDict) and v.get("trainer") in _TRAINERS,
+    f"a config whose trainer (one of {_TRAINERS}) trains the tokenizer",
+  ),
+  (
+    "tokenizer.vocab_size",
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+    "an integer >= 2",
+  ),
+  ("input.tokenizer_image_size", *validate.POSITIVE_INT),
 ) + tuple(rule for entry in KINDS.values() for rule in entry.rules)
 
 
@@ -47,8 +53,10 @@ def _check_view_size(config: ml_collections.ConfigDict) -> None:
     return
   kind = KINDS[tok.kind]
   if size % kind.image_multiple(tok):
-    raise ConfigError(f"input.tokenizer_image_size={size} must be a multiple of "
-                      f"{kind.image_multiple(tok)} for a {kind.name} tokenizer")
+    raise ConfigError(
+      f"input.tokenizer_image_size={size} must be a multiple of "
+      f"{kind.image_multiple(tok)} for a {kind.name} tokenizer"
+    )
 
 
 CHECKS = (_check_view_size,)
@@ -69,23 +77,32 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
   tok = config.tokenizer
   recipe = tok.get("recipe")
   if recipe is None:
-    raise ConfigError("tokenizer.init_from is empty and there is no tokenizer.recipe: give a "
-                      "trained tokenizer (--config.tokenizer.init_from) or the run that "
-                      "trains one")
+    raise ConfigError(
+      "tokenizer.init_from is empty and there is no tokenizer.recipe: give a "
+      "trained tokenizer (--config.tokenizer.init_from) or the run that "
+      "trains one"
+    )
   want = entry(tok.kind).trainer
   if recipe.get("trainer") != want:
-    raise ConfigError(f"tokenizer.recipe.trainer={recipe.get('trainer')!r} but a "
-                      f"{entry(tok.kind).name} tokenizer is trained by trainer={want!r}")
-  ours = {k: v for key in tok if key not in _NOT_RECIPES
-          for k, v in _flat(tok[key], f"tokenizer.{key}").items()}
+    raise ConfigError(
+      f"tokenizer.recipe.trainer={recipe.get('trainer')!r} but a "
+      f"{entry(tok.kind).name} tokenizer is trained by trainer={want!r}"
+    )
+  ours = {
+    k: v
+    for key in tok
+    if key not in _NOT_RECIPES
+    for k, v in _flat(tok[key], f"tokenizer.{key}").items()
+  }
   theirs = _flat(recipe.get("tokenizer", {}), "tokenizer")
   ours["input.tokenizer_image_size"] = config.input.tokenizer_image_size
   theirs["input.tokenizer_image_size"] = recipe.get("input", {}).get("tokenizer_image_size")
   for field, value in ours.items():
     if theirs.get(field) != value:
       raise ConfigError(
-          f"{field}={value!r} but tokenizer.recipe.{field}={theirs.get(field)!r}: this run "
-          "reads the tokenizer its recipe trains; set both alike (or tokenizer.init_from)")
+        f"{field}={value!r} but tokenizer.recipe.{field}={theirs.get(field)!r}: this run "
+        "reads the tokenizer its recipe trains; set both alike (or tokenizer.init_from)"
+      )
 
 
 def entry(kind: str) -> Entry:
@@ -97,6 +114,7 @@ def entry(kind: str) -> Entry:
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
   """A built tokenizer. Its params stay outside, so jitted steps take them as arguments."""
+
   kind: str
   model: nn.Module
 
@@ -127,10 +145,12 @@ def check_kind(kind: str, params: Any, where: str) -> None:
   if want.owns(params):
     return
   other = [k for k, e in KINDS.items() if e.owns(params)]
-  hint = (f": it is a {KINDS[other[0]].name} one; set --config.tokenizer.kind={other[0]}"
-          if other else f" (it holds {sorted(params) if isinstance(params, dict) else params})")
-  raise ConfigError(f"tokenizer.kind='{kind}' but {where} is not a {want.name} tokenizer"
-                    + hint)
+  hint = (
+    f": it is a {KINDS[other[0]].name} one; set --config.tokenizer.kind={other[0]}"
+    if other
+    else f" (it holds {sorted(params) if isinstance(params, dict) else params})"
+  )
+  raise ConfigError(f"tokenizer.kind='{kind}' but {where} is not a {want.name} tokenizer" + hint)
 
 
 def build(tok: ml_collections.ConfigDict) -> Tokenizer:
@@ -152,8 +172,9 @@ def pretrain_views(config: ml_collections.ConfigDict) -> dict[str, View]:
   return {"image": vit_view(config.input.image_size), "tokenizer_image": view(config)}
 
 
-def load(tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init_from"
-         ) -> tuple[Tokenizer, Any]:
+def load(
+  tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init_from"
+) -> tuple[Tokenizer, Any]:
   """The tokenizer `tok` describes with the weights of the beit-jax checkpoint at `path`.
 
   Raises ConfigError naming `field` when the path does not exist, when its vocabulary is
@@ -166,8 +187,9 @@ def load(tok: ml_collections.ConfigDict, path: str, field: str = "tokenizer.init
   check_kind(tok.kind, params, f"{field}={path}")
   got = tokenizer.vocab_size(params)
   if got != tok.vocab_size:
-    raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} but the tokenizer at "
-                      f"{path} has {got} codes")
+    raise ConfigError(
+      f"tokenizer.vocab_size={tok.vocab_size} but the tokenizer at {path} has {got} codes"
+    )
   params = tokenizer.entry.check_params(tokenizer.model, params, f"{field}={path}")
   logging.info("Tokenizer: %s from %s", tok.kind, path)
   return tokenizer, jax.tree.map(jnp.asarray, params)

@@ -1,4 +1,5 @@
 """The registry entry a tokenizer kind provides (see `beit_jax.tokenizers`)."""
+
 import dataclasses
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from beit_jax.data.views import View
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """What one tokenizer kind provides; `model` below is what `build` returns."""
+
   build: Callable[[ml_collections.ConfigDict], nn.Module]  # config.tokenizer -> model
   init: Callable[[nn.Module, jax.Array, int], Any]  # (model, rng, view size) -> params
   tokenize: Callable[[nn.Module, Any, jax.Array], jax.Array]  # -> int32 [B, h, w]

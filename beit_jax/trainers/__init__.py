@@ -7,6 +7,7 @@ outside world, `prerequisites(config, workdir)` for the runs that must finish fi
 `make_task(config, workdir=None, *, frozen=None)` and `train_and_evaluate(config, workdir)`.
 Trainers never import each other: what they share is in library modules.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,8 +38,19 @@ def _library():
   from beit_jax.data import classification as classification_data
   from beit_jax.data import pretrain
   from beit_jax.data import segmentation as segmentation_data
-  return (runner, optim, checkpoint, classification, tokenizers, pretrain,
-          classification_data, model_rules, segmentation, segmentation_data)
+
+  return (
+    runner,
+    optim,
+    checkpoint,
+    classification,
+    tokenizers,
+    pretrain,
+    classification_data,
+    model_rules,
+    segmentation,
+    segmentation_data,
+  )
 
 
 def rules() -> tuple[validate.Rule, ...]:
@@ -58,8 +70,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validate.check(config, checks=module(config.trainer).CHECKS)
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
-              frozen: runner.FrozenModels | None = None) -> runner.Task:
+def make_task(
+  config: ml_collections.ConfigDict,
+  workdir: str | None = None,
+  *,
+  frozen: runner.FrozenModels | None = None,
+) -> runner.Task:
   """The `runner.Task` of `config.trainer`, built but not run (benchmarks, plans, tests);
   `frozen` as `runner.Trainer.make_task` takes it."""
   return module(config.trainer).make_task(config, workdir, frozen=frozen)

@@ -7,6 +7,7 @@ closed-over constant, so they are not baked into the compiled program.
 `mim_target='pixels'` is the papers' ablation instead: no tokenizer; the head regresses
 each masked patch's pixels, normalised per patch (zero mean, unit variance), by MSE.
 """
+
 import copy
 import functools
 from typing import Any
@@ -46,14 +47,20 @@ def _is_patch_aggregation(v) -> bool:
 
 
 RULES = (
-    ("images_every_steps", *validate.POSITIVE_INT),
-    ("mim_target", lambda v: v in MIM_TARGETS,
-     f"one of {MIM_TARGETS} (the tokenizer's codes, or normalised pixels by MSE)"),
-    # BEiT v2 (docs/reference.md §4): read by `make_model`.
-    ("model.patch_aggregation", _is_patch_aggregation,
-     "None (BEiT v1) or dict(layer=L, depth=D) of integers >= 1: the [CLS] of the last "
-     "block and the patch outputs of the first L blocks (unilm's early_layers) through "
-     "D more blocks (unilm's head_layers)"),
+  ("images_every_steps", *validate.POSITIVE_INT),
+  (
+    "mim_target",
+    lambda v: v in MIM_TARGETS,
+    f"one of {MIM_TARGETS} (the tokenizer's codes, or normalised pixels by MSE)",
+  ),
+  # BEiT v2 (docs/reference.md §4): read by `make_model`.
+  (
+    "model.patch_aggregation",
+    _is_patch_aggregation,
+    "None (BEiT v1) or dict(layer=L, depth=D) of integers >= 1: the [CLS] of the last "
+    "block and the patch outputs of the first L blocks (unilm's early_layers) through "
+    "D more blocks (unilm's head_layers)",
+  ),
 )
 
 
@@ -66,9 +73,10 @@ def _check_token_grid(config: ml_collections.ConfigDict) -> None:
   tok_grid = tokenizers.grid(config)
   if tok_grid != grid:
     raise ConfigError(
-        f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
-        f"{tok_grid}x{tok_grid} token grid but the ViT has {grid}x{grid} patches "
-        f"(input.image_size={config.input.image_size}, patch {patch})")
+      f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
+      f"{tok_grid}x{tok_grid} token grid but the ViT has {grid}x{grid} patches "
+      f"(input.image_size={config.input.image_size}, patch {patch})"
+    )
 
 
 def _check_patch_aggregation(config: ml_collections.ConfigDict) -> None:
@@ -76,16 +84,21 @@ def _check_patch_aggregation(config: ml_collections.ConfigDict) -> None:
   if pa is None:
     return
   if sorted(pa.keys()) != sorted(_PATCH_AGGREGATION_KEYS):
-    raise ConfigError(f"model.patch_aggregation has fields {sorted(pa.keys())}; accepted: "
-                      f"exactly {list(_PATCH_AGGREGATION_KEYS)}")
+    raise ConfigError(
+      f"model.patch_aggregation has fields {sorted(pa.keys())}; accepted: "
+      f"exactly {list(_PATCH_AGGREGATION_KEYS)}"
+    )
   for key in _PATCH_AGGREGATION_KEYS:
     if not validate.number(1, integer=True)(pa[key]):
-      raise ConfigError(f"model.patch_aggregation.{key}={pa[key]!r} is invalid; accepted: "
-                        "an integer >= 1")
+      raise ConfigError(
+        f"model.patch_aggregation.{key}={pa[key]!r} is invalid; accepted: an integer >= 1"
+      )
   depth = vit.size_kwargs(config.model)["depth"]
   if not 1 <= pa.layer <= depth:
-    raise ConfigError(f"model.patch_aggregation.layer={pa.layer} must be in 1..{depth} "
-                      f"(model.depth): the number of blocks whose output is aggregated")
+    raise ConfigError(
+      f"model.patch_aggregation.layer={pa.layer} must be in 1..{depth} "
+      f"(model.depth): the number of blocks whose output is aggregated"
+    )
 
 
 CHECKS = (_check_token_grid, _check_patch_aggregation)
@@ -96,13 +109,16 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str | None) -> str
   if config.tokenizer.get("init_from"):
     return config.tokenizer.init_from
   if workdir is None:
-    raise ValueError("MIM: no tokenizer: tokenizer.init_from is empty and no workdir holds "
-                     "one (give make_task a workdir or frozen={'tokenizer': ...})")
+    raise ValueError(
+      "MIM: no tokenizer: tokenizer.init_from is empty and no workdir holds "
+      "one (give make_task a workdir or frozen={'tokenizer': ...})"
+    )
   return str(epath.Path(workdir) / "tokenizer")
 
 
-def prerequisites(config: ml_collections.ConfigDict, workdir: str
-                  ) -> list[tuple[ml_collections.ConfigDict, str]]:
+def prerequisites(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[ml_collections.ConfigDict, str]]:
   """Without `tokenizer.init_from`, the tokenizer's run, `tokenizer.recipe` (a whole
   config: `trainer='dvae'` or `'vqkd'`), comes first (stage 1), in `<workdir>/tokenizer`."""
   if config.tokenizer.get("init_from") or predicts_pixels(config):
@@ -120,9 +136,19 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   data.num_train_examples(config)  # the data set is there
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               frozen: dict[str, Any], *, model: vit.VisionTransformer, tokenize, tx,
-               schedule, max_masked: int, accum_steps: int = 1) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  frozen: dict[str, Any],
+  *,
+  model: vit.VisionTransformer,
+  tokenize,
+  tx,
+  schedule,
+  max_masked: int,
+  accum_steps: int = 1,
+) -> tuple[TrainState, dict]:
   """One MIM step: tokenize view 2, predict the tokens of masked patches of view 1.
 
   frozen: {'tokenizer': its params}. `tokenize=None`: predict the masked patches'
@@ -133,37 +159,43 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   positions, weights = masked_positions(batch["mask"], max_masked)
 
   def loss_fn(params, micro, rng):
-    tokens = (None if tokenize is None
-              else tokenize(frozen["tokenizer"], micro["tokenizer_image"]))
+    tokens = None if tokenize is None else tokenize(frozen["tokenizer"], micro["tokenizer_image"])
     targets = targets_at(micro, micro["positions"], tokens, model.patch_size)  # [b, K(, P)]
-    loss, metrics = objective(params, model, micro, micro["positions"], targets,
-                              micro["weights"], rng)
+    loss, metrics = objective(
+      params, model, micro, micro["positions"], targets, micro["weights"], rng
+    )
     return loss, (metrics, {} if tokenize is None else {"targets": targets})
 
   (_, (metrics, outputs)), grads = train_state.value_and_grad(
-      loss_fn, state.params, dict(batch, positions=positions, weights=weights), rng,
-      accum_steps, weight=lambda micro: micro["weights"].sum())
+    loss_fn,
+    state.params,
+    dict(batch, positions=positions, weights=weights),
+    rng,
+    accum_steps,
+    weight=lambda micro: micro["weights"].sum(),
+  )
   metrics["masked_per_image"] = weights.sum(1).mean()  # per image, not per masked patch
   new_state, update_metrics = train_state.apply_gradients(state, grads, metrics["loss"], tx)
   metrics.update(update_metrics)
-  metrics.update(param_norm=optax.global_norm(new_state.params),
-                 learning_rate=schedule(state.step))
+  metrics.update(param_norm=optax.global_norm(new_state.params), learning_rate=schedule(state.step))
   if tokenize is not None:
     # The accuracy of always predicting the batch's most frequent target: the bar MIM
     # accuracy must clear to mean anything.
-    metrics["majority_baseline"] = _majority_rate(outputs["targets"], weights,
-                                                  model.vocab_size)
+    metrics["majority_baseline"] = _majority_rate(outputs["targets"], weights, model.vocab_size)
   return new_state, metrics
 
 
 def _majority_rate(targets: jax.Array, weights: jax.Array, vocab_size: int) -> jax.Array:
-  counts = jnp.zeros((vocab_size,), jnp.float32).at[targets.reshape(-1)].add(
-      weights.reshape(-1))
+  counts = jnp.zeros((vocab_size,), jnp.float32).at[targets.reshape(-1)].add(weights.reshape(-1))
   return counts.max() / jnp.maximum(weights.sum(), 1.0)
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
-              frozen: runner.FrozenModels | None = None) -> runner.Task:
+def make_task(
+  config: ml_collections.ConfigDict,
+  workdir: str | None = None,
+  *,
+  frozen: runner.FrozenModels | None = None,
+) -> runner.Task:
   """The MIM run of `config` against its tokenizer (`tokenizer_dir`), whose params are the
   step's frozen input; `frozen={'tokenizer': (Tokenizer, params)}` in its place. No
   tokenizer for `mim_target='pixels'`."""
@@ -174,10 +206,10 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   elif not predicts_pixels(config):
     tokenizer, tok_params = tokenizers.load(config.tokenizer, tokenizer_dir(config, workdir))
   model = make_model(config)
-  total_steps, warmup_steps = train_state.steps_from_config(
-      config, data.num_train_examples(config))
-  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
-                                      warmup_steps=warmup_steps)
+  total_steps, warmup_steps = train_state.steps_from_config(config, data.num_train_examples(config))
+  tx, schedule = optim.make_optimizer(
+    config.optim, total_steps=total_steps, warmup_steps=warmup_steps
+  )
   size, grid = config.input.image_size, config.input.image_size // config.input.patch_size
   max_masked = mim_objective.max_masked(config)
   view_specs = tokenizers.pretrain_views(config)
@@ -202,24 +234,48 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     image_dir = epath.Path(ctx.workdir) / "images"
 
     def write_images(step_no, st):
-      visuals.write_mim_images(image_dir, ctx.writer, step_no, eval_batch, model=eval_model,
-                               params=st.params, tokenizer=tokenizer,
-                               tok_params=ctx.frozen["tokenizer"],
-                               vit_view=view_specs["image"])
+      visuals.write_mim_images(
+        image_dir,
+        ctx.writer,
+        step_no,
+        eval_batch,
+        model=eval_model,
+        params=st.params,
+        tokenizer=tokenizer,
+        tok_params=ctx.frozen["tokenizer"],
+        vit_view=view_specs["image"],
+      )
+
     return (runner.Hook(config.images_every_steps, write_images),) if tokenizer else ()
 
   return runner.Task(
-      desc="MIM", init_params=init_params, tx=tx, param_axes=vit.PARAM_AXES,
-      train_step=functools.partial(train_step, model=model,
-                                   tokenize=tokenizer.tokenize if tokenizer else None,
-                                   tx=tx, schedule=schedule, max_masked=max_masked,
-                                   accum_steps=config.optim.get("accum_steps", 1)),
-      total_steps=total_steps, batch_size=config.input.batch_size,
-      batches=lambda start: data.make_pretrain_iterator(
-          config, view_specs, seed=config.seed, start_step=start,
-          process_index=jax.process_index(), process_count=jax.process_count()),
-      frozen=frozen_params if tokenizer is not None else None,
-      load_params=load_params if config.get("init_from") else None, hooks=hooks)
+    desc="MIM",
+    init_params=init_params,
+    tx=tx,
+    param_axes=vit.PARAM_AXES,
+    train_step=functools.partial(
+      train_step,
+      model=model,
+      tokenize=tokenizer.tokenize if tokenizer else None,
+      tx=tx,
+      schedule=schedule,
+      max_masked=max_masked,
+      accum_steps=config.optim.get("accum_steps", 1),
+    ),
+    total_steps=total_steps,
+    batch_size=config.input.batch_size,
+    batches=lambda start: data.make_pretrain_iterator(
+      config,
+      view_specs,
+      seed=config.seed,
+      start_step=start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    frozen=frozen_params if tokenizer is not None else None,
+    load_params=load_params if config.get("init_from") else None,
+    hooks=hooks,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

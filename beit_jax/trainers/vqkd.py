@@ -28,6 +28,7 @@ own run, `tokenizer.teacher.recipe` (a whole config, e.g.
 `configs/finetune_tiny_local.py`'s): without `teacher.init_from` it trains first in
 `<workdir>/teacher` (`prerequisites`), so one command runs teacher, VQ-KD and v2 MIM.
 """
+
 import copy
 import functools
 from typing import Any
@@ -56,47 +57,67 @@ from beit_jax.training.train_state import TrainState
 
 TEACHER_KINDS = ("clip", "dino", "vit", "random")
 # What each teacher kind's checkpoint loads as.
-_MODULES = {"clip": teachers.ClipVisionTower, "dino": teachers.DinoViT,
-            "vit": vit.VisionTransformer}
+_MODULES = {
+  "clip": teachers.ClipVisionTower,
+  "dino": teachers.DinoViT,
+  "vit": vit.VisionTransformer,
+}
 _n = validate.number
 RULES = (
-    ("tokenizer.teacher.kind", lambda v: v in TEACHER_KINDS,
-     f"one of {TEACHER_KINDS} ('random': a random 1-block ViT, for tests)"),
-    ("tokenizer.teacher.init_from", lambda v: isinstance(v, str),
-     "a path (HF CLIP / ViT folder, OpenAI CLIP or DINO file, beit-jax checkpoint)"),
-    ("tokenizer.teacher.block", lambda v: v is None or _n(integer=True)(v),
-     "None (the final tokens) or a block index of a 'vit' teacher"),
-    ("tokenizer.teacher.num_heads", validate.optional_positive_int, "None or an integer >= 1"),
-    ("tokenizer.teacher.recipe", lambda v: isinstance(v, ml_collections.ConfigDict)
-     and v.get("trainer") in ("finetune", "mim"),
-     "a config whose trainer ('finetune' or 'mim') makes the ViT teacher"),
-    ("ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
-    ("kmeans_iters", _n(0, integer=True), "an integer >= 0"),
-    ("restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
-    ("dead_threshold", _n(0, lo_open=True), "a number > 0"),
+  (
+    "tokenizer.teacher.kind",
+    lambda v: v in TEACHER_KINDS,
+    f"one of {TEACHER_KINDS} ('random': a random 1-block ViT, for tests)",
+  ),
+  (
+    "tokenizer.teacher.init_from",
+    lambda v: isinstance(v, str),
+    "a path (HF CLIP / ViT folder, OpenAI CLIP or DINO file, beit-jax checkpoint)",
+  ),
+  (
+    "tokenizer.teacher.block",
+    lambda v: v is None or _n(integer=True)(v),
+    "None (the final tokens) or a block index of a 'vit' teacher",
+  ),
+  ("tokenizer.teacher.num_heads", validate.optional_positive_int, "None or an integer >= 1"),
+  (
+    "tokenizer.teacher.recipe",
+    lambda v: isinstance(v, ml_collections.ConfigDict) and v.get("trainer") in ("finetune", "mim"),
+    "a config whose trainer ('finetune' or 'mim') makes the ViT teacher",
+  ),
+  ("ema_decay", _n(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+  ("kmeans_iters", _n(0, integer=True), "an integer >= 0"),
+  ("restart_dead_codes", lambda v: isinstance(v, bool), "True or False"),
+  ("dead_threshold", _n(0, lo_open=True), "a number > 0"),
 )
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
   tok, inp = config.tokenizer, config.input
   if tok.kind != "vqkd":
-    raise ConfigError(f"tokenizer.kind={tok.kind!r}: trainer='vqkd' trains a 'vqkd' "
-                      "tokenizer")
+    raise ConfigError(f"tokenizer.kind={tok.kind!r}: trainer='vqkd' trains a 'vqkd' tokenizer")
   for part in ("encoder", "decoder"):
     width, heads = tok[part].width, tok[part].num_heads
     if width % heads:
-      raise ConfigError(f"tokenizer.{part}.width={width} must be divisible by "
-                        f"tokenizer.{part}.num_heads={heads}")
+      raise ConfigError(
+        f"tokenizer.{part}.width={width} must be divisible by tokenizer.{part}.num_heads={heads}"
+      )
   if tok.patch_size != inp.patch_size:
-    raise ConfigError(f"tokenizer.patch_size={tok.patch_size} must equal input.patch_size="
-                      f"{inp.patch_size} (the token grid is input.tokenizer_image_size / "
-                      "input.patch_size)")
+    raise ConfigError(
+      f"tokenizer.patch_size={tok.patch_size} must equal input.patch_size="
+      f"{inp.patch_size} (the token grid is input.tokenizer_image_size / "
+      "input.patch_size)"
+    )
   if inp.tokenizer_image_size % tok.patch_size:
-    raise ConfigError(f"input.tokenizer_image_size={inp.tokenizer_image_size} must be a "
-                      f"multiple of tokenizer.patch_size={tok.patch_size}")
+    raise ConfigError(
+      f"input.tokenizer_image_size={inp.tokenizer_image_size} must be a "
+      f"multiple of tokenizer.patch_size={tok.patch_size}"
+    )
   if tok.teacher.block is not None and tok.teacher.kind != "vit":
-    raise ConfigError(f"tokenizer.teacher.block={tok.teacher.block} needs "
-                      f"tokenizer.teacher.kind='vit', not {tok.teacher.kind!r}")
+    raise ConfigError(
+      f"tokenizer.teacher.block={tok.teacher.block} needs "
+      f"tokenizer.teacher.kind='vit', not {tok.teacher.kind!r}"
+    )
   if _recipe(config) is not None:
     _check_recipe(config)
 
@@ -111,19 +132,26 @@ def _check_recipe(config: ml_collections.ConfigDict) -> None:
   """The teacher the recipe will make fits this tokenizer: checked before it trains."""
   tok, recipe = config.tokenizer, config.tokenizer.teacher.recipe
   if tok.teacher.kind != "vit":
-    raise ConfigError(f"tokenizer.teacher.recipe makes a 'vit' teacher, not "
-                      f"tokenizer.teacher.kind={tok.teacher.kind!r}")
+    raise ConfigError(
+      f"tokenizer.teacher.recipe makes a 'vit' teacher, not "
+      f"tokenizer.teacher.kind={tok.teacher.kind!r}"
+    )
   size = vit.size_kwargs(recipe.model)
   if size["width"] != tok.teacher_dim:
-    raise ConfigError(f"tokenizer.teacher_dim={tok.teacher_dim} but tokenizer.teacher.recipe "
-                      f"makes a ViT of width {size['width']} (its model.width)")
-  grid, teacher_grid = (config.input.tokenizer_image_size // tok.patch_size,
-                        recipe.input.image_size // size["patch_size"])
+    raise ConfigError(
+      f"tokenizer.teacher_dim={tok.teacher_dim} but tokenizer.teacher.recipe "
+      f"makes a ViT of width {size['width']} (its model.width)"
+    )
+  grid, teacher_grid = (
+    config.input.tokenizer_image_size // tok.patch_size,
+    recipe.input.image_size // size["patch_size"],
+  )
   if teacher_grid != grid:
     raise ConfigError(
-        f"tokenizer.teacher.recipe.input.image_size={recipe.input.image_size} gives the "
-        f"teacher a {teacher_grid}x{teacher_grid} patch grid but the tokenizer's is "
-        f"{grid}x{grid} (input.tokenizer_image_size / tokenizer.patch_size)")
+      f"tokenizer.teacher.recipe.input.image_size={recipe.input.image_size} gives the "
+      f"teacher a {teacher_grid}x{teacher_grid} patch grid but the tokenizer's is "
+      f"{grid}x{grid} (input.tokenizer_image_size / tokenizer.patch_size)"
+    )
 
 
 CHECKS = (_check_sizes,)
@@ -136,8 +164,9 @@ def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return str(epath.Path(workdir) / "teacher")
 
 
-def prerequisites(config: ml_collections.ConfigDict, workdir: str
-                  ) -> list[tuple[ml_collections.ConfigDict, str]]:
+def prerequisites(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[ml_collections.ConfigDict, str]]:
   """A teacher recipe without `teacher.init_from`: the teacher's run comes first."""
   recipe = _recipe(config)
   return [] if recipe is None else [(copy.deepcopy(recipe), teacher_dir(config, workdir))]
@@ -148,9 +177,11 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   teacher = config.tokenizer.teacher
   if teacher.kind != "random" and _recipe(config) is None:
     if not teacher.init_from:
-      raise ConfigError(f"tokenizer.teacher.init_from is empty: a {teacher.kind!r} teacher "
-                        "needs its weights (a HF folder, an OpenAI CLIP / DINO file or a "
-                        "beit-jax checkpoint) or, for 'vit', tokenizer.teacher.recipe")
+      raise ConfigError(
+        f"tokenizer.teacher.init_from is empty: a {teacher.kind!r} teacher "
+        "needs its weights (a HF folder, an OpenAI CLIP / DINO file or a "
+        "beit-jax checkpoint) or, for 'vit', tokenizer.teacher.recipe"
+      )
     if not epath.Path(teacher.init_from).exists():
       raise ConfigError(f"tokenizer.teacher.init_from={teacher.init_from} does not exist")
   data.num_train_examples(config)
@@ -159,9 +190,14 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 def random_teacher(config: ml_collections.ConfigDict) -> teachers.Teacher:
   """kind 'random': a 1-block, 1-head DINO-layout ViT of `tokenizer.teacher_dim` (tests)."""
   tok = config.tokenizer
-  return teachers.dino_teacher(patch_size=tok.patch_size, width=tok.teacher_dim, depth=1,
-                               num_heads=1, mlp_dim=2 * tok.teacher_dim,
-                               image_size=config.input.tokenizer_image_size)
+  return teachers.dino_teacher(
+    patch_size=tok.patch_size,
+    width=tok.teacher_dim,
+    depth=1,
+    num_heads=1,
+    mlp_dim=2 * tok.teacher_dim,
+    image_size=config.input.tokenizer_image_size,
+  )
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[teachers.Teacher, Any]:
@@ -174,24 +210,32 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[teachers.Teacher, A
   else:
     field = f"tokenizer.teacher.init_from={spec.init_from}"
     teacher, params = convert_teachers.load_teacher(
-        spec.init_from, num_heads=spec.get("num_heads"), block=spec.get("block"))
+      spec.init_from, num_heads=spec.get("num_heads"), block=spec.get("block")
+    )
     if not isinstance(teacher.module, _MODULES[spec.kind]):
       got = next((k for k, m in _MODULES.items() if isinstance(teacher.module, m)), "?")
-      raise ConfigError(f"tokenizer.teacher.kind={spec.kind!r} but {field} is a {got!r} "
-                        "teacher")
+      raise ConfigError(f"tokenizer.teacher.kind={spec.kind!r} but {field} is a {got!r} teacher")
     where = f"the teacher at {spec.init_from}"
-    logging.info("Teacher: %s from %s (%d-d features, %d patches)", spec.kind,
-                 spec.init_from, teacher.dim, teacher.num_patches)
+    logging.info(
+      "Teacher: %s from %s (%d-d features, %d patches)",
+      spec.kind,
+      spec.init_from,
+      teacher.dim,
+      teacher.num_patches,
+    )
   if teacher.dim != tok.teacher_dim:
-    raise ConfigError(f"tokenizer.teacher_dim={tok.teacher_dim} but {where} gives "
-                      f"{teacher.dim}-d features (set --config.tokenizer.teacher_dim="
-                      f"{teacher.dim})")
+    raise ConfigError(
+      f"tokenizer.teacher_dim={tok.teacher_dim} but {where} gives "
+      f"{teacher.dim}-d features (set --config.tokenizer.teacher_dim="
+      f"{teacher.dim})"
+    )
   grid = config.input.tokenizer_image_size // tok.patch_size
   if teacher.num_patches != grid * grid:
     raise ConfigError(
-        f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
-        f"{grid}x{grid} token grid but {where} has {teacher.num_patches} patches "
-        f"({teacher.image_size} px, patch {teacher.module.patch_size})")
+      f"input.tokenizer_image_size={config.input.tokenizer_image_size} gives a "
+      f"{grid}x{grid} token grid but {where} has {teacher.num_patches} patches "
+      f"({teacher.image_size} px, patch {teacher.module.patch_size})"
+    )
   return teacher, params
 
 
@@ -200,10 +244,19 @@ def teacher_view(teacher: teachers.Teacher) -> View:
   return View(teacher.image_size, "bicubic", teacher.normalization)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               frozen: dict[str, Any], *, model: vqkd.VQKD, teacher: teachers.Teacher, tx, schedule,
-               config: ml_collections.ConfigDict, accum_steps: int = 1
-               ) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  frozen: dict[str, Any],
+  *,
+  model: vqkd.VQKD,
+  teacher: teachers.Teacher,
+  tx,
+  schedule,
+  config: ml_collections.ConfigDict,
+  accum_steps: int = 1,
+) -> tuple[TrainState, dict]:
   """One VQ-KD step: distil the teacher's patch features through the quantised codes.
 
   batch: 'image' [B, S, S, 3] in [-1, 1] (VQ-KD's view), 'teacher_image' (the teacher's
@@ -219,28 +272,49 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   enc_rng, _, init_rng, restart_rng = jax.random.split(rng, 4)
 
   def encode(params, images, rng):
-    return model.apply({"params": params, "codebook": codebook}, images, True,
-                       method=vqkd.VQKD.encode, rngs={"dropout": rng})  # [B, h, w, C], unit
+    return model.apply(
+      {"params": params, "codebook": codebook},
+      images,
+      True,
+      method=vqkd.VQKD.encode,
+      rngs={"dropout": rng},
+    )  # [B, h, w, C], unit
 
   # k-means on the first batch's z before its loss, as unilm (a branch once initialised).
   cb = jax.lax.cond(
-      codebook["initted"], lambda c: c,
-      lambda c: vqkd.init_codebook(c, encode(params, batch["image"], enc_rng), init_rng,
-                                   config.kmeans_iters), codebook)
+    codebook["initted"],
+    lambda c: c,
+    lambda c: vqkd.init_codebook(
+      c, encode(params, batch["image"], enc_rng), init_rng, config.kmeans_iters
+    ),
+    codebook,
+  )
 
   def loss_fn(params, micro, rng):
     enc_rng, dec_rng = jax.random.split(rng, 4)[:2]
     targets = teacher.features(frozen["teacher"], micro["teacher_image"])  # [b, N, T]
     z = encode(params, micro["image"], enc_rng)
-    out = model.apply({"params": params, "codebook": codebook}, z, cb["embedding"], targets,
-                      True, method=vqkd.VQKD.distill, rngs={"dropout": dec_rng})
-    return out["loss"], ({"cosine_loss": out["cosine_loss"],
-                          "commitment_loss": out["commitment_loss"]},
-                         {"z": z, "codes": out["codes"]})
+    out = model.apply(
+      {"params": params, "codebook": codebook},
+      z,
+      cb["embedding"],
+      targets,
+      True,
+      method=vqkd.VQKD.distill,
+      rngs={"dropout": dec_rng},
+    )
+    return out["loss"], (
+      {"cosine_loss": out["cosine_loss"], "commitment_loss": out["commitment_loss"]},
+      {"z": z, "codes": out["codes"]},
+    )
 
   (loss, (losses, outputs)), grads = train_state.value_and_grad(
-      loss_fn, params, {"image": batch["image"], "teacher_image": batch["teacher_image"]},
-      rng, accum_steps)
+    loss_fn,
+    params,
+    {"image": batch["image"], "teacher_image": batch["teacher_image"]},
+    rng,
+    accum_steps,
+  )
   z, codes = outputs["z"], outputs["codes"]
   grads = {"params": grads, "codebook": jax.tree.map(jnp.zeros_like, codebook)}
   new_state, update_metrics = train_state.apply_gradients(state, grads, loss, tx)
@@ -251,20 +325,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   usage = vqkd.codebook_usage(updated, codes, config.dead_threshold)
   if config.restart_dead_codes:
     restarted = vqkd.restart_dead_codes(updated, z, restart_rng, config.dead_threshold)
-    usage["restarted_codes"] = jnp.sum(jnp.any(restarted["embedding"]
-                                               != updated["embedding"], -1))
+    usage["restarted_codes"] = jnp.sum(jnp.any(restarted["embedding"] != updated["embedding"], -1))
     updated = restarted
   new_codebook = jax.tree.map(lambda n, o: jnp.where(ok, n, o), updated, codebook)
-  new_state = new_state.replace(params={"params": new_state.params["params"],
-                                        "codebook": new_codebook})
-  metrics = dict(update_metrics, loss=loss, **losses, learning_rate=schedule(state.step),
-                 codebook_perplexity=usage.pop("perplexity"),
-                 used_fraction=usage["used_codes"] / model.num_codes, **usage)
+  new_state = new_state.replace(
+    params={"params": new_state.params["params"], "codebook": new_codebook}
+  )
+  metrics = dict(
+    update_metrics,
+    loss=loss,
+    **losses,
+    learning_rate=schedule(state.step),
+    codebook_perplexity=usage.pop("perplexity"),
+    used_fraction=usage["used_codes"] / model.num_codes,
+    **usage,
+  )
   return new_state, metrics
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
-              frozen: runner.FrozenModels | None = None) -> runner.Task:
+def make_task(
+  config: ml_collections.ConfigDict,
+  workdir: str | None = None,
+  *,
+  frozen: runner.FrozenModels | None = None,
+) -> runner.Task:
   """The VQ-KD run of `config`: the teacher (`teacher_dir`) is the step's frozen input;
   `frozen={'teacher': (Teacher, params)}` in its place."""
   frozen = runner.given_frozen(frozen, "VQ-KD", "teacher")
@@ -274,39 +358,63 @@ def make_task(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   model = tokenizer.model.clone(image_size=size)
   teacher, teacher_params = frozen["teacher"] if frozen else load_teacher(config)
   views = {"image": tokenizers.view(config), "teacher_image": teacher_view(teacher)}
-  total_steps, warmup_steps = train_state.steps_from_config(
-      config, data.num_train_examples(config))
+  total_steps, warmup_steps = train_state.steps_from_config(config, data.num_train_examples(config))
   # No gradient update at all on the codebook (no moments, no decay): EMA moves it.
-  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps,
-                                      warmup_steps=warmup_steps, frozen=("codebook",))
+  tx, schedule = optim.make_optimizer(
+    config.optim, total_steps=total_steps, warmup_steps=warmup_steps, frozen=("codebook",)
+  )
 
   def hooks(ctx: runner.Context):
-    images = data.make_eval_batch(config, {"image": views["image"]}, n=16, seed=config.seed,
-                                  masks=False)["image"]
+    images = data.make_eval_batch(
+      config, {"image": views["image"]}, n=16, seed=config.seed, masks=False
+    )["image"]
     image_dir = epath.Path(ctx.workdir) / "images"
 
     def write_images(step_no, st):
-      visuals.write_code_images(image_dir, ctx.writer, step_no, images,
-                                tokenizer=tokenizer, params=st.params, view=views["image"])
+      visuals.write_code_images(
+        image_dir,
+        ctx.writer,
+        step_no,
+        images,
+        tokenizer=tokenizer,
+        params=st.params,
+        view=views["image"],
+      )
+
     return (runner.Hook(config.images_every_steps, write_images),)
 
   return runner.Task(
-      desc="VQ-KD", init_params=lambda rng: tokenizer.init(rng, size), tx=tx,
-      param_axes=vqkd.PARAM_AXES,
-      train_step=functools.partial(train_step, model=model, teacher=teacher, tx=tx,
-                                   schedule=schedule, config=config,
-                                   accum_steps=config.optim.get("accum_steps", 1)),
-      total_steps=total_steps, batch_size=config.input.batch_size,
-      batches=lambda start: data.make_tokenizer_iterator(
-          config, views, seed=config.seed, start_step=start,
-          process_index=jax.process_index(), process_count=jax.process_count()),
-      frozen=lambda mesh: {"teacher": jax.device_put(teacher_params,
-                                                     sharding.replicated(mesh))},
-      hooks=hooks)
+    desc="VQ-KD",
+    init_params=lambda rng: tokenizer.init(rng, size),
+    tx=tx,
+    param_axes=vqkd.PARAM_AXES,
+    train_step=functools.partial(
+      train_step,
+      model=model,
+      teacher=teacher,
+      tx=tx,
+      schedule=schedule,
+      config=config,
+      accum_steps=config.optim.get("accum_steps", 1),
+    ),
+    total_steps=total_steps,
+    batch_size=config.input.batch_size,
+    batches=lambda start: data.make_tokenizer_iterator(
+      config,
+      views,
+      seed=config.seed,
+      start_step=start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    frozen=lambda mesh: {"teacher": jax.device_put(teacher_params, sharding.replicated(mesh))},
+    hooks=hooks,
+  )
 
 
-def _with_teacher_dir(config: ml_collections.ConfigDict, workdir: str | None
-                      ) -> ml_collections.ConfigDict:
+def _with_teacher_dir(
+  config: ml_collections.ConfigDict, workdir: str | None
+) -> ml_collections.ConfigDict:
   """`config` whose `teacher.init_from` is the teacher a recipe made in `workdir`."""
   if workdir is None:
     return config

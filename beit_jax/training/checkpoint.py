@@ -4,6 +4,7 @@ On disk: `<workdir>/checkpoints/<step>/{state,meta}`. Orbax writes a step into a
 temporary directory and renames it when complete, so a save cut short by a crash is
 never listed as a checkpoint. Works the same for local paths and gs://.
 """
+
 import json
 import uuid
 from typing import Any
@@ -21,8 +22,8 @@ from beit_jax.errors import ConfigError
 # business: `params.load_into`, `params.read`.
 
 RULES = (
-    ("checkpoint.every_steps", *validate.POSITIVE_INT),
-    ("checkpoint.keep", *validate.POSITIVE_INT),
+  ("checkpoint.every_steps", *validate.POSITIVE_INT),
+  ("checkpoint.keep", *validate.POSITIVE_INT),
 )
 
 
@@ -35,33 +36,46 @@ def check_writable(workdir: str, field: str = "workdir") -> None:
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
     detail = " ".join(str(e).split())  # one line: GCS errors put the reason on a second one
-    raise ConfigError(f"{field}={workdir} is not writable: {type(e).__name__}: {detail}"
-                      ) from None
+    raise ConfigError(f"{field}={workdir} is not writable: {type(e).__name__}: {detail}") from None
 
 
-def make_manager(workdir: str, *, every_steps: int, keep: int,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+  workdir: str, *, every_steps: int, keep: int, async_save: bool = True
+) -> ocp.CheckpointManager:
   if every_steps <= 0:
     raise ConfigError(f"checkpoint.every_steps must be > 0, got {every_steps}")
   if keep < 1:
     raise ConfigError(f"checkpoint.keep must be >= 1, got {keep}")
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=every_steps, max_to_keep=keep,
-      enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
-                               item_names=("state", "meta"))
+    save_interval_steps=every_steps,
+    max_to_keep=keep,
+    enable_async_checkpointing=async_save,
+    create=True,
+  )
+  return ocp.CheckpointManager(
+    epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "meta")
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         meta: dict | None = None, *, force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  meta: dict | None = None,
+  *,
+  force: bool = False,
+) -> bool:
   """Saves `state` (a pytree of arrays) and JSON `meta` if this step is due."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(dict(meta or {}, step=int(step)))), force=force)
+  return manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step)))
+    ),
+    force=force,
+  )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
-                   ) -> tuple[Any, dict] | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
   """(state, meta) of the newest readable checkpoint, laid out like `abstract_state`.
 
   A checkpoint that cannot be read (e.g. files truncated by a full disk) is
@@ -77,21 +91,31 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
       saved_tree = _saved_tree(manager, step) if want else None
       saved = blocks.layout(saved_tree)
       target = blocks.to_layout(abstract_state, saved)
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
       state = restored.state
       if target is not abstract_state:
-        logging.info("Checkpoint %d is %s; converted to the run's %s blocks.", step,
-                     saved or "unscanned", want)
-        state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
-                             blocks.to_layout(state, want), abstract_state)
+        logging.info(
+          "Checkpoint %d is %s; converted to the run's %s blocks.", step, saved or "unscanned", want
+        )
+        state = jax.tree.map(
+          lambda x, a: jax.device_put(x, a.sharding), blocks.to_layout(state, want), abstract_state
+        )
       return state, dict(restored.meta)
     except Exception as e:  # pylint: disable=broad-except
       path = epath.Path(manager.directory) / str(step)
       aside = _unused_name(path.parent, f"{step}.unreadable")
-      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the "
-                    "previous one.", path, type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "", aside)
+      logging.error(
+        "Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the previous one.",
+        path,
+        type(e).__name__,
+        str(e).splitlines()[0][:300] if str(e) else "",
+        aside,
+      )
       if jax.process_index() == 0:
         path.rename(aside)
       manager.reload()
@@ -102,8 +126,7 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
   """A checkpoint's state metadata (shapes; None: unreadable, restored as the run's)."""
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      return ckptr.metadata(epath.Path(manager.directory) / str(step) / "state"
-                            ).item_metadata.tree
+      return ckptr.metadata(epath.Path(manager.directory) / str(step) / "state").item_metadata.tree
   except Exception:  # pylint: disable=broad-except
     return None  # a real mismatch fails in the restore, named
 
@@ -126,9 +149,13 @@ def save_params(path: str, params: Any, config: dict | None = None) -> str:
   e.g. the model fields) goes to `<path>/config.json` for the record.
   """
   manager = make_manager(path, every_steps=1, keep=1, async_save=False)
-  manager.save(0, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"params": params}),
-      meta=ocp.args.JsonSave({"step": 0})), force=True)
+  manager.save(
+    0,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave({"step": 0})
+    ),
+    force=True,
+  )
   manager.wait_until_finished()
   manager.close()
   if config is not None:

@@ -17,6 +17,7 @@ buffered. A failed write is logged and retried at the next one, not raised: Tens
 events never stop a run. A kill loses at most the last `flush_secs` of events, as with
 `tf.summary` (which flushes every 120 s).
 """
+
 import io
 import itertools
 import os
@@ -66,9 +67,11 @@ def image_summary(tag: str, images: np.ndarray) -> summary_pb2.Summary:
   content = [str(images.shape[2]).encode(), str(images.shape[1]).encode()]
   content += [encode_png(x) for x in images]
   summary = summary_pb2.Summary()
-  summary.value.add(tag=tag, metadata=image_metadata.create_summary_metadata(
-      display_name=None, description=None),
-                    tensor=tensor_util.make_tensor_proto(np.array(content, dtype=object)))
+  summary.value.add(
+    tag=tag,
+    metadata=image_metadata.create_summary_metadata(display_name=None, description=None),
+    tensor=tensor_util.make_tensor_proto(np.array(content, dtype=object)),
+  )
   return summary
 
 
@@ -98,15 +101,19 @@ class _Pending:
       records = record_writer.RecordWriter(buf)
       for data in [head] + self.events:
         records.write(data)
-      name = (f"events.out.tfevents.{int(now)}.{self.host}.{os.getpid()}."
-              f"{next(_FILE_NUMBERS):06d}")
+      name = f"events.out.tfevents.{int(now)}.{self.host}.{os.getpid()}.{next(_FILE_NUMBERS):06d}"
       path = self.logdir / name
       try:
         self.logdir.mkdir(parents=True, exist_ok=True)
         path.write_bytes(buf.getvalue())
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("TensorBoard events: could not write %s (%s: %s); %d events kept for "
-                        "the next write.", path, type(e).__name__, str(e)[:300], len(self.events))
+        logging.warning(
+          "TensorBoard events: could not write %s (%s: %s); %d events kept for the next write.",
+          path,
+          type(e).__name__,
+          str(e)[:300],
+          len(self.events),
+        )
         return None
       self.events, self.last_write = [], time.monotonic()
       return path
@@ -127,15 +134,19 @@ class EventWriter(interface.MetricWriter):
   def _add(self, step: int, summary: summary_pb2.Summary) -> None:
     self._pending.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
-  def write_summaries(self, step: int, values: Mapping[str, Any],
-                      metadata: Mapping[str, Any] | None = None) -> None:
+  def write_summaries(
+    self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+  ) -> None:
     summary = summary_pb2.Summary()
     for tag, value in values.items():
       md = (metadata or {}).get(tag)
       if isinstance(md, bytes):
         md = summary_pb2.SummaryMetadata.FromString(md)
-      summary.value.add(tag=tag, tensor=tensor_util.make_tensor_proto(np.asarray(value)),
-                        **({"metadata": md} if md is not None else {}))
+      summary.value.add(
+        tag=tag,
+        tensor=tensor_util.make_tensor_proto(np.asarray(value)),
+        **({"metadata": md} if md is not None else {}),
+      )
     self._add(step, summary)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -160,16 +171,20 @@ class EventWriter(interface.MetricWriter):
     for tag, value in texts.items():
       self._add(step, text_summary.text_pb(tag, value))
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Mapping[str, int] | None = None) -> None:
+  def write_histograms(
+    self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None
+  ) -> None:
     for tag, value in arrays.items():
       buckets = (num_buckets or {}).get(tag)
       self._add(step, histogram_summary.histogram_pb(tag, np.asarray(value), buckets=buckets))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     from clu.internal import utils  # pylint: disable=g-import-not-at-top
-    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-            for k, v in utils.flatten_dict(hparams)}
+
+    flat = {
+      k: v if isinstance(v, (bool, int, float, str)) else str(v)
+      for k, v in utils.flatten_dict(hparams)
+    }
     self._add(0, hparams_summary.hparams_pb(flat))
 
   def flush(self) -> None:

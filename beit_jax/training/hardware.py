@@ -4,6 +4,7 @@ for the others (CPU), and XLA's FLOP count of a compiled program.
 One place for the ahead-of-time plans (`planning`), the benchmark and the MFU a run logs
 (`runner`), so that all three count and divide the same way.
 """
+
 import dataclasses
 import functools
 import re
@@ -20,31 +21,39 @@ class Device:
 
 # Per JAX device (for v4/v5p one megacore chip). Peak: dense bf16 matmul.
 DEVICES = {
-    # cloud.google.com/tpu/docs/v4: 32 GiB HBM2 and 275 TFLOP/s (bf16) per chip
-    "v4": Device("TPU v4", 32, 275, "Cloud TPU v4 docs"),
-    # cloud.google.com/tpu/docs/v5e: 16 GiB HBM2 and 197 TFLOP/s (bf16) per chip
-    "v5e": Device("TPU v5e", 16, 197, "Cloud TPU v5e docs"),
-    # cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e and 459 TFLOP/s (bf16) per chip
-    "v5p": Device("TPU v5p", 95, 459, "Cloud TPU v5p docs"),
-    # cloud.google.com/tpu/docs/v6e: 32 GiB HBM and 918 TFLOP/s (bf16) per chip
-    "v6e": Device("TPU v6e", 32, 918, "Cloud TPU v6e docs"),
-    # NVIDIA H100 datasheet (SXM): 80 GB HBM3, 989 TFLOP/s bf16 dense (1979 is with sparsity)
-    "h100": Device("NVIDIA H100 SXM 80GB", 80, 989, "NVIDIA H100 datasheet"),
-    # NVIDIA H200 datasheet (SXM): 141 GB HBM3e, 989 TFLOP/s bf16 dense, as the H100 SXM
-    "h200": Device("NVIDIA H200 SXM 141GB", 141, 989, "NVIDIA H200 datasheet"),
-    # NVIDIA A100 datasheet: 40 or 80 GB HBM2e, 312 TFLOP/s bf16 dense
-    "a100": Device("NVIDIA A100 80GB", 80, 312, "NVIDIA A100 datasheet"),
-    "a100-40": Device("NVIDIA A100 40GB", 40, 312, "NVIDIA A100 datasheet"),
+  # cloud.google.com/tpu/docs/v4: 32 GiB HBM2 and 275 TFLOP/s (bf16) per chip
+  "v4": Device("TPU v4", 32, 275, "Cloud TPU v4 docs"),
+  # cloud.google.com/tpu/docs/v5e: 16 GiB HBM2 and 197 TFLOP/s (bf16) per chip
+  "v5e": Device("TPU v5e", 16, 197, "Cloud TPU v5e docs"),
+  # cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e and 459 TFLOP/s (bf16) per chip
+  "v5p": Device("TPU v5p", 95, 459, "Cloud TPU v5p docs"),
+  # cloud.google.com/tpu/docs/v6e: 32 GiB HBM and 918 TFLOP/s (bf16) per chip
+  "v6e": Device("TPU v6e", 32, 918, "Cloud TPU v6e docs"),
+  # NVIDIA H100 datasheet (SXM): 80 GB HBM3, 989 TFLOP/s bf16 dense (1979 is with sparsity)
+  "h100": Device("NVIDIA H100 SXM 80GB", 80, 989, "NVIDIA H100 datasheet"),
+  # NVIDIA H200 datasheet (SXM): 141 GB HBM3e, 989 TFLOP/s bf16 dense, as the H100 SXM
+  "h200": Device("NVIDIA H200 SXM 141GB", 141, 989, "NVIDIA H200 datasheet"),
+  # NVIDIA A100 datasheet: 40 or 80 GB HBM2e, 312 TFLOP/s bf16 dense
+  "a100": Device("NVIDIA A100 80GB", 80, 312, "NVIDIA A100 datasheet"),
+  "a100-40": Device("NVIDIA A100 40GB", 40, 312, "NVIDIA A100 datasheet"),
 }
 # `jax.Device.device_kind` -> DEVICES key. TPU names as XLA's PjRt reports them (v5e and v6e
 # are the "lite" chips); the A100's bf16 peak is the same in its SXM and PCIe forms, the
 # H100 PCIe's is not the SXM's (left out).
 _KINDS = {
-    "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-    "TPU v6 lite": "v6e", "TPU v6e": "v6e", "NVIDIA H100 80GB HBM3": "h100",
-    "NVIDIA H200": "h200",
-    "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA A100 80GB PCIe": "a100",
-    "NVIDIA A100-SXM4-40GB": "a100-40", "NVIDIA A100-PCIE-40GB": "a100-40",
+  "TPU v4": "v4",
+  "TPU v5 lite": "v5e",
+  "TPU v5e": "v5e",
+  "TPU v5": "v5p",
+  "TPU v5p": "v5p",
+  "TPU v6 lite": "v6e",
+  "TPU v6e": "v6e",
+  "NVIDIA H100 80GB HBM3": "h100",
+  "NVIDIA H200": "h200",
+  "NVIDIA A100-SXM4-80GB": "a100",
+  "NVIDIA A100 80GB PCIe": "a100",
+  "NVIDIA A100-SXM4-40GB": "a100-40",
+  "NVIDIA A100-PCIE-40GB": "a100-40",
 }
 
 
@@ -92,6 +101,7 @@ def matmul_ceiling(size: int, dtype, repeats: int = 5) -> float:
   """Achieved FLOP/s of a [size, size] @ [size, size] matmul on the default device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   a = jnp.ones((size, size), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -126,14 +136,19 @@ def step_flops(compiled, config, batch) -> float:
     import jax  # pylint: disable=g-import-not-at-top
     from beit_jax.training import sharding  # pylint: disable=g-import-not-at-top
     from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
+
     leaf = jax.tree.leaves(batch)[0]
     batch_per_device = leaf.sharding.shard_shape(leaf.shape)[0]
     size = vit.size_kwargs(model)
-    tokens = (config.input.image_size // size["patch_size"])**2 + 1
+    tokens = (config.input.image_size // size["patch_size"]) ** 2 + 1
     recompute = model.get("remat") and model.get("remat_policy") == "nothing_saveable"
     per_block = (4.0 if recompute else 3.0) * block_forward_flops(size, tokens)
-    flops += ((size["depth"] - 1) * per_block * batch_per_device
-              / sharding.model_parallel_size(leaf.sharding.mesh))
+    flops += (
+      (size["depth"] - 1)
+      * per_block
+      * batch_per_device
+      / sharding.model_parallel_size(leaf.sharding.mesh)
+    )
   return flops
 
 
@@ -146,6 +161,7 @@ def peak_flops(dtype: str = "float32", ceiling_size: int = 1024) -> tuple[float 
   matmul already uses all of them). Otherwise (None, why not).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   device = jax.devices()[0]
   known = known_device(device.device_kind)
   if known is not None:
@@ -153,6 +169,8 @@ def peak_flops(dtype: str = "float32", ceiling_size: int = 1024) -> tuple[float 
   if device.platform == "cpu":
     ceiling = matmul_ceiling(ceiling_size, dtype)
     n = jax.local_device_count()
-    return ceiling / n, (f"a {ceiling_size}^2 {dtype} matmul measured here, "
-                         f"{ceiling / 1e9:.1f} GFLOP/s shared by {n} CPU device(s)")
+    return ceiling / n, (
+      f"a {ceiling_size}^2 {dtype} matmul measured here, "
+      f"{ceiling / 1e9:.1f} GFLOP/s shared by {n} CPU device(s)"
+    )
   return None, f"no peak FLOP/s known for device kind {device.device_kind!r}"

@@ -1,6 +1,7 @@
 """What the step loop (`runner.run`) reports to and listens to: the metric writers, the
 progress bar, the means of a report, and the preemption notice that stops every process at
 the same step."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,7 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
   # Imported by a run, not at the top: clu's metric_writers package imports TensorFlow.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from beit_jax.training import events  # pylint: disable=g-import-not-at-top
+
   writers = [metric_writers.LoggingWriter()]
   if jax.process_index() == 0:
     writers.append(events.EventWriter(workdir))
@@ -61,8 +63,16 @@ class Progress:
     rate = done / max(now - self.start_time, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     extra = " ".join(f"{k}={v:.4g}" for k, v in (postfix or {}).items())
-    logging.info("%s: step %d/%d (%.1f%%), %.2f steps/s, ETA %s %s", self.desc, step,
-                 self.total, 100 * step / self.total, rate, _fmt_secs(eta), extra)
+    logging.info(
+      "%s: step %d/%d (%.1f%%), %.2f steps/s, ETA %s %s",
+      self.desc,
+      step,
+      self.total,
+      100 * step / self.total,
+      rate,
+      _fmt_secs(eta),
+      extra,
+    )
 
   def close(self) -> None:
     if self.bar is not None:
@@ -75,9 +85,11 @@ def _bar_class():
   # pylint: disable=g-import-not-at-top
   if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets"):
     from tqdm import notebook
+
     return notebook.tqdm
   if sys.stderr.isatty() or "ipykernel" in sys.modules:
     import tqdm
+
     return tqdm.tqdm
   return None
 
@@ -109,24 +121,36 @@ def preemption_notice(desc: str) -> Iterator[Callable[[int], bool]]:
   """
   if jax.distributed.is_initialized():
     if not jax.config.jax_enable_preemption_service:
-      logging.warning("%s: jax_enable_preemption_service is off: a SIGTERM will not stop "
-                      "the run with a checkpoint", desc)
+      logging.warning(
+        "%s: jax_enable_preemption_service is off: a SIGTERM will not stop "
+        "the run with a checkpoint",
+        desc,
+      )
       yield lambda step: False
     else:
       yield multihost_utils.reached_preemption_sync_point
     return
   if threading.current_thread() is not threading.main_thread():
-    logging.warning("%s: not in the main thread, where signal handlers live: a SIGTERM "
-                    "will not stop the run with a checkpoint", desc)
+    logging.warning(
+      "%s: not in the main thread, where signal handlers live: a SIGTERM "
+      "will not stop the run with a checkpoint",
+      desc,
+    )
     yield lambda step: False
     return
   received: list[float] = []
 
   def on_sigterm(signum, frame):
     del signum, frame
-    logging.warning("%s: SIGTERM%s", desc, " again: ignored, the checkpoint is under way"
-                    if received else ": saving a checkpoint after this step, then stopping")
+    logging.warning(
+      "%s: SIGTERM%s",
+      desc,
+      " again: ignored, the checkpoint is under way"
+      if received
+      else ": saving a checkpoint after this step, then stopping",
+    )
     received.append(time.time())
+
   previous = signal.signal(signal.SIGTERM, on_sigterm)
   try:
     yield lambda step: bool(received)

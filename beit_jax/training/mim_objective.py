@@ -4,6 +4,7 @@ their targets and the loss (visual tokens by cross-entropy, normalised pixels by
 A library module, so that the trainer (trainers/mim.py) and the benchmark's per-part timing
 run the same loss.
 """
+
 from typing import Any, Callable
 
 import jax
@@ -20,8 +21,7 @@ def predicts_pixels(config: ml_collections.ConfigDict) -> bool:
   return config.get("mim_target", "tokens") == "pixels"
 
 
-def make_model(config: ml_collections.ConfigDict, *, train: bool = True
-               ) -> vit.VisionTransformer:
+def make_model(config: ml_collections.ConfigDict, *, train: bool = True) -> vit.VisionTransformer:
   """The ViT + MIM head a config describes (vocabulary from the tokenizer; for pixels,
   patch * patch * 3 outputs).
 
@@ -29,16 +29,20 @@ def make_model(config: ml_collections.ConfigDict, *, train: bool = True
   (`cls_pt_layers_<j>`) and outputs 'mim_logits_c'.
   """
   pa = config.model.get("patch_aggregation")
-  extra = {} if pa is None else dict(patch_aggregation_layer=pa.layer,
-                                     patch_aggregation_depth=pa.depth)
-  outputs = (config.input.patch_size ** 2 * 3 if predicts_pixels(config)
-             else config.tokenizer.vocab_size)
-  return vit.from_config(config.model, image_size=config.input.image_size, train=train,
-                         vocab_size=outputs, **extra)
+  extra = (
+    {} if pa is None else dict(patch_aggregation_layer=pa.layer, patch_aggregation_depth=pa.depth)
+  )
+  outputs = (
+    config.input.patch_size**2 * 3 if predicts_pixels(config) else config.tokenizer.vocab_size
+  )
+  return vit.from_config(
+    config.model, image_size=config.input.image_size, train=train, vocab_size=outputs, **extra
+  )
 
 
-def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def mim_loss(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy averaged over all masked positions of the whole batch.
 
   Args:
@@ -50,8 +54,11 @@ def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
   n = jnp.maximum(weights.sum(), 1.0)
   loss = (ce * weights).sum() / n
   correct = (jnp.argmax(logits, -1) == targets) * weights
-  return loss, {"loss": loss, "mim_accuracy": correct.sum() / n,
-                "masked_per_image": weights.sum(1).mean()}
+  return loss, {
+    "loss": loss,
+    "mim_accuracy": correct.sum() / n,
+    "masked_per_image": weights.sum(1).mean(),
+  }
 
 
 def patch_pixels(images: jax.Array, patch: int) -> jax.Array:
@@ -64,8 +71,9 @@ def patch_pixels(images: jax.Array, patch: int) -> jax.Array:
   return (x - mean) / jnp.sqrt(var + 1e-6)
 
 
-def pixel_loss(predictions: jax.Array, targets: jax.Array, weights: jax.Array
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def pixel_loss(
+  predictions: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MSE over the pixels of the masked positions. predictions, targets: [B, K, P]."""
   se = jnp.mean(jnp.square(predictions.astype(jnp.float32) - targets), -1)  # [B, K]
   n = jnp.maximum(weights.sum(), 1.0)
@@ -89,8 +97,9 @@ def max_masked(config: ml_collections.ConfigDict) -> int:
   return max(mask.num_masking_patches, mask.get("max_num_patches") or 0)
 
 
-def targets_at(batch: dict[str, jax.Array], positions: jax.Array, tokens: jax.Array | None,
-               patch_size: int) -> jax.Array:
+def targets_at(
+  batch: dict[str, jax.Array], positions: jax.Array, tokens: jax.Array | None, patch_size: int
+) -> jax.Array:
   """What the head predicts at `positions` [B, K]: the visual tokens [B, K] of view 2
   (`tokens` [B, h, w], the tokenizer's output), or with `tokens=None` the normalised pixels
   [B, K, P] of view 1's patches."""
@@ -100,14 +109,26 @@ def targets_at(batch: dict[str, jax.Array], positions: jax.Array, tokens: jax.Ar
   return jnp.take_along_axis(tokens.reshape(tokens.shape[0], -1), positions, 1)
 
 
-def objective(params: Any, model: vit.VisionTransformer, batch: dict[str, jax.Array],
-              positions: jax.Array, targets: jax.Array, weights: jax.Array, rng: jax.Array
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def objective(
+  params: Any,
+  model: vit.VisionTransformer,
+  batch: dict[str, jax.Array],
+  positions: jax.Array,
+  targets: jax.Array,
+  weights: jax.Array,
+  rng: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MIM loss of `params` on `batch` and its metrics; BEiT v2 (`mim_logits_c`):
   L_MIM + L_MIM^c, unweighted."""
   loss_of: Callable = pixel_loss if targets.ndim == 3 else mim_loss
-  out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
-                    mim_positions=positions, rngs={"dropout": rng})
+  out = model.apply(
+    {"params": params},
+    batch["image"],
+    batch["mask"],
+    train=True,
+    mim_positions=positions,
+    rngs={"dropout": rng},
+  )
   loss, metrics = loss_of(out["mim_logits"], targets, weights)
   if "mim_logits_c" in out:
     loss_c, metrics_c = loss_of(out["mim_logits_c"], targets, weights)

@@ -10,6 +10,7 @@ steps, its stop at a preemption notice). `setup` is the part that builds the sta
 without running, for benchmarks and tests; `abstract_setup` builds the same step without
 allocating anything, for ahead-of-time plans (`beit_jax.plan`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,17 +42,18 @@ if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports Tens
   from clu import metric_writers
 
 RULES = (
-    ("seed", validate.number(integer=True), "an integer"),
-    ("num_epochs", validate.number(0, lo_open=True), "a number > 0"),
-    ("total_steps", validate.number(0, integer=True), "an integer >= 0 (0: use num_epochs)"),
-    ("log_every_steps", *validate.POSITIVE_INT),
-    ("max_bad_steps", *validate.POSITIVE_INT),
+  ("seed", validate.number(integer=True), "an integer"),
+  ("num_epochs", validate.number(0, lo_open=True), "a number > 0"),
+  ("total_steps", validate.number(0, integer=True), "an integer >= 0 (0: use num_epochs)"),
+  ("log_every_steps", *validate.POSITIVE_INT),
+  ("max_bad_steps", *validate.POSITIVE_INT),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a task's hooks may use, known once the run has started."""
+
   workdir: str
   mesh: jax.sharding.Mesh
   writer: metric_writers.MetricWriter
@@ -63,6 +65,7 @@ class Context:
 class Hook:
   """`fn(step, state)` every `every_steps` steps (after that step's checkpoint) and once at
   the end; a dict it returns joins the run's final metrics."""
+
   every_steps: int
   fn: Callable[[int, TrainState], dict[str, float] | None]
   close: Callable[[], None] = lambda: None
@@ -71,6 +74,7 @@ class Hook:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What a trainer hands to `run`."""
+
   desc: str  # names the run in logs and errors, e.g. "MIM"
   init_params: Callable[[jax.Array], Any]  # rng -> params (traced)
   param_axes: AxesTable  # the logical axes of the model's weights: its module's PARAM_AXES
@@ -97,42 +101,49 @@ class Trainer(Protocol):
   """What a trainer module (`beit_jax/trainers/<name>.py`) provides; `trainers.run` starts
   the one `config.trainer` names. Its train step is `train_step(state, batch, rng, frozen)`,
   `frozen` the dict `Task.frozen` places (empty where it reads none)."""
+
   RULES: tuple[validate.Rule, ...]  # its fields: (field, test, what is accepted)
   CHECKS: tuple[validate.Check, ...]  # its checks across fields
 
   def preflight(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     """What needs the outside world (data, weights, devices), checked before any compute."""
 
-  def prerequisites(self, config: ml_collections.ConfigDict, workdir: str
-                    ) -> list[tuple[ml_collections.ConfigDict, str]]:
+  def prerequisites(
+    self, config: ml_collections.ConfigDict, workdir: str
+  ) -> list[tuple[ml_collections.ConfigDict, str]]:
     """The runs, (config, workdir), that must finish before this one: a tokenizer, a
     teacher."""
 
-  def make_task(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
-                frozen: FrozenModels | None = None) -> Task:
+  def make_task(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    frozen: FrozenModels | None = None,
+  ) -> Task:
     """The run of `config` in `workdir`, built but not run; `frozen` in place of the frozen
     models it would load from the config and the workdir (benchmarks, plans, tests)."""
 
-  def train_and_evaluate(self, config: ml_collections.ConfigDict, workdir: str
-                         ) -> dict[str, float]:
+  def train_and_evaluate(self, config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs (or resumes) `config` in `workdir`; returns its last metrics."""
 
 
-def no_prerequisites(config: ml_collections.ConfigDict, workdir: str
-                     ) -> list[tuple[ml_collections.ConfigDict, str]]:
+def no_prerequisites(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[ml_collections.ConfigDict, str]]:
   """`Trainer.prerequisites` of a trainer that needs no other run."""
   del config, workdir
   return []
 
 
-def given_frozen(frozen: FrozenModels | None, desc: str, *names: str
-                 ) -> dict[str, tuple[Any, Any]]:
+def given_frozen(frozen: FrozenModels | None, desc: str, *names: str) -> dict[str, tuple[Any, Any]]:
   """`make_task`'s `frozen`, checked against the `names` of the frozen models `desc` reads."""
   frozen = dict(frozen or {})
   unknown = sorted(set(frozen) - set(names))
   if unknown:
-    raise ValueError(f"{desc} reads no frozen model named {unknown}; it reads "
-                     f"{list(names) or 'none'}")
+    raise ValueError(
+      f"{desc} reads no frozen model named {unknown}; it reads {list(names) or 'none'}"
+    )
   return frozen
 
 
@@ -142,53 +153,67 @@ class Setup:
 
   From `abstract_setup`, `state` and `frozen` are ShapeDtypeStructs carrying their shardings.
   """
+
   state: TrainState
   shardings: Any
   step: Any
   frozen: Any
 
 
-def _jit_step(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh,
-              shardings: Any, frozen_shardings: Any):
+def _jit_step(
+  config: ml_collections.ConfigDict,
+  task: Task,
+  mesh: jax.sharding.Mesh,
+  shardings: Any,
+  frozen_shardings: Any,
+):
   """The run's jitted step: donated state, rng `fold_in(fold_in(key(seed), 1), step)`."""
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   def step(s, b, f):
     with sharding.activation_rules(mesh, config.sharding):  # the models' constraints
       return task.train_step(s, b, jax.random.fold_in(step_rng, s.step), f)
+
   return jax.jit(
-      step, in_shardings=(shardings, sharding.batch_sharding(mesh), frozen_shardings),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step,
+    in_shardings=(shardings, sharding.batch_sharding(mesh), frozen_shardings),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
   rng = jax.random.key(config.seed)
-  state, shardings = train_state.create(task.init_params, task.tx, jax.random.fold_in(rng, 0),
-                                        mesh, config.sharding, task.param_axes)
+  state, shardings = train_state.create(
+    task.init_params, task.tx, jax.random.fold_in(rng, 0), mesh, config.sharding, task.param_axes
+  )
   frozen = task.frozen(mesh) if task.frozen else {}
   step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
 
 
-def abstract_setup(config: ml_collections.ConfigDict, task: Task,
-                   mesh: jax.sharding.Mesh) -> Setup:
+def abstract_setup(config: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Setup:
   """`setup` without allocating: the same jitted step, with the state and the frozen inputs
   as ShapeDtypeStructs in their shardings, ready for `step.lower(state, batch, frozen)`
   (ahead-of-time plans, also for devices this host does not have). `task.frozen` is traced,
   not run, so its inputs may themselves be ShapeDtypeStructs."""
-  state, shardings = train_state.abstract(task.init_params, task.tx, mesh, config.sharding,
-                                          task.param_axes)
+  state, shardings = train_state.abstract(
+    task.init_params, task.tx, mesh, config.sharding, task.param_axes
+  )
   # Traced on the same devices with explicit axes, so that the shapes keep the placement
   # `task.frozen` gives them; then the same specs on `mesh`.
-  explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                               axis_types=(jax.sharding.AxisType.Explicit,) * mesh.devices.ndim)
+  explicit = jax.sharding.Mesh(
+    mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,) * mesh.devices.ndim
+  )
   frozen = jax.eval_shape(lambda: task.frozen(explicit)) if task.frozen else {}
 
   def placed(x):
     if not isinstance(x.sharding, jax.sharding.NamedSharding):
       raise ValueError(f"{task.desc}: the placement of a frozen input ({x}) cannot be traced")
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec))
+    return jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec)
+    )
+
   frozen = jax.tree.map(placed, frozen)
   step = _jit_step(config, task, mesh, shardings, jax.tree.map(lambda x: x.sharding, frozen))
   return Setup(state, shardings, step, frozen)
@@ -197,7 +222,8 @@ def abstract_setup(config: ml_collections.ConfigDict, task: Task,
 def restore_or_keep(manager, state: TrainState, shardings) -> tuple[TrainState, int, dict]:
   """Resumes from the workdir's latest checkpoint if there is one."""
   abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
   restored = checkpoint.restore_latest(manager, abstract)
   if restored is None:
     return state, 0, {}
@@ -210,8 +236,12 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The checks every run needs from the outside world before any compute: the workdir is
   writable, the devices split the batch, `init_from` exists."""
   checkpoint.check_writable(workdir)
-  sharding.check_batch_size(config.input.batch_size, sharding.make_mesh(config.mesh),
-                            "input.batch_size", config.optim.get("accum_steps", 1))
+  sharding.check_batch_size(
+    config.input.batch_size,
+    sharding.make_mesh(config.mesh),
+    "input.batch_size",
+    config.optim.get("accum_steps", 1),
+  )
   if config.get("model") is not None and "variant" in config.model:
     sharding.check_tensor_split(config.model, config.mesh)
   if config.get("init_from") and not epath.Path(config.init_from).exists():
@@ -221,8 +251,9 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
 StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
 
 
-def compile_step(config: ml_collections.ConfigDict, built: Setup, desc: str,
-                 state: TrainState, batch: dict) -> tuple[StepFn, float, float | None]:
+def compile_step(
+  config: ml_collections.ConfigDict, built: Setup, desc: str, state: TrainState, batch: dict
+) -> tuple[StepFn, float, float | None]:
   """`built.step` compiled once for `batch` (the executable a jitted call would build), XLA's
   FLOPs per device of one call, and the devices' peak FLOP/s (None: unknown, said once)."""
   t0 = time.perf_counter()
@@ -231,10 +262,15 @@ def compile_step(config: ml_collections.ConfigDict, built: Setup, desc: str,
   peak, source = hardware.peak_flops(config.get("model", {}).get("dtype", "float32"))
   if not flops:
     peak, source = None, "XLA gave no FLOP count for this step"
-  logging.info("%s: train step compiled in %.1f s: %.4g FLOPs per device and step (XLA); "
-               "peak %s (%s)%s", desc, time.perf_counter() - t0, flops,
-               f"{peak:.4g} FLOP/s per device" if peak else "unknown", source,
-               "" if peak else ": no mfu is logged")
+  logging.info(
+    "%s: train step compiled in %.1f s: %.4g FLOPs per device and step (XLA); peak %s (%s)%s",
+    desc,
+    time.perf_counter() - t0,
+    flops,
+    f"{peak:.4g} FLOP/s per device" if peak else "unknown",
+    source,
+    "" if peak else ": no mfu is logged",
+  )
   return (lambda s, b: compiled(s, b, built.frozen)), flops, peak
 
 
@@ -248,8 +284,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
     return _run(config, workdir, task, preempted)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
-         preempted: Callable[[int], bool]) -> dict[str, float]:
+def _run(
+  config: ml_collections.ConfigDict, workdir: str, task: Task, preempted: Callable[[int], bool]
+) -> dict[str, float]:
   """The state (initial, `init_from`'s or resumed), then the step loop to `total_steps`.
 
   The loop (big_vision's shape): metrics every `log_every_steps` (means since the last
@@ -262,8 +299,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   """
   workdir_lib.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(task.batch_size, mesh, "input.batch_size",
-                            config.optim.get("accum_steps", 1))
+  sharding.check_batch_size(
+    task.batch_size, mesh, "input.batch_size", config.optim.get("accum_steps", 1)
+  )
   built = setup(config, task, mesh)
   manager = checkpoint.make_manager(workdir, **config.checkpoint)
   state = built.state
@@ -272,8 +310,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
   state, start_step, resumed_meta = restore_or_keep(manager, state, built.shardings)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   desc, total_steps = task.desc, task.total_steps
-  logging.info("%s: %.2fM trained parameters, %d steps, mesh %s", desc, n_params / 1e6,
-               total_steps, dict(mesh.shape))
+  logging.info(
+    "%s: %.2fM trained parameters, %d steps, mesh %s",
+    desc,
+    n_params / 1e6,
+    total_steps,
+    dict(mesh.shape),
+  )
 
   batches = task.batches(start_step)
   writer = loop.make_writer(workdir)
@@ -288,6 +331,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
     def meta() -> dict:
       now = skipped_before + (collections.Counter(batches.skipped_counts()) - skipped_base)
       return {"skipped_images": dict(now)}
+
     history: list[dict[str, jax.Array]] = []
     summary: dict[str, float] = {}
     reported: dict[str, float] = {}  # the hooks'
@@ -320,13 +364,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
       if (logged or manager.should_save(step)) and int(state.bad_steps) >= max_bad_steps:
         manager.wait_until_finished()
         raise TrainingError(
-            f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
-            f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
-            f"last checkpoint ({manager.latest_step()}) holds the last good parameters.")
+          f"{desc}: {int(state.bad_steps)} consecutive steps had a non-finite loss or "
+          f"gradient (limit max_bad_steps={max_bad_steps}); stopped at step {step}. The "
+          f"last checkpoint ({manager.latest_step()}) holds the last good parameters."
+        )
       stop = preempted(step)
       if stop:
-        logging.warning("%s: preemption notice: saving a checkpoint at step %d, then "
-                        "stopping", desc, step)
+        logging.warning(
+          "%s: preemption notice: saving a checkpoint at step %d, then stopping", desc, step
+        )
       checkpoint.save(manager, step, state, meta(), force=step == total_steps or stop)
       if stop:
         manager.wait_until_finished()
@@ -340,8 +386,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, task: Task,
       reported.update(h.fn(total_steps, state) or {})
     progress.close()
     skipped = meta()["skipped_images"]
-    logging.info("%s: finished at step %d; images skipped over the run: %s", desc,
-                 total_steps, ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none")
+    logging.info(
+      "%s: finished at step %d; images skipped over the run: %s",
+      desc,
+      total_steps,
+      ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none",
+    )
     manager.wait_until_finished()
     writer.flush()
     return {**summary, **reported}

@@ -27,6 +27,7 @@ largest divisible dimension over `fsdp`; weights smaller than `sharding.min_size
 elements (biases, norms, position tables) stay whole on every device. A scanned ViT's
 stacked blocks keep their layer axis whole (`blocks.stacked_mask`).
 """
+
 import contextlib
 import functools
 import re
@@ -56,14 +57,17 @@ def _rules(cfg: ml_collections.ConfigDict | dict) -> tuple:
   weights, divide it) applies: 'embed' of activations finds fsdp taken by 'batch' and
   stays whole.
   """
+
   def axes(a):
     return tuple(a) if isinstance(a, (list, tuple)) else a
+
   rules = tuple((str(name), axes(a)) for name, a in dict(cfg)["rules"])
   for name, a in rules:
     bad = [x for x in (a if isinstance(a, tuple) else (a,)) if x is not None and x not in AXES]
     if bad:
-      raise ConfigError(f"sharding.rules: {name!r} maps to unknown mesh axes {bad}; "
-                        f"the mesh axes are {list(AXES)}")
+      raise ConfigError(
+        f"sharding.rules: {name!r} maps to unknown mesh axes {bad}; the mesh axes are {list(AXES)}"
+      )
   return rules
 
 
@@ -76,18 +80,21 @@ def _granules(devices: list, n: int) -> list[list]:
   On one process without slices (fake CPU devices, a single GPU host) the groups are
   consecutive devices: a simulation of n slices.
   """
-  key = (lambda d: d.slice_index) if hasattr(devices[0], "slice_index") else (
-      lambda d: d.process_index)
+  key = (
+    (lambda d: d.slice_index) if hasattr(devices[0], "slice_index") else (lambda d: d.process_index)
+  )
   devices = sorted(devices, key=lambda d: (key(d), d.id))
   size = len(devices) // n
-  groups = [devices[i * size:(i + 1) * size] for i in range(n)]
+  groups = [devices[i * size : (i + 1) * size] for i in range(n)]
   owners = [{key(d) for d in g} for g in groups]
   granules = set().union(*owners)
   # One granule: the simulation above; several: none may be split between two groups.
   if len(granules) > 1 and sum(map(len, owners)) != len(granules):
     what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes"
-    raise ConfigError(f"mesh.slice={n}: the {len(devices)} devices are in "
-                      f"{len(granules)} {what}, which do not split into {n} equal groups")
+    raise ConfigError(
+      f"mesh.slice={n}: the {len(devices)} devices are in "
+      f"{len(granules)} {what}, which do not split into {n} equal groups"
+    )
   return groups
 
 
@@ -100,8 +107,7 @@ def _ici_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
     return np.asarray(devices).reshape(shape)
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict,
-              devices: list | None = None) -> Mesh:
+def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict, devices: list | None = None) -> Mesh:
   """The Mesh of `config.mesh` (axes AXES, absent ones of size 1; one size may be -1)."""
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(dict(mesh_cfg)) - set(AXES)
@@ -116,12 +122,13 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict,
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if len(devices) % fixed:
-      raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed "
-                        f"axes {sizes}")
+      raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}")
     sizes[free[0]] = len(devices) // fixed
   if int(np.prod(list(sizes.values()))) != len(devices):
-    raise ConfigError(f"mesh: {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
-                      f"this run has {len(devices)}")
+    raise ConfigError(
+      f"mesh: {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
+      f"this run has {len(devices)}"
+    )
   ici = tuple(sizes[a] for a in AXES[1:])
   grid = np.stack([_ici_grid(ici, g) for g in _granules(devices, sizes["slice"])])
   return Mesh(grid, AXES)
@@ -146,15 +153,18 @@ def model_parallel_size(mesh) -> int:
   return int(np.prod([n for a, n in dict(mesh.shape).items() if a not in BATCH_AXES]))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, field: str = "input.batch_size",
-                     accum_steps: int = 1):
+def check_batch_size(
+  global_batch: int, mesh: Mesh, field: str = "input.batch_size", accum_steps: int = 1
+):
   """Every data-parallel device and process gets an equal share of the batch, and with
   `accum_steps` > 1 each device's share splits into that many micro-batches."""
   n = data_parallel_size(mesh)
   if global_batch % (n * accum_steps) or global_batch % jax.process_count():
     times = f" times optim.accum_steps={accum_steps}" if accum_steps > 1 else ""
-    raise ConfigError(f"{field}={global_batch} must be divisible by the {n} data-parallel "
-                      f"devices{times} and {jax.process_count()} processes")
+    raise ConfigError(
+      f"{field}={global_batch} must be divisible by the {n} data-parallel "
+      f"devices{times} and {jax.process_count()} processes"
+    )
 
 
 def check_tensor_split(model_cfg: ml_collections.ConfigDict, mesh_cfg) -> None:
@@ -165,8 +175,10 @@ def check_tensor_split(model_cfg: ml_collections.ConfigDict, mesh_cfg) -> None:
   sizes = vit.size_kwargs(model_cfg)
   for field in ("num_heads", "mlp_dim"):
     if sizes[field] % t:
-      raise ConfigError(f"mesh.tensor={t} must divide model.{field}={sizes[field]} "
-                        f"(model.variant={model_cfg.variant!r})")
+      raise ConfigError(
+        f"mesh.tensor={t} must divide model.{field}={sizes[field]} "
+        f"(model.variant={model_cfg.variant!r})"
+      )
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -177,8 +189,7 @@ def _path_end(pattern: str) -> re.Pattern:
   return re.compile(rf"(^|/)(?:{pattern})$")
 
 
-def _logical_axes(name: str, ndim: int, param_axes: AxesTable
-                  ) -> tuple[str | None, ...] | None:
+def _logical_axes(name: str, ndim: int, param_axes: AxesTable) -> tuple[str | None, ...] | None:
   """The role-given logical axes of the weight at path `name`, or None (no role): those of
   the first entry of the model's table whose pattern ends the path and has `ndim` axes."""
   for pattern, axes in param_axes:
@@ -217,8 +228,9 @@ def _fsdp_spec(shape: Sequence[int], n: int) -> P:
   return P()
 
 
-def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | dict,
-                    param_axes: AxesTable) -> Any:
+def param_shardings(
+  abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict | dict, param_axes: AxesTable
+) -> Any:
   """NamedShardings for a tree of arrays (params, optimizer state, a whole train state).
 
   `param_axes`: the model's PARAM_AXES (e.g. `vit.PARAM_AXES`; () for a model whose weights
@@ -237,11 +249,14 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDi
     if int(np.prod(shape)) < max(min_size, 1) or any(r.search(name) for r in keep):
       return NamedSharding(mesh, P())
     logical = _logical_axes(name, len(shape), param_axes)
-    s = (_fsdp_spec(shape, mesh.shape["fsdp"]) if logical is None
-         else _spec(logical, shape, mesh, rules))
+    s = (
+      _fsdp_spec(shape, mesh.shape["fsdp"])
+      if logical is None
+      else _spec(logical, shape, mesh, rules)
+    )
     return NamedSharding(mesh, P(None, *s) if stacked else s)
-  return jax.tree_util.tree_map_with_path(spec, abstract_tree,
-                                          blocks.stacked_mask(abstract_tree))
+
+  return jax.tree_util.tree_map_with_path(spec, abstract_tree, blocks.stacked_mask(abstract_tree))
 
 
 # --------------------------------------------------------------------------- activations
@@ -261,4 +276,5 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   """This process's slice of the batch -> global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

@@ -6,6 +6,7 @@ One place builds the state: `abstract` gives its shapes and shardings without al
 anything (what "will it fit" and ahead-of-time compilation need), `create` allocates it
 directly in those shardings.
 """
+
 from typing import Any, Callable
 
 import flax
@@ -21,38 +22,54 @@ from beit_jax.models.paths import AxesTable
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: steps taken (skipped ones included)
+  step: jax.Array  # int32 scalar: steps taken (skipped ones included)
   params: Any
   opt_state: Any
-  bad_steps: jax.Array     # int32 scalar: consecutive steps skipped as non-finite
+  bad_steps: jax.Array  # int32 scalar: consecutive steps skipped as non-finite
 
 
-def _initial(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation
-             ) -> Callable[[jax.Array], TrainState]:
+def _initial(
+  init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
   def init(rng):
     params = init_params(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), bad_steps=jnp.zeros((), jnp.int32))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      bad_steps=jnp.zeros((), jnp.int32),
+    )
+
   return init
 
 
-def abstract(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-             mesh: jax.sharding.Mesh, sharding_cfg, param_axes: AxesTable
-             ) -> tuple[TrainState, Any]:
+def abstract(
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  sharding_cfg,
+  param_axes: AxesTable,
+) -> tuple[TrainState, Any]:
   """(shape-only state: ShapeDtypeStructs carrying their shardings, the shardings).
 
   `param_axes`: the logical axes of the model's weights (its module's PARAM_AXES).
   """
   shapes = jax.eval_shape(_initial(init_params, tx), jax.random.key(0))
   shardings = sharding.param_shardings(shapes, mesh, sharding_cfg, param_axes)
-  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         shapes, shardings)
+  structs = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
   return structs, shardings
 
 
-def create(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-           rng: jax.Array, mesh: jax.sharding.Mesh, sharding_cfg, param_axes: AxesTable
-           ) -> tuple[TrainState, Any]:
+def create(
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh: jax.sharding.Mesh,
+  sharding_cfg,
+  param_axes: AxesTable,
+) -> tuple[TrainState, Any]:
   """Initialises params and optimizer state directly in their shardings.
 
   Returns the state and its shardings (for the jitted step's in/out shardings).
@@ -61,8 +78,9 @@ def create(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransforma
   return jax.jit(_initial(init_params, tx), out_shardings=shardings)(rng), shardings
 
 
-def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+def apply_gradients(
+  state: TrainState, grads: Any, loss: jax.Array, tx
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """The optimizer update, or no change at all when the loss or a gradient is not finite.
 
   A skipped step leaves params and optimizer state bit-identical (one bad batch
@@ -74,9 +92,12 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+  new_state = TrainState(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+  )
   return new_state, {"grad_norm": grad_norm, "skipped_steps": 1 - ok.astype(jnp.float32)}
 
 
@@ -92,9 +113,15 @@ def merge_micro(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def value_and_grad(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
-                   rng: jax.Array, accum_steps: int = 1, *,
-                   weight: Callable[[dict[str, jax.Array]], jax.Array] | None = None):
+def value_and_grad(
+  loss_fn: Callable,
+  params: Any,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  accum_steps: int = 1,
+  *,
+  weight: Callable[[dict[str, jax.Array]], jax.Array] | None = None,
+):
   """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)`, over `accum_steps`
   micro-batches of `batch` when > 1 (gradient accumulation inside one step).
 
@@ -118,8 +145,9 @@ def value_and_grad(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
   k = accum_steps
   sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
   if len(sizes) != 1 or next(iter(sizes)) % k:
-    raise ValueError(f"accum_steps={k}: the batch's leading sizes {sorted(sizes)} must be "
-                     "one size divisible by it")
+    raise ValueError(
+      f"accum_steps={k}: the batch's leading sizes {sorted(sizes)} must be one size divisible by it"
+    )
   micro = jax.tree.map(lambda x: split_micro(x, k), batch)
   first = jax.tree.map(lambda x: x[0], micro)
   (loss, (metrics, _)), grads = jax.eval_shape(grad_fn, params, first, rng)

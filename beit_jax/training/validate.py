@@ -7,6 +7,7 @@ accepts. A field missing from the config is skipped: the code that needs it read
 default. Checks that need the outside world (data present, `init_from` readable, devices for
 the batch) run where that is known: the trainers' `preflight`.
 """
+
 import math
 from typing import Any, Callable, Iterable
 
@@ -20,31 +21,39 @@ Check = Callable[[ml_collections.ConfigDict], None]
 _MISSING = object()
 
 
-def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, integer=False
-           ) -> Callable[[Any], bool]:
+def number(
+  lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, integer=False
+) -> Callable[[Any], bool]:
   def test(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
       return False
     if integer and not float(v).is_integer():
       return False
     return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
   return test
 
 
 def pair(lo, hi) -> Callable[[Any], bool]:
   """(min, max) with lo <= min <= max <= hi."""
-  return lambda v: (isinstance(v, (tuple, list)) and len(v) == 2
-                    and all(number(lo, hi)(x) for x in v) and v[0] <= v[1])
+  return lambda v: (
+    isinstance(v, (tuple, list))
+    and len(v) == 2
+    and all(number(lo, hi)(x) for x in v)
+    and v[0] <= v[1]
+  )
 
 
 def accepted_by(fn: Callable[[Any], Any]) -> Callable[[Any], bool]:
   """True where `fn(value)` does not raise."""
+
   def test(value) -> bool:
     try:
       fn(value)
     except (ConfigError, TypeError, ValueError):
       return False
     return True
+
   return test
 
 
@@ -72,8 +81,9 @@ def _show(value: Any) -> str:
   return repr(value)
 
 
-def check(config: ml_collections.ConfigDict, rules: Iterable[Rule] = (),
-          checks: Iterable[Check] = ()) -> None:
+def check(
+  config: ml_collections.ConfigDict, rules: Iterable[Rule] = (), checks: Iterable[Check] = ()
+) -> None:
   """Raises ConfigError for the first field that breaks a rule, then runs `checks`."""
   for field, test, accepted in rules:
     value = get(config, field)

@@ -4,6 +4,7 @@ What else a workdir holds is written by its owners: `checkpoints/` (`checkpoint`
 events (`loop.make_writer`), `images/` and a trainer's prerequisite runs (`tokenizer/`,
 `teacher/`), `best/` and `results.json` (`classification`, `segmentation`).
 """
+
 import json
 
 import jax
@@ -24,9 +25,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with, from its workdir."""
+
   def tuples(x):  # configs hold tuples, which JSON wrote as lists
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
   path = epath.Path(workdir) / CONFIG_FILE
   return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
