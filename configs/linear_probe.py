@@ -29,8 +29,7 @@ def get_config(arg=None):
   # The backbone keeps the pretraining layout: no need to copy tables per block.
   c.model.update(dict(use_shared_rel_pos_bias=arg.rel, use_rel_pos_bias=False, drop_path_rate=0.0))
   c.input.update(dict(randaugment="", random_erase=0.0, color_jitter=0.0))
-  c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, switch_prob=0.0)
-  c.label_smoothing = 0.0
+  del c.mixup, c.label_smoothing  # fine-tuning's batch mixing and targets: a probe has neither
   c.optim.update(dict(lr=4e-3, min_lr=0.0, warmup_epochs=0, layer_decay=1.0, weight_decay=1e-4))
   if arg.local:
     c.total_steps = 300

@@ -8,12 +8,14 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from beit_jax import trainers
 from beit_jax.data import classification as cp
 from beit_jax.data import embedded as embedded_data
 from beit_jax.data import randaugment as ra
 from beit_jax.data import sources
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
+from tests.tiny_config import tiny_finetune_config
 
 MEAN, STD = np.asarray(views.IMAGENET_MEAN), np.asarray(views.IMAGENET_STD)
 
@@ -231,7 +233,13 @@ def test_tfds_labels_come_with_their_images(tmp_path):
   ],
 )
 def test_bad_config_names_the_field(field, overrides):
+  """At start-up (`trainers.validate_config`, the field rules of a fine-tuning run; the
+  pipeline does not check them again) or where the pipeline meets the data."""
+  config = tiny_finetune_config()
+  with config.input.ignore_type():
+    config.input.update(overrides)
   with pytest.raises(ConfigError, match=field):
+    trainers.validate_config(config)
     cp.EvalData(make_config(**overrides))
 
 

@@ -11,12 +11,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from beit_jax import tokenizers
+from beit_jax import trainers
 from beit_jax.data import embedded as embedded_data
 from beit_jax.data import ops
 from beit_jax.data import pretrain
 from beit_jax.data import sources
 from beit_jax.data import views
 from beit_jax.errors import ConfigError
+from tests.tiny_config import tiny_config
 
 MEAN, STD = np.asarray(views.IMAGENET_MEAN), np.asarray(views.IMAGENET_STD)
 SOLID, CMYK_RGB = (200, 100, 50), (30, 160, 220)
@@ -495,5 +497,11 @@ def test_color_jitter_ranges():
   ],
 )
 def test_bad_config_names_the_field(overrides, process_count, field):
+  """At start-up (`trainers.validate_config`, the field rules of a MIM run; the pipeline does
+  not check them again) or where the pipeline meets the data and the processes."""
+  config = tiny_config()
+  with config.input.ignore_type():
+    config.input.update(overrides)
   with pytest.raises(ConfigError, match=field):
+    trainers.validate_config(config)
     make_pretrain_iterator(make_config(**overrides), seed=0, process_count=process_count)

@@ -2,6 +2,7 @@
 frozen inputs for its train step."""
 
 import inspect
+import types
 
 import pytest
 
@@ -19,6 +20,8 @@ def test_every_trainer_has_the_protocol(name):
   assert isinstance(trainer, runner.Trainer)
   assert _params(trainer.make_task) == _params(runner.Trainer.make_task)[1:]  # no self
   assert isinstance(trainer.RULES, tuple) and isinstance(trainer.CHECKS, tuple)
+  assert isinstance(trainer.READS, tuple) and trainer.READS  # the library modules it reads
+  assert all(isinstance(m, types.ModuleType) for m in trainer.READS)
   # The step's frozen input is one positional dict, never a default.
   frozen = inspect.signature(trainer.train_step).parameters["frozen"]
   assert list(inspect.signature(trainer.train_step).parameters)[:4] == [

@@ -102,6 +102,14 @@ BAD_VALUES = {
   "kmeans_iters": -1,
   "restart_dead_codes": "yes",
   "dead_threshold": 0.0,
+  # The mesh and the weights' sharding (training/sharding.py), every trainer's.
+  "mesh.slice": 0,
+  "mesh.data": -2,
+  "mesh.fsdp": 1.5,
+  "mesh.tensor": "2",
+  "sharding.rules": (("embed", "model"),),
+  "sharding.min_size": -1,
+  "sharding.replicate": ("lm_head(",),
 }
 
 
@@ -150,23 +158,22 @@ def test_the_shipped_configs_pass():
 
 
 def _config_with(field):
-  """The tiny MIM config, or the tiny fine-tuning / probe or VQ-KD config for their own
-  fields."""
-  missing = lambda c: validate.get(c, field) is validate._MISSING  # pylint: disable=protected-access
-  config = tiny_config()
-  if missing(config):
-    config = tiny_finetune_config(probe=dict(layers=(), pool="mean", norm="none"))
-  if missing(config):
-    from configs import vqkd_tiny_local  # pylint: disable=g-import-not-at-top
+  """The tiny MIM config, or the first of the fine-tuning, probe, VQ-KD, dVAE and
+  segmentation configs that sets `field` (only a config's own trainer checks it)."""
+  from configs import dvae, linear_probe, seg_tiny_local, vqkd_tiny_local  # pylint: disable=g-import-not-at-top
 
-    config = vqkd_tiny_local.get_config()
-  if missing(config):
-    from configs import dvae  # pylint: disable=g-import-not-at-top
-
-    config = dvae.get_config()
-  if missing(config):  # a field no shipped config sets (model.patch_aggregation): MIM's
-    config = tiny_config()
-  return config
+  for make in (
+    tiny_config,
+    tiny_finetune_config,
+    lambda: linear_probe.get_config("local=True"),
+    vqkd_tiny_local.get_config,
+    dvae.get_config,
+    seg_tiny_local.get_config,
+  ):
+    config = make()
+    if validate.get(config, field) is not validate._MISSING:  # pylint: disable=protected-access
+      return config
+  return tiny_config()  # a field no shipped config sets (model.patch_aggregation): MIM's
 
 
 @pytest.mark.parametrize("field", sorted(BAD_VALUES))
@@ -305,5 +312,102 @@ def test_segmentation_checks(field, value, message):
   if field == "model.variant":
     config.input.patch_size = 14
     config.input.image_size = 56
+  with pytest.raises(ConfigError, match=message):
+    trainers.validate_config(config)
+
+
+# --------------------------------------------------------------------------- per trainer
+# `trainers.validate_config` runs the rules of the groups the config's trainer reads (its
+# READS and its own), once, at start-up; the pipelines do not check again.
+
+
+def _shipped_configs():
+  """(name, config) of every configs/*.py `get_config()`, and of the whole configs nested in
+  them: a MIM config's stage 1 (`tokenizer.recipe`) and a VQ-KD teacher's run."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parent.parent / "configs"
+  for path in sorted(root.glob("*.py")):
+    if path.stem in ("__init__", "common", "from_workdir"):  # helpers; a workdir's config
+      continue
+    module = importlib.import_module(f"configs.{path.stem}")
+    for arg in (None, "local=True") if path.stem == "linear_probe" else (None,):
+      config = module.get_config(arg)
+      yield f"configs/{path.stem}.py:{arg or ''}", config
+      for field in (
+        "tokenizer.recipe",
+        "tokenizer.teacher.recipe",
+        "tokenizer.recipe.tokenizer.teacher.recipe",
+      ):
+        nested = validate.get(config, field)
+        if isinstance(nested, ml_collections.ConfigDict):
+          yield f"configs/{path.stem}.py:{arg or ''} {field}", nested
+
+
+def test_each_trainer_checks_every_field_its_configs_set():
+  """A field some trainer has a rule for, set in a shipped config, is checked by that
+  config's trainer: a trainer that forgets a group it reads in its READS fails here."""
+  every = {field for field, _, _ in trainers.rules()}
+  unchecked = []
+  for name, config in _shipped_configs():
+    trainers.validate_config(config)
+    own = {field for field, _, _ in trainers.trainer_rules(config.trainer)}
+    unchecked += [
+      f"{name} (trainer={config.trainer!r}): {field}"
+      for field in sorted(every - own)
+      if validate.get(config, field) is not validate._MISSING  # pylint: disable=protected-access
+    ]
+  assert unchecked == []
+
+
+def test_fields_the_trainer_does_not_read_are_not_checked():
+  config = tiny_config()
+  config.label_smoothing = 1.0  # fine-tuning's fields: MIM reads neither
+  config.mixup = dict(prob=5.0)
+  trainers.validate_config(config)
+  with pytest.raises(ConfigError, match=r"^label_smoothing=1.0 is invalid; accepted: "):
+    trainers.validate_config(tiny_finetune_config(label_smoothing=1.0))
+
+
+def test_a_config_without_a_known_trainer_is_one_line():
+  config = tiny_config()
+  del config.trainer
+  with pytest.raises(ConfigError, match=r"^trainer is not set; accepted: one of \('mim', "):
+    trainers.validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      dict(num_masking_patches=17),
+      r"^input\.mask\.num_masking_patches must be an int in \[1, 16\]",
+    ),
+    (dict(kind="grid"), r"^input\.mask\.kind must be one of \('blockwise', 'random'\)"),
+    (dict(num_masked=3), r"^input\.mask: unknown fields \['num_masked'\]"),
+  ],
+)
+def test_a_bad_mask_stops_the_start(change, message):
+  """`input.mask` (data/masking.py's MaskSpec, on the ViT's 4x4 patch grid) at start-up."""
+  config = tiny_config()
+  config.input.mask.update(change)
+  with pytest.raises(ConfigError, match=message):
+    trainers.validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "mesh, message",
+  [
+    (dict(data=-1, fsdp=-1), r"^mesh: at most one axis may be -1"),
+    (dict(model=2), r"^mesh: unknown axes \['model'\]; accepted: \['slice', 'data', 'fsdp'"),
+  ],
+)
+def test_the_mesh_is_checked_at_start(mesh, message):
+  """What needs no device; the device count is checked where the mesh is made."""
+  config = tiny_config()
+  config.mesh.update(mesh)
   with pytest.raises(ConfigError, match=message):
     trainers.validate_config(config)

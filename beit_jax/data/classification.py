@@ -43,11 +43,6 @@ RULES = (
   + augment.RULES
   + (
     (
-      "input.eval_batch_size",
-      lambda v: v in (None, 0) or validate.number(1, integer=True)(v),
-      "an integer >= 1 (None or 0: input.batch_size)",
-    ),
-    (
       "input.randaugment",
       lambda v: isinstance(v, str) and validate.accepted_by(randaugment.parse)(v),
       "'' (off) or a timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'",
@@ -56,6 +51,7 @@ RULES = (
     ("input.eval_crop_pct", validate.number(0, 1, lo_open=True), "a number in (0, 1]"),
   )
 )
+CHECKS = augment.CHECKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +87,6 @@ class _Recipe:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "_Recipe":
-    validate.check(config, RULES)
     cfg = config.input
     crop_pct = cfg.get("eval_crop_pct", 1.0)
     return cls(

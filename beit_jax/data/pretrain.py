@@ -15,7 +15,6 @@ with epy.lazy_imports():
   import tensorflow as tf
 
 from beit_jax.data import masking
-from beit_jax.training import validate
 from beit_jax.data import augment
 from beit_jax.data import batching
 from beit_jax.data import ops
@@ -23,8 +22,9 @@ from beit_jax.data import sources
 from beit_jax.data.views import View
 from beit_jax.errors import ConfigError
 
+# The rules of `config.input`, run once at start-up (`trainers.validate_config`): the
+# pipelines below read a config that passed them.
 RULES = sources.RULES + augment.RULES
-CHECKS = augment.CHECKS
 # Salt of the fixed picture batch's masks.
 _EVAL_SALT = 3
 
@@ -43,6 +43,16 @@ def num_train_examples(config: ml_collections.ConfigDict) -> int:
 
 def _mask_spec(cfg: ml_collections.ConfigDict) -> masking.MaskSpec:
   return masking.mask_spec_from_config(cfg.mask, augment.patch_grid(cfg))
+
+
+def _check_mask(config: ml_collections.ConfigDict) -> None:
+  """`input.mask` makes a mask of the ViT's patch grid (MaskSpec's errors, at start-up)."""
+  inp = config.get("input")
+  if inp is not None and "mask" in inp and "image_size" in inp and "patch_size" in inp:
+    _mask_spec(inp)
+
+
+CHECKS = augment.CHECKS + (_check_mask,)
 
 
 def _views_and_mask(
@@ -70,7 +80,6 @@ def make_pretrain_iterator(
     `mask` bool [b, N], N = (input.image_size / input.patch_size)^2;
     b = input.batch_size / process_count.
   """
-  validate.check(config, RULES, CHECKS)
   cfg = config.input
   aug, spec = augment.Augment.from_config(cfg), _mask_spec(cfg)
 
@@ -106,7 +115,6 @@ def make_tokenizer_iterator(
   `{"image": its own, "teacher_image": the teacher's}`): one array per name, all of the
   same crop and flipped alike. A single View is `{"image": view}`.
   """
-  validate.check(config, RULES)
   cfg = config.input
   aug = augment.Augment.from_config(cfg)
   views = {"image": view} if isinstance(view, View) else dict(view)
@@ -143,7 +151,6 @@ def make_eval_batch(
   """
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
-  validate.check(config, RULES, CHECKS)
   batching.hide_accelerators()
   cfg = config.input
   source, spec = sources.make_source(cfg), _mask_spec(cfg) if masks else None

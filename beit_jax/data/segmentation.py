@@ -40,6 +40,7 @@ with epy.lazy_imports():
   import tensorflow_datasets as tfds
 
 from beit_jax.training import validate
+from beit_jax.data import augment
 from beit_jax.data import batching
 from beit_jax.data import embedded
 from beit_jax.data import ops
@@ -77,19 +78,30 @@ def _positive_numbers(v) -> bool:
   )
 
 
+# With the data source's and the crop's (`sources`, `augment`): run once at start-up
+# (`trainers.validate_config`), not by the pipeline.
 RULES = (
-  ("input.scale", _int_pair, "(long side, short side), integers >= 1, e.g. (2048, 512)"),
-  ("input.ratio_range", validate.pair(0.01, 100), "(min, max) with 0.01 <= min <= max"),
-  ("input.cat_max_ratio", validate.number(0, 1, lo_open=True), "a number in (0, 1] (1: any crop)"),
-  ("input.photometric", lambda v: isinstance(v, bool), "True or False"),
-  ("input.reduce_zero_label", lambda v: isinstance(v, bool), "True or False"),
-  (
-    "input.num_classes",
-    validate.number(1, IGNORE - 1, integer=True),
-    f"an integer in [1, {IGNORE - 1}] (label {IGNORE} is ignored)",
-  ),
-  ("input.eval_scales", _positive_numbers, "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
+  sources.RULES
+  + augment.RULES
+  + (
+    ("input.scale", _int_pair, "(long side, short side), integers >= 1, e.g. (2048, 512)"),
+    ("input.ratio_range", validate.pair(0.01, 100), "(min, max) with 0.01 <= min <= max"),
+    (
+      "input.cat_max_ratio",
+      validate.number(0, 1, lo_open=True),
+      "a number in (0, 1] (1: any crop)",
+    ),
+    ("input.photometric", lambda v: isinstance(v, bool), "True or False"),
+    ("input.reduce_zero_label", lambda v: isinstance(v, bool), "True or False"),
+    (
+      "input.num_classes",
+      validate.number(1, IGNORE - 1, integer=True),
+      f"an integer in [1, {IGNORE - 1}] (label {IGNORE} is ignored)",
+    ),
+    ("input.eval_scales", _positive_numbers, "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
+  )
 )
+CHECKS = augment.CHECKS
 
 
 # --------------------------------------------------------------------------- embedded set
@@ -401,7 +413,6 @@ class Recipe:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Recipe":
-    validate.check(config, RULES)
     c = config.input
     return cls(
       c.image_size,

@@ -23,7 +23,15 @@ from beit_jax.training import sharding
 from beit_jax.training import validate
 from beit_jax.data import classification as data
 
-RULES = (("eval_every_steps", *validate.POSITIVE_INT),)
+# The evaluation hook's fields (segmentation's evaluation reads them too).
+RULES = (
+  ("eval_every_steps", *validate.POSITIVE_INT),
+  (
+    "input.eval_batch_size",
+    lambda v: v in (None, 0) or validate.number(1, integer=True)(v),
+    "an integer >= 1 (None or 0: input.batch_size)",
+  ),
+)
 
 
 def classification_sums(

@@ -42,7 +42,7 @@ _LABEL_BUCKET = 64
 # Validation images drawn (image, prediction, truth) at each evaluation.
 NUM_PICTURES = 6
 
-RULES = (
+RULES = classification.RULES + (
   ("input.eval_stride", *validate.POSITIVE_INT),
   ("input.eval_flip", lambda v: isinstance(v, bool), "True or False"),
 )

@@ -2,8 +2,9 @@
 
 Here, not in `main`, so that other entry points (experiments, benchmarks) can run configs
 without `main`'s command-line flags. A trainer module has the `runner.Trainer` protocol:
-`RULES` and `CHECKS` for its config fields, `preflight(config, workdir)` for what needs the
-outside world, `prerequisites(config, workdir)` for the runs that must finish first,
+`READS` (the library modules whose config groups it reads), `RULES` and `CHECKS` for its
+own config fields, `preflight(config, workdir)` for what needs the outside world,
+`prerequisites(config, workdir)` for the runs that must finish first,
 `make_task(config, workdir=None, *, frozen=None)` and `train_and_evaluate(config, workdir)`.
 Trainers never import each other: what they share is in library modules.
 """
@@ -17,6 +18,7 @@ import ml_collections
 from absl import logging
 
 from beit_jax.training import validate
+from beit_jax.errors import ConfigError
 
 if TYPE_CHECKING:  # the runner imports JAX: not for `--help`
   from beit_jax.training import runner
@@ -30,44 +32,40 @@ def module(name: str) -> runner.Trainer:
   return importlib.import_module(f"beit_jax.trainers.{name}")
 
 
-def _library():
-  # pylint: disable=g-import-not-at-top
-  from beit_jax.training import checkpoint, model_rules, optim, runner
-  from beit_jax.evaluation import classification, segmentation
-  from beit_jax import tokenizers
-  from beit_jax.data import classification as classification_data
-  from beit_jax.data import pretrain
-  from beit_jax.data import segmentation as segmentation_data
-
-  return (
-    runner,
-    optim,
-    checkpoint,
-    classification,
-    tokenizers,
-    pretrain,
-    classification_data,
-    model_rules,
-    segmentation,
-    segmentation_data,
-  )
+def _parts(name: str) -> tuple:
+  """The modules whose rules and checks a config of trainer `name` runs: its READS, then it."""
+  trainer = module(name)
+  return (*trainer.READS, trainer)
 
 
-def rules() -> tuple[validate.Rule, ...]:
-  """Every field rule of the library and the trainers (a rule of an absent field is skipped)."""
+def trainer_rules(name: str) -> tuple[validate.Rule, ...]:
+  """The field rules `validate_config` runs on a config of trainer `name`: the `trainer`
+  rule, the RULES of the trainer's READS and its own (a rule of an absent field is
+  skipped)."""
   found = list(RULES)
-  for part in _library() + tuple(module(name) for name in TRAINERS):
+  for part in _parts(name):
     found += [r for r in getattr(part, "RULES", ()) if r not in found]
   return tuple(found)
 
 
+def trainer_checks(name: str) -> tuple[validate.Check, ...]:
+  """The cross-field checks of trainer `name`: its READS' CHECKS, then its own."""
+  return tuple(dict.fromkeys(c for part in _parts(name) for c in getattr(part, "CHECKS", ())))
+
+
+def rules() -> tuple[validate.Rule, ...]:
+  """Every field rule some trainer runs (the union of `trainer_rules` over TRAINERS)."""
+  return tuple(dict.fromkeys(r for name in TRAINERS for r in trainer_rules(name)))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """The field rules, the library's cross-field checks, then the named trainer's."""
-  validate.check(config, rules())
-  checks = [c for part in _library() for c in getattr(part, "CHECKS", ())]
-  validate.check(config, checks=dict.fromkeys(checks))
-  if config.get("trainer") in TRAINERS:
-    validate.check(config, checks=module(config.trainer).CHECKS)
+  """The checks of the trainer `config.trainer` names, before any compute: the field rules
+  of the groups it reads (`trainer_rules`), then its cross-field checks. Fields it does not
+  read are not checked."""
+  validate.check(config, RULES)
+  if "trainer" not in config:
+    raise ConfigError(f"trainer is not set; accepted: one of {TRAINERS}")
+  validate.check(config, trainer_rules(config.trainer), trainer_checks(config.trainer))
 
 
 def make_task(
@@ -77,7 +75,8 @@ def make_task(
   frozen: runner.FrozenModels | None = None,
 ) -> runner.Task:
   """The `runner.Task` of `config.trainer`, built but not run (benchmarks, plans, tests);
-  `frozen` as `runner.Trainer.make_task` takes it."""
+  `frozen` as `runner.Trainer.make_task` takes it. `config` is not checked here: callers
+  run `validate_config` first, as `run`, the benchmark and the plan tool do."""
   return module(config.trainer).make_task(config, workdir, frozen=frozen)
 
 

@@ -18,6 +18,8 @@ from etils import epath
 
 from beit_jax.training import optim
 from beit_jax.training import runner
+from beit_jax.training import sharding
+from beit_jax.training import checkpoint
 from beit_jax import tokenizers
 from beit_jax.training import train_state
 from beit_jax.training import validate
@@ -27,6 +29,9 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import dvae
 from beit_jax.training.train_state import TrainState
 
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, data, tokenizers, visuals)
 RULES = (
   ("kl_weight", validate.number(0), "a number >= 0"),
   ("temperature_end", validate.number(0, lo_open=True), "a number > 0"),

@@ -23,6 +23,9 @@ from beit_jax.evaluation import classification
 from beit_jax.training import optim
 from beit_jax import params as params_lib
 from beit_jax.training import runner
+from beit_jax.training import model_rules
+from beit_jax.training import sharding
+from beit_jax.training import checkpoint
 from beit_jax.training import train_state
 from beit_jax.training import validate
 from beit_jax.data import classification as data
@@ -30,6 +33,9 @@ from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.training.train_state import TrainState
 
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, model_rules, data, classification)
 RULES = (
   ("label_smoothing", validate.number(0, 1, hi_open=True), "a number in [0, 1)"),
   ("mixup.mixup_alpha", validate.number(0), "a number >= 0 (0: no Mixup)"),

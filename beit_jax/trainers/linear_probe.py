@@ -22,6 +22,8 @@ from beit_jax.evaluation import classification
 from beit_jax.training import optim
 from beit_jax import params as params_lib
 from beit_jax.training import runner
+from beit_jax.training import model_rules
+from beit_jax.training import checkpoint
 from beit_jax.training import sharding
 from beit_jax.training import train_state
 from beit_jax.training import validate
@@ -34,6 +36,9 @@ POOLS = ("cls", "mean", "cls+mean")
 NORMS = ("none", "layernorm")
 
 
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, model_rules, data, classification)
 RULES = (
   (
     "probe.layers",

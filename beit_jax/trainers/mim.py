@@ -28,6 +28,8 @@ from beit_jax.training.mim_objective import targets_at
 from beit_jax.training import optim
 from beit_jax import params as params_lib
 from beit_jax.training import runner
+from beit_jax.training import model_rules
+from beit_jax.training import checkpoint
 from beit_jax.training import sharding
 from beit_jax import tokenizers
 from beit_jax.training import train_state
@@ -46,8 +48,10 @@ def _is_patch_aggregation(v) -> bool:
   return v is None or isinstance(v, (dict, ml_collections.ConfigDict))
 
 
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, model_rules, data, tokenizers, visuals)
 RULES = (
-  ("images_every_steps", *validate.POSITIVE_INT),
   (
     "mim_target",
     lambda v: v in MIM_TARGETS,

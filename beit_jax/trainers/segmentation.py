@@ -22,6 +22,9 @@ from absl import logging
 from beit_jax.training import optim
 from beit_jax import params as params_lib
 from beit_jax.training import runner
+from beit_jax.training import model_rules
+from beit_jax.training import sharding
+from beit_jax.training import checkpoint
 from beit_jax.evaluation import segmentation
 from beit_jax.training import train_state
 from beit_jax.training import validate
@@ -40,6 +43,9 @@ def _index_tuple(n: int):
   )
 
 
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, model_rules, data, segmentation)
 RULES = (
   (
     "upernet.out_indices",

@@ -41,6 +41,7 @@ from etils import epath
 
 from beit_jax.training import optim
 from beit_jax.training import runner
+from beit_jax.training import checkpoint
 from beit_jax.training import sharding
 from beit_jax import tokenizers
 from beit_jax.training import train_state
@@ -63,6 +64,9 @@ _MODULES = {
   "vit": vit.VisionTransformer,
 }
 _n = validate.number
+# The library modules whose config groups this trainer reads (`runner.Trainer.READS`):
+# their RULES and CHECKS run before its own.
+READS = (runner, optim, checkpoint, sharding, data, tokenizers, visuals)
 RULES = (
   (
     "tokenizer.teacher.kind",

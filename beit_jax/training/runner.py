@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -102,8 +103,11 @@ class Trainer(Protocol):
   the one `config.trainer` names. Its train step is `train_step(state, batch, rng, frozen)`,
   `frozen` the dict `Task.frozen` places (empty where it reads none)."""
 
-  RULES: tuple[validate.Rule, ...]  # its fields: (field, test, what is accepted)
-  CHECKS: tuple[validate.Check, ...]  # its checks across fields
+  # The library modules whose config groups it (its data, model, evaluation) reads: their
+  # RULES and CHECKS run before its own, and no others (`trainers.validate_config`).
+  READS: tuple[types.ModuleType, ...]
+  RULES: tuple[validate.Rule, ...]  # its own fields: (field, test, what is accepted)
+  CHECKS: tuple[validate.Check, ...]  # its own checks across fields
 
   def preflight(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     """What needs the outside world (data, weights, devices), checked before any compute."""

@@ -42,6 +42,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from beit_jax.params import blocks
+from beit_jax.training import validate
 from beit_jax.errors import ConfigError
 from beit_jax.models import vit
 from beit_jax.models.paths import AxesTable, path_str
@@ -69,6 +70,60 @@ def _rules(cfg: ml_collections.ConfigDict | dict) -> tuple:
         f"sharding.rules: {name!r} maps to unknown mesh axes {bad}; the mesh axes are {list(AXES)}"
       )
   return rules
+
+
+def _sizes(mesh_cfg: ml_collections.ConfigDict | dict) -> dict[str, int]:
+  """{axis: size} of `config.mesh`, absent axes 1, checked as far as no device is needed."""
+  unknown = set(dict(mesh_cfg)) - set(AXES)
+  if unknown:
+    raise ConfigError(f"mesh: unknown axes {sorted(unknown)}; accepted: {list(AXES)}")
+  sizes = {a: int(dict(mesh_cfg).get(a, 1)) for a in AXES}
+  if len([a for a, s in sizes.items() if s == -1]) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+  return sizes
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+  if "mesh" in config:
+    _sizes(config.mesh)
+
+
+def _is_regex(v) -> bool:
+  if not isinstance(v, str):
+    return False
+  try:
+    re.compile(v)
+  except re.error:
+    return False
+  return True
+
+
+# The start-up rules of `config.mesh` and `config.sharding` (`trainers.validate_config`);
+# what needs the devices (their count, the batch's split) is checked with the mesh.
+RULES = (
+  *(
+    (
+      f"mesh.{axis}",
+      lambda v: validate.number(integer=True)(v) and (v == -1 or v >= 1),
+      "an integer >= 1, or -1 (the devices the other axes leave; one axis at most)",
+    )
+    for axis in AXES
+  ),
+  (
+    "sharding.rules",
+    validate.accepted_by(lambda v: _rules({"rules": v})),
+    f"(logical axis, mesh axes) pairs, the mesh axes None, one of {AXES} or a tuple of them",
+  ),
+  ("sharding.min_size", validate.number(0, integer=True), "an integer >= 0"),
+  (
+    "sharding.replicate",
+    lambda v: isinstance(v, (tuple, list)) and all(_is_regex(r) for r in v),
+    "a tuple of regular expressions of parameter paths, e.g. ('lm_head',)",
+  ),
+)
+CHECKS = (_check_mesh,)
 
 
 # --------------------------------------------------------------------------------- mesh
@@ -110,15 +165,8 @@ def _ici_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
 def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict, devices: list | None = None) -> Mesh:
   """The Mesh of `config.mesh` (axes AXES, absent ones of size 1; one size may be -1)."""
   devices = list(jax.devices() if devices is None else devices)
-  unknown = set(dict(mesh_cfg)) - set(AXES)
-  if unknown:
-    raise ConfigError(f"mesh: unknown axes {sorted(unknown)}; accepted: {list(AXES)}")
-  sizes = {a: int(dict(mesh_cfg).get(a, 1)) for a in AXES}
+  sizes = _sizes(mesh_cfg)
   free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-  if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if len(devices) % fixed:

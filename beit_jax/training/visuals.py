@@ -23,11 +23,15 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 from beit_jax import tokenizers
+from beit_jax.training import validate
 from beit_jax.data.views import View
 from beit_jax.models import vit
 
 if TYPE_CHECKING:  # annotations only: clu's metric_writers package imports TensorFlow
   from clu import metric_writers
+
+# How often a run that draws pictures (MIM, dVAE, VQ-KD: their READS) writes them.
+RULES = (("images_every_steps", *validate.POSITIVE_INT),)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
