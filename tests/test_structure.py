@@ -411,3 +411,44 @@ def test_the_code_is_formatted():
   """`ruff format` (pyproject.toml [tool.ruff.format]) leaves every file as it is."""
   run = _ruff("format", "--check", ".", cwd=ROOT)
   assert run.returncode == 0, run.stdout + run.stderr
+
+
+# The layout (docs/architecture.md#modules): the package's top holds the entry points and
+# what every part shares; everything else lives in a subpackage with one purpose.
+TOP_LEVEL_MODULES = {"api", "benchmark", "errors", "logs", "main", "plan", "visualize"}
+SUBPACKAGES = {
+  "convert",
+  "data",
+  "evaluation",
+  "experiments",
+  "models",
+  "params",
+  "tokenizers",
+  "trainers",
+  "training",
+}
+
+
+def _layout(root: pathlib.Path) -> tuple[set[str], set[str]]:
+  modules = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+  packages = {p.parent.name for p in root.glob("*/__init__.py")}
+  return modules, packages
+
+
+def test_the_layout_checker_sees_a_new_top_level_module(tmp_path):
+  (tmp_path / "__init__.py").write_text("")
+  (tmp_path / "helpers.py").write_text("")
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "__init__.py").write_text("")
+  assert _layout(tmp_path) == ({"helpers"}, {"data"})
+
+
+def test_the_top_level_holds_the_entry_points_and_the_subpackages():
+  """A new module goes into the subpackage of its concern; a new top-level module or
+  subpackage is a change of the layout: add it here and to docs/architecture.md."""
+  modules, packages = _layout(ROOT / PACKAGE)
+  assert modules == TOP_LEVEL_MODULES, f"top-level modules: {sorted(modules)}"
+  assert packages == SUBPACKAGES, f"subpackages: {sorted(packages)}"
+  for name in SUBPACKAGES:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert f"`{name}/`" in text, f"docs/architecture.md does not describe {name}/"
