@@ -258,7 +258,7 @@ def make_task(
       tx=tx,
       schedule=schedule,
       mix=mix,
-      accum_steps=config.optim.get("accum_steps", 1),
+      accum_steps=optim.accum_steps(config),
     ),
     total_steps=total_steps,
     batch_size=config.input.batch_size,

@@ -250,7 +250,7 @@ def make_task(
       heads=heads,
       tx=tx,
       schedule=schedule,
-      accum_steps=config.optim.get("accum_steps", 1),
+      accum_steps=optim.accum_steps(config),
     ),
     total_steps=total_steps,
     batch_size=config.input.batch_size,

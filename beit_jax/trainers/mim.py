@@ -264,7 +264,7 @@ def make_task(
       tx=tx,
       schedule=schedule,
       max_masked=max_masked,
-      accum_steps=config.optim.get("accum_steps", 1),
+      accum_steps=optim.accum_steps(config),
     ),
     total_steps=total_steps,
     batch_size=config.input.batch_size,

@@ -267,7 +267,7 @@ def make_task(
       tx=tx,
       schedule=schedule,
       aux_weight=config.upernet.aux_weight,
-      accum_steps=config.optim.get("accum_steps", 1),
+      accum_steps=optim.accum_steps(config),
     ),
     total_steps=total_steps,
     batch_size=config.input.batch_size,

@@ -399,7 +399,7 @@ def make_task(
       tx=tx,
       schedule=schedule,
       config=config,
-      accum_steps=config.optim.get("accum_steps", 1),
+      accum_steps=optim.accum_steps(config),
     ),
     total_steps=total_steps,
     batch_size=config.input.batch_size,

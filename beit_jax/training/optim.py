@@ -29,7 +29,7 @@ SCHEDULES = ("cosine", "poly")
 WARMUP_RATIO = 1e-6
 
 _n = validate.number
-# The fields every optimizer group reads (`config.optim`, a tokenizer's `train.optim`).
+# The fields of an optimizer group (`config.optim`).
 _FIELDS = (
   ("lr", _n(0, lo_open=True), "a number > 0"),
   ("min_lr", _n(0), "a number >= 0"),
@@ -66,6 +66,11 @@ def accumulation_check(group: str, batch_field: str) -> validate.Check:
       )
 
   return check
+
+
+def accum_steps(config: ml_collections.ConfigDict) -> int:
+  """Micro-batches per step (`optim.accum_steps`; 1 where a config predates the field)."""
+  return config.get("optim", {}).get("accum_steps", 1)
 
 
 RULES = rules("optim") + (

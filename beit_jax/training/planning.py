@@ -13,6 +13,7 @@ import sys
 import time
 
 from beit_jax.training import hardware
+from beit_jax.training import optim
 from beit_jax.errors import ConfigError
 from beit_jax.training.hardware import DEVICES, Device  # in hardware: runs' MFU reads it too
 
@@ -274,9 +275,7 @@ def make_plan(
     config.input.embedded_epoch_size = replaced = epoch_size
   trainers.validate_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_size(
-    config.input.batch_size, mesh, accum_steps=config.optim.get("accum_steps", 1)
-  )
+  sharding.check_batch_size(config.input.batch_size, mesh, accum_steps=optim.accum_steps(config))
   sharding.check_tensor_split(config.model, config.mesh)
 
   tokenizer = tokenizers.build(config.tokenizer)
@@ -328,7 +327,7 @@ def make_plan(
     )
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  accum_steps = config.optim.get("accum_steps", 1)
+  accum_steps = optim.accum_steps(config)
   unaccumulated = None
   if accum_steps > 1 and compare_accumulation:
     whole = config.copy_and_resolve_references()

@@ -29,6 +29,7 @@ from etils import epath
 from beit_jax.training import checkpoint
 from beit_jax.training import hardware
 from beit_jax.training import loop
+from beit_jax.training import optim
 from beit_jax.training import sharding
 from beit_jax.training import train_state
 from beit_jax.training import validate
@@ -244,7 +245,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
     config.input.batch_size,
     sharding.make_mesh(config.mesh),
     "input.batch_size",
-    config.optim.get("accum_steps", 1),
+    optim.accum_steps(config),
   )
   if config.get("model") is not None and "variant" in config.model:
     sharding.check_tensor_split(config.model, config.mesh)
@@ -303,9 +304,7 @@ def _run(
   """
   workdir_lib.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(
-    task.batch_size, mesh, "input.batch_size", config.optim.get("accum_steps", 1)
-  )
+  sharding.check_batch_size(task.batch_size, mesh, "input.batch_size", optim.accum_steps(config))
   built = setup(config, task, mesh)
   manager = checkpoint.make_manager(workdir, **config.checkpoint)
   state = built.state
